@@ -1,0 +1,76 @@
+/* The backend op table. Model code is written once against these entry points and never loops over raw
+ * floats itself; the CPU backend (backend_cpu.c) is the reference and the only backend today.
+ *
+ * Conventions: row-major, last dimension contiguous; linear weights are (out, in) and y = x W^T + b.
+ * Activations are f32. Weights are f32 or bf16 as stored; accumulation is f32. Every kernel partitions its
+ * *outputs* across the pool's threads with a partition that does not change the arithmetic of any single output,
+ * so results are bit-identical for any thread count. Forward kernels overwrite their outputs unless stated. */
+#ifndef CAPRL_BACKEND_H
+#define CAPRL_BACKEND_H
+
+#include "caprl/caprl.h"
+#include "core/pool_impl.h"
+
+#define CAPRL_BACKEND_ABI 1
+
+/* A linear weight (N, K) = (out, in) in its stored dtype, plus an optional backend-private packed copy. */
+typedef struct caprl_weight {
+    int32_t     dtype; /* CAPRL_DTYPE_F32 or CAPRL_DTYPE_BF16 */
+    int64_t     rows;  /* N (out features) */
+    int64_t     cols;  /* K (in features) */
+    const void *data;  /* rows * cols elements, row-major */
+    void       *packed; /* owned by the backend (weight_prepare / weight_release), NULL if unused */
+} caprl_weight;
+
+typedef struct caprl_backend caprl_backend;
+
+typedef struct caprl_backend_ops {
+    int32_t     abi; /* CAPRL_BACKEND_ABI */
+    const char *name;
+
+    /* out (M, N) = in (M, K) @ w^T (+ bias (N), may be NULL). */
+    void (*matmul_fwd)(caprl_backend *be, float *out, const float *in, const caprl_weight *w, const float *bias,
+                       int64_t M);
+
+    /* out (M, C) = rows ids[m] of table (V, C); ids are in range (checked by the caller). */
+    void (*embed_fwd)(caprl_backend *be, float *out, const int32_t *ids, const caprl_weight *table, int64_t M);
+
+    /* out (M, C) = in * rsqrt(mean(in^2) + eps) * weight (C). out may alias in. */
+    void (*rmsnorm_fwd)(caprl_backend *be, float *out, const float *in, const float *weight, int64_t M, int64_t C,
+                        float eps);
+
+    /* In place on x (M, H, D): rotate_half RoPE, pairs (j, j + D/2), angle pos[m] * inv_freq[j] computed in f32
+     * (inv_freq has D/2 entries). */
+    void (*rope_fwd)(caprl_backend *be, float *x, const int32_t *pos, const float *inv_freq, int64_t M, int64_t H,
+                     int64_t D);
+
+    /* Attention for M query rows. q (M, Hq, D); query m attends to kv_len[m] key/value rows starting at row
+     * kv_row0[m] of k and v (each row Hkv * D floats, row stride kv_stride floats). Query head h uses KV head
+     * h / (Hq / Hkv). softmax(scale * q k^T) v in f32, max-subtracted. out (M, Hq, D). Causality is expressed by
+     * the caller through kv_len. */
+    void (*attn_fwd)(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
+                     const int64_t *kv_row0, const int32_t *kv_len, int64_t kv_stride, int64_t M, int64_t Hq,
+                     int64_t Hkv, int64_t D, float scale);
+
+    /* out (n) = silu(gate) * up. out may alias gate or up. */
+    void (*swiglu_fwd)(caprl_backend *be, float *out, const float *gate, const float *up, int64_t n);
+
+    /* acc (n) += x (n). */
+    void (*add_fwd)(caprl_backend *be, float *acc, const float *x, int64_t n);
+
+    /* Optional: pack w for faster matmuls (sets w->packed); weight_release frees it. May be NULL. */
+    caprl_status (*weight_prepare)(caprl_backend *be, caprl_weight *w, caprl_error *err);
+    void (*weight_release)(caprl_backend *be, caprl_weight *w);
+} caprl_backend_ops;
+
+struct caprl_backend {
+    const caprl_backend_ops *ops;
+    caprl_pool              *pool; /* owned */
+    void                    *impl; /* backend-private state (scratch, primitive caches) */
+};
+
+/* The CPU backend with n_threads threads (0 = all cores). */
+caprl_status caprl_backend_cpu_init(caprl_backend **out, int32_t n_threads, caprl_error *err);
+void         caprl_backend_free(caprl_backend *be); /* NULL-safe */
+
+#endif /* CAPRL_BACKEND_H */
