@@ -86,8 +86,9 @@ CAPRL_API const caprl_text_config       *caprl_model_config(const caprl_model *m
 CAPRL_API const caprl_generation_config *caprl_model_generation_config(const caprl_model *model);
 /* The tokenizer loaded with the model, or NULL. Owned by the model. */
 CAPRL_API const caprl_tokenizer *caprl_model_tokenizer(const caprl_model *model);
-/* Attaches a tokenizer (the model takes ownership; a previous one is freed). */
-CAPRL_API void caprl_model_set_tokenizer(caprl_model *model, caprl_tokenizer *tok);
+/* Loads a tokenizer.json and attaches it to the model (replacing any previous one); caprl_model_save copies
+ * that file into the checkpoint. The tokenizer's size must not exceed the model's vocab_size. */
+CAPRL_API caprl_status caprl_model_load_tokenizer(caprl_model *model, const char *path, caprl_error *err);
 /* Stored weight dtype (CAPRL_DTYPE_F32 or CAPRL_DTYPE_BF16). */
 CAPRL_API int32_t caprl_model_dtype(const caprl_model *model);
 /* Parameters (tied embeddings counted once) and bytes of weights. */

@@ -65,8 +65,11 @@ static void print_default(const opt_spec *s, FILE *out) {
 void opts_print_help(const cmd_info *info, const opt_spec *specs, FILE *out) {
     fprintf(out, "usage: %s\n\n%s\n\noptions:\n", info->usage, info->summary);
     for (const opt_spec *s = specs; s->type != OPT_END; s++) {
-        char left[64];
-        snprintf(left, sizeof left, "--%s%s%s", s->name, s->type == OPT_FLAG ? "" : " ", type_metavar(s));
+        char left[64], alias[8] = "";
+        if (s->short_name) {
+            snprintf(alias, sizeof alias, "-%c, ", s->short_name);
+        }
+        snprintf(left, sizeof left, "%s--%s%s%s", alias, s->name, s->type == OPT_FLAG ? "" : " ", type_metavar(s));
         fprintf(out, "  %-28s %s", left, s->help);
         print_default(s, out);
         fputc('\n', out);
@@ -149,6 +152,31 @@ int opts_parse(const cmd_info *info, const opt_spec *specs, int argc, char **arg
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             opts_print_help(info, specs, stdout);
             return -1;
+        }
+        const opt_spec *short_spec = NULL;
+        if (a[0] == '-' && a[1] != '-' && a[1] != '\0' && a[2] == '\0') {
+            for (const opt_spec *s = specs; s->type != OPT_END; s++) {
+                if (s->short_name == a[1]) {
+                    short_spec = s;
+                }
+            }
+            if (!short_spec) {
+                return tool_usage_error(info->name, "unknown option '%s'", a);
+            }
+        }
+        if (short_spec) {
+            if (short_spec->type == OPT_FLAG) {
+                *(bool *)short_spec->ptr = true;
+                continue;
+            }
+            if (i + 1 >= argc) {
+                return tool_usage_error(info->name, "-%c needs a value", short_spec->short_name);
+            }
+            int rc = set_value(info, short_spec, argv[++i]);
+            if (rc) {
+                return rc;
+            }
+            continue;
         }
         if (strncmp(a, "--", 2) != 0 || a[2] == '\0') {
             if (npos >= max_positional) {

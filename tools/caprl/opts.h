@@ -1,5 +1,6 @@
 /* The table-driven option parser shared by every subcommand: one table {name, type, pointer, help} generates
- * --help, parses and range-checks values. Long options only ("--name value" or "--name=value"). */
+ * --help, parses and range-checks values. Long options ("--name value", "--name=value") and, where a spec gives
+ * one, a short alias ("-n value"). */
 #ifndef CAPRL_TOOL_OPTS_H
 #define CAPRL_TOOL_OPTS_H
 
@@ -23,6 +24,7 @@ typedef struct opt_spec {
     const char *help;
     double      min, max; /* for numbers; min == max == 0 means unbounded */
     const char *metavar;  /* e.g. "DIR"; NULL for defaults */
+    char        short_name; /* e.g. 'n' for "-n"; 0 for none */
 } opt_spec;
 
 typedef struct cmd_info {

@@ -1,0 +1,615 @@
+/* Qwen2 model objects: the parameter table, loading from a Hugging Face checkpoint directory, random
+ * initialisation, saving, and accessors. Forward passes live in context.c. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "caprl/tensor.h"
+#include "core/ckmath.h"
+#include "core/error_impl.h"
+#include "core/file_impl.h"
+#include "core/log_impl.h"
+#include "core/rng_impl.h"
+#include "model/model_impl.h"
+
+#define MAX_CONFIG_BYTES (16u << 20)
+
+caprl_model_params caprl_model_default_params(void) {
+    caprl_model_params p = {0};
+    p.n_threads = 0;
+    p.load_tokenizer = true;
+    return p;
+}
+
+/* ---- parameter table -------------------------------------------------------------------------------------- */
+
+static void add_matrix(caprl_model *m, int32_t *n, const char *name, caprl_weight *w, int64_t rows, int64_t cols) {
+    param_desc *d = &m->params[(*n)++];
+    snprintf(d->name, sizeof d->name, "%s", name);
+    d->kind = PARAM_MATRIX;
+    d->shape[0] = rows;
+    d->shape[1] = cols;
+    d->matrix = w;
+    w->rows = rows;
+    w->cols = cols;
+}
+
+static void add_vector(caprl_model *m, int32_t *n, const char *name, float **v, int64_t len) {
+    param_desc *d = &m->params[*n];
+    snprintf(d->name, sizeof d->name, "%s", name);
+    d->kind = PARAM_VECTOR;
+    d->shape[0] = len;
+    d->shape[1] = 1;
+    d->vector = v;
+    d->vector_dtype = &m->vector_dtypes[*n];
+    (*n)++;
+}
+
+void model_build_param_table(caprl_model *m) {
+    const caprl_text_config *c = &m->cfg;
+    int64_t C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, D = c->head_dim;
+    int64_t qd = (int64_t)c->n_heads * D, kvd = (int64_t)c->n_kv_heads * D;
+    int32_t cap = 3 + 12 * c->n_layers;
+    m->params = caprl_xcalloc((size_t)cap, sizeof *m->params);
+    m->vector_dtypes = caprl_xcalloc((size_t)cap, sizeof *m->vector_dtypes);
+    m->layers = caprl_xcalloc((size_t)c->n_layers, sizeof *m->layers);
+    int32_t n = 0;
+    char    name[CAPRL_PARAM_NAME_CAP];
+    add_matrix(m, &n, "model.embed_tokens.weight", &m->embed, V, C);
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        layer_weights *lw = &m->layers[l];
+#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
+        add_vector(m, &n, LAYER_NAME("input_layernorm.weight"), &lw->input_norm, C);
+        add_matrix(m, &n, LAYER_NAME("self_attn.q_proj.weight"), &lw->q, qd, C);
+        add_vector(m, &n, LAYER_NAME("self_attn.q_proj.bias"), &lw->q_bias, qd);
+        add_matrix(m, &n, LAYER_NAME("self_attn.k_proj.weight"), &lw->k, kvd, C);
+        add_vector(m, &n, LAYER_NAME("self_attn.k_proj.bias"), &lw->k_bias, kvd);
+        add_matrix(m, &n, LAYER_NAME("self_attn.v_proj.weight"), &lw->v, kvd, C);
+        add_vector(m, &n, LAYER_NAME("self_attn.v_proj.bias"), &lw->v_bias, kvd);
+        add_matrix(m, &n, LAYER_NAME("self_attn.o_proj.weight"), &lw->o, C, qd);
+        add_vector(m, &n, LAYER_NAME("post_attention_layernorm.weight"), &lw->post_attn_norm, C);
+        add_matrix(m, &n, LAYER_NAME("mlp.gate_proj.weight"), &lw->gate, F, C);
+        add_matrix(m, &n, LAYER_NAME("mlp.up_proj.weight"), &lw->up, F, C);
+        add_matrix(m, &n, LAYER_NAME("mlp.down_proj.weight"), &lw->down, C, F);
+#undef LAYER_NAME
+    }
+    add_vector(m, &n, "model.norm.weight", &m->final_norm, C);
+    if (!m->tied) {
+        add_matrix(m, &n, "lm_head.weight", &m->lm_head, V, C);
+    }
+    CAPRL_ASSERT(n <= cap);
+    m->n_params = n;
+}
+
+static size_t vector_floats(const caprl_model *m) {
+    size_t total = 0;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        if (m->params[i].kind == PARAM_VECTOR) {
+            total += (size_t)m->params[i].shape[0];
+        }
+    }
+    return total;
+}
+
+/* Points every vector param into one f32 block. */
+static caprl_status alloc_vectors(caprl_model *m, caprl_error *err) {
+    size_t n = vector_floats(m);
+    m->vectors = caprl_try_malloc(n * sizeof(float));
+    if (!m->vectors) {
+        return caprl_err_set(err, CAPRL_ERR_OOM, "cannot allocate %zu bytes for norm weights and biases",
+                             n * sizeof(float));
+    }
+    float *p = m->vectors;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        if (m->params[i].kind == PARAM_VECTOR) {
+            *m->params[i].vector = p;
+            p += m->params[i].shape[0];
+        }
+    }
+    return CAPRL_OK;
+}
+
+static void init_inv_freq(caprl_model *m) {
+    int32_t D = m->cfg.head_dim;
+    m->inv_freq = caprl_xmalloc((size_t)(D / 2) * sizeof(float));
+    /* As transformers computes it: exponents in f32, base ** x in f32, reciprocal in f32. */
+    for (int32_t i = 0; i < D / 2; i++) {
+        float x = (float)(2 * i) / (float)D;
+        m->inv_freq[i] = 1.0f / powf((float)m->cfg.rope_theta, x);
+    }
+}
+
+static caprl_status finish_model(caprl_model *m, int32_t n_threads, caprl_error *err) {
+    if (m->tied) {
+        m->lm_head = m->embed;
+        m->lm_head.packed = NULL;
+    }
+    init_inv_freq(m);
+    CAPRL_TRY(caprl_backend_cpu_init(&m->be, n_threads, err));
+    if (m->be->ops->weight_prepare) {
+        for (int32_t i = 0; i < m->n_params; i++) {
+            if (m->params[i].kind == PARAM_MATRIX) {
+                CAPRL_TRY(m->be->ops->weight_prepare(m->be, m->params[i].matrix, err));
+            }
+        }
+        if (m->tied) {
+            CAPRL_TRY(m->be->ops->weight_prepare(m->be, &m->lm_head, err));
+        }
+    }
+    return CAPRL_OK;
+}
+
+/* ---- loading ---------------------------------------------------------------------------------------------- */
+
+static caprl_status check_extra_tensors(const caprl_model *m, const caprl_safetensors *st, const char *dir,
+                                        caprl_error *err) {
+    int64_t n = caprl_safetensors_n_tensors(st);
+    for (int64_t i = 0; i < n; i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(st, i);
+        bool                   known = false;
+        for (int32_t p = 0; p < m->n_params && !known; p++) {
+            known = strcmp(m->params[p].name, t->name) == 0;
+        }
+        if (!known && m->tied && strcmp(t->name, "lm_head.weight") == 0) {
+            /* transformers ties lm_head to the embedding after loading, so a stored copy is ignored there too */
+            LOG_WARN("%s: 'lm_head.weight' present but tie_word_embeddings is true: using the embedding", dir);
+            known = true;
+        }
+        if (!known) {
+            return caprl_err_set(err, CAPRL_ERR_UNSUPPORTED,
+                                 "%s: tensor '%s' is not part of a Qwen2 model with this config.json", t->file,
+                                 t->name);
+        }
+    }
+    return CAPRL_OK;
+}
+
+static caprl_status load_matrix(const param_desc *d, const caprl_st_tensor *t, uint8_t **owned_cursor) {
+    caprl_weight *w = d->matrix;
+    if (t->dtype == CAPRL_DTYPE_F16) {
+        /* F16 is widened once at load: the kernels take f32 and bf16 only. */
+        float *dst = (float *)(void *)*owned_cursor;
+        const uint8_t *src = t->data;
+        for (int64_t i = 0; i < t->numel; i++) {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, 2);
+            dst[i] = caprl_f16_to_f32(h);
+        }
+        *owned_cursor += (size_t)t->numel * sizeof(float);
+        w->dtype = CAPRL_DTYPE_F32;
+        w->data = dst;
+        return CAPRL_OK;
+    }
+    size_t esize = caprl_dtype_size(t->dtype);
+    if (((uintptr_t)t->data % esize) != 0) {
+        /* A hostile or odd writer may misalign a tensor; copy it rather than read unaligned. */
+        memcpy(*owned_cursor, t->data, t->nbytes);
+        w->data = *owned_cursor;
+        *owned_cursor += t->nbytes;
+    } else {
+        w->data = t->data;
+    }
+    w->dtype = t->dtype;
+    return CAPRL_OK;
+}
+
+static void load_vector(const param_desc *d, const caprl_st_tensor *t) {
+    float         *dst = *d->vector;
+    const uint8_t *src = t->data;
+    for (int64_t i = 0; i < t->numel; i++) {
+        if (t->dtype == CAPRL_DTYPE_F32) {
+            memcpy(&dst[i], src + 4 * i, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, 2);
+            dst[i] = t->dtype == CAPRL_DTYPE_BF16 ? caprl_bf16_to_f32(h) : caprl_f16_to_f32(h);
+        }
+    }
+    *d->vector_dtype = t->dtype;
+}
+
+/* Bytes needed for matrices that cannot be used in place (F16 widened, misaligned copies). */
+static size_t owned_bytes_needed(const caprl_model *m, const caprl_st_tensor *const *found) {
+    size_t total = 0;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        const caprl_st_tensor *t = found[i];
+        if (m->params[i].kind != PARAM_MATRIX) {
+            continue;
+        }
+        if (t->dtype == CAPRL_DTYPE_F16) {
+            total += (size_t)t->numel * sizeof(float);
+        } else if (((uintptr_t)t->data % caprl_dtype_size(t->dtype)) != 0) {
+            total += t->nbytes;
+        }
+    }
+    return total;
+}
+
+static caprl_status load_weights(caprl_model *m, const char *dir, caprl_error *err) {
+    CAPRL_TRY(caprl_safetensors_open_dir(&m->st, dir, err));
+    CAPRL_TRY(check_extra_tensors(m, m->st, dir, err));
+    const uint32_t          mask = (1u << CAPRL_DTYPE_F32) | (1u << CAPRL_DTYPE_BF16) | (1u << CAPRL_DTYPE_F16);
+    const caprl_st_tensor **found = caprl_xcalloc((size_t)m->n_params, sizeof *found);
+    caprl_status            st = CAPRL_OK;
+    for (int32_t i = 0; i < m->n_params && st == CAPRL_OK; i++) {
+        const param_desc *d = &m->params[i];
+        if (d->kind == PARAM_MATRIX) {
+            st = caprl_safetensors_expect(m->st, d->name, mask, 2, d->shape, &found[i], err);
+        } else {
+            st = caprl_safetensors_expect(m->st, d->name, mask, 1, d->shape, &found[i], err);
+        }
+        if (st != CAPRL_OK && !caprl_safetensors_find(m->st, d->name) && strcmp(d->name, "lm_head.weight") == 0) {
+            caprl_err_set(err, CAPRL_ERR_FORMAT,
+                          "%s: tensor 'lm_head.weight' is missing and config.json has tie_word_embeddings false", dir);
+        }
+    }
+    if (st == CAPRL_OK) {
+        st = alloc_vectors(m, err);
+    }
+    if (st == CAPRL_OK) {
+        size_t need = owned_bytes_needed(m, found);
+        if (need) {
+            m->owned = caprl_try_aligned_alloc(need);
+            if (!m->owned) {
+                st = caprl_err_set(err, CAPRL_ERR_OOM, "%s: cannot allocate %zu bytes for converted weights", dir,
+                                   need);
+            }
+        }
+    }
+    if (st == CAPRL_OK) {
+        uint8_t *cursor = m->owned;
+        for (int32_t i = 0; i < m->n_params && st == CAPRL_OK; i++) {
+            if (m->params[i].kind == PARAM_MATRIX) {
+                st = load_matrix(&m->params[i], found[i], &cursor);
+            } else {
+                load_vector(&m->params[i], found[i]);
+            }
+        }
+        m->dtype = m->embed.dtype;
+    }
+    free(found);
+    return st;
+}
+
+static caprl_status load_generation_config(caprl_model *m, const char *dir, caprl_error *err) {
+    m->gen = caprl_generation_config_default();
+    char *path = caprl_path_join(dir, "generation_config.json");
+    caprl_status st = CAPRL_OK;
+    if (caprl_path_exists(path)) {
+        uint8_t *data = NULL;
+        size_t   n = 0;
+        st = caprl_file_read_all(path, MAX_CONFIG_BYTES, &data, &n, err);
+        if (st == CAPRL_OK) {
+            st = caprl_generation_config_parse(&m->gen, (const char *)data, n, path, err);
+            free(data);
+        }
+    }
+    if (st == CAPRL_OK && m->gen.n_eos == 0 && m->cfg.eos_token_id >= 0) {
+        m->gen.eos_ids[m->gen.n_eos++] = m->cfg.eos_token_id;
+    }
+    free(path);
+    return st;
+}
+
+caprl_status caprl_model_load_tokenizer(caprl_model *model, const char *path, caprl_error *err) {
+    caprl_tokenizer *tok = NULL;
+    CAPRL_TRY(caprl_tokenizer_load(&tok, path, err));
+    if (caprl_tokenizer_n_tokens(tok) > model->cfg.vocab_size) {
+        caprl_status st = caprl_err_set(err, CAPRL_ERR_FORMAT,
+                                        "%s: tokenizer has %d tokens but the model's vocab_size is %d (vocab mismatch)",
+                                        path, caprl_tokenizer_n_tokens(tok), model->cfg.vocab_size);
+        caprl_tokenizer_free(tok);
+        return st;
+    }
+    caprl_tokenizer_free(model->tok);
+    free(model->tokenizer_path);
+    model->tok = tok;
+    model->tokenizer_path = caprl_xstrdup(path);
+    return CAPRL_OK;
+}
+
+caprl_status caprl_model_load(caprl_model **out, const char *dir, const caprl_model_params *params,
+                              caprl_error *err) {
+    caprl_model_params p = params ? *params : caprl_model_default_params();
+    if (!caprl_path_is_dir(dir)) {
+        return caprl_err_set(err, CAPRL_ERR_IO, "%s: not a directory (expected a Hugging Face checkpoint directory)",
+                             dir);
+    }
+    caprl_model *m = caprl_xcalloc(1, sizeof *m);
+    char        *cfg_path = caprl_path_join(dir, "config.json");
+    caprl_status st = caprl_text_config_load(&m->cfg, cfg_path, err);
+    free(cfg_path);
+    if (st == CAPRL_OK) {
+        m->tied = m->cfg.tie_word_embeddings;
+        model_build_param_table(m);
+        st = load_weights(m, dir, err);
+    }
+    if (st == CAPRL_OK) {
+        st = load_generation_config(m, dir, err);
+    }
+    if (st == CAPRL_OK && p.load_tokenizer) {
+        char *tok_path = caprl_path_join(dir, "tokenizer.json");
+        if (caprl_path_exists(tok_path)) {
+            st = caprl_model_load_tokenizer(m, tok_path, err);
+        }
+        free(tok_path);
+    }
+    if (st == CAPRL_OK) {
+        st = finish_model(m, p.n_threads, err);
+    }
+    if (st != CAPRL_OK) {
+        caprl_model_free(m);
+        return st;
+    }
+    LOG_INFO("%s: %d layers, hidden %d, %s weights, %lld parameters", dir, m->cfg.n_layers, m->cfg.hidden_size,
+             caprl_dtype_name(m->dtype), (long long)caprl_model_n_params(m));
+    *out = m;
+    return CAPRL_OK;
+}
+
+/* ---- random initialisation -------------------------------------------------------------------------------- */
+
+/* Uniform(-a, a) with a = std * sqrt(3) has standard deviation std; uniform is much cheaper to draw than
+ * normal, which matters for the 0.5B-shaped benchmark model. */
+static void fill_uniform(void *dst, int32_t dtype, int64_t n, float std, caprl_rng *rng) {
+    float a = std * 1.7320508f;
+    for (int64_t i = 0; i < n; i++) {
+        float x = (2.0f * caprl_rng_uniform(rng) - 1.0f) * a;
+        if (dtype == CAPRL_DTYPE_F32) {
+            ((float *)dst)[i] = x;
+        } else {
+            ((uint16_t *)dst)[i] = caprl_f32_to_bf16(x);
+        }
+    }
+}
+
+caprl_status caprl_model_init_random(caprl_model **out, const caprl_text_config *cfg, int32_t dtype, uint64_t seed,
+                                     float std, const caprl_model_params *params, caprl_error *err) {
+    caprl_model_params p = params ? *params : caprl_model_default_params();
+    if (dtype != CAPRL_DTYPE_F32 && dtype != CAPRL_DTYPE_BF16) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "random init supports F32 and BF16, not %s",
+                             caprl_dtype_name(dtype));
+    }
+    if (!(std > 0.0f) || !isfinite(std)) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "random init: std must be positive and finite");
+    }
+    /* Validate through the same checks as config.json by round-tripping the struct. */
+    char *json = NULL;
+    CAPRL_TRY(caprl_text_config_to_json(cfg, dtype, &json, err));
+    caprl_model *m = caprl_xcalloc(1, sizeof *m);
+    caprl_status st = caprl_text_config_parse(&m->cfg, json, strlen(json), "random-init config", err);
+    caprl_free(json);
+    if (st != CAPRL_OK) {
+        caprl_model_free(m);
+        return st;
+    }
+    m->tied = m->cfg.tie_word_embeddings;
+    m->dtype = dtype;
+    m->gen = caprl_generation_config_default();
+    if (m->cfg.eos_token_id >= 0) {
+        m->gen.eos_ids[m->gen.n_eos++] = m->cfg.eos_token_id;
+    }
+    model_build_param_table(m);
+    size_t esize = caprl_dtype_size(dtype), total = 0;
+    bool   ok = true;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        size_t bytes = 0;
+        if (m->params[i].kind == PARAM_MATRIX) {
+            ok = ok && caprl_mul_size((size_t)m->params[i].shape[0] * (size_t)m->params[i].shape[1], esize, &bytes) &&
+                 caprl_add_size(total, bytes, &total);
+        }
+    }
+    if (ok) {
+        m->owned = caprl_try_aligned_alloc(total);
+    }
+    if (!ok || !m->owned) {
+        caprl_model_free(m);
+        return caprl_err_set(err, CAPRL_ERR_OOM, "random init: cannot allocate %zu bytes of weights", total);
+    }
+    st = alloc_vectors(m, err);
+    uint8_t *cursor = m->owned;
+    for (int32_t i = 0; i < m->n_params && st == CAPRL_OK; i++) {
+        param_desc *d = &m->params[i];
+        caprl_rng   rng;
+        caprl_rng_init(&rng, seed, (uint64_t)i, 0x7a11);
+        if (d->kind == PARAM_MATRIX) {
+            int64_t n = d->shape[0] * d->shape[1];
+            fill_uniform(cursor, dtype, n, std, &rng);
+            d->matrix->dtype = dtype;
+            d->matrix->data = cursor;
+            cursor += (size_t)n * esize;
+        } else {
+            bool   is_norm = strstr(d->name, "norm") != NULL;
+            float *v = *d->vector;
+            for (int64_t j = 0; j < d->shape[0]; j++) {
+                float x = (is_norm ? 1.0f : 0.0f) + 0.1f * caprl_rng_normal(&rng);
+                /* keep exactly what the stored dtype can hold, so a save/load round trip is exact */
+                v[j] = dtype == CAPRL_DTYPE_BF16 ? caprl_bf16_to_f32(caprl_f32_to_bf16(x)) : x;
+            }
+            *d->vector_dtype = dtype;
+        }
+    }
+    if (st == CAPRL_OK) {
+        st = finish_model(m, p.n_threads, err);
+    }
+    if (st != CAPRL_OK) {
+        caprl_model_free(m);
+        return st;
+    }
+    *out = m;
+    return CAPRL_OK;
+}
+
+/* ---- saving ----------------------------------------------------------------------------------------------- */
+
+static caprl_status write_text_file(const char *path, const char *text, caprl_error *err) {
+    caprl_atomic_file af;
+    CAPRL_TRY(caprl_atomic_open(&af, path, err));
+    caprl_status st = caprl_atomic_write(&af, text, strlen(text), err);
+    if (st == CAPRL_OK) {
+        st = caprl_atomic_commit(&af, err);
+    } else {
+        caprl_atomic_abort(&af);
+    }
+    return st;
+}
+
+static char *generation_config_json(const caprl_generation_config *g) {
+    char eos[CAPRL_MAX_EOS * 12 + 4] = "[";
+    for (int32_t i = 0; i < g->n_eos; i++) {
+        size_t len = strlen(eos);
+        snprintf(eos + len, sizeof eos - len, "%s%d", i ? ", " : "", g->eos_ids[i]);
+    }
+    strncat(eos, "]", sizeof eos - strlen(eos) - 1);
+    return caprl_xasprintf("{\n  \"do_sample\": %s,\n  \"eos_token_id\": %s,\n  \"temperature\": %.9g,\n"
+                           "  \"top_k\": %d,\n  \"top_p\": %.9g,\n  \"repetition_penalty\": %.9g\n}\n",
+                           g->do_sample ? "true" : "false", eos, (double)g->temperature, g->top_k, (double)g->top_p,
+                           (double)g->repetition_penalty);
+}
+
+static caprl_status copy_file(const char *src, const char *dst, caprl_error *err) {
+    uint8_t *data = NULL;
+    size_t   n = 0;
+    CAPRL_TRY(caprl_file_read_all(src, (size_t)1 << 30, &data, &n, err));
+    caprl_atomic_file af;
+    caprl_status      st = caprl_atomic_open(&af, dst, err);
+    if (st == CAPRL_OK) {
+        st = caprl_atomic_write(&af, data, n, err);
+        st = st == CAPRL_OK ? caprl_atomic_commit(&af, err) : (caprl_atomic_abort(&af), st);
+    }
+    free(data);
+    return st;
+}
+
+caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error *err) {
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+        return caprl_err_set(err, CAPRL_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
+    }
+    /* Vectors are held as f32; write them back in the dtype they were stored in (exact: they came from it). */
+    uint16_t *half_vectors = caprl_xmalloc(vector_floats(m) * sizeof(uint16_t));
+    uint16_t *hv = half_vectors;
+    caprl_st_writer *w = caprl_st_writer_init();
+    caprl_status     st = CAPRL_OK;
+    for (int32_t i = 0; i < m->n_params && st == CAPRL_OK; i++) {
+        const param_desc *d = &m->params[i];
+        if (d->kind == PARAM_MATRIX) {
+            st = caprl_st_writer_add(w, d->name, d->matrix->dtype, 2, d->shape, d->matrix->data, err);
+            continue;
+        }
+        int32_t      vdt = *d->vector_dtype;
+        const float *v = *d->vector;
+        const void  *data = v;
+        if (vdt == CAPRL_DTYPE_BF16 || vdt == CAPRL_DTYPE_F16) {
+            for (int64_t j = 0; j < d->shape[0]; j++) {
+                hv[j] = vdt == CAPRL_DTYPE_BF16 ? caprl_f32_to_bf16(v[j]) : caprl_f32_to_f16(v[j]);
+            }
+            data = hv;
+            hv += d->shape[0];
+        } else {
+            vdt = CAPRL_DTYPE_F32;
+        }
+        st = caprl_st_writer_add(w, d->name, vdt, 1, d->shape, data, err);
+    }
+    char *path = caprl_path_join(dir, "model.safetensors");
+    if (st == CAPRL_OK) {
+        st = caprl_st_writer_save(w, path, err);
+    }
+    free(path);
+    caprl_st_writer_free(w);
+    free(half_vectors);
+    char *json = NULL;
+    if (st == CAPRL_OK) {
+        st = caprl_text_config_to_json(&m->cfg, m->dtype, &json, err);
+    }
+    if (st == CAPRL_OK) {
+        path = caprl_path_join(dir, "config.json");
+        st = write_text_file(path, json, err);
+        free(path);
+        caprl_free(json);
+    }
+    if (st == CAPRL_OK) {
+        char *gen = generation_config_json(&m->gen);
+        path = caprl_path_join(dir, "generation_config.json");
+        st = write_text_file(path, gen, err);
+        free(path);
+        free(gen);
+    }
+    if (st == CAPRL_OK && m->tokenizer_path) {
+        path = caprl_path_join(dir, "tokenizer.json");
+        if (strcmp(path, m->tokenizer_path) != 0) {
+            st = copy_file(m->tokenizer_path, path, err);
+        }
+        free(path);
+    }
+    return st;
+}
+
+/* ---- accessors and teardown ------------------------------------------------------------------------------- */
+
+void caprl_model_free(caprl_model *m) {
+    if (!m) {
+        return;
+    }
+    if (m->be && m->be->ops->weight_release) {
+        for (int32_t i = 0; i < m->n_params; i++) {
+            if (m->params[i].kind == PARAM_MATRIX) {
+                m->be->ops->weight_release(m->be, m->params[i].matrix);
+            }
+        }
+        if (m->tied) {
+            m->be->ops->weight_release(m->be, &m->lm_head);
+        }
+    }
+    caprl_backend_free(m->be);
+    caprl_safetensors_free(m->st);
+    caprl_aligned_free(m->owned);
+    free(m->vectors);
+    free(m->inv_freq);
+    free(m->params);
+    free(m->vector_dtypes);
+    free(m->layers);
+    caprl_tokenizer_free(m->tok);
+    free(m->tokenizer_path);
+    free(m);
+}
+
+const caprl_text_config *caprl_model_config(const caprl_model *m) {
+    return &m->cfg;
+}
+
+const caprl_generation_config *caprl_model_generation_config(const caprl_model *m) {
+    return &m->gen;
+}
+
+const caprl_tokenizer *caprl_model_tokenizer(const caprl_model *m) {
+    return m->tok;
+}
+
+int32_t caprl_model_dtype(const caprl_model *m) {
+    return m->dtype;
+}
+
+int32_t caprl_model_n_threads(const caprl_model *m) {
+    return caprl_pool_n_threads(m->be->pool);
+}
+
+int64_t caprl_model_n_params(const caprl_model *m) {
+    int64_t n = 0;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        n += m->params[i].shape[0] * m->params[i].shape[1];
+    }
+    return n;
+}
+
+int64_t caprl_model_weight_bytes(const caprl_model *m) {
+    int64_t n = 0;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        const param_desc *d = &m->params[i];
+        int32_t dt = d->kind == PARAM_MATRIX ? d->matrix->dtype : CAPRL_DTYPE_F32;
+        n += d->shape[0] * d->shape[1] * (int64_t)caprl_dtype_size(dt);
+    }
+    return n;
+}

@@ -1,0 +1,161 @@
+/* CPU op kernels behind the backend table: the shared CPU context (pool, ISA level, per-thread scratch), the
+ * forward kernels of src/ops/*.c and the exp used by softmax and SiLU.
+ *
+ * Every kernel partitions its outputs across the pool with a split that never changes the arithmetic of an
+ * output: a row (or element) is computed by the same sequence of float operations whatever the thread count,
+ * the number of rows M, or the tile that happens to contain it. The ISA level is fixed when the context is
+ * created, so one backend always runs one code path. Different ISA levels (scalar, AVX2, AVX-512) may differ in
+ * the last bits of reductions; they are never mixed within one backend. */
+#ifndef CAPRL_OPS_IMPL_H
+#define CAPRL_OPS_IMPL_H
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "core/pool_impl.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#    define CAPRL_X86 1
+#    include <immintrin.h>
+#else
+#    define CAPRL_X86 0
+#endif
+
+/* Kernel families, lowest to widest. AMX is a separate switch (it changes the matmul numerics on purpose). */
+enum { CAPRL_ISA_SCALAR = 0, CAPRL_ISA_AVX2 = 1, CAPRL_ISA_AVX512 = 2 };
+
+/* One thread's scratch: a 64-byte aligned buffer plus a tag naming what it holds (gemm caches a widened
+ * weight block across consecutive jobs). Padded so neighbours do not share a cache line. */
+typedef struct caprl_cpu_thread {
+    void    *buf;
+    size_t   cap;     /* bytes */
+    uint64_t tag_seq; /* gemm call that filled buf, 0 = nothing */
+    int64_t  tag_n0;  /* first weight row widened into buf */
+    char     pad_[32];
+} caprl_cpu_thread;
+
+typedef struct caprl_cpu_ctx {
+    caprl_pool       *pool;      /* borrowed from the backend */
+    int32_t           n_threads;
+    int32_t           isa;       /* CAPRL_ISA_*, fixed for the context's life */
+    bool              amx;       /* matmul may use AMX-BF16 on prepared bf16 weights */
+    int64_t           l2_bytes;  /* per-core L2 size used for cache blocking */
+    caprl_cpu_thread *threads;   /* (n_threads) */
+    uint64_t          gemm_seq;  /* bumped by every matmul call (scratch tags) */
+    void             *shared;    /* AMX: the activations converted to bf16 */
+    size_t            shared_cap;
+} caprl_cpu_ctx;
+
+/* Makes every thread's scratch at least `bytes` (called by the driving thread, never inside a task).
+ * Returns false when the memory cannot be had; the old buffers are then kept. */
+bool caprl_cpu_scratch_reserve(caprl_cpu_ctx *c, size_t bytes);
+/* Shared scratch of at least `bytes`; NULL when it cannot be had. */
+void *caprl_cpu_shared_reserve(caprl_cpu_ctx *c, size_t bytes);
+
+/* ---- forward kernels (semantics: backend/backend.h) -------------------------------------------------------- */
+
+void caprl_op_embed(caprl_cpu_ctx *c, float *out, const int32_t *ids, const caprl_weight *table, int64_t M);
+void caprl_op_rmsnorm(caprl_cpu_ctx *c, float *out, const float *in, const float *weight, int64_t M, int64_t C,
+                      float eps);
+void caprl_op_rope(caprl_cpu_ctx *c, float *x, const int32_t *pos, const float *inv_freq, int64_t M, int64_t H,
+                   int64_t D);
+void caprl_op_attn(caprl_cpu_ctx *c, float *out, const float *q, const float *k, const float *v,
+                   const int64_t *kv_row0, const int32_t *kv_len, int64_t kv_stride, int64_t M, int64_t Hq,
+                   int64_t Hkv, int64_t D, float scale);
+void caprl_op_swiglu(caprl_cpu_ctx *c, float *out, const float *gate, const float *up, int64_t n);
+void caprl_op_add(caprl_cpu_ctx *c, float *acc, const float *x, int64_t n);
+
+/* ---- exp ---------------------------------------------------------------------------------------------------
+ * Cephes-style expf: n = rint(x log2e), r = x - n ln2 (two-part constant), a degree-5 polynomial, then the
+ * scale 2^n applied as two factors so that overflow gives Inf and deep underflow gives (sub)normals or 0.
+ * Max relative error about 2 ulp. The scalar and AVX2 versions perform the identical operations (fmaf vs
+ * vfmadd, rint vs vroundps), so tails computed by either agree bit for bit. NaN in, NaN out. */
+
+#define CAPRL_EXP_LO (-104.0f)
+#define CAPRL_EXP_HI (89.0f)
+#define CAPRL_EXP_LOG2E 1.44269504088896341f
+#define CAPRL_EXP_C1 0.693359375f
+#define CAPRL_EXP_C2 (-2.12194440e-4f)
+#define CAPRL_EXP_P0 1.9875691500e-4f
+#define CAPRL_EXP_P1 1.3981999507e-3f
+#define CAPRL_EXP_P2 8.3334519073e-3f
+#define CAPRL_EXP_P3 4.1665795894e-2f
+#define CAPRL_EXP_P4 1.6666665459e-1f
+#define CAPRL_EXP_P5 5.0000001201e-1f
+
+static inline float caprl_expf_ref(float x) {
+    if (x != x) {
+        return x;
+    }
+    if (x < CAPRL_EXP_LO) {
+        return 0.0f;
+    }
+    float xc = x > CAPRL_EXP_HI ? CAPRL_EXP_HI : x;
+    float n = rintf(xc * CAPRL_EXP_LOG2E);
+    float r = fmaf(n, -CAPRL_EXP_C1, xc);
+    r = fmaf(n, -CAPRL_EXP_C2, r);
+    float p = fmaf(CAPRL_EXP_P0, r, CAPRL_EXP_P1);
+    p = fmaf(p, r, CAPRL_EXP_P2);
+    p = fmaf(p, r, CAPRL_EXP_P3);
+    p = fmaf(p, r, CAPRL_EXP_P4);
+    p = fmaf(p, r, CAPRL_EXP_P5);
+    p = fmaf(p, r * r, r);
+    p = p + 1.0f;
+    int32_t ni = (int32_t)n;
+    int32_t n1 = ni >> 1; /* floor(ni / 2): both halves stay in the normal exponent range */
+    int32_t n2 = ni - n1;
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23, b2 = (uint32_t)(n2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, 4);
+    memcpy(&s2, &b2, 4);
+    return (p * s1) * s2;
+}
+
+#if CAPRL_X86
+#    define CAPRL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#    define CAPRL_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+
+static CAPRL_AVX2_INLINE __m256 caprl_exp8_avx2(__m256 x) {
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(CAPRL_EXP_LO)), _mm256_set1_ps(CAPRL_EXP_HI));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(CAPRL_EXP_LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-CAPRL_EXP_C1), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-CAPRL_EXP_C2), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(CAPRL_EXP_P0), r, _mm256_set1_ps(CAPRL_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CAPRL_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CAPRL_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CAPRL_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CAPRL_EXP_P5));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    __m256i ni = _mm256_cvtps_epi32(n);
+    __m256i n1 = _mm256_srai_epi32(ni, 1);
+    __m256i n2 = _mm256_sub_epi32(ni, n1);
+    __m256i bias = _mm256_set1_epi32(127);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    __m256 res = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    res = _mm256_blendv_ps(res, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(CAPRL_EXP_LO), _CMP_LT_OQ));
+    return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* Sum of the 8 lanes in one fixed tree: (l + l+4), then (l + l+2), then lane 0 + lane 1. Every kernel that
+ * reduces an 8-lane accumulator uses this, so edge and main paths agree. */
+static CAPRL_AVX2_INLINE float caprl_hsum8_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Lane mask with the first r (0..8) lanes set, for maskload/maskstore. */
+static CAPRL_AVX2_INLINE __m256i caprl_mask8_avx2(int64_t r) {
+    static const int32_t tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i *)(tab + 8 - r));
+}
+#endif
+
+#endif /* CAPRL_OPS_IMPL_H */

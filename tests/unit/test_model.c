@@ -1,0 +1,497 @@
+/* Qwen2 decoder: a small random checkpoint in exact HF layout, saved and reloaded, whose logits are checked against
+ * an independent float64 forward pass written here from spec/qwen.md §2 (reading the tensors straight from the
+ * safetensors file); KV-cache decode equals full recomputation; batched equals unbatched; identical results at
+ * 1, 2 and 3 threads; generation determinism; checkpoint errors. */
+#include <float.h>
+
+#include "caprl/generate.h"
+#include "caprl/model.h"
+#include "caprl/safetensors.h"
+#include "caprl/tensor.h"
+#include "caprl_test.h"
+
+static caprl_text_config tiny_config(bool tied) {
+    caprl_text_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab_size = 301;
+    c.hidden_size = 64;
+    c.intermediate_size = 88;
+    c.n_layers = 2;
+    c.n_heads = 4;
+    c.n_kv_heads = 2;
+    c.head_dim = 16;
+    c.max_position_embeddings = 256;
+    c.rms_norm_eps = 1e-6f;
+    c.rope_theta = 10000.0;
+    c.tie_word_embeddings = tied;
+    c.bos_token_id = -1;
+    c.eos_token_id = 300;
+    c.torch_dtype = -1;
+    return c;
+}
+
+/* ---- float64 reference ------------------------------------------------------------------------------------ */
+
+typedef struct ref_model {
+    caprl_text_config  c;
+    caprl_safetensors *st;
+} ref_model;
+
+static double *tensor_f64(const ref_model *r, const char *name) {
+    const caprl_st_tensor *t = caprl_safetensors_find(r->st, name);
+    if (!t) {
+        fprintf(stderr, "reference: missing %s\n", name);
+        exit(1);
+    }
+    double        *out = malloc((size_t)t->numel * sizeof(double));
+    const uint8_t *p = t->data;
+    for (int64_t i = 0; i < t->numel; i++) {
+        if (t->dtype == CAPRL_DTYPE_F32) {
+            float f;
+            memcpy(&f, p + 4 * i, 4);
+            out[i] = f;
+        } else {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            out[i] = t->dtype == CAPRL_DTYPE_BF16 ? caprl_bf16_to_f32(h) : caprl_f16_to_f32(h);
+        }
+    }
+    return out;
+}
+
+static double *layer_tensor(const ref_model *r, int l, const char *suffix) {
+    char name[128];
+    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);
+    return tensor_f64(r, name);
+}
+
+static void ref_rmsnorm(double *y, const double *x, const double *w, int C, double eps) {
+    double ss = 0;
+    for (int i = 0; i < C; i++) {
+        ss += x[i] * x[i];
+    }
+    double inv = 1.0 / sqrt(ss / C + eps);
+    for (int i = 0; i < C; i++) {
+        y[i] = x[i] * inv * w[i];
+    }
+}
+
+static void ref_linear(double *y, const double *x, const double *W, const double *b, int N, int K) {
+    for (int n = 0; n < N; n++) {
+        double s = b ? b[n] : 0.0;
+        for (int k = 0; k < K; k++) {
+            s += x[k] * W[(size_t)n * K + k];
+        }
+        y[n] = s;
+    }
+}
+
+static void ref_rope(double *x, int H, int D, int pos, double theta) {
+    for (int h = 0; h < H; h++) {
+        double *v = x + h * D;
+        for (int j = 0; j < D / 2; j++) {
+            double inv = 1.0 / pow(theta, (2.0 * j) / D), ang = pos * inv;
+            double a = v[j], b = v[j + D / 2];
+            v[j] = a * cos(ang) - b * sin(ang);
+            v[j + D / 2] = b * cos(ang) + a * sin(ang);
+        }
+    }
+}
+
+/* logits (T, V) of one sequence, full causal forward in float64 */
+static double *ref_forward(const ref_model *r, const int32_t *ids, int T) {
+    const caprl_text_config *c = &r->c;
+    int C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, D = c->head_dim, H = c->n_heads,
+        Hk = c->n_kv_heads;
+    double *E = tensor_f64(r, "model.embed_tokens.weight");
+    double *x = calloc((size_t)T * C, sizeof(double)), *xn = calloc((size_t)C, sizeof(double));
+    double *q = calloc((size_t)T * H * D, sizeof(double)), *k = calloc((size_t)T * Hk * D, sizeof(double));
+    double *v = calloc((size_t)T * Hk * D, sizeof(double)), *att = calloc((size_t)H * D, sizeof(double));
+    double *tmp = calloc((size_t)(C > F ? C : F) * 2, sizeof(double)), *g = calloc((size_t)F, sizeof(double));
+    double *u = calloc((size_t)F, sizeof(double)), *sc = calloc((size_t)T, sizeof(double));
+    for (int t = 0; t < T; t++) {
+        memcpy(x + (size_t)t * C, E + (size_t)ids[t] * C, (size_t)C * sizeof(double));
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        double *w_in = layer_tensor(r, l, "input_layernorm.weight"), *w_post = layer_tensor(r, l, "post_attention_layernorm.weight");
+        double *Wq = layer_tensor(r, l, "self_attn.q_proj.weight"), *bq = layer_tensor(r, l, "self_attn.q_proj.bias");
+        double *Wk = layer_tensor(r, l, "self_attn.k_proj.weight"), *bk = layer_tensor(r, l, "self_attn.k_proj.bias");
+        double *Wv = layer_tensor(r, l, "self_attn.v_proj.weight"), *bv = layer_tensor(r, l, "self_attn.v_proj.bias");
+        double *Wo = layer_tensor(r, l, "self_attn.o_proj.weight");
+        double *Wg = layer_tensor(r, l, "mlp.gate_proj.weight"), *Wu = layer_tensor(r, l, "mlp.up_proj.weight");
+        double *Wd = layer_tensor(r, l, "mlp.down_proj.weight");
+        for (int t = 0; t < T; t++) {
+            ref_rmsnorm(xn, x + (size_t)t * C, w_in, C, c->rms_norm_eps);
+            ref_linear(q + (size_t)t * H * D, xn, Wq, bq, H * D, C);
+            ref_linear(k + (size_t)t * Hk * D, xn, Wk, bk, Hk * D, C);
+            ref_linear(v + (size_t)t * Hk * D, xn, Wv, bv, Hk * D, C);
+            ref_rope(q + (size_t)t * H * D, H, D, t, c->rope_theta);
+            ref_rope(k + (size_t)t * Hk * D, Hk, D, t, c->rope_theta);
+        }
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < H; h++) {
+                int     kh = h / (H / Hk);
+                double  mx = -INFINITY, z = 0;
+                double *qh = q + ((size_t)t * H + h) * D;
+                for (int s = 0; s <= t; s++) {
+                    double d = 0;
+                    for (int j = 0; j < D; j++) {
+                        d += qh[j] * k[((size_t)s * Hk + kh) * D + j];
+                    }
+                    sc[s] = d / sqrt((double)D);
+                    mx = fmax(mx, sc[s]);
+                }
+                for (int s = 0; s <= t; s++) {
+                    sc[s] = exp(sc[s] - mx);
+                    z += sc[s];
+                }
+                for (int j = 0; j < D; j++) {
+                    double o = 0;
+                    for (int s = 0; s <= t; s++) {
+                        o += sc[s] / z * v[((size_t)s * Hk + kh) * D + j];
+                    }
+                    att[h * D + j] = o;
+                }
+            }
+            ref_linear(tmp, att, Wo, NULL, C, H * D);
+            for (int i = 0; i < C; i++) {
+                x[(size_t)t * C + i] += tmp[i];
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            ref_rmsnorm(xn, x + (size_t)t * C, w_post, C, c->rms_norm_eps);
+            ref_linear(g, xn, Wg, NULL, F, C);
+            ref_linear(u, xn, Wu, NULL, F, C);
+            for (int i = 0; i < F; i++) {
+                g[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+            }
+            ref_linear(tmp, g, Wd, NULL, C, F);
+            for (int i = 0; i < C; i++) {
+                x[(size_t)t * C + i] += tmp[i];
+            }
+        }
+        free(w_in), free(w_post), free(Wq), free(bq), free(Wk), free(bk), free(Wv), free(bv), free(Wo);
+        free(Wg), free(Wu), free(Wd);
+    }
+    double *wn = tensor_f64(r, "model.norm.weight");
+    double *lm = c->tie_word_embeddings ? E : tensor_f64(r, "lm_head.weight");
+    double *logits = malloc((size_t)T * V * sizeof(double));
+    for (int t = 0; t < T; t++) {
+        ref_rmsnorm(xn, x + (size_t)t * C, wn, C, c->rms_norm_eps);
+        ref_linear(logits + (size_t)t * V, xn, lm, NULL, V, C);
+    }
+    if (lm != E) {
+        free(lm);
+    }
+    free(E), free(wn), free(x), free(xn), free(q), free(k), free(v), free(att), free(tmp), free(g), free(u), free(sc);
+    return logits;
+}
+
+/* ---- helpers ---------------------------------------------------------------------------------------------- */
+
+static caprl_model *load(const char *dir, int32_t n_threads) {
+    caprl_model_params mp = caprl_model_default_params();
+    mp.n_threads = n_threads;
+    caprl_model *m = NULL;
+    caprl_error  err = {0};
+    CHECK_OK(caprl_model_load(&m, dir, &mp, &err), &err);
+    if (!m) {
+        exit(test_finish("test_model"));
+    }
+    return m;
+}
+
+/* Runs one sequence through a fresh context and returns all logits (T, V). */
+static float *forward_all(caprl_model *m, const int32_t *ids, int T) {
+    caprl_context_params cp = caprl_context_default_params();
+    cp.n_ctx = 64;
+    cp.n_batch_max = T;
+    cp.n_logits_max = T;
+    caprl_context *ctx = NULL;
+    caprl_error    err = {0};
+    CHECK_OK(caprl_context_init(&ctx, m, &cp, &err), &err);
+    int32_t *seq = calloc((size_t)T, sizeof(int32_t));
+    int8_t  *want = malloc((size_t)T);
+    memset(want, 1, (size_t)T);
+    caprl_batch b = {T, ids, seq, want};
+    CHECK_OK(caprl_context_decode(ctx, &b, &err), &err);
+    int    V = caprl_model_config(m)->vocab_size;
+    float *out = malloc((size_t)T * V * sizeof(float));
+    for (int t = 0; t < T; t++) {
+        memcpy(out + (size_t)t * V, caprl_context_logits(ctx, t), (size_t)V * sizeof(float));
+    }
+    free(seq);
+    free(want);
+    caprl_context_free(ctx);
+    return out;
+}
+
+static const int32_t k_ids[12] = {5, 17, 299, 0, 42, 42, 100, 7, 250, 3, 64, 128};
+
+static void check_against_reference(const char *dir, const caprl_text_config *cfg) {
+    ref_model r = {*cfg, NULL};
+    caprl_error err = {0};
+    CHECK_OK(caprl_safetensors_open_dir(&r.st, dir, &err), &err);
+    double      *ref = ref_forward(&r, k_ids, 12);
+    caprl_model *m = load(dir, 2);
+    float       *got = forward_all(m, k_ids, 12);
+    /* Error budget: f32 rounding (eps = 2^-23) in dot products of length <= 88, two residual blocks and a
+     * normalisation per layer; the observed error is ~1e-6 relative, so 2000 * eps (2.4e-4) of the logit scale
+     * fails on any real bug (a wrong rotation, a missing bias, a misplaced head all give O(1e-1) differences). */
+    double scale = 1.0, max_diff = 0.0;
+    int    V = cfg->vocab_size;
+    for (int i = 0; i < 12 * V; i++) {
+        scale = fmax(scale, fabs(ref[i]));
+    }
+    for (int i = 0; i < 12 * V; i++) {
+        max_diff = fmax(max_diff, fabs((double)got[i] - ref[i]));
+    }
+    CHECK_MSG(max_diff <= 2000 * FLT_EPSILON * scale, "max |logit diff| %.3g (scale %.3g) in %s", max_diff, scale, dir);
+    free(ref);
+    free(got);
+    caprl_model_free(m);
+    caprl_safetensors_free(r.st);
+}
+
+static void make_checkpoint(const char *dir, bool tied, int32_t dtype) {
+    caprl_text_config cfg = tiny_config(tied);
+    caprl_model      *m = NULL;
+    caprl_error       err = {0};
+    CHECK_OK(caprl_model_init_random(&m, &cfg, dtype, 11, 0.08f, NULL, &err), &err);
+    CHECK_OK(caprl_model_save(m, dir, &err), &err);
+    caprl_model_free(m);
+}
+
+/* KV-cache decode and batching must not change a single bit of the logits. */
+static void check_cache_and_batching(const char *dir) {
+    caprl_model *m = load(dir, 2);
+    int          V = caprl_model_config(m)->vocab_size;
+    float       *full = forward_all(m, k_ids, 12);
+    caprl_context_params cp = caprl_context_default_params();
+    cp.n_seq_max = 3;
+    cp.n_ctx = 64;
+    cp.n_batch_max = 32;
+    cp.n_logits_max = 32;
+    caprl_context *ctx = NULL;
+    caprl_error    err = {0};
+    CHECK_OK(caprl_context_init(&ctx, m, &cp, &err), &err);
+    /* prefill 8 tokens, then 4 single-token steps */
+    int32_t seq0[12] = {0};
+    caprl_batch pre = {8, k_ids, seq0, NULL};
+    CHECK_OK(caprl_context_decode(ctx, &pre, &err), &err);
+    CHECK(caprl_context_n_logits(ctx) == 1);
+    CHECK(memcmp(caprl_context_logits(ctx, 0), full + 7 * V, (size_t)V * sizeof(float)) == 0);
+    for (int t = 8; t < 12; t++) {
+        caprl_batch one = {1, &k_ids[t], seq0, NULL};
+        CHECK_OK(caprl_context_decode(ctx, &one, &err), &err);
+        CHECK_MSG(memcmp(caprl_context_logits(ctx, 0), full + (size_t)t * V, (size_t)V * sizeof(float)) == 0,
+                  "cached decode differs from full recomputation at position %d", t);
+    }
+    CHECK_EQ_I64(caprl_context_seq_len(ctx, 0), 12);
+    /* three sequences of different lengths in one batch, interleaved, vs each alone */
+    caprl_context_seq_clear(ctx, -1);
+    int32_t toks[21], seqs[21];
+    int     n = 0;
+    for (int t = 0; t < 12; t++) {
+        toks[n] = k_ids[t], seqs[n++] = 0;
+        if (t < 5) {
+            toks[n] = k_ids[11 - t], seqs[n++] = 1;
+        }
+        if (t < 4) {
+            toks[n] = k_ids[(t * 5) % 12], seqs[n++] = 2;
+        }
+    }
+    caprl_batch mixed = {n, toks, seqs, NULL};
+    CHECK_OK(caprl_context_decode(ctx, &mixed, &err), &err);
+    CHECK_EQ_I64(caprl_context_n_logits(ctx), 3);
+    int32_t alone1[5], alone2[4];
+    for (int t = 0; t < 5; t++) {
+        alone1[t] = k_ids[11 - t];
+    }
+    for (int t = 0; t < 4; t++) {
+        alone2[t] = k_ids[(t * 5) % 12];
+    }
+    float *l1 = forward_all(m, alone1, 5), *l2 = forward_all(m, alone2, 4);
+    /* logits rows come in batch order of each sequence's last token: seq 2 ends first, then 1, then 0 */
+    CHECK(memcmp(caprl_context_logits(ctx, 0), l2 + 3 * V, (size_t)V * sizeof(float)) == 0);
+    CHECK(memcmp(caprl_context_logits(ctx, 1), l1 + 4 * V, (size_t)V * sizeof(float)) == 0);
+    CHECK(memcmp(caprl_context_logits(ctx, 2), full + 11 * V, (size_t)V * sizeof(float)) == 0);
+    /* a sequence copy continues exactly like the original */
+    CHECK_OK(caprl_context_seq_copy(ctx, 1, 2, &err), &err);
+    int32_t     nxt[2] = {9, 9}, s12[2] = {1, 2};
+    caprl_batch two = {2, nxt, s12, NULL};
+    CHECK_OK(caprl_context_decode(ctx, &two, &err), &err);
+    CHECK(memcmp(caprl_context_logits(ctx, 0), caprl_context_logits(ctx, 1), (size_t)V * sizeof(float)) == 0);
+    /* errors leave the caches untouched */
+    int32_t     bad_tok = V, zero = 0;
+    caprl_batch bad = {1, &bad_tok, &zero, NULL};
+    CHECK(caprl_context_decode(ctx, &bad, &err) == CAPRL_ERR_INVALID_ARG);
+    CHECK(strstr(err.msg, "vocabulary") != NULL);
+    int32_t     bad_seq = 3;
+    caprl_batch bad2 = {1, &zero, &bad_seq, NULL};
+    CHECK(caprl_context_decode(ctx, &bad2, &err) == CAPRL_ERR_INVALID_ARG);
+    CHECK_EQ_I64(caprl_context_seq_len(ctx, 0), 12);
+    CHECK_EQ_I64(caprl_context_seq_len(ctx, 1), 6);
+    free(full), free(l1), free(l2);
+    caprl_context_free(ctx);
+    caprl_model_free(m);
+}
+
+typedef struct collected {
+    int32_t tokens[4][64];
+    int32_t n[4];
+} collected;
+
+static bool collect(int32_t prompt, int32_t sample, int32_t token, void *ud) {
+    collected *c = ud;
+    int        s = prompt * 2 + sample;
+    c->tokens[s][c->n[s]++] = token;
+    return true;
+}
+
+static void generate_with(caprl_model *m, collected *out, int32_t *finish) {
+    caprl_context_params cp = caprl_context_default_params();
+    cp.n_seq_max = 4;
+    cp.n_ctx = 64;
+    cp.n_batch_max = 16;
+    caprl_context *ctx = NULL;
+    caprl_error    err = {0};
+    CHECK_OK(caprl_context_init(&ctx, m, &cp, &err), &err);
+    const int32_t        *prompts[2] = {k_ids, k_ids + 6};
+    int64_t               lens[2] = {6, 3};
+    caprl_generate_params gp = caprl_generate_default_params();
+    gp.n_samples = 2;
+    gp.max_new_tokens = 20;
+    gp.sampling.seed = 99;
+    gp.sampling.temperature = 1.5f;
+    memset(out, 0, sizeof *out);
+    CHECK_OK(caprl_generate(ctx, prompts, lens, 2, &gp, collect, out, finish, NULL, &err), &err);
+    caprl_context_free(ctx);
+}
+
+static void check_threads_and_generation(const char *dir) {
+    float     *ref = NULL;
+    collected  ref_gen;
+    int32_t    ref_finish[4];
+    for (int32_t nt = 1; nt <= 3; nt++) {
+        caprl_model *m = load(dir, nt);
+        float       *got = forward_all(m, k_ids, 12);
+        collected    gen;
+        int32_t      finish[4];
+        generate_with(m, &gen, finish);
+        if (!ref) {
+            ref = got;
+            ref_gen = gen;
+            memcpy(ref_finish, finish, sizeof finish);
+            for (int s = 0; s < 4; s++) {
+                CHECK(gen.n[s] >= 1 && gen.n[s] <= 20);
+                CHECK(finish[s] == CAPRL_FINISH_EOS || finish[s] == CAPRL_FINISH_LENGTH);
+                CHECK(finish[s] != CAPRL_FINISH_EOS || gen.tokens[s][gen.n[s] - 1] == 300);
+            }
+            /* two samples of one prompt draw from different streams */
+            CHECK(memcmp(gen.tokens[0], gen.tokens[1], sizeof gen.tokens[0]) != 0);
+        } else {
+            int V = caprl_model_config(m)->vocab_size;
+            CHECK_MSG(memcmp(ref, got, (size_t)12 * V * sizeof(float)) == 0, "logits differ at %d threads", nt);
+            CHECK_MSG(memcmp(&ref_gen, &gen, sizeof gen) == 0, "generated tokens differ at %d threads", nt);
+            CHECK(memcmp(ref_finish, finish, sizeof finish) == 0);
+            free(got);
+        }
+        caprl_model_free(m);
+    }
+    free(ref);
+}
+
+/* ---- bad checkpoints -------------------------------------------------------------------------------------- */
+
+static void write_file(const char *dir, const char *name, const char *text) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+}
+
+static void expect_load_error(const char *dir, caprl_status code, const char *needle) {
+    caprl_model *m = NULL;
+    caprl_error  err = {0};
+    caprl_status st = caprl_model_load(&m, dir, NULL, &err);
+    CHECK_MSG(st == code, "%s: status %d (%s), expected %d", dir, st, err.msg, code);
+    CHECK_MSG(strstr(err.msg, needle) != NULL, "message '%s' lacks '%s'", err.msg, needle);
+    CHECK(m == NULL);
+}
+
+static void check_bad_checkpoints(const char *base) {
+    char dir[4096], cmd[8400];
+    /* weights of a tied model under a config that says untied: lm_head.weight is missing */
+    snprintf(dir, sizeof dir, "%s/tied", base);
+    caprl_text_config cfg = tiny_config(false);
+    char             *json = NULL;
+    caprl_error       err = {0};
+    CHECK_OK(caprl_text_config_to_json(&cfg, CAPRL_DTYPE_F32, &json, &err), &err);
+    snprintf(cmd, sizeof cmd, "rm -rf %s/untied_cfg && cp -r %s %s/untied_cfg", base, dir, base);
+    CHECK(system(cmd) == 0);
+    snprintf(dir, sizeof dir, "%s/untied_cfg", base);
+    write_file(dir, "config.json", json);
+    caprl_free(json);
+    expect_load_error(dir, CAPRL_ERR_FORMAT, "lm_head.weight");
+
+    /* vocab mismatch: config says 400 rows, the embedding has 301 */
+    cfg = tiny_config(true);
+    cfg.vocab_size = 400;
+    CHECK_OK(caprl_text_config_to_json(&cfg, CAPRL_DTYPE_F32, &json, &err), &err);
+    write_file(dir, "config.json", json);
+    caprl_free(json);
+    expect_load_error(dir, CAPRL_ERR_FORMAT, "model.embed_tokens.weight");
+
+    /* a different hidden size: every shape is checked */
+    cfg = tiny_config(true);
+    cfg.intermediate_size = 96;
+    CHECK_OK(caprl_text_config_to_json(&cfg, CAPRL_DTYPE_F32, &json, &err), &err);
+    write_file(dir, "config.json", json);
+    caprl_free(json);
+    expect_load_error(dir, CAPRL_ERR_FORMAT, "mlp");
+
+    /* fewer layers in the config than in the file: the extra tensors are named */
+    cfg = tiny_config(true);
+    cfg.n_layers = 1;
+    CHECK_OK(caprl_text_config_to_json(&cfg, CAPRL_DTYPE_F32, &json, &err), &err);
+    write_file(dir, "config.json", json);
+    caprl_free(json);
+    expect_load_error(dir, CAPRL_ERR_UNSUPPORTED, "model.layers.1.");
+
+    /* zero heads, invalid JSON, no weights, not a directory */
+    write_file(dir, "config.json", "{\"model_type\": \"qwen2\", \"num_attention_heads\": 0}");
+    expect_load_error(dir, CAPRL_ERR_FORMAT, "num_attention_heads");
+    write_file(dir, "config.json", "{\"model_type\": \"qwen2\",");
+    expect_load_error(dir, CAPRL_ERR_FORMAT, "config.json");
+    snprintf(cmd, sizeof cmd, "rm -f %s/model.safetensors", dir);
+    CHECK(system(cmd) == 0);
+    cfg = tiny_config(true);
+    CHECK_OK(caprl_text_config_to_json(&cfg, CAPRL_DTYPE_F32, &json, &err), &err);
+    write_file(dir, "config.json", json);
+    caprl_free(json);
+    expect_load_error(dir, CAPRL_ERR_IO, "safetensors");
+    expect_load_error("/nonexistent-dir", CAPRL_ERR_IO, "/nonexistent-dir");
+}
+
+int main(void) {
+    char *base = test_tmpdir("model");
+    char  dir[4096];
+    for (int variant = 0; variant < 3; variant++) {
+        bool    tied = variant != 1;
+        int32_t dtype = variant == 2 ? CAPRL_DTYPE_BF16 : CAPRL_DTYPE_F32;
+        snprintf(dir, sizeof dir, "%s/%s", base, variant == 0 ? "tied" : variant == 1 ? "untied" : "bf16");
+        make_checkpoint(dir, tied, dtype);
+        caprl_text_config cfg = tiny_config(tied);
+        check_against_reference(dir, &cfg);
+    }
+    snprintf(dir, sizeof dir, "%s/tied", base);
+    check_cache_and_batching(dir);
+    check_threads_and_generation(dir);
+    snprintf(dir, sizeof dir, "%s/bf16", base);
+    check_cache_and_batching(dir);
+    check_bad_checkpoints(base);
+    free(base);
+    return test_finish("test_model");
+}

@@ -1,0 +1,297 @@
+/* caprl bench: the machine's own ceilings (fp32 FMA peak, bf16 matrix-unit peak, memory bandwidth), then the
+ * decoder's speed on a Qwen2.5-0.5B-shaped random model in f32 and bf16, each as a fraction of its ceiling, and
+ * the tokenizer's throughput. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "caprl/bench.h"
+#include "caprl/model.h"
+#include "caprl/tensor.h"
+#include "caprl/tokenizer.h"
+#include "commands.h"
+#include "common.h"
+#include "opts.h"
+
+typedef struct model_figures {
+    const char *dtype;
+    double      weight_gb;
+    double      prefill_tps, prefill_gflops, prefill_frac;
+    const char *prefill_ceiling;
+    double      decode1_tps, decode1_bound_tps, decode1_frac;
+    double      decode16_tps, decode16_ratio;
+} model_figures;
+
+static caprl_text_config bench_config(bool quick) {
+    caprl_text_config c;
+    memset(&c, 0, sizeof c);
+    c.vocab_size = quick ? 8192 : 151936;
+    c.hidden_size = quick ? 128 : 896;
+    c.intermediate_size = quick ? 512 : 4864;
+    c.n_layers = quick ? 2 : 24;
+    c.n_heads = quick ? 4 : 14;
+    c.n_kv_heads = 2;
+    c.head_dim = quick ? 32 : 64;
+    c.max_position_embeddings = 32768;
+    c.rms_norm_eps = 1e-6f;
+    c.rope_theta = 1000000.0;
+    c.tie_word_embeddings = true;
+    c.bos_token_id = -1;
+    c.eos_token_id = -1;
+    c.torch_dtype = -1;
+    return c;
+}
+
+/* FLOPs of one forward over T fresh tokens: 2 per matmul parameter (lm_head included) per token, plus causal
+ * attention (q.k and p.v: 2 * 2 * D multiply-adds per visible key per head). */
+static double prefill_flops(const caprl_text_config *c, int64_t T) {
+    double C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, D = c->head_dim;
+    double qd = c->n_heads * D, kvd = c->n_kv_heads * D;
+    double per_layer = C * qd + 2 * C * kvd + qd * C + 3 * C * F;
+    double matmul_params = c->n_layers * per_layer + V * C;
+    double attn = (double)c->n_layers * c->n_heads * 4.0 * D * (double)T * (double)(T + 1) / 2.0;
+    return 2.0 * matmul_params * (double)T + attn;
+}
+
+static int run_decode(caprl_context *ctx, int32_t n_seq, int32_t steps, double *seconds, caprl_error *err) {
+    int32_t tokens[16], seqs[16];
+    for (int32_t s = 0; s < n_seq; s++) {
+        seqs[s] = s;
+    }
+    double t0 = tool_now();
+    for (int32_t step = 0; step < steps; step++) {
+        for (int32_t s = 0; s < n_seq; s++) {
+            tokens[s] = (step * 31 + s * 7) % 1000 + 10;
+        }
+        caprl_batch b = {n_seq, tokens, seqs, NULL};
+        if (caprl_context_decode(ctx, &b, err) != CAPRL_OK) {
+            return 1;
+        }
+    }
+    *seconds = tool_now() - t0;
+    return 0;
+}
+
+static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int32_t threads, int32_t T,
+                                int32_t steps, const caprl_machine_peaks *peaks, model_figures *f, caprl_error *err) {
+    caprl_model_params mp = caprl_model_default_params();
+    mp.n_threads = threads;
+    caprl_model *m = NULL;
+    fprintf(stderr, "bench: building a %s model with random weights...\n", caprl_dtype_name(dtype));
+    caprl_status st = caprl_model_init_random(&m, cfg, dtype, 1, 0.02f, &mp, err);
+    if (st != CAPRL_OK) {
+        return st;
+    }
+    caprl_context_params cp = caprl_context_default_params();
+    cp.n_seq_max = 16;
+    cp.n_ctx = T + 2 * steps + 2; /* sequence 0 runs both decode measurements */
+    cp.n_batch_max = T;
+    cp.n_logits_max = T;
+    caprl_context *ctx = NULL;
+    st = caprl_context_init(&ctx, m, &cp, err);
+    int32_t *ids = malloc((size_t)T * sizeof(int32_t));
+    int32_t *seq = calloc((size_t)T, sizeof(int32_t));
+    int8_t  *want = malloc((size_t)T);
+    memset(want, 1, (size_t)T);
+    for (int32_t i = 0; i < T; i++) {
+        ids[i] = (i * 7919) % (cfg->vocab_size - 1);
+    }
+    double best = 1e30;
+    for (int rep = 0; rep < 2 && st == CAPRL_OK; rep++) {
+        caprl_context_seq_clear(ctx, -1);
+        caprl_batch b = {T, ids, seq, want};
+        fprintf(stderr, "bench: %s prefill of %d tokens (run %d of 2)...\n", caprl_dtype_name(dtype), T, rep + 1);
+        double t0 = tool_now();
+        st = caprl_context_decode(ctx, &b, err);
+        double dt = tool_now() - t0;
+        best = dt < best ? dt : best;
+    }
+    f->dtype = caprl_dtype_name(dtype);
+    f->weight_gb = (double)caprl_model_weight_bytes(m) / 1e9;
+    f->prefill_tps = T / best;
+    f->prefill_gflops = prefill_flops(cfg, T) / best / 1e9;
+    bool use_matrix_unit = dtype == CAPRL_DTYPE_BF16 && peaks->bf16_matrix_gflops > 0;
+    f->prefill_ceiling = use_matrix_unit ? peaks->bf16_unit : "fp32-fma";
+    f->prefill_frac = f->prefill_gflops / (use_matrix_unit ? peaks->bf16_matrix_gflops : peaks->fp32_fma_gflops);
+
+    /* single-sequence decode after the prompt: weights stream once per token */
+    double dt1 = 0, dt16 = 0;
+    if (st == CAPRL_OK) {
+        fprintf(stderr, "bench: %s decode, 1 and 16 sequences...\n", caprl_dtype_name(dtype));
+        for (int32_t s = 1; s < 16 && st == CAPRL_OK; s++) {
+            st = caprl_context_seq_copy(ctx, 0, s, err);
+        }
+    }
+    if (st == CAPRL_OK && run_decode(ctx, 1, steps, &dt1, err)) {
+        st = err->code;
+    }
+    if (st == CAPRL_OK && run_decode(ctx, 16, steps, &dt16, err)) {
+        st = err->code;
+    }
+    if (st == CAPRL_OK) {
+        f->decode1_tps = steps / dt1;
+        double kv_bytes = 2.0 * cfg->n_layers * (T + steps / 2.0) * cfg->n_kv_heads * cfg->head_dim * sizeof(float);
+        double bytes_per_token = (double)caprl_model_weight_bytes(m) + kv_bytes;
+        f->decode1_bound_tps = peaks->mem_bw_gbs * 1e9 / bytes_per_token;
+        f->decode1_frac = f->decode1_tps / f->decode1_bound_tps;
+        f->decode16_tps = 16.0 * steps / dt16;
+        f->decode16_ratio = f->decode16_tps / f->decode1_tps;
+    }
+    free(ids);
+    free(seq);
+    free(want);
+    caprl_context_free(ctx);
+    caprl_model_free(m);
+    return st;
+}
+
+/* English-like text: a few paragraphs varied by a counter, so the word cache cannot hold the whole input. */
+static char *make_english(size_t bytes) {
+    static const char *words[] = {"the",     "caption",  "describes", "a",       "small",   "red",    "house",
+                                  "near",    "river",    "with",      "two",     "trees",   "and",    "children",
+                                  "playing", "football", "while",     "their",   "parents", "watch",  "from",
+                                  "bench",   "under",    "cloudy",    "sky",     "it's",    "we're",  "models",
+                                  "learn",   "questions", "answers",  "reward",  "policy",  "image",  "1984",
+                                  "2025,",   "(see",     "Fig.",      "3)",      "GRPO's",  "reader.", "Yes!"};
+    size_t n_words = sizeof words / sizeof words[0];
+    char  *s = malloc(bytes + 64);
+    size_t len = 0;
+    uint32_t x = 12345;
+    while (len < bytes) {
+        x = x * 1103515245u + 12345u;
+        const char *w = words[(x >> 16) % n_words];
+        len += (size_t)snprintf(s + len, bytes + 64 - len, "%s%s", w, ((x >> 8) & 15) == 0 ? ".\n" : " ");
+    }
+    s[len] = '\0';
+    return s;
+}
+
+static double bench_tokenizer(const char *path, caprl_error *err, caprl_status *st) {
+    caprl_tokenizer *tok = NULL;
+    *st = caprl_tokenizer_load(&tok, path, err);
+    if (*st != CAPRL_OK) {
+        return 0;
+    }
+    size_t   bytes = 4u << 20;
+    char    *text = make_english(bytes);
+    size_t   len = strlen(text);
+    int64_t  cap = (int64_t)len, n = 0;
+    int32_t *ids = malloc((size_t)cap * sizeof(int32_t));
+    double   best = 1e30;
+    for (int rep = 0; rep < 3 && *st == CAPRL_OK; rep++) {
+        double t0 = tool_now();
+        *st = caprl_tokenizer_encode(tok, text, len, true, ids, cap, &n, err);
+        double dt = tool_now() - t0;
+        best = dt < best ? dt : best;
+    }
+    free(ids);
+    free(text);
+    caprl_tokenizer_free(tok);
+    return (double)len / best / 1e6;
+}
+
+static void print_json(const caprl_machine_peaks *p, const model_figures *f, int nf, double tok_mbs, int32_t T,
+                       int32_t steps) {
+    printf("{\"threads\": %d, \"cpu\": \"%s\", \"fp32_fma_gflops\": %.1f, \"bf16_matrix_gflops\": %.1f, "
+           "\"bf16_unit\": \"%s\", \"mem_bw_gbs\": %.2f, \"prompt_tokens\": %d, \"decode_steps\": %d",
+           p->n_threads, p->cpu_features, p->fp32_fma_gflops, p->bf16_matrix_gflops, p->bf16_unit, p->mem_bw_gbs, T,
+           steps);
+    if (tok_mbs > 0) {
+        printf(", \"tokenizer_mb_per_s_1_thread\": %.2f", tok_mbs);
+    }
+    printf(", \"models\": [");
+    for (int i = 0; i < nf; i++) {
+        printf("%s{\"dtype\": \"%s\", \"weight_gb\": %.3f, \"prefill_tokens_per_s\": %.2f, \"prefill_gflops\": %.1f, "
+               "\"prefill_ceiling\": \"%s\", \"prefill_fraction\": %.3f, \"decode1_tokens_per_s\": %.3f, "
+               "\"decode1_bound_tokens_per_s\": %.3f, \"decode1_fraction\": %.3f, \"decode16_tokens_per_s\": %.3f, "
+               "\"decode16_over_decode1\": %.2f}",
+               i ? ", " : "", f[i].dtype, f[i].weight_gb, f[i].prefill_tps, f[i].prefill_gflops, f[i].prefill_ceiling,
+               f[i].prefill_frac, f[i].decode1_tps, f[i].decode1_bound_tps, f[i].decode1_frac, f[i].decode16_tps,
+               f[i].decode16_ratio);
+    }
+    printf("]}\n");
+}
+
+static void print_table(const caprl_machine_peaks *p, const model_figures *f, int nf, double tok_mbs, int32_t T,
+                        int32_t steps) {
+    printf("machine (%d threads; %s)\n", p->n_threads, p->cpu_features);
+    printf("  fp32 FMA peak        %8.1f GFLOP/s\n", p->fp32_fma_gflops);
+    printf("  bf16 matrix peak     %8.1f GFLOP/s (%s)\n", p->bf16_matrix_gflops, p->bf16_unit);
+    printf("  memory bandwidth     %8.2f GB/s (triad)\n", p->mem_bw_gbs);
+    for (int i = 0; i < nf; i++) {
+        printf("%s weights (%.2f GB)\n", f[i].dtype, f[i].weight_gb);
+        printf("  prefill %4d tokens  %8.1f tok/s  %7.1f GFLOP/s = %5.1f%% of %s peak\n", T, f[i].prefill_tps,
+               f[i].prefill_gflops, 100 * f[i].prefill_frac, f[i].prefill_ceiling);
+        printf("  decode, 1 sequence   %8.2f tok/s  = %5.1f%% of the bandwidth bound (%.2f tok/s)\n", f[i].decode1_tps,
+               100 * f[i].decode1_frac, f[i].decode1_bound_tps);
+        printf("  decode, 16 sequences %8.2f tok/s  = %5.2fx one sequence (%d steps)\n", f[i].decode16_tps,
+               f[i].decode16_ratio, steps);
+    }
+    if (tok_mbs > 0) {
+        printf("tokenizer (1 thread)  %8.2f MB/s of English text\n", tok_mbs);
+    }
+}
+
+int cmd_bench(int argc, char **argv) {
+    static const cmd_info info = {
+        "bench", "caprl bench [--threads N] [--json] [--quick] [--dtype f32|bf16|both] [--tokenizer FILE]",
+        "Measure the machine's ceilings, then prefill and decode speed of a Qwen2.5-0.5B-shaped model with random\n"
+        "weights (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, vocab 151936, tied) in f32 and bf16.",
+        "Prefill FLOPs = 2 x matmul parameters (lm_head included) x tokens + causal attention; every position's\n"
+        "logits are computed. Decode bound = bandwidth / (weight bytes + KV bytes read per token).\n"
+        "--quick uses a tiny model (a smoke test, not a measurement)."};
+    int32_t     threads = 0, T = 512, steps = 16;
+    bool        json = false, quick = false;
+    const char *dtypes = "both", *tok_path = NULL;
+    opt_spec    specs[] = {
+        {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
+        {"json", OPT_FLAG, &json, "print all figures as one JSON object", 0, 0, NULL, 0},
+        {"quick", OPT_FLAG, &quick, "tiny model, short runs (smoke test)", 0, 0, NULL, 0},
+        {"dtype", OPT_STRING, &dtypes, "weights to measure: f32, bf16 or both", 0, 0, "T", 0},
+        {"prompt-tokens", OPT_INT, &T, "prefill length", 1, 8192, "N", 0},
+        {"decode-steps", OPT_INT, &steps, "decode steps per measurement", 1, 4096, "N", 0},
+        {"tokenizer", OPT_STRING, &tok_path, "tokenizer.json for the tokenizer throughput figure", 0, 0, "FILE", 0},
+        {0},
+    };
+    int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
+    if (rc) {
+        return rc < 0 ? EXIT_OK : rc;
+    }
+    bool do_f32 = strcmp(dtypes, "f32") == 0 || strcmp(dtypes, "both") == 0;
+    bool do_bf16 = strcmp(dtypes, "bf16") == 0 || strcmp(dtypes, "both") == 0;
+    if (!do_f32 && !do_bf16) {
+        return tool_usage_error(info.name, "--dtype must be f32, bf16 or both");
+    }
+    if (quick) {
+        T = T > 64 ? 64 : T;
+        steps = steps > 4 ? 4 : steps;
+    }
+    caprl_machine_peaks peaks;
+    caprl_error         err = {0};
+    fprintf(stderr, "bench: measuring the machine's ceilings...\n");
+    caprl_status st = caprl_measure_peaks(threads, &peaks, &err);
+    model_figures figs[2];
+    int           nf = 0;
+    caprl_text_config cfg = bench_config(quick);
+    if (st == CAPRL_OK && do_f32) {
+        st = bench_model(&cfg, CAPRL_DTYPE_F32, threads, T, steps, &peaks, &figs[nf++], &err);
+    }
+    if (st == CAPRL_OK && do_bf16) {
+        st = bench_model(&cfg, CAPRL_DTYPE_BF16, threads, T, steps, &peaks, &figs[nf++], &err);
+    }
+    double tok_mbs = 0;
+    if (st == CAPRL_OK && tok_path) {
+        fprintf(stderr, "bench: tokenizer throughput...\n");
+        tok_mbs = bench_tokenizer(tok_path, &err, &st);
+    }
+    if (st != CAPRL_OK) {
+        return tool_fail(info.name, st, err.msg);
+    }
+    if (json) {
+        print_json(&peaks, figs, nf, tok_mbs, T, steps);
+    } else {
+        print_table(&peaks, figs, nf, tok_mbs, T, steps);
+    }
+    return EXIT_OK;
+}
