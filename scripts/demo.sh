@@ -18,4 +18,4 @@ echo "== caprl generate --chat (random weights: expect noise, streamed token by 
   --max-new-tokens 40 --temperature 0.8 --top-p 0.95 --seed 1
 echo "== the same prompt, 3 samples =="
 "$BUILD/caprl" generate --model "$OUT/tiny-qwen2" --chat --prompt "Please describe this image in detail." \
-  -n 3 --max-new-tokens 16 --seed 2
+  -n 3 --max-new-tokens 16 --temperature 1.0 --seed 2

@@ -1,7 +1,6 @@
 /* jansson wrapper: strict loading, typed getters with messages naming file and key path (see json_impl.h).
- * Owns: the one-time switch of jansson's allocator to caprl_try_malloc. Depends on core only. */
+ * Depends on core only; holds no global state. */
 #include <jansson.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,22 +11,9 @@
 #include "core/log_impl.h"
 #include "fmt/json_impl.h"
 
-/* ---- allocator and loading ------------------------------------------------------------------------------- */
-
-static pthread_once_t g_alloc_once = PTHREAD_ONCE_INIT;
-
-/* Objects allocated by jansson before the switch came from malloc and are released with free, which is also
- * the free function after it, so mixing is safe. */
-static void switch_allocator(void) {
-    json_set_alloc_funcs(caprl_try_malloc, free);
-}
-
-static void ensure_allocator(void) {
-    (void)pthread_once(&g_alloc_once, switch_allocator);
-}
+/* ---- loading --------------------------------------------------------------------------------------------- */
 
 caprl_status caprl_json_parse(struct json_t **out, const void *buf, size_t n, const char *name, caprl_error *err) {
-    ensure_allocator();
     json_error_t je;
     memset(&je, 0, sizeof je);
     /* No JSON_ALLOW_NUL: strings (keys included) never contain NUL, so C string functions see all of them. */
@@ -152,6 +138,9 @@ static void key_path(const caprl_json_obj *o, const char *key, char *buf, size_t
         buf[0] = '\0';
     }
 }
+
+static caprl_status vfield_error(const caprl_json_obj *o, const char *key, caprl_status code, caprl_error *err,
+                                 const char *fmt, va_list ap) CAPRL_PRINTF(5, 0);
 
 static caprl_status vfield_error(const caprl_json_obj *o, const char *key, caprl_status code, caprl_error *err,
                                  const char *fmt, va_list ap) {

@@ -6,10 +6,10 @@
  * type through this header. Values returned by the getters (strings, child objects) are borrowed from the
  * document and live until caprl_json_free on its root.
  *
- * Allocation: the first load routes jansson's allocations through caprl_try_malloc, so the fault-injection
- * tests reach into the parser; a failed allocation inside jansson becomes CAPRL_ERR_OOM.
- * Thread safety: a parsed document may be read from several threads; nothing here holds global state besides
- * that one-time allocator switch. */
+ * Allocation: jansson keeps its default allocator (malloc). It is deliberately not routed through
+ * caprl_try_malloc: jansson 2.14 crashes when an allocation fails inside json_loadb (seen under fault injection),
+ * so injected failures would test jansson's bugs, not ours. A failure jansson does report becomes CAPRL_ERR_OOM.
+ * Thread safety: a parsed document may be read from several threads; nothing here holds global state. */
 #ifndef CAPRL_FMT_JSON_IMPL_H
 #define CAPRL_FMT_JSON_IMPL_H
 

@@ -296,8 +296,9 @@ static caprl_status count_header(const st_file *f, const json_t *root, int64_t *
         json_t     *mv;
         json_object_foreach(value, mk, mv) {
             if (!json_is_string(mv)) {
-                return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: __metadata__ value for key '%.64s' is not a string: %s",
-                                     f->name, mk, caprl_json_describe(mv, got, sizeof got));
+                return caprl_err_set(err, CAPRL_ERR_FORMAT,
+                                     "%s: __metadata__ value for key '%.64s' is not a string: %s", f->name, mk,
+                                     caprl_json_describe(mv, got, sizeof got));
             }
             nm++;
             bytes += strlen(mk) + 1 + strlen(json_string_value(mv)) + 1;
@@ -724,8 +725,9 @@ static caprl_status index_verify(const st_index *ix, const caprl_safetensors *r,
         CAPRL_ASSERT(k != NULL); /* every shard name went into uniq */
         const char *want = r->files[k - ix->uniq].name;
         if (!t || t->file != want) {
-            return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: weight_map puts tensor '%s' in %s, which does not hold it%s%s",
-                                 path, ix->names[i], want, t ? "; it is in " : "", t ? t->file : "");
+            return caprl_err_set(err, CAPRL_ERR_FORMAT,
+                                 "%s: weight_map puts tensor '%s' in %s, which does not hold it%s%s", path,
+                                 ix->names[i], want, t ? "; it is in " : "", t ? t->file : "");
         }
     }
     if ((size_t)r->n_tensors > ix->n) {
@@ -851,7 +853,8 @@ caprl_status caprl_st_writer_add(caprl_st_writer *w, const char *name, int32_t d
     if (!w || !name) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "caprl_st_writer_add: NULL argument");
     }
-    if (name[0] == '\0' || strcmp(name, ST_METADATA_KEY) == 0 || !caprl_utf8_valid(name, strlen(name))) {
+    /* "" is a legal key (the reader accepts it), so it is accepted here too: whatever we read we can write */
+    if (strcmp(name, ST_METADATA_KEY) == 0 || !caprl_utf8_valid(name, strlen(name))) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "safetensors writer: invalid tensor name '%.64s'", name);
     }
     if (caprl_dtype_size(dtype) == 0) {

@@ -333,14 +333,30 @@ static caprl_status check_config(const caprl_text_config *cfg, const field_ctx *
 /* ---- parse ----------------------------------------------------------------------------------------------- */
 
 static caprl_status parse_sizes(const text_src *s, caprl_text_config *cfg, caprl_error *err) {
-    CAPRL_TRY(caprl_json_get_i32(pick(s, "vocab_size"), "vocab_size", 1, MAX_VOCAB, &cfg->vocab_size, err));
-    CAPRL_TRY(caprl_json_get_i32(pick(s, "hidden_size"), "hidden_size", 1, MAX_HIDDEN, &cfg->hidden_size, err));
-    CAPRL_TRY(caprl_json_get_i32(pick(s, "intermediate_size"), "intermediate_size", 1, MAX_INTERMEDIATE,
-                                 &cfg->intermediate_size, err));
-    CAPRL_TRY(caprl_json_get_i32(pick(s, "num_hidden_layers"), "num_hidden_layers", 1, MAX_LAYERS, &cfg->n_layers,
-                                 err));
+    const struct {
+        const char *key;
+        int32_t     hi;
+        int32_t    *out;
+    } required[] = {
+        {"vocab_size", MAX_VOCAB, &cfg->vocab_size},
+        {"hidden_size", MAX_HIDDEN, &cfg->hidden_size},
+        {"intermediate_size", MAX_INTERMEDIATE, &cfg->intermediate_size},
+        {"num_hidden_layers", MAX_LAYERS, &cfg->n_layers},
+        {"num_attention_heads", MAX_HEADS, &cfg->n_heads},
+    };
+    /* Values first, presence second: a present but absurd value is the more useful message. 0 marks absence
+     * (every present value is >= 1). */
+    for (size_t i = 0; i < N_OF(required); i++) {
+        CAPRL_TRY(caprl_json_opt_i32(pick(s, required[i].key), required[i].key, 1, required[i].hi, 0,
+                                     required[i].out, err));
+    }
+    for (size_t i = 0; i < N_OF(required); i++) {
+        if (*required[i].out == 0) {
+            return caprl_json_field_error(pick(s, required[i].key), required[i].key, CAPRL_ERR_FORMAT, err,
+                                          "missing (required)");
+        }
+    }
     const caprl_json_obj *oh = pick(s, "num_attention_heads");
-    CAPRL_TRY(caprl_json_get_i32(oh, "num_attention_heads", 1, MAX_HEADS, &cfg->n_heads, err));
     CAPRL_TRY(caprl_json_opt_i32(pick(s, "num_key_value_heads"), "num_key_value_heads", 1, MAX_HEADS, cfg->n_heads,
                                  &cfg->n_kv_heads, err));
     const caprl_json_obj *od = pick(s, "head_dim");
@@ -566,8 +582,8 @@ static caprl_status parse_eos_list(const caprl_json_obj *o, caprl_generation_con
     }
     size_t n = caprl_json_is_array(v) ? caprl_json_array_size(v) : 1;
     if (n > CAPRL_MAX_EOS) {
-        return caprl_json_field_error(o, "eos_token_id", CAPRL_ERR_UNSUPPORTED, err, "%zu ids, more than the %d supported",
-                                      n, CAPRL_MAX_EOS);
+        return caprl_json_field_error(o, "eos_token_id", CAPRL_ERR_UNSUPPORTED, err,
+                                      "%zu ids, more than the %d supported", n, CAPRL_MAX_EOS);
     }
     for (size_t i = 0; i < n; i++) {
         const struct json_t *e = caprl_json_is_array(v) ? caprl_json_array_get(v, i) : v;

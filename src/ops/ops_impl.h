@@ -1,5 +1,5 @@
 /* CPU op kernels behind the backend table: the shared CPU context (pool, ISA level, per-thread scratch), the
- * forward kernels of src/ops/*.c and the exp used by softmax and SiLU.
+ * forward kernels of src/ops and the exp used by softmax and SiLU.
  *
  * Every kernel partitions its outputs across the pool with a split that never changes the arithmetic of an
  * output: a row (or element) is computed by the same sequence of float operations whatever the thread count,
@@ -149,6 +149,14 @@ static CAPRL_AVX2_INLINE float caprl_hsum8_avx2(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* Four 8-lane sums at once, lane i of the result = sum of v_i in the fixed tree ((l0 + l1) + (l2 + l3)) +
+ * ((l4 + l5) + (l6 + l7)). Passing the same vector several times gives that vector's sum with the same tree, so
+ * kernels reduce 1 to 4 accumulators at a time and still agree bit for bit. */
+static CAPRL_AVX2_INLINE __m128 caprl_hsum4x8_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
 /* Lane mask with the first r (0..8) lanes set, for maskload/maskstore. */

@@ -467,6 +467,34 @@ static caprl_status merge_parts(const json_t *m, size_t i, const char *name, con
     return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.merges[%zu]: expected \"a b\" or [\"a\", \"b\"]", name, i);
 }
 
+/* Resolves merge i to (left id, right id, result id); cat is scratch for the concatenation. */
+static caprl_status resolve_merge(const caprl_tokenizer *t, const json_t *m, size_t i, const char *name, char **cat,
+                                  size_t *cat_cap, int32_t ids[3], caprl_error *err) {
+    const char *a = NULL, *b = NULL;
+    size_t      na = 0, nb = 0;
+    CAPRL_TRY(merge_parts(m, i, name, &a, &na, &b, &nb, err));
+    ids[0] = model_find(t, a, na);
+    ids[1] = model_find(t, b, nb);
+    if (ids[0] < 0 || ids[1] < 0) {
+        const char *bad = ids[0] < 0 ? a : b;
+        size_t      nbad = ids[0] < 0 ? na : nb;
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.merges[%zu]: symbol \"%.*s\" is not in model.vocab",
+                             name, i, (int)(nbad < 64 ? nbad : 64), bad);
+    }
+    if (na + nb > *cat_cap) {
+        *cat_cap = 2 * (na + nb);
+        *cat     = caprl_xrealloc(*cat, *cat_cap);
+    }
+    memcpy(*cat, a, na);
+    memcpy(*cat + na, b, nb);
+    ids[2] = model_find(t, *cat, na + nb);
+    if (ids[2] < 0) {
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.merges[%zu]: result \"%.*s\" is not in model.vocab",
+                             name, i, (int)(na + nb < 64 ? na + nb : 64), *cat);
+    }
+    return CAPRL_OK;
+}
+
 static caprl_status load_merges(caprl_tokenizer *t, const json_t *merges, const char *name, caprl_error *err) {
     size_t n = json_array_size(merges);
     if (n >= UINT32_MAX / 2) {
@@ -476,48 +504,27 @@ static caprl_status load_merges(caprl_tokenizer *t, const json_t *merges, const 
     t->merge_mask = pow2_at_least(n + n / 2 + 1) - 1;
     t->merge_map  = caprl_xmalloc(((size_t)t->merge_mask + 1) * sizeof *t->merge_map);
     memset(t->merge_map, 0xFF, ((size_t)t->merge_mask + 1) * sizeof *t->merge_map); /* key UINT64_MAX: empty */
-    char  *cat     = NULL;
-    size_t cat_cap = 0;
-    for (size_t i = 0; i < n; i++) {
-        const char  *a, *b;
-        size_t       na, nb;
-        caprl_status st = merge_parts(json_array_get(merges, i), i, name, &a, &na, &b, &nb, err);
-        int32_t      ia = st == CAPRL_OK ? model_find(t, a, na) : -1;
-        int32_t      ib = st == CAPRL_OK ? model_find(t, b, nb) : -1;
-        if (st == CAPRL_OK && (ia < 0 || ib < 0)) {
-            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.merges[%zu]: symbol \"%.*s\" is not in model.vocab",
-                               name, i, (int)(ia < 0 ? (na < 64 ? na : 64) : (nb < 64 ? nb : 64)), ia < 0 ? a : b);
-        }
-        if (st == CAPRL_OK && na + nb > cat_cap) {
-            cat_cap = 2 * (na + nb);
-            cat     = caprl_xrealloc(cat, cat_cap);
-        }
-        int32_t ir = -1;
-        if (st == CAPRL_OK) {
-            memcpy(cat, a, na);
-            memcpy(cat + na, b, nb);
-            ir = model_find(t, cat, na + nb);
-            if (ir < 0) {
-                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.merges[%zu]: result \"%.*s\" is not in "
-                                   "model.vocab", name, i, (int)(na + nb < 64 ? na + nb : 64), cat);
-            }
-        }
+    char        *cat     = NULL;
+    size_t       cat_cap = 0;
+    caprl_status st      = CAPRL_OK;
+    for (size_t i = 0; i < n && st == CAPRL_OK; i++) {
+        int32_t ids[3] = {-1, -1, -1};
+        st = resolve_merge(t, json_array_get(merges, i), i, name, &cat, &cat_cap, ids, err);
         if (st != CAPRL_OK) {
-            free(cat);
-            return st;
+            break;
         }
         /* A repeated pair keeps its last rank, as Hugging Face's merge map does. */
-        uint64_t key = ((uint64_t)(uint32_t)ia << 32) | (uint32_t)ib;
+        uint64_t key = ((uint64_t)(uint32_t)ids[0] << 32) | (uint32_t)ids[1];
         uint32_t j   = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32) & t->merge_mask;
         while (t->merge_map[j].key != UINT64_MAX && t->merge_map[j].key != key) {
             j = (j + 1) & t->merge_mask;
         }
         t->merge_map[j].key    = key;
         t->merge_map[j].rank   = (uint32_t)i;
-        t->merge_map[j].result = ir;
+        t->merge_map[j].result = ids[2];
     }
     free(cat);
-    return CAPRL_OK;
+    return st;
 }
 
 /* ---- decoding table and added-token matchers ---------------------------------------------------------------- */

@@ -461,7 +461,15 @@ static void check_bad_checkpoints(const char *base) {
     expect_load_error(dir, CAPRL_ERR_UNSUPPORTED, "model.layers.1.");
 
     /* zero heads, invalid JSON, no weights, not a directory */
-    write_file(dir, "config.json", "{\"model_type\": \"qwen2\", \"num_attention_heads\": 0}");
+    cfg = tiny_config(true);
+    CHECK_OK(caprl_text_config_to_json(&cfg, CAPRL_DTYPE_F32, &json, &err), &err);
+    char *heads = strstr(json, "\"num_attention_heads\": 4");
+    CHECK(heads != NULL);
+    if (heads) {
+        heads[strlen("\"num_attention_heads\": ")] = '0';
+    }
+    write_file(dir, "config.json", json);
+    caprl_free(json);
     expect_load_error(dir, CAPRL_ERR_FORMAT, "num_attention_heads");
     write_file(dir, "config.json", "{\"model_type\": \"qwen2\",");
     expect_load_error(dir, CAPRL_ERR_FORMAT, "config.json");

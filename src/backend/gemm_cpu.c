@@ -1,0 +1,756 @@
+/* Matmul kernels for the CPU backend: out (M, N) = in (M, K) @ W (N, K)^T (+ bias), W f32 or bf16.
+ *
+ * f32 kernels (scalar, AVX2, AVX-512) are dot-product kernels: a micro-tile of MR rows of `in` times NR rows
+ * of W keeps one vector accumulator per output, runs k = 0..K-1 in vector steps (lane l of the accumulator sees
+ * k = l, l + VL, l + 2 VL, ...), handles the K tail with one zero-padded step, reduces the lanes with one fixed
+ * tree and then adds the bias. Every tile shape (main 4 x NR, edges 4 x 1, 1 x 6, 1 x 1) performs exactly
+ * those operations for each output, so an output's value depends only on its input row, its weight row and the
+ * ISA level: not on M, on the tiling, or on the thread that computes it. Threads get contiguous ranges of
+ * (weight block, row block) jobs; K is never split. bf16 weights are widened exactly (bits << 16), either on the
+ * fly (few rows: memory bound) or once per weight block into the thread's scratch (many rows: the f32 kernel then
+ * runs at full speed); both give the same products.
+ *
+ * AMX path (prepared bf16 weights on a machine with AMX-BF16): activations rounded to bf16 (nearest even),
+ * weights packed once into VNNI tile panels, 16 x 16 f32 tiles accumulated over K in 32-wide steps. Each output
+ * row of a tile product depends only on the matching row of A, and rows beyond M are zero padding, so this path
+ * is also independent of M and of the partition. It is used for every M once a weight is packed. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/gemm_impl.h"
+#include "caprl/tensor.h"
+#include "core/error_impl.h"
+
+enum {
+    MR = 4,              /* rows of `in` per micro-tile */
+    MBLK = 64,           /* rows of `in` per job */
+    NR_ALIGN = 6,        /* weight blocks are multiples of every NR (AVX2: 3, AVX-512: 6, row path: 6) */
+    WIDEN_MIN_ROWS = 8,  /* from this many rows per job, bf16 weight blocks are widened into scratch */
+    JOBS_PER_THREAD = 4, /* at least this many jobs per thread when the shape allows (balance) */
+    KC_AVX2 = 768,       /* longest K chunk: 4 input rows (12 KB) + 3 weight rows (9 KB) fit a 32 KB L1 */
+    KC_AVX512 = 1024,    /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
+    NBLK_CHUNKED = 60,   /* weight rows per job when K is chunked (bounds the parked accumulators) */
+};
+
+typedef void (*block_fn)(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows, int64_t ncols,
+                         const void *w, int64_t ldw, bool wbf16, const float *bias);
+
+typedef struct gemm_task {
+    caprl_cpu_ctx *c;
+    block_fn       block;
+    float         *out;  /* (M, N) */
+    const float   *in;   /* (M, K) */
+    const void    *w;    /* (N, K) f32 or bf16 */
+    bool           wbf16;
+    bool           widen; /* bf16 blocks widened into scratch before the f32 kernel */
+    const float   *bias; /* (N) or NULL */
+    int64_t        M, N, K;
+    int64_t        nblk;      /* weight rows per job */
+    int64_t        n_mblocks; /* row blocks per weight block */
+    uint64_t       seq;
+} gemm_task;
+
+static int64_t ceil_div(int64_t a, int64_t b) {
+    return (a + b - 1) / b;
+}
+
+static int64_t round_up(int64_t a, int64_t b) {
+    return ceil_div(a, b) * b;
+}
+
+/* ---- scalar kernels (machines without AVX2; also the readable statement of the arithmetic) ------------- */
+
+static float wval(const void *w, int64_t i, bool wbf16) {
+    return wbf16 ? caprl_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+static void block_scalar(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows, int64_t ncols,
+                         const void *w, int64_t ldw, bool wbf16, const float *bias) {
+    for (int64_t m = 0; m < mrows; m++) {
+        for (int64_t n = 0; n < ncols; n++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                s += in[m * K + k] * wval(w, n * ldw + k, wbf16);
+            }
+            out[m * ldo + n] = bias ? s + bias[n] : s;
+        }
+    }
+}
+
+static void widen_scalar(float *dst, const uint16_t *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        dst[i] = caprl_bf16_to_f32(src[i]);
+    }
+}
+
+#if CAPRL_X86
+/* ---- AVX2 + FMA: 8 lanes, 4 x 3 tile (12 accumulators + 3 weight vectors + 1 input vector = 16 ymm) -------
+ * Reduction of an output: its 8 lanes with caprl_hsum4x8_avx2's tree, then + bias. Long K runs in chunks of at
+ * most KC_AVX2 (the 4 input rows of a chunk stay in L1); between chunks the accumulators are parked in memory
+ * unchanged, so chunking does not alter any value. */
+
+static CAPRL_AVX2_INLINE __m256 bf16x8_avx2(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static CAPRL_AVX2_INLINE __m128i mask4_avx2(int r) {
+    static const int32_t tab[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+    return _mm_loadu_si128((const __m128i *)(tab + 4 - r));
+}
+
+/* Writes the nr sums of one tile row (bias added), reducing 4 accumulators at a time. */
+static CAPRL_AVX2_INLINE void store_row_avx2(const int nr, float *out, const __m256 *acc, const float *bias) {
+#    pragma GCC unroll 2
+    for (int j0 = 0; j0 < nr; j0 += 4) {
+        const int cnt = nr - j0 < 4 ? nr - j0 : 4;
+        __m128    s = caprl_hsum4x8_avx2(acc[j0], acc[j0 + (cnt > 1 ? 1 : 0)], acc[j0 + (cnt > 2 ? 2 : 0)],
+                                         acc[j0 + (cnt > 3 ? 3 : 0)]);
+        if (cnt == 4) {
+            if (bias) {
+                s = _mm_add_ps(s, _mm_loadu_ps(bias + j0));
+            }
+            _mm_storeu_ps(out + j0, s);
+        } else {
+            __m128i m = mask4_avx2(cnt);
+            if (bias) {
+                s = _mm_add_ps(s, _mm_maskload_ps(bias + j0, m));
+            }
+            _mm_maskstore_ps(out + j0, m, s);
+        }
+    }
+}
+
+/* One mr x nr tile (mr <= 4, nr <= 6) over k in [k0, k1); called with constant shapes so the loops unroll into
+ * registers. first: start from zero (else from st); last: reduce and store (else park the accumulators in st).
+ * pf: weight rows to prefetch at the same k (the next tile of the single-row path), or NULL. */
+static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
+                                        const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
+                                        int64_t ldw, const float *bias, float *st, bool first, bool last,
+                                        const char *pf) {
+    const float    *wf = wbf16 ? NULL : (const float *)w;
+    const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
+    const int64_t   esz = wbf16 ? 2 : 4;
+    __m256          acc[4][6];
+#    pragma GCC unroll 4
+    for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            acc[i][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(st + (i * nr + j) * 8);
+        }
+    }
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+        __m256 wv[6];
+        if (pf) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
+            }
+        }
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            wv[j] = wbf16 ? bf16x8_avx2(wh + j * ldw + k) : _mm256_loadu_ps(wf + j * ldw + k);
+        }
+#    pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+            __m256 a = _mm256_loadu_ps(in + i * K + k);
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm256_fmadd_ps(a, wv[j], acc[i][j]);
+            }
+        }
+    }
+    if (k < k1) { /* the K tail (last chunk only) as one more step with zero padding: 0 * 0 changes no lane */
+        int64_t r = k1 - k;
+        __m256i mask = caprl_mask8_avx2(r);
+        __m256  wv[6];
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            if (wbf16) {
+                uint16_t t[8] = {0};
+                memcpy(t, wh + j * ldw + k, (size_t)r * sizeof(uint16_t));
+                wv[j] = bf16x8_avx2(t);
+            } else {
+                wv[j] = _mm256_maskload_ps(wf + j * ldw + k, mask);
+            }
+        }
+#    pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+            __m256 a = _mm256_maskload_ps(in + i * K + k, mask);
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm256_fmadd_ps(a, wv[j], acc[i][j]);
+            }
+        }
+    }
+    if (!last) {
+#    pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm256_storeu_ps(st + (i * nr + j) * 8, acc[i][j]);
+            }
+        }
+        return;
+    }
+#    pragma GCC unroll 4
+    for (int i = 0; i < mr; i++) {
+        store_row_avx2(nr, out + i * ldo, acc[i], bias);
+    }
+}
+
+/* Row groups of 4 against the whole weight block (the group's input rows stay in L1 while the block streams
+ * from L2), then single rows with 6 weight rows in flight and the next 6 prefetched (the decode path). */
+static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, float *out, int64_t ldo, const float *in, int64_t K,
+                                           int64_t mrows, int64_t ncols, const void *w, int64_t ldw,
+                                           const float *bias) {
+    float         st[MR * NBLK_CHUNKED * 8];
+    const int64_t esz = wbf16 ? 2 : 4;
+    int64_t       nkc = K > KC_AVX2 ? ceil_div(K, KC_AVX2) : 1;
+    int64_t       kc = nkc > 1 ? round_up(ceil_div(K, nkc), 8) : K;
+    CAPRL_ASSERT(nkc == 1 || ncols <= NBLK_CHUNKED);
+    for (int64_t m = 0; m < mrows;) {
+        const bool group = mrows - m >= MR;
+        int64_t    k0 = 0;
+        do {
+            int64_t k1 = k0 + kc < K ? k0 + kc : K;
+            bool    first = k0 == 0, last = k1 == K;
+            int64_t n = 0;
+            if (group) {
+                for (; n + 3 <= ncols; n += 3) {
+                    tile_avx2(4, 3, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
+                              last, NULL);
+                }
+                for (; n < ncols; n++) {
+                    tile_avx2(4, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
+                              last, NULL);
+                }
+            } else {
+                for (; n + 6 <= ncols; n += 6) {
+                    const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
+                    tile_avx2(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
+                              last, pf);
+                }
+                for (; n < ncols; n++) {
+                    tile_avx2(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
+                              last, NULL);
+                }
+            }
+            k0 = k1;
+        } while (k0 < K);
+        m += group ? MR : 1;
+    }
+}
+
+static CAPRL_AVX2 void block_avx2(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows,
+                                  int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias) {
+    if (wbf16) {
+        block_avx2_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+    } else {
+        block_avx2_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+    }
+}
+
+static CAPRL_AVX2 void widen_avx2(float *dst, const uint16_t *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(dst + i, bf16x8_avx2(src + i));
+    }
+    for (; i < n; i++) {
+        dst[i] = caprl_bf16_to_f32(src[i]);
+    }
+}
+
+/* ---- AVX-512: 16 lanes, 4 x 6 tile (24 accumulators + 6 weight vectors + 1 input vector = 31 zmm) ---------
+ * Same structure as AVX2. Reduction of an output: lane l + lane l+8, then the 8-lane tree, then + bias. */
+
+#    define CAPRL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#    define CAPRL_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
+
+static CAPRL_AVX512_INLINE __m512 bf16x16_avx512(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static CAPRL_AVX512_INLINE __m256 fold16_avx512(__m512 v) {
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+}
+
+static CAPRL_AVX512_INLINE void store_row_avx512(const int nr, float *out, const __m512 *acc, const float *bias) {
+#    pragma GCC unroll 2
+    for (int j0 = 0; j0 < nr; j0 += 4) {
+        const int cnt = nr - j0 < 4 ? nr - j0 : 4;
+        __m128    s = caprl_hsum4x8_avx2(fold16_avx512(acc[j0]), fold16_avx512(acc[j0 + (cnt > 1 ? 1 : 0)]),
+                                         fold16_avx512(acc[j0 + (cnt > 2 ? 2 : 0)]),
+                                         fold16_avx512(acc[j0 + (cnt > 3 ? 3 : 0)]));
+        __mmask8 m = (__mmask8)((1u << cnt) - 1u);
+        if (bias) {
+            s = _mm_add_ps(s, _mm_maskz_loadu_ps(m, bias + j0));
+        }
+        _mm_mask_storeu_ps(out + j0, m, s);
+    }
+}
+
+static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
+                                            const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
+                                            int64_t ldw, const float *bias, float *st, bool first, bool last,
+                                            const char *pf) {
+    const float    *wf = wbf16 ? NULL : (const float *)w;
+    const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
+    const int64_t   esz = wbf16 ? 2 : 4;
+    __m512          acc[4][6];
+#    pragma GCC unroll 4
+    for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * nr + j) * 16);
+        }
+    }
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+        __m512 wv[6];
+        if (pf) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
+            }
+        }
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            wv[j] = wbf16 ? bf16x16_avx512(_mm256_loadu_si256((const __m256i *)(wh + j * ldw + k)))
+                          : _mm512_loadu_ps(wf + j * ldw + k);
+        }
+#    pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+            __m512 a = _mm512_loadu_ps(in + i * K + k);
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm512_fmadd_ps(a, wv[j], acc[i][j]);
+            }
+        }
+    }
+    if (k < k1) {
+        __mmask16 mask = (__mmask16)((1u << (k1 - k)) - 1u);
+        __m512    wv[6];
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            wv[j] = wbf16 ? bf16x16_avx512(_mm256_maskz_loadu_epi16(mask, wh + j * ldw + k))
+                          : _mm512_maskz_loadu_ps(mask, wf + j * ldw + k);
+        }
+#    pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+            __m512 a = _mm512_maskz_loadu_ps(mask, in + i * K + k);
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm512_fmadd_ps(a, wv[j], acc[i][j]);
+            }
+        }
+    }
+    if (!last) {
+#    pragma GCC unroll 4
+        for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm512_storeu_ps(st + (i * nr + j) * 16, acc[i][j]);
+            }
+        }
+        return;
+    }
+#    pragma GCC unroll 4
+    for (int i = 0; i < mr; i++) {
+        store_row_avx512(nr, out + i * ldo, acc[i], bias);
+    }
+}
+
+static CAPRL_AVX512_INLINE void block_avx512_t(const bool wbf16, float *out, int64_t ldo, const float *in,
+                                               int64_t K, int64_t mrows, int64_t ncols, const void *w, int64_t ldw,
+                                               const float *bias) {
+    float         st[MR * NBLK_CHUNKED * 16];
+    const int64_t esz = wbf16 ? 2 : 4;
+    int64_t       nkc = K > KC_AVX512 ? ceil_div(K, KC_AVX512) : 1;
+    int64_t       kc = nkc > 1 ? round_up(ceil_div(K, nkc), 16) : K;
+    CAPRL_ASSERT(nkc == 1 || ncols <= NBLK_CHUNKED);
+    for (int64_t m = 0; m < mrows;) {
+        const bool group = mrows - m >= MR;
+        int64_t    k0 = 0;
+        do {
+            int64_t k1 = k0 + kc < K ? k0 + kc : K;
+            bool    first = k0 == 0, last = k1 == K;
+            int64_t n = 0;
+            if (group) {
+                for (; n + 6 <= ncols; n += 6) {
+                    tile_avx512(4, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
+                                first, last, NULL);
+                }
+                for (; n < ncols; n++) {
+                    tile_avx512(4, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
+                                first, last, NULL);
+                }
+            } else {
+                for (; n + 6 <= ncols; n += 6) {
+                    const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
+                    tile_avx512(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
+                                first, last, pf);
+                }
+                for (; n < ncols; n++) {
+                    tile_avx512(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
+                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
+                                first, last, NULL);
+                }
+            }
+            k0 = k1;
+        } while (k0 < K);
+        m += group ? MR : 1;
+    }
+}
+
+static CAPRL_AVX512 void block_avx512(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows,
+                                      int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias) {
+    if (wbf16) {
+        block_avx512_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+    } else {
+        block_avx512_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+    }
+}
+#endif /* CAPRL_X86 */
+
+/* ---- the f32 driver ------------------------------------------------------------------------------------- */
+
+static void widen_rows(const caprl_cpu_ctx *c, float *dst, const uint16_t *src, int64_t n) {
+#if CAPRL_X86
+    if (c->isa >= CAPRL_ISA_AVX2) {
+        widen_avx2(dst, src, n);
+        return;
+    }
+#endif
+    (void)c;
+    widen_scalar(dst, src, n);
+}
+
+static void gemm_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
+    const gemm_task *g = ctx;
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t nb = j / g->n_mblocks, mb = j % g->n_mblocks;
+        int64_t n0 = nb * g->nblk, n1 = n0 + g->nblk < g->N ? n0 + g->nblk : g->N;
+        int64_t m0 = mb * MBLK, m1 = m0 + MBLK < g->M ? m0 + MBLK : g->M;
+        const void *w;
+        bool        wbf16 = g->wbf16;
+        if (wbf16 && g->widen) {
+            /* Consecutive jobs of a thread mostly share a weight block: widen it once per call. */
+            caprl_cpu_thread *t = &g->c->threads[tid];
+            if (t->tag_seq != g->seq || t->tag_n0 != n0) {
+                widen_rows(g->c, t->buf, (const uint16_t *)g->w + n0 * g->K, (n1 - n0) * g->K);
+                t->tag_seq = g->seq;
+                t->tag_n0 = n0;
+            }
+            w = t->buf;
+            wbf16 = false;
+        } else {
+            w = (const char *)g->w + (size_t)(n0 * g->K) * (wbf16 ? 2u : 4u);
+        }
+        g->block(g->out + m0 * g->N + n0, g->N, g->in + m0 * g->K, g->K, m1 - m0, n1 - n0, w, g->K, wbf16,
+                 g->bias ? g->bias + n0 : NULL);
+    }
+}
+
+static block_fn pick_block(const caprl_cpu_ctx *c) {
+#if CAPRL_X86
+    if (c->isa >= CAPRL_ISA_AVX512) {
+        return block_avx512;
+    }
+    if (c->isa >= CAPRL_ISA_AVX2) {
+        return block_avx2;
+    }
+#endif
+    (void)c;
+    return block_scalar;
+}
+
+static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,
+                     int64_t M) {
+    int64_t N = w->rows, K = w->cols;
+    int64_t nt = c->n_threads;
+    /* A weight block (as f32) takes about half of L2, leaving room for the streamed input rows. */
+    int64_t nblk = (c->l2_bytes / 2) / ((K > 0 ? K : 1) * 4);
+    nblk = nblk / NR_ALIGN * NR_ALIGN;
+    if (nblk < NR_ALIGN) {
+        nblk = NR_ALIGN;
+    }
+    int64_t kc_max = c->isa >= CAPRL_ISA_AVX512 ? KC_AVX512 : KC_AVX2;
+    if (c->isa >= CAPRL_ISA_AVX2 && K > kc_max && nblk > NBLK_CHUNKED) {
+        nblk = NBLK_CHUNKED;
+    }
+    int64_t n_mblocks = ceil_div(M, MBLK);
+    if (nt > 1 && n_mblocks * ceil_div(N, nblk) < JOBS_PER_THREAD * nt) {
+        int64_t n_nblocks = ceil_div(JOBS_PER_THREAD * nt, n_mblocks);
+        int64_t want = round_up(ceil_div(N, n_nblocks), NR_ALIGN);
+        if (want < nblk) {
+            nblk = want < NR_ALIGN ? NR_ALIGN : want;
+        }
+    }
+    gemm_task g = {
+        .c = c,
+        .block = pick_block(c),
+        .out = out,
+        .in = in,
+        .w = w->data,
+        .wbf16 = w->dtype == CAPRL_DTYPE_BF16,
+        .bias = bias,
+        .M = M,
+        .N = N,
+        .K = K,
+        .nblk = nblk,
+        .n_mblocks = n_mblocks,
+        .seq = ++c->gemm_seq,
+    };
+    /* Widening into scratch pays off once a block is reused by several row groups; it changes no value. */
+    g.widen = g.wbf16 && (M < MBLK ? M : MBLK) >= WIDEN_MIN_ROWS &&
+              caprl_cpu_scratch_reserve(c, (size_t)(nblk * K) * sizeof(float));
+    caprl_parallel_for_grain(c->pool, ceil_div(N, nblk) * n_mblocks, 1, gemm_range, &g);
+}
+
+/* ---- AMX-BF16 ------------------------------------------------------------------------------------------- */
+
+/* Packed weight: panels of 16 output columns, each Kp/32 tiles of 16 rows (k pairs) x 32 bf16 in the VNNI
+ * order tile[r][2c + e] = W[16 p + c][32 t + 2 r + e]; zero beyond N and K. */
+typedef struct amx_pack {
+    int64_t n_pad; /* N rounded up to 32 */
+    int64_t k_pad; /* K rounded up to 32 */
+    int64_t n, k;
+    char    pad_[32];
+    /* data follows (64-byte aligned) */
+} amx_pack;
+
+static uint16_t *amx_data(const amx_pack *p) {
+    return (uint16_t *)(void *)((char *)(uintptr_t)p + sizeof(amx_pack));
+}
+
+typedef struct amx_pack_task {
+    amx_pack       *p;
+    const uint16_t *w; /* (N, K) */
+} amx_pack_task;
+
+static void amx_pack_range(void *ctx, int64_t p0, int64_t p1, int32_t tid) {
+    (void)tid;
+    const amx_pack_task *t = ctx;
+    const amx_pack      *p = t->p;
+    int64_t              kt = p->k_pad / 32;
+    uint16_t            *dst = amx_data(p);
+    for (int64_t panel = p0; panel < p1; panel++) {
+        for (int64_t tk = 0; tk < kt; tk++) {
+            uint16_t *tile = dst + (panel * kt + tk) * 512;
+            for (int64_t r = 0; r < 16; r++) {
+                for (int64_t col = 0; col < 16; col++) {
+                    int64_t n = panel * 16 + col;
+                    for (int64_t e = 0; e < 2; e++) {
+                        int64_t k = tk * 32 + 2 * r + e;
+                        tile[r * 32 + col * 2 + e] = (n < p->n && k < p->k) ? t->w[n * p->k + k] : 0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *err) {
+    if (!c->amx || w->dtype != CAPRL_DTYPE_BF16 || w->packed || w->rows <= 0 || w->cols <= 0) {
+        return CAPRL_OK;
+    }
+    int64_t n_pad = round_up(w->rows, 32), k_pad = round_up(w->cols, 32);
+    size_t  bytes = sizeof(amx_pack) + (size_t)n_pad * (size_t)k_pad * sizeof(uint16_t);
+    amx_pack *p = caprl_try_aligned_alloc(bytes);
+    if (!p) {
+        return caprl_err_set(err, CAPRL_ERR_OOM, "cannot allocate %zu bytes for a packed %lld x %lld weight",
+                             bytes, (long long)w->rows, (long long)w->cols);
+    }
+    p->n_pad = n_pad;
+    p->k_pad = k_pad;
+    p->n = w->rows;
+    p->k = w->cols;
+    amx_pack_task t = {.p = p, .w = w->data};
+    caprl_parallel_for(c->pool, n_pad / 16, amx_pack_range, &t);
+    w->packed = p;
+    return CAPRL_OK;
+}
+
+void caprl_gemm_release(caprl_weight *w) {
+    caprl_aligned_free(w->packed);
+    w->packed = NULL;
+}
+
+#if CAPRL_X86
+#    define CAPRL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+enum { AMX_MBLK = 64, AMX_NALIGN = 32 };
+
+typedef struct amx_task {
+    float          *out;  /* (M, N) */
+    const uint16_t *a;    /* (Mp, Kp): rows rounded up to 16, bf16 */
+    const float    *in;   /* (M, K) */
+    const amx_pack *p;
+    const float    *bias; /* (N) or NULL */
+    int64_t         M, N, K, m_pad;
+    int64_t         nblk, n_mblocks;
+} amx_task;
+
+typedef struct amx_cfg {
+    uint8_t  palette;
+    uint8_t  start_row;
+    uint8_t  reserved[14];
+    uint16_t colsb[16];
+    uint8_t  rows[16];
+} amx_cfg;
+
+/* f32 -> bf16 with round-to-nearest-even, NaN kept quiet (same rule as caprl_f32_to_bf16). */
+static CAPRL_AMX void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
+    (void)tid;
+    const amx_task *t = ctx;
+    int64_t         kp = t->p->k_pad;
+    uint16_t       *a = (uint16_t *)(uintptr_t)t->a;
+    for (int64_t m = r0; m < r1; m++) {
+        uint16_t *dst = a + m * kp;
+        if (m >= t->M) {
+            memset(dst, 0, (size_t)kp * sizeof(uint16_t));
+            continue;
+        }
+        const float *src = t->in + m * t->K;
+        for (int64_t k = 0; k < t->K; k += 16) {
+            int64_t   r = t->K - k < 16 ? t->K - k : 16;
+            __mmask16 mask = (__mmask16)((1u << r) - 1u);
+            __m512    x = _mm512_maskz_loadu_ps(mask, src + k);
+            __m512i   u = _mm512_castps_si512(x);
+            __m512i   hi = _mm512_srli_epi32(u, 16);
+            __m512i   lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+            __m512i   rnd = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+            __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+            rnd = _mm512_mask_mov_epi32(rnd, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+            _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtepi32_epi16(rnd));
+        }
+        memset(dst + t->K, 0, (size_t)(kp - t->K) * sizeof(uint16_t));
+    }
+}
+
+static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
+    (void)tid;
+    const amx_task *t = ctx;
+    int64_t         kt = t->p->k_pad / 32, kp = t->p->k_pad;
+    const uint16_t *b = amx_data(t->p);
+    _Alignas(64) float cbuf[32 * 32];
+    amx_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    /* ldtilecfg's asm operand names only the first 8 bytes of cfg: make the other stores happen first. */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+    for (int64_t j = j0; j < j1; j++) {
+        int64_t nb = j / t->n_mblocks, mb = j % t->n_mblocks;
+        int64_t n0 = nb * t->nblk, n1 = n0 + t->nblk < t->N ? n0 + t->nblk : t->N;
+        int64_t m0 = mb * AMX_MBLK, m1 = m0 + AMX_MBLK < t->M ? m0 + AMX_MBLK : t->M;
+        for (int64_t n = n0; n < n1; n += 32) {
+            const uint16_t *b0 = b + (n / 16) * kt * 512, *b1 = b0 + kt * 512;
+            for (int64_t m = m0; m < m1; m += 32) {
+                const uint16_t *a0 = t->a + m * kp, *a1 = a0 + 16 * kp;
+                bool            two = m + 16 < t->M; /* a second 16-row tile holds real rows */
+                _tile_zero(0);
+                _tile_zero(1);
+                if (two) {
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t tk = 0; tk < kt; tk++) {
+                        _tile_loadd(4, a0 + tk * 32, kp * 2);
+                        _tile_loadd(5, a1 + tk * 32, kp * 2);
+                        _tile_loadd(6, b0 + tk * 512, 64);
+                        _tile_loadd(7, b1 + tk * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(2, cbuf + 16 * 32, 128);
+                    _tile_stored(3, cbuf + 16 * 32 + 16, 128);
+                } else {
+                    for (int64_t tk = 0; tk < kt; tk++) {
+                        _tile_loadd(4, a0 + tk * 32, kp * 2);
+                        _tile_loadd(6, b0 + tk * 512, 64);
+                        _tile_loadd(7, b1 + tk * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                    }
+                }
+                _tile_stored(0, cbuf, 128);
+                _tile_stored(1, cbuf + 16, 128);
+                int64_t rows = (m1 - m < 32 ? m1 - m : 32), cols = (n1 - n < 32 ? n1 - n : 32);
+                for (int64_t i = 0; i < rows; i++) {
+                    float *o = t->out + (m + i) * t->N + n;
+                    for (int64_t jj = 0; jj < cols; jj++) {
+                        o[jj] = t->bias ? cbuf[i * 32 + jj] + t->bias[n + jj] : cbuf[i * 32 + jj];
+                    }
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
+static bool gemm_amx(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,
+                     int64_t M) {
+    const amx_pack *p = w->packed;
+    int64_t         m_pad = round_up(M, 16);
+    uint16_t       *a = caprl_cpu_shared_reserve(c, (size_t)(m_pad * p->k_pad) * sizeof(uint16_t));
+    if (!a) {
+        return false;
+    }
+    int64_t nt = c->n_threads, n_mblocks = ceil_div(M, AMX_MBLK);
+    /* A 32-column B panel is k_pad * 128 bytes; give a job a few hundred KB of them, fewer for balance. */
+    int64_t nblk = round_up(256 * 1024 / (p->k_pad * 128) * 32, AMX_NALIGN);
+    if (nblk < AMX_NALIGN) {
+        nblk = AMX_NALIGN;
+    }
+    if (nt > 1 && n_mblocks * ceil_div(w->rows, nblk) < JOBS_PER_THREAD * nt) {
+        int64_t want = round_up(ceil_div(w->rows, ceil_div(JOBS_PER_THREAD * nt, n_mblocks)), AMX_NALIGN);
+        nblk = want < nblk ? want : nblk;
+    }
+    amx_task t = {
+        .out = out, .a = a, .in = in, .p = p, .bias = bias,
+        .M = M, .N = w->rows, .K = w->cols, .m_pad = m_pad,
+        .nblk = nblk, .n_mblocks = n_mblocks,
+    };
+    caprl_parallel_for(c->pool, m_pad, amx_convert_rows, &t);
+    caprl_parallel_for_grain(c->pool, ceil_div(w->rows, nblk) * n_mblocks, 1, amx_range, &t);
+    return true;
+}
+#endif /* CAPRL_X86 */
+
+/* ---- entry point ---------------------------------------------------------------------------------------- */
+
+void caprl_gemm(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,
+                int64_t M) {
+    CAPRL_ASSERT(w->dtype == CAPRL_DTYPE_F32 || w->dtype == CAPRL_DTYPE_BF16);
+    CAPRL_ASSERT(M >= 0 && w->rows >= 0 && w->cols >= 0);
+    if (M == 0 || w->rows == 0) {
+        return;
+    }
+#if CAPRL_X86
+    if (c->amx && w->packed && w->dtype == CAPRL_DTYPE_BF16) {
+        /* The scratch only fails to grow when memory is gone; there is no status to return here. */
+        if (!gemm_amx(c, out, in, w, bias, M)) {
+            caprl_abort(__FILE__, __LINE__, "out of memory for the bf16 activations of a %lld x %lld matmul",
+                        (long long)M, (long long)w->cols);
+        }
+        return;
+    }
+#endif
+    gemm_f32(c, out, in, w, bias, M);
+}

@@ -1,0 +1,165 @@
+/* The caprl program end to end: every subcommand's --help, exit codes for bad usage and bad files, init-model ->
+ * generate / tokenize / detokenize / forward on a checkpoint the test creates, forward's dump equal to the
+ * library's logits, and bench --quick --json. */
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "caprl/model.h"
+#include "caprl_test.h"
+
+static char g_dir[4096];
+
+/* Runs a shell command line; returns the exit status (or -1) and captures stdout into out (may be NULL). */
+static int run(const char *cmdline, char *out, size_t cap) {
+    char full[8192];
+    snprintf(full, sizeof full, "%s 2>%s/stderr.txt", cmdline, g_dir);
+    FILE *p = popen(full, "r");
+    if (!p) {
+        return -1;
+    }
+    size_t n = 0;
+    char   buf[4096];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, p)) > 0) {
+        if (out && n + got < cap) {
+            memcpy(out + n, buf, got);
+            n += got;
+        }
+    }
+    if (out) {
+        out[n] = '\0';
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void read_stderr(char *buf, size_t cap) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
+    FILE  *f = fopen(path, "r");
+    size_t n = f ? fread(buf, 1, cap - 1, f) : 0;
+    buf[n] = '\0';
+    if (f) {
+        fclose(f);
+    }
+}
+
+static void expect_fail(const char *cmdline, int code, const char *needle) {
+    char err[8192];
+    int  rc = run(cmdline, NULL, 0);
+    read_stderr(err, sizeof err);
+    CHECK_MSG(rc == code, "'%s' exited %d, expected %d; stderr: %s", cmdline, rc, code, err);
+    CHECK_MSG(strstr(err, needle) != NULL, "'%s' stderr lacks '%s': %s", cmdline, needle, err);
+    /* one clear line, no crash trace */
+    CHECK_MSG(strstr(err, "AddressSanitizer") == NULL && strstr(err, "fatal") == NULL, "%s", err);
+}
+
+int main(void) {
+    char *tmp = test_tmpdir("cli");
+    snprintf(g_dir, sizeof g_dir, "%s", tmp);
+    char cmd[8192], out[1 << 16];
+    const char *commands[] = {"generate", "tokenize", "detokenize", "forward", "bench", "init-model", "version"};
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++) {
+        snprintf(cmd, sizeof cmd, "%s %s --help", CAPRL_CLI, commands[i]);
+        CHECK_MSG(run(cmd, out, sizeof out) == 0 && strstr(out, "usage: caprl") != NULL, "%s --help", commands[i]);
+        snprintf(cmd, sizeof cmd, "%s help %s", CAPRL_CLI, commands[i]);
+        CHECK(run(cmd, out, sizeof out) == 0 && strstr(out, "usage: caprl") != NULL);
+    }
+    snprintf(cmd, sizeof cmd, "%s nosuchcommand", CAPRL_CLI);
+    expect_fail(cmd, 1, "unknown command");
+    snprintf(cmd, sizeof cmd, "%s generate --bogus 1", CAPRL_CLI);
+    expect_fail(cmd, 1, "unknown option '--bogus'");
+    snprintf(cmd, sizeof cmd, "%s generate --model x --prompt a --top-p 2", CAPRL_CLI);
+    expect_fail(cmd, 1, "--top-p");
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/missing --prompt hi", CAPRL_CLI, tmp);
+    expect_fail(cmd, 2, "missing");
+
+    /* a checkpoint with the real tokenizer */
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/m --preset tiny --dtype f32 --seed 3 --tokenizer %s/data/qwen-tokenizer/tokenizer.json",
+             CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
+    CHECK(run(cmd, NULL, 0) == 0);
+
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/m --chat --prompt hello --max-new-tokens 5 --seed 4 --threads 1", CAPRL_CLI, tmp);
+    char out1[4096], out2[4096];
+    CHECK(run(cmd, out1, sizeof out1) == 0);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/m --chat --prompt hello --max-new-tokens 5 --seed 4 --threads 2", CAPRL_CLI, tmp);
+    CHECK(run(cmd, out2, sizeof out2) == 0);
+    CHECK_MSG(strcmp(out1, out2) == 0, "same seed, different threads: '%s' vs '%s'", out1, out2);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/m --prompt hi -n 3 --temperature 1 --max-new-tokens 4", CAPRL_CLI, tmp);
+    CHECK(run(cmd, out, sizeof out) == 0 && strstr(out, "--- sample 2") != NULL);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/m --prompt \"$(printf 'a\\377b')\"", CAPRL_CLI, tmp);
+    expect_fail(cmd, 1, "UTF-8");
+
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n' '\"Hello world\"' '\" Hello world\"' | %s tokenize --model %s/m", CAPRL_CLI, tmp);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    CHECK_STR_EQ(out, "[9707, 1879]\n[21927, 1879]\n");
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n' '\"<|im_end|>\"' | %s tokenize --model %s/m --no-special", CAPRL_CLI, tmp);
+    CHECK(run(cmd, out, sizeof out) == 0 && strncmp(out, "[151645]", 8) != 0);
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n' '[9707, 1879, 151645]' | %s detokenize --model %s/m", CAPRL_CLI, tmp);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    CHECK_STR_EQ(out, "\"Hello world<|im_end|>\"\n");
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n' '[1, 2' | %s detokenize --model %s/m", CAPRL_CLI, tmp);
+    expect_fail(cmd, 2, "stdin:1");
+
+    /* forward: the dump equals the library's logits, bit for bit */
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/m --ids 9707,1879,11,279 --dump-logits %s/logits.bin", CAPRL_CLI, tmp, tmp);
+    CHECK(run(cmd, out, sizeof out) == 0 && strstr(out, "\"tokens\": 4") != NULL);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/logits.bin", tmp);
+    struct stat st;
+    CHECK(stat(path, &st) == 0 && st.st_size == (off_t)4 * 151936 * 4);
+    caprl_model *m = NULL;
+    caprl_error  err = {0};
+    snprintf(path, sizeof path, "%s/m", tmp);
+    CHECK_OK(caprl_model_load(&m, path, NULL, &err), &err);
+    if (m) {
+        caprl_context_params cp = caprl_context_default_params();
+        cp.n_ctx = 8;
+        cp.n_batch_max = 4;
+        cp.n_logits_max = 4;
+        caprl_context *ctx = NULL;
+        CHECK_OK(caprl_context_init(&ctx, m, &cp, &err), &err);
+        int32_t     ids[4] = {9707, 1879, 11, 279}, seq[4] = {0};
+        int8_t      want[4] = {1, 1, 1, 1};
+        caprl_batch b = {4, ids, seq, want};
+        CHECK_OK(caprl_context_decode(ctx, &b, &err), &err);
+        float *dumped = malloc((size_t)4 * 151936 * 4);
+        snprintf(path, sizeof path, "%s/logits.bin", tmp);
+        FILE *f = fopen(path, "rb");
+        CHECK(f && fread(dumped, 4, (size_t)4 * 151936, f) == (size_t)4 * 151936);
+        if (f) {
+            fclose(f);
+        }
+        for (int r = 0; r < 4; r++) {
+            CHECK(memcmp(dumped + (size_t)r * 151936, caprl_context_logits(ctx, r), 151936 * 4) == 0);
+        }
+        free(dumped);
+        caprl_context_free(ctx);
+        caprl_model_free(m);
+    }
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/m --ids 1,x --dump-logits %s/bad.bin", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 1, "token id");
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/m --ids 999999 --dump-logits %s/bad.bin", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 1, "outside the vocabulary");
+
+    /* a truncated checkpoint is a clean error, and a failed forward does not clobber an existing output */
+    snprintf(cmd, sizeof cmd, "cp -r %s/m %s/cut && truncate -s 100000 %s/cut/model.safetensors", tmp, tmp, tmp);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/cut --ids 1 --dump-logits %s/logits.bin", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 2, "model.safetensors");
+    snprintf(path, sizeof path, "%s/logits.bin", tmp);
+    CHECK(stat(path, &st) == 0 && st.st_size == (off_t)4 * 151936 * 4);
+    snprintf(cmd, sizeof cmd, "printf '{\"model_type\": \"qwen2\",' > %s/cut/config.json", tmp);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/cut --prompt hi", CAPRL_CLI, tmp);
+    expect_fail(cmd, 2, "config.json");
+
+    /* bench smoke test: all figures present and positive */
+    snprintf(cmd, sizeof cmd, "%s bench --quick --json --threads 2 --tokenizer %s/data/qwen-tokenizer/tokenizer.json",
+             CAPRL_CLI, CAPRL_SHARED_DIR);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    CHECK(strstr(out, "\"fp32_fma_gflops\"") && strstr(out, "\"mem_bw_gbs\"") && strstr(out, "\"decode16_over_decode1\"") &&
+          strstr(out, "\"tokenizer_mb_per_s_1_thread\""));
+    free(tmp);
+    return test_finish("test_cli");
+}
