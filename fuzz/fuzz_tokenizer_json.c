@@ -20,7 +20,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         return 0;
     }
-    static const char *const texts[] = {"hello world", "aaa <|end|>!! <x> caf\xC3\xA9 e\xCC\x81\xC3\xA9", "  \n\n 12 'll"};
+    static const char *const texts[] = {"hello world", "aaa <|end|>!! <x> caf\xC3\xA9 e\xCC\x81\xC3\xA9",
+                                        "  \n\n 12 'll"};
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
         int32_t ids[256];
         int64_t n = 0;

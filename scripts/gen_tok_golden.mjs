@@ -4,8 +4,10 @@
 //
 // Setup (the npm registry is enough; no Python needed):
 //   npm install --prefix /tmp/tokjs @huggingface/tokenizers@0.2.0
-//   node scripts/gen_tok_golden.mjs [--tokenizers-js /tmp/tokjs/node_modules/@huggingface/tokenizers/dist/tokenizers.mjs]
-//                                   [--tokenizer ../shared/data/qwen-tokenizer/tokenizer.json] [--out tests/fixtures/tok/qwen2_golden.jsonl]
+//   node scripts/gen_tok_golden.mjs
+//       [--tokenizers-js /tmp/tokjs/node_modules/@huggingface/tokenizers/dist/tokenizers.mjs]
+//       [--tokenizer ../shared/data/qwen-tokenizer/tokenizer.json]
+//       [--out tests/fixtures/tok/qwen2_golden.jsonl]
 //
 // Each output line: {"text", "ids", "decoded", "decoded_skip"} for an encode case (ids from encode with special
 // tokens parsed, no BOS/EOS), or {"decode_ids", "decoded", "decoded_skip"} for a decode-only case (id sequences
@@ -180,7 +182,8 @@ const cases = [
     // adjacent specials and specials in text
     "<|im_start|><|im_end|>",
     "<|endoftext|><|endoftext|><|endoftext|>",
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n" +
+        "<|im_start|>assistant\n",
     "text<|im_end|>more",
     " <|im_end|> ",
     "\n<|im_start|>\n",
@@ -215,7 +218,8 @@ const decodeCases = [
     [id("\u00ed"), id("\u0142")],                 // ED A0 (0xA0 maps to U+0142): surrogate range
     [id("\u00c0"), id("\u00af")],                 // C0 AF: overlong
     [id("\u00ff")],                               // FF: never valid
-    [id("\u00e4"), id("\u00b8"), 151645, id("\u0143")], // truncated, special, lone AD (0xAD maps to U+0143)
+    // truncated, special, lone AD (0xAD maps to U+0143)
+    [id("\u00e4"), id("\u00b8"), 151645, id("\u0143")],
 ];
 
 fs.mkdirSync(path.dirname(outPath), { recursive: true });

@@ -30,6 +30,8 @@ CAPRL_API int32_t caprl_tokenizer_token_id(const caprl_tokenizer *tok, const cha
 CAPRL_API bool caprl_tokenizer_is_special(const caprl_tokenizer *tok, int32_t id);
 
 /* Encodes len bytes of UTF-8 text. parse_special: match added/special token strings in the text (HF default).
+ * With parse_special false, special tokens (<|im_start|>, ...) are encoded as plain text, while non-special added
+ * tokens (<tool_call>, <|fim_prefix|>, ...) are still matched, as HF does with split_special_tokens=True.
  * snprintf contract: writes at most cap ids and sets *n_ids to the full count; call again with a bigger
  * buffer if *n_ids > cap. Invalid UTF-8 gives CAPRL_ERR_INVALID_ARG naming the byte offset. */
 CAPRL_API caprl_status caprl_tokenizer_encode(const caprl_tokenizer *tok, const char *text, size_t len,

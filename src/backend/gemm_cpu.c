@@ -22,18 +22,24 @@
 #include "core/error_impl.h"
 
 enum {
-    MR = 4,              /* rows of `in` per micro-tile */
-    MBLK = 64,           /* rows of `in` per job */
-    NR_ALIGN = 6,        /* weight blocks are multiples of every NR (AVX2: 3, AVX-512: 6, row path: 6) */
+    MR_AVX2 = 4,         /* AVX2 tile: rows of `in` (measured best of 4x3, 3x4, 6x2, 5x2, 2x6 on Zen 3) */
+    NR_AVX2 = 3,         /* AVX2 tile: weight rows */
+    MR_AVX512 = 4,       /* AVX-512 tile */
+    NR_AVX512 = 6,
+    MBLK = 60,           /* rows of `in` per job (a multiple of every MR) */
+    NR_ALIGN = 12,       /* weight blocks are multiples of every NR (and of the single-row path's 6) */
     WIDEN_MIN_ROWS = 8,  /* from this many rows per job, bf16 weight blocks are widened into scratch */
     JOBS_PER_THREAD = 4, /* at least this many jobs per thread when the shape allows (balance) */
+    KC_MIN_CHUNKED = 1024, /* K up to this runs in one pass (measured: chunking costs more than it saves) */
     KC_AVX2 = 768,       /* longest K chunk: 4 input rows (12 KB) + 3 weight rows (9 KB) fit a 32 KB L1 */
     KC_AVX512 = 1024,    /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
-    NBLK_CHUNKED = 60,   /* weight rows per job when K is chunked (bounds the parked accumulators) */
+    NBLK_CHUNKED = 60,   /* most weight rows per job when K is chunked (bounds the parked accumulators) */
 };
 
+/* Computes a (mrows, ncols) block of out; st: room for mrows * ncols parked accumulators (16 floats each) to run
+ * long K in L1-sized chunks, or NULL to run K in one pass (same values either way). */
 typedef void (*block_fn)(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows, int64_t ncols,
-                         const void *w, int64_t ldw, bool wbf16, const float *bias);
+                         const void *w, int64_t ldw, bool wbf16, const float *bias, float *st);
 
 typedef struct gemm_task {
     caprl_cpu_ctx *c;
@@ -43,6 +49,8 @@ typedef struct gemm_task {
     const void    *w;    /* (N, K) f32 or bf16 */
     bool           wbf16;
     bool           widen; /* bf16 blocks widened into scratch before the f32 kernel */
+    bool           chunk; /* K runs in chunks, accumulators parked at the start of the thread's scratch */
+    int64_t        st_floats; /* the parked-accumulator area; a widened block follows it */
     const float   *bias; /* (N) or NULL */
     int64_t        M, N, K;
     int64_t        nblk;      /* weight rows per job */
@@ -65,7 +73,8 @@ static float wval(const void *w, int64_t i, bool wbf16) {
 }
 
 static void block_scalar(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows, int64_t ncols,
-                         const void *w, int64_t ldw, bool wbf16, const float *bias) {
+                         const void *w, int64_t ldw, bool wbf16, const float *bias, float *st) {
+    (void)st;
     for (int64_t m = 0; m < mrows; m++) {
         for (int64_t n = 0; n < ncols; n++) {
             float s = 0.0f;
@@ -122,21 +131,22 @@ static CAPRL_AVX2_INLINE void store_row_avx2(const int nr, float *out, const __m
 }
 
 /* One mr x nr tile (mr <= 4, nr <= 6) over k in [k0, k1); called with constant shapes so the loops unroll into
- * registers. first: start from zero (else from st); last: reduce and store (else park the accumulators in st).
- * pf: weight rows to prefetch at the same k (the next tile of the single-row path), or NULL. */
+ * registers. first: start from zero (else from the parked state st, accumulator (i, j) at st + (i lds + j) VL);
+ * last: reduce and store (else park the accumulators in st). pf: weight rows to prefetch at the same k (the next
+ * tile of the single-row path), or NULL. */
 static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
                                         const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
-                                        int64_t ldw, const float *bias, float *st, bool first, bool last,
-                                        const char *pf) {
+                                        int64_t ldw, const float *bias, float *st, int64_t lds, bool first,
+                                        bool last, const char *pf) {
     const float    *wf = wbf16 ? NULL : (const float *)w;
     const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
     const int64_t   esz = wbf16 ? 2 : 4;
-    __m256          acc[4][6];
-#    pragma GCC unroll 4
+    __m256          acc[6][6];
+#    pragma GCC unroll 6
     for (int i = 0; i < mr; i++) {
 #    pragma GCC unroll 6
         for (int j = 0; j < nr; j++) {
-            acc[i][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(st + (i * nr + j) * 8);
+            acc[i][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(st + (i * lds + j) * 8);
         }
     }
     int64_t k = k0;
@@ -152,7 +162,7 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
         for (int j = 0; j < nr; j++) {
             wv[j] = wbf16 ? bf16x8_avx2(wh + j * ldw + k) : _mm256_loadu_ps(wf + j * ldw + k);
         }
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             __m256 a = _mm256_loadu_ps(in + i * K + k);
 #    pragma GCC unroll 6
@@ -175,7 +185,7 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
                 wv[j] = _mm256_maskload_ps(wf + j * ldw + k, mask);
             }
         }
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             __m256 a = _mm256_maskload_ps(in + i * K + k, mask);
 #    pragma GCC unroll 6
@@ -185,16 +195,16 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
         }
     }
     if (!last) {
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
-                _mm256_storeu_ps(st + (i * nr + j) * 8, acc[i][j]);
+                _mm256_storeu_ps(st + (i * lds + j) * 8, acc[i][j]);
             }
         }
         return;
     }
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
     for (int i = 0; i < mr; i++) {
         store_row_avx2(nr, out + i * ldo, acc[i], bias);
     }
@@ -202,57 +212,49 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
 
 /* Row groups of 4 against the whole weight block (the group's input rows stay in L1 while the block streams
  * from L2), then single rows with 6 weight rows in flight and the next 6 prefetched (the decode path). */
-static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, float *out, int64_t ldo, const float *in, int64_t K,
-                                           int64_t mrows, int64_t ncols, const void *w, int64_t ldw,
-                                           const float *bias) {
-    float         st[MR * NBLK_CHUNKED * 8];
+static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, float *out, int64_t ldo, const float *in,
+        int64_t K, int64_t mrows, int64_t ncols, const void *w, int64_t ldw, const float *bias, float *st) {
     const int64_t esz = wbf16 ? 2 : 4;
-    int64_t       nkc = K > KC_AVX2 ? ceil_div(K, KC_AVX2) : 1;
+    int64_t       nkc = st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX2) : 1;
     int64_t       kc = nkc > 1 ? round_up(ceil_div(K, nkc), 8) : K;
-    CAPRL_ASSERT(nkc == 1 || ncols <= NBLK_CHUNKED);
-    for (int64_t m = 0; m < mrows;) {
-        const bool group = mrows - m >= MR;
-        int64_t    k0 = 0;
-        do {
-            int64_t k1 = k0 + kc < K ? k0 + kc : K;
-            bool    first = k0 == 0, last = k1 == K;
+    int64_t       k0 = 0;
+    do {
+        int64_t k1 = k0 + kc < K ? k0 + kc : K;
+        bool    first = k0 == 0, last = k1 == K;
+        int64_t m = 0;
+        for (; m + MR_AVX2 <= mrows; m += MR_AVX2) {
             int64_t n = 0;
-            if (group) {
-                for (; n + 3 <= ncols; n += 3) {
-                    tile_avx2(4, 3, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
-                              last, NULL);
-                }
-                for (; n < ncols; n++) {
-                    tile_avx2(4, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
-                              last, NULL);
-                }
-            } else {
-                for (; n + 6 <= ncols; n += 6) {
-                    const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
-                    tile_avx2(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
-                              last, pf);
-                }
-                for (; n < ncols; n++) {
-                    tile_avx2(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                              (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 8, first,
-                              last, NULL);
-                }
+            for (; n + NR_AVX2 <= ncols; n += NR_AVX2) {
+                tile_avx2(MR_AVX2, NR_AVX2, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, NULL);
             }
-            k0 = k1;
-        } while (k0 < K);
-        m += group ? MR : 1;
-    }
+            for (; n < ncols; n++) {
+                tile_avx2(MR_AVX2, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, NULL);
+            }
+        }
+        for (; m < mrows; m++) {
+            int64_t n = 0;
+            for (; n + 6 <= ncols; n += 6) {
+                const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
+                tile_avx2(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, pf);
+            }
+            for (; n < ncols; n++) {
+                tile_avx2(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, NULL);
+            }
+        }
+        k0 = k1;
+    } while (k0 < K);
 }
 
 static CAPRL_AVX2 void block_avx2(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows,
-                                  int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias) {
+                                  int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias, float *st) {
     if (wbf16) {
-        block_avx2_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+        block_avx2_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
     } else {
-        block_avx2_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+        block_avx2_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
     }
 }
 
@@ -298,17 +300,17 @@ static CAPRL_AVX512_INLINE void store_row_avx512(const int nr, float *out, const
 
 static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
                                             const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
-                                            int64_t ldw, const float *bias, float *st, bool first, bool last,
-                                            const char *pf) {
+                                            int64_t ldw, const float *bias, float *st, int64_t lds, bool first,
+                                            bool last, const char *pf) {
     const float    *wf = wbf16 ? NULL : (const float *)w;
     const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
     const int64_t   esz = wbf16 ? 2 : 4;
-    __m512          acc[4][6];
-#    pragma GCC unroll 4
+    __m512          acc[6][6];
+#    pragma GCC unroll 6
     for (int i = 0; i < mr; i++) {
 #    pragma GCC unroll 6
         for (int j = 0; j < nr; j++) {
-            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * nr + j) * 16);
+            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * lds + j) * 16);
         }
     }
     int64_t k = k0;
@@ -325,7 +327,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
             wv[j] = wbf16 ? bf16x16_avx512(_mm256_loadu_si256((const __m256i *)(wh + j * ldw + k)))
                           : _mm512_loadu_ps(wf + j * ldw + k);
         }
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             __m512 a = _mm512_loadu_ps(in + i * K + k);
 #    pragma GCC unroll 6
@@ -342,7 +344,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
             wv[j] = wbf16 ? bf16x16_avx512(_mm256_maskz_loadu_epi16(mask, wh + j * ldw + k))
                           : _mm512_maskz_loadu_ps(mask, wf + j * ldw + k);
         }
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             __m512 a = _mm512_maskz_loadu_ps(mask, in + i * K + k);
 #    pragma GCC unroll 6
@@ -352,72 +354,64 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
         }
     }
     if (!last) {
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
-                _mm512_storeu_ps(st + (i * nr + j) * 16, acc[i][j]);
+                _mm512_storeu_ps(st + (i * lds + j) * 16, acc[i][j]);
             }
         }
         return;
     }
-#    pragma GCC unroll 4
+#    pragma GCC unroll 6
     for (int i = 0; i < mr; i++) {
         store_row_avx512(nr, out + i * ldo, acc[i], bias);
     }
 }
 
 static CAPRL_AVX512_INLINE void block_avx512_t(const bool wbf16, float *out, int64_t ldo, const float *in,
-                                               int64_t K, int64_t mrows, int64_t ncols, const void *w, int64_t ldw,
-                                               const float *bias) {
-    float         st[MR * NBLK_CHUNKED * 16];
+        int64_t K, int64_t mrows, int64_t ncols, const void *w, int64_t ldw, const float *bias, float *st) {
     const int64_t esz = wbf16 ? 2 : 4;
-    int64_t       nkc = K > KC_AVX512 ? ceil_div(K, KC_AVX512) : 1;
+    int64_t       nkc = st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX512) : 1;
     int64_t       kc = nkc > 1 ? round_up(ceil_div(K, nkc), 16) : K;
-    CAPRL_ASSERT(nkc == 1 || ncols <= NBLK_CHUNKED);
-    for (int64_t m = 0; m < mrows;) {
-        const bool group = mrows - m >= MR;
-        int64_t    k0 = 0;
-        do {
-            int64_t k1 = k0 + kc < K ? k0 + kc : K;
-            bool    first = k0 == 0, last = k1 == K;
+    int64_t       k0 = 0;
+    do {
+        int64_t k1 = k0 + kc < K ? k0 + kc : K;
+        bool    first = k0 == 0, last = k1 == K;
+        int64_t m = 0;
+        for (; m + MR_AVX512 <= mrows; m += MR_AVX512) {
             int64_t n = 0;
-            if (group) {
-                for (; n + 6 <= ncols; n += 6) {
-                    tile_avx512(4, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
-                                first, last, NULL);
-                }
-                for (; n < ncols; n++) {
-                    tile_avx512(4, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
-                                first, last, NULL);
-                }
-            } else {
-                for (; n + 6 <= ncols; n += 6) {
-                    const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
-                    tile_avx512(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
-                                first, last, pf);
-                }
-                for (; n < ncols; n++) {
-                    tile_avx512(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1,
-                                (const char *)w + n * ldw * esz, ldw, bias ? bias + n : NULL, st + n * MR * 16,
-                                first, last, NULL);
-                }
+            for (; n + NR_AVX512 <= ncols; n += NR_AVX512) {
+                tile_avx512(MR_AVX512, NR_AVX512, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, NULL);
             }
-            k0 = k1;
-        } while (k0 < K);
-        m += group ? MR : 1;
-    }
+            for (; n < ncols; n++) {
+                tile_avx512(MR_AVX512, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, NULL);
+            }
+        }
+        for (; m < mrows; m++) {
+            int64_t n = 0;
+            for (; n + 6 <= ncols; n += 6) {
+                const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
+                tile_avx512(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, pf);
+            }
+            for (; n < ncols; n++) {
+                tile_avx512(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
+                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, NULL);
+            }
+        }
+        k0 = k1;
+    } while (k0 < K);
 }
 
 static CAPRL_AVX512 void block_avx512(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows,
-                                      int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias) {
+                                      int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias, float *st) {
     if (wbf16) {
-        block_avx512_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+        block_avx512_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
     } else {
-        block_avx512_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias);
+        block_avx512_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
     }
 }
 #endif /* CAPRL_X86 */
@@ -436,28 +430,29 @@ static void widen_rows(const caprl_cpu_ctx *c, float *dst, const uint16_t *src, 
 }
 
 static void gemm_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
-    const gemm_task *g = ctx;
+    const gemm_task  *g = ctx;
+    caprl_cpu_thread *t = &g->c->threads[tid];
     for (int64_t j = j0; j < j1; j++) {
-        int64_t nb = j / g->n_mblocks, mb = j % g->n_mblocks;
-        int64_t n0 = nb * g->nblk, n1 = n0 + g->nblk < g->N ? n0 + g->nblk : g->N;
-        int64_t m0 = mb * MBLK, m1 = m0 + MBLK < g->M ? m0 + MBLK : g->M;
+        int64_t     nb = j / g->n_mblocks, mb = j % g->n_mblocks;
+        int64_t     n0 = nb * g->nblk, n1 = n0 + g->nblk < g->N ? n0 + g->nblk : g->N;
+        int64_t     m0 = mb * MBLK, m1 = m0 + MBLK < g->M ? m0 + MBLK : g->M;
         const void *w;
         bool        wbf16 = g->wbf16;
         if (wbf16 && g->widen) {
             /* Consecutive jobs of a thread mostly share a weight block: widen it once per call. */
-            caprl_cpu_thread *t = &g->c->threads[tid];
+            float *wide = (float *)t->buf + g->st_floats;
             if (t->tag_seq != g->seq || t->tag_n0 != n0) {
-                widen_rows(g->c, t->buf, (const uint16_t *)g->w + n0 * g->K, (n1 - n0) * g->K);
+                widen_rows(g->c, wide, (const uint16_t *)g->w + n0 * g->K, (n1 - n0) * g->K);
                 t->tag_seq = g->seq;
                 t->tag_n0 = n0;
             }
-            w = t->buf;
+            w = wide;
             wbf16 = false;
         } else {
             w = (const char *)g->w + (size_t)(n0 * g->K) * (wbf16 ? 2u : 4u);
         }
         g->block(g->out + m0 * g->N + n0, g->N, g->in + m0 * g->K, g->K, m1 - m0, n1 - n0, w, g->K, wbf16,
-                 g->bias ? g->bias + n0 : NULL);
+                 g->bias ? g->bias + n0 : NULL, g->chunk ? t->buf : NULL);
     }
 }
 
@@ -478,16 +473,14 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
                      int64_t M) {
     int64_t N = w->rows, K = w->cols;
     int64_t nt = c->n_threads;
-    /* A weight block (as f32) takes about half of L2, leaving room for the streamed input rows. */
-    int64_t nblk = (c->l2_bytes / 2) / ((K > 0 ? K : 1) * 4);
-    nblk = nblk / NR_ALIGN * NR_ALIGN;
-    if (nblk < NR_ALIGN) {
-        nblk = NR_ALIGN;
-    }
     int64_t kc_max = c->isa >= CAPRL_ISA_AVX512 ? KC_AVX512 : KC_AVX2;
-    if (c->isa >= CAPRL_ISA_AVX2 && K > kc_max && nblk > NBLK_CHUNKED) {
-        nblk = NBLK_CHUNKED;
-    }
+    bool    chunk = c->isa >= CAPRL_ISA_AVX2 && K > KC_MIN_CHUNKED;
+    /* The weight rows of a job (one K chunk of them when chunked, as f32) take about half of L2, leaving room
+     * for the streamed input rows and the parked accumulators. */
+    int64_t nblk = (c->l2_bytes / 2) / ((chunk ? kc_max : (K > 0 ? K : 1)) * 4);
+    nblk = nblk / NR_ALIGN * NR_ALIGN;
+    nblk = nblk < NR_ALIGN ? NR_ALIGN : nblk;
+    nblk = chunk && nblk > NBLK_CHUNKED ? NBLK_CHUNKED : nblk;
     int64_t n_mblocks = ceil_div(M, MBLK);
     if (nt > 1 && n_mblocks * ceil_div(N, nblk) < JOBS_PER_THREAD * nt) {
         int64_t n_nblocks = ceil_div(JOBS_PER_THREAD * nt, n_mblocks);
@@ -496,13 +489,25 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
             nblk = want < NR_ALIGN ? NR_ALIGN : want;
         }
     }
+    bool    wbf16 = w->dtype == CAPRL_DTYPE_BF16;
+    /* Widening into scratch pays off once a block is reused by several row groups. */
+    bool    widen = wbf16 && (M < MBLK ? M : MBLK) >= WIDEN_MIN_ROWS;
+    int64_t st_floats = chunk ? round_up((M < MBLK ? M : MBLK) * nblk * 16, 16) : 0;
+    size_t  bytes = (size_t)(st_floats + (widen ? nblk * K : 0)) * sizeof(float);
+    if (bytes > 0 && !caprl_cpu_scratch_reserve(c, bytes)) {
+        chunk = widen = false; /* both are only speed-ups: the values are the same without them */
+        st_floats = 0;
+    }
     gemm_task g = {
         .c = c,
         .block = pick_block(c),
         .out = out,
         .in = in,
         .w = w->data,
-        .wbf16 = w->dtype == CAPRL_DTYPE_BF16,
+        .wbf16 = wbf16,
+        .widen = widen,
+        .chunk = chunk,
+        .st_floats = st_floats,
         .bias = bias,
         .M = M,
         .N = N,
@@ -511,9 +516,6 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
         .n_mblocks = n_mblocks,
         .seq = ++c->gemm_seq,
     };
-    /* Widening into scratch pays off once a block is reused by several row groups; it changes no value. */
-    g.widen = g.wbf16 && (M < MBLK ? M : MBLK) >= WIDEN_MIN_ROWS &&
-              caprl_cpu_scratch_reserve(c, (size_t)(nblk * K) * sizeof(float));
     caprl_parallel_for_grain(c->pool, ceil_div(N, nblk) * n_mblocks, 1, gemm_range, &g);
 }
 

@@ -4,7 +4,7 @@
  *
  * Each alternative is resolved in regex order with the backtracking outcome worked out in closed form, so a match
  * costs one forward scan. Every character starts some alternative, so the pieces tile the input. Classes come from
- * utf8proc (L, N) and the White_Space list (\s); tests/unit/test_tokenizer.c checks both and the whole matcher
+ * utf8proc (L, N) and the White_Space list (\s); tests/unit/test_pretok.c checks both and the whole matcher
  * against PCRE2. Pure functions: no state, thread-safe. Input must be valid UTF-8 (the encoder validates it). */
 #include <utf8proc.h>
 

@@ -78,6 +78,15 @@ static uint32_t pow2_at_least(size_t n) {
     return cap;
 }
 
+/* Zeroed table sized by the file's contents, or NULL with CAPRL_ERR_OOM in err: a big allocation may fail. */
+static void *table_alloc(size_t count, size_t size, const char *name, const char *what, caprl_error *err) {
+    void *p = caprl_try_calloc(count, size);
+    if (p == NULL) {
+        caprl_err_set(err, CAPRL_ERR_OOM, "%s: cannot allocate %zu x %zu bytes for %s", name, count, size, what);
+    }
+    return p;
+}
+
 static const char *tok_str(const caprl_tokenizer *t, int32_t id) {
     return t->strs + t->str_off[id];
 }
@@ -116,6 +125,11 @@ static int32_t model_find(const caprl_tokenizer *t, const char *s, size_t n) {
 
 /* ---- configuration checks ----------------------------------------------------------------------------------- */
 
+/* jansson's object iteration takes a non-const json_t although it does not modify it. */
+static json_t *iterable(const json_t *obj) {
+    return (json_t *)(uintptr_t)obj;
+}
+
 static bool absent(const json_t *v) {
     return v == NULL || json_is_null(v);
 }
@@ -125,7 +139,7 @@ static caprl_status check_keys(const json_t *obj, const char *const *allowed, co
                                caprl_error *err) {
     const char *key;
     json_t     *value;
-    json_object_foreach((json_t *)(uintptr_t)obj, key, value) {
+    json_object_foreach(iterable(obj), key, value) {
         (void)value;
         bool known = false;
         for (size_t i = 0; allowed[i] && !known; i++) {
@@ -334,7 +348,7 @@ static caprl_status scan_tokens(const json_t *vocab, const json_t *added, const 
     json_t     *value;
     *max_id    = -1;
     *str_bytes = 0;
-    json_object_foreach((json_t *)(uintptr_t)vocab, key, value) {
+    json_object_foreach(iterable(vocab), key, value) {
         if (!json_is_integer(value) || json_integer_value(value) < 0 || json_integer_value(value) >= TOK_MAX_ID) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.vocab[\"%.64s\"]: expected an integer id in [0, %d)",
                                  name, key, TOK_MAX_ID);
@@ -368,14 +382,23 @@ static caprl_status load_tokens(caprl_tokenizer *t, const json_t *vocab, const j
     size_t  str_bytes;
     CAPRL_TRY(scan_tokens(vocab, added, name, &max_id, &str_bytes, err));
     t->n_tokens = (int32_t)(max_id + 1);
-    t->flags    = caprl_xcalloc((size_t)t->n_tokens, 1);
-    t->str_off  = caprl_xcalloc((size_t)t->n_tokens, sizeof *t->str_off);
-    t->strs     = caprl_xmalloc(str_bytes + 1);
+    t->flags = table_alloc((size_t)t->n_tokens, 1, name, "token flags", err);
+    if (t->flags == NULL) {
+        return CAPRL_ERR_OOM;
+    }
+    t->str_off = table_alloc((size_t)t->n_tokens, sizeof *t->str_off, name, "token offsets", err);
+    if (t->str_off == NULL) {
+        return CAPRL_ERR_OOM;
+    }
+    t->strs = table_alloc(str_bytes + 1, 1, name, "token strings", err);
+    if (t->strs == NULL) {
+        return CAPRL_ERR_OOM;
+    }
     size_t used = 0;
 
     const char *key;
     json_t     *value;
-    json_object_foreach((json_t *)(uintptr_t)vocab, key, value) {
+    json_object_foreach(iterable(vocab), key, value) {
         int32_t id = (int32_t)json_integer_value(value);
         if (t->flags[id]) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.vocab: id %d is used by \"%.64s\" and \"%.64s\"",
@@ -389,7 +412,10 @@ static caprl_status load_tokens(caprl_tokenizer *t, const json_t *vocab, const j
     }
     size_t n_vocab = json_object_size(vocab), n_added = json_array_size(added);
     t->vocab_mask  = pow2_at_least(2 * (n_vocab + n_added)) - 1;
-    t->vocab_map   = caprl_xmalloc(((size_t)t->vocab_mask + 1) * sizeof *t->vocab_map);
+    t->vocab_map = table_alloc((size_t)t->vocab_mask + 1, sizeof *t->vocab_map, name, "the vocab map", err);
+    if (t->vocab_map == NULL) {
+        return CAPRL_ERR_OOM;
+    }
     memset(t->vocab_map, 0xFF, ((size_t)t->vocab_mask + 1) * sizeof *t->vocab_map); /* id -1: empty */
     for (int32_t id = 0; id < t->n_tokens; id++) {
         if (t->flags[id]) {
@@ -502,7 +528,10 @@ static caprl_status load_merges(caprl_tokenizer *t, const json_t *merges, const 
     }
     /* Load factor below 0.6 keeps linear probing short; 151k merges fit 262k slots (4 MiB). */
     t->merge_mask = pow2_at_least(n + n / 2 + 1) - 1;
-    t->merge_map  = caprl_xmalloc(((size_t)t->merge_mask + 1) * sizeof *t->merge_map);
+    t->merge_map = table_alloc((size_t)t->merge_mask + 1, sizeof *t->merge_map, name, "the merge map", err);
+    if (t->merge_map == NULL) {
+        return CAPRL_ERR_OOM;
+    }
     memset(t->merge_map, 0xFF, ((size_t)t->merge_mask + 1) * sizeof *t->merge_map); /* key UINT64_MAX: empty */
     char        *cat     = NULL;
     size_t       cat_cap = 0;
@@ -531,7 +560,7 @@ static caprl_status load_merges(caprl_tokenizer *t, const json_t *merges, const 
 
 /* Bytes each token decodes to (spec/qwen.md §5.6): through the inverse byte map if every character of the string
  * is in it, else the string's own UTF-8 (the rule of Hugging Face's ByteLevel decoder, added tokens included). */
-static void build_bytes(caprl_tokenizer *t) {
+static caprl_status build_bytes(caprl_tokenizer *t, const char *name, caprl_error *err) {
     int16_t inv[0x144];
     for (size_t i = 0; i < 0x144; i++) {
         inv[i] = -1;
@@ -543,8 +572,14 @@ static void build_bytes(caprl_tokenizer *t) {
     for (int32_t id = 0; id < t->n_tokens; id++) {
         total += t->flags[id] ? strlen(tok_str(t, id)) : 0;
     }
-    t->bytes     = caprl_xmalloc(total + 1);
-    t->bytes_off = caprl_xmalloc(((size_t)t->n_tokens + 1) * sizeof *t->bytes_off);
+    t->bytes = table_alloc(total + 1, 1, name, "token bytes", err);
+    if (t->bytes == NULL) {
+        return CAPRL_ERR_OOM;
+    }
+    t->bytes_off = table_alloc((size_t)t->n_tokens + 1, sizeof *t->bytes_off, name, "token byte offsets", err);
+    if (t->bytes_off == NULL) {
+        return CAPRL_ERR_OOM;
+    }
     uint32_t o   = 0;
     for (int32_t id = 0; id < t->n_tokens; id++) {
         t->bytes_off[id] = o;
@@ -570,6 +605,7 @@ static void build_bytes(caprl_tokenizer *t) {
         }
     }
     t->bytes_off[t->n_tokens] = o;
+    return CAPRL_OK;
 }
 
 static int compare_patterns(const void *pa, const void *pb) {
@@ -670,7 +706,7 @@ static caprl_status build(caprl_tokenizer *t, const json_t *root, const char *na
     CAPRL_TRY(load_tokens(t, json_object_get(model, "vocab"), added, name, err));
     CAPRL_TRY(load_byte_ids(t, name, err));
     CAPRL_TRY(load_merges(t, json_object_get(model, "merges"), name, err));
-    build_bytes(t);
+    CAPRL_TRY(build_bytes(t, name, err));
     return build_matchers(t, added, name, err);
 }
 

@@ -520,6 +520,27 @@ static void test_synthetic(void) {
         caprl_test_fail_alloc_after(-1);
         caprl_tokenizer_free(tok);
     }
+
+    /* Each checked allocation of a load failing in turn: a clean CAPRL_ERR_OOM every time, nothing leaked (ASan). */
+    j          = make_tokenizer(true);
+    char *text = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    int n_oom = 0;
+    for (int k = 0; k < 64; k++) {
+        caprl_tokenizer *t2 = NULL;
+        caprl_test_fail_alloc_after(k);
+        caprl_status st = caprl_tokenizer_load_buffer(&t2, text, strlen(text), "synthetic.json", &err);
+        caprl_test_fail_alloc_after(-1);
+        if (st == CAPRL_OK) {
+            caprl_tokenizer_free(t2);
+            break;
+        }
+        CHECK_MSG(st == CAPRL_ERR_OOM && t2 == NULL && strstr(err.msg, "cannot allocate") != NULL, "k %d: %s", k,
+                  err.msg);
+        n_oom++;
+    }
+    CHECK(n_oom >= 7); /* the tables sized by the file */
+    free(text);
 }
 
 /* ---- corrupt tokenizer.json ---------------------------------------------------------------------------------- */
