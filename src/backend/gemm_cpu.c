@@ -20,6 +20,10 @@
 #include "backend/gemm_impl.h"
 #include "caprl/tensor.h"
 #include "core/error_impl.h"
+#ifndef PFMODE
+#define PFMODE 1
+#define PFSTEP 16
+#endif
 
 enum {
     MR_AVX2 = 4,         /* AVX2 tile: rows of `in` (measured best of 4x3, 3x4, 6x2, 5x2, 2x6 on Zen 3) */
@@ -153,10 +157,25 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
     for (; k + 8 <= k1; k += 8) {
         __m256 wv[6];
         if (pf) {
+#if PFMODE == 1
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
             }
+#elif PFMODE == 2
+            if ((k & (PFSTEP - 1)) == 0) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
+            }
+            }
+#elif PFMODE == 3
+            /* one sequential stream over the next tile's contiguous rows */
+            const char *p = pf + (k - k0) * nr * esz;
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 64, _MM_HINT_T0);
+            if (!wbf16) { _mm_prefetch(p + 128, _MM_HINT_T0); }
+#endif
         }
 #    pragma GCC unroll 6
         for (int j = 0; j < nr; j++) {
