@@ -6,7 +6,8 @@ JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 CTEST_LABELS ?= unit|ops|golden|tools
 
-DEB_PACKAGES = build-essential cmake pkg-config libjansson-dev libutf8proc-dev libpcre2-dev libdnnl-dev
+DEB_PACKAGES = build-essential cmake pkg-config libjansson-dev libutf8proc-dev libpcre2-dev libdnnl-dev \
+               libpng-dev libjpeg62-turbo-dev libwebp-dev
 DEB_FUZZ     = clang libclang-rt-14-dev
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

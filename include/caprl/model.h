@@ -30,6 +30,13 @@ typedef struct caprl_text_config {
     int32_t bos_token_id; /* -1 if absent */
     int32_t eos_token_id; /* -1 if absent */
     int32_t torch_dtype;  /* CAPRL_DTYPE_* named by torch_dtype/dtype, -1 if absent */
+    /* Qwen2.5-VL (model_type "qwen2_5_vl") only; zero / -1 for Qwen2. */
+    bool    is_vl;
+    int32_t n_mrope_sections;  /* entries of mrope_section (M-RoPE: t, h, w), summing to head_dim / 2 */
+    int32_t mrope_section[4];
+    int32_t image_token_id;        /* <|image_pad|> */
+    int32_t vision_start_token_id; /* <|vision_start|> */
+    int32_t vision_end_token_id;   /* <|vision_end|> */
 } caprl_text_config;
 
 #define CAPRL_MAX_EOS 8
@@ -122,6 +129,14 @@ typedef struct caprl_batch {
     const int32_t *tokens;
     const int32_t *seq_ids;
     const int8_t  *want_logits;
+    /* Qwen2.5-VL: optional M-RoPE position ids (3, n_tokens) as t, h, w rows. NULL: every component is the token's
+     * cache index plus its sequence's rope delta (caprl_context_set_rope_delta), i.e. ordinary RoPE. */
+    const int32_t *mrope_pos;
+    /* Optional embedding rows that replace token embeddings (image features spliced at <|image_pad|>): token i
+     * takes row embd_row[i] of embd (n_embd, hidden_size) when embd_row[i] >= 0. */
+    const float   *embd;
+    int32_t        n_embd;
+    const int32_t *embd_row;
 } caprl_batch;
 
 /* Runs the decoder on the batch, appending K/V to each sequence's cache. Errors (not aborts) for out-of-range
@@ -134,7 +149,9 @@ CAPRL_API int32_t      caprl_context_n_logits(const caprl_context *ctx);
 CAPRL_API int32_t      caprl_context_seq_len(const caprl_context *ctx, int32_t seq);
 /* Empties one sequence (seq >= 0) or all (seq < 0). */
 CAPRL_API void         caprl_context_seq_clear(caprl_context *ctx, int32_t seq);
-/* Copies the cache of src into dst (dst's previous content is dropped). */
+/* Qwen2.5-VL: positions of later tokens of seq are cache index + delta (HF's rope_deltas); default 0. */
+CAPRL_API void         caprl_context_set_rope_delta(caprl_context *ctx, int32_t seq, int32_t delta);
+/* Copies the cache (and rope delta) of src into dst (dst's previous content is dropped). */
 CAPRL_API caprl_status caprl_context_seq_copy(caprl_context *ctx, int32_t src, int32_t dst, caprl_error *err);
 
 #ifdef __cplusplus

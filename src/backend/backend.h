@@ -61,6 +61,20 @@ typedef struct caprl_backend_ops {
     /* Optional: pack w for faster matmuls (sets w->packed); weight_release frees it. May be NULL. */
     caprl_status (*weight_prepare)(caprl_backend *be, caprl_weight *w, caprl_error *err);
     void (*weight_release)(caprl_backend *be, caprl_weight *w);
+
+    /* out (n) = gelu(in) in the exact erf form, (in * 0.5) * (1 + erf(in * sqrt(1/2))) in f32 (torch nn.GELU(),
+     * approximate='none'; the Qwen2.5-VL merger, spec/qwen.md §3.8). out may alias in. */
+    void (*gelu_fwd)(caprl_backend *be, float *out, const float *in, int64_t n);
+
+    /* In place, sectioned rotate_half rotary (Qwen2.5-VL vision 2-D rotary §3.5, M-RoPE §3.10). Row m of x holds H
+     * heads of D floats starting at x + m * x_stride (x_stride >= H * D, so q and k may be rotated inside a fused
+     * qkv row). Pair (j, j + D/2), j < D/2, belongs to section s(j): the first sections[0] pairs to section 0, the
+     * next sections[1] to section 1, ... (n_sections in [1, 8], the sections sum to D/2). Its angle is the f32
+     * product (float)pos[s(j) * M + m] * inv_freq[j] (pos (n_sections, M), inv_freq (D/2) indexed by the global
+     * j: a caller whose frequencies restart per section, like the vision rotary, repeats them in the table);
+     * cos/sin in f32 and the rotation as in rope_fwd. With one section it equals rope_fwd bit for bit. */
+    void (*rope_sect_fwd)(caprl_backend *be, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
+                          const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D);
 } caprl_backend_ops;
 
 struct caprl_backend {

@@ -82,6 +82,16 @@ static void cpu_add_fwd(caprl_backend *be, float *acc, const float *x, int64_t n
     caprl_op_add(ctx_of(be), acc, x, n);
 }
 
+static void cpu_gelu_fwd(caprl_backend *be, float *out, const float *in, int64_t n) {
+    caprl_op_gelu(ctx_of(be), out, in, n);
+}
+
+static void cpu_rope_sect_fwd(caprl_backend *be, float *x, int64_t x_stride, const int32_t *pos,
+                              const float *inv_freq, const int32_t *sections, int32_t n_sections, int64_t M,
+                              int64_t H, int64_t D) {
+    caprl_op_rope_sect(ctx_of(be), x, x_stride, pos, inv_freq, sections, n_sections, M, H, D);
+}
+
 static caprl_status cpu_weight_prepare(caprl_backend *be, caprl_weight *w, caprl_error *err) {
     return caprl_gemm_prepare(ctx_of(be), w, err);
 }
@@ -103,6 +113,8 @@ static const caprl_backend_ops k_cpu_ops = {
     .add_fwd = cpu_add_fwd,
     .weight_prepare = cpu_weight_prepare,
     .weight_release = cpu_weight_release,
+    .gelu_fwd = cpu_gelu_fwd,
+    .rope_sect_fwd = cpu_rope_sect_fwd,
 };
 
 /* ---- init / free ---------------------------------------------------------------------------------------- */
@@ -135,14 +147,15 @@ static int32_t machine_isa(void) {
 
 caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, int32_t max_isa, bool allow_amx,
                                         caprl_error *err) {
-    caprl_pool *pool = NULL;
+    /* Feature detection first: it requests the AMX tile permission, which the pool's threads then share. */
+    const caprl_cpu_features *f = caprl_cpu();
+    caprl_pool               *pool = NULL;
     CAPRL_TRY(caprl_pool_init(&pool, n_threads, err));
     caprl_cpu_ctx *c = caprl_xcalloc(1, sizeof *c);
     c->pool = pool;
     c->n_threads = caprl_pool_n_threads(pool);
     int32_t isa = machine_isa();
     c->isa = isa < max_isa ? isa : max_isa;
-    const caprl_cpu_features *f = caprl_cpu();
     c->amx = allow_amx && f->amx_usable && machine_isa() == CAPRL_ISA_AVX512;
     c->l2_bytes = l2_bytes();
     c->threads = caprl_xcalloc((size_t)c->n_threads, sizeof *c->threads);

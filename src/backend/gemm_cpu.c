@@ -20,10 +20,6 @@
 #include "backend/gemm_impl.h"
 #include "caprl/tensor.h"
 #include "core/error_impl.h"
-#ifndef PFMODE
-#define PFMODE 1
-#define PFSTEP 16
-#endif
 
 enum {
     MR_AVX2 = 4,         /* AVX2 tile: rows of `in` (measured best of 4x3, 3x4, 6x2, 5x2, 2x6 on Zen 3) */
@@ -32,18 +28,30 @@ enum {
     NR_AVX512 = 6,
     MBLK = 60,           /* rows of `in` per job (a multiple of every MR) */
     NR_ALIGN = 12,       /* weight blocks are multiples of every NR (and of the single-row path's 6) */
-    WIDEN_MIN_ROWS = 8,  /* from this many rows per job, bf16 weight blocks are widened into scratch */
     JOBS_PER_THREAD = 4, /* at least this many jobs per thread when the shape allows (balance) */
     KC_MIN_CHUNKED = 1024, /* K up to this runs in one pass (measured: chunking costs more than it saves) */
     KC_AVX2 = 768,       /* longest K chunk: 4 input rows (12 KB) + 3 weight rows (9 KB) fit a 32 KB L1 */
     KC_AVX512 = 1024,    /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
+    SMALL_M = 16,        /* blocks of at most this many rows take each weight tile from memory once (and widen
+                          * bf16 in registers); larger blocks widen a bf16 weight block once into scratch */
     NBLK_CHUNKED = 60,   /* most weight rows per job when K is chunked (bounds the parked accumulators) */
 };
 
-/* Computes a (mrows, ncols) block of out; st: room for mrows * ncols parked accumulators (16 floats each) to run
- * long K in L1-sized chunks, or NULL to run K in one pass (same values either way). */
-typedef void (*block_fn)(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows, int64_t ncols,
-                         const void *w, int64_t ldw, bool wbf16, const float *bias, float *st);
+/* One job's block of the product: out rows [0, mrows) x columns [0, ncols), pointers already offset to it. */
+typedef struct gemm_blk {
+    float       *out;  /* (mrows, ldo) */
+    int64_t      ldo;
+    const float *in;   /* (mrows, K) */
+    int64_t      K;
+    const void  *w;    /* (ncols, ldw) f32 or bf16 */
+    int64_t      ldw;
+    const float *bias; /* (ncols) or NULL */
+    float       *st;   /* room for mrows * ncols parked accumulators (16 floats each) to run long K in L1-sized
+                        * chunks, or NULL to run K in one pass (the values are the same either way) */
+    int64_t      mrows, ncols;
+} gemm_blk;
+
+typedef void (*block_fn)(const gemm_blk *b, bool wbf16);
 
 typedef struct gemm_task {
     caprl_cpu_ctx *c;
@@ -76,16 +84,14 @@ static float wval(const void *w, int64_t i, bool wbf16) {
     return wbf16 ? caprl_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
-static void block_scalar(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows, int64_t ncols,
-                         const void *w, int64_t ldw, bool wbf16, const float *bias, float *st) {
-    (void)st;
-    for (int64_t m = 0; m < mrows; m++) {
-        for (int64_t n = 0; n < ncols; n++) {
+static void block_scalar(const gemm_blk *b, bool wbf16) {
+    for (int64_t m = 0; m < b->mrows; m++) {
+        for (int64_t n = 0; n < b->ncols; n++) {
             float s = 0.0f;
-            for (int64_t k = 0; k < K; k++) {
-                s += in[m * K + k] * wval(w, n * ldw + k, wbf16);
+            for (int64_t k = 0; k < b->K; k++) {
+                s += b->in[m * b->K + k] * wval(b->w, n * b->ldw + k, wbf16);
             }
-            out[m * ldo + n] = bias ? s + bias[n] : s;
+            b->out[m * b->ldo + n] = b->bias ? s + b->bias[n] : s;
         }
     }
 }
@@ -156,26 +162,11 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
     int64_t k = k0;
     for (; k + 8 <= k1; k += 8) {
         __m256 wv[6];
-        if (pf) {
-#if PFMODE == 1
+        if (pf && (k & (64 / esz - 1)) == 0) { /* once per 64-byte line */
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
             }
-#elif PFMODE == 2
-            if ((k & (PFSTEP - 1)) == 0) {
-#    pragma GCC unroll 6
-            for (int j = 0; j < nr; j++) {
-                _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
-            }
-            }
-#elif PFMODE == 3
-            /* one sequential stream over the next tile's contiguous rows */
-            const char *p = pf + (k - k0) * nr * esz;
-            _mm_prefetch(p, _MM_HINT_T0);
-            _mm_prefetch(p + 64, _MM_HINT_T0);
-            if (!wbf16) { _mm_prefetch(p + 128, _MM_HINT_T0); }
-#endif
         }
 #    pragma GCC unroll 6
         for (int j = 0; j < nr; j++) {
@@ -231,49 +222,69 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
 
 /* Row groups of 4 against the whole weight block (the group's input rows stay in L1 while the block streams
  * from L2), then single rows with 6 weight rows in flight and the next 6 prefetched (the decode path). */
-static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, float *out, int64_t ldo, const float *in,
-        int64_t K, int64_t mrows, int64_t ncols, const void *w, int64_t ldw, const float *bias, float *st) {
+/* Where one tile of a block goes (pointers into the block's operands). */
+static CAPRL_AVX2_INLINE void at_avx2(const int mr, const int nr, const bool wbf16, const gemm_blk *b, int64_t m,
+                                      int64_t n, int64_t k0, int64_t k1, bool first, bool last, const char *pf) {
     const int64_t esz = wbf16 ? 2 : 4;
-    int64_t       nkc = st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX2) : 1;
-    int64_t       kc = nkc > 1 ? round_up(ceil_div(K, nkc), 8) : K;
+    tile_avx2(mr, nr, wbf16, b->out + m * b->ldo + n, b->ldo, b->in + m * b->K, b->K, k0, k1,
+              (const char *)b->w + n * b->ldw * esz, b->ldw, b->bias ? b->bias + n : NULL,
+              b->st ? b->st + (m * b->ncols + n) * 8 : NULL, b->ncols, first, last, pf);
+}
+
+/* Large blocks: each row group (inputs in L1) sweeps the weight block (in L2). Small blocks (decode batches):
+ * each weight tile is read from memory once and used by every row group while it sits in L1. Leftover rows
+ * run alone with 6 weight rows in flight and the next 6 prefetched. Long K runs in chunks (st != NULL). */
+static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, const gemm_blk *b) {
+    const int64_t esz = wbf16 ? 2 : 4, K = b->K, ncols = b->ncols;
+    const int64_t mg = b->mrows / MR_AVX2 * MR_AVX2;
+    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX2) : 1;
+    const int64_t kc = nkc > 1 ? round_up(ceil_div(K, nkc), 8) : K;
     int64_t       k0 = 0;
     do {
         int64_t k1 = k0 + kc < K ? k0 + kc : K;
         bool    first = k0 == 0, last = k1 == K;
-        int64_t m = 0;
-        for (; m + MR_AVX2 <= mrows; m += MR_AVX2) {
-            int64_t n = 0;
+        int64_t n = 0;
+        if (b->mrows <= SMALL_M) {
             for (; n + NR_AVX2 <= ncols; n += NR_AVX2) {
-                tile_avx2(MR_AVX2, NR_AVX2, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, NULL);
+                const char *pf =
+                    n + 2 * NR_AVX2 <= ncols ? (const char *)b->w + (n + NR_AVX2) * b->ldw * esz : NULL;
+                for (int64_t m = 0; m < mg; m += MR_AVX2) {
+                    at_avx2(MR_AVX2, NR_AVX2, wbf16, b, m, n, k0, k1, first, last, m == 0 ? pf : NULL);
+                }
             }
             for (; n < ncols; n++) {
-                tile_avx2(MR_AVX2, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, NULL);
+                for (int64_t m = 0; m < mg; m += MR_AVX2) {
+                    at_avx2(MR_AVX2, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
+                }
+            }
+        } else {
+            for (int64_t m = 0; m < mg; m += MR_AVX2) {
+                for (n = 0; n + NR_AVX2 <= ncols; n += NR_AVX2) {
+                    at_avx2(MR_AVX2, NR_AVX2, wbf16, b, m, n, k0, k1, first, last, NULL);
+                }
+                for (; n < ncols; n++) {
+                    at_avx2(MR_AVX2, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
+                }
             }
         }
-        for (; m < mrows; m++) {
-            int64_t n = 0;
-            for (; n + 6 <= ncols; n += 6) {
-                const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
-                tile_avx2(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, pf);
+        for (int64_t m = mg; m < b->mrows; m++) {
+            for (n = 0; n + 6 <= ncols; n += 6) {
+                const char *pf = n + 12 <= ncols ? (const char *)b->w + (n + 6) * b->ldw * esz : NULL;
+                at_avx2(1, 6, wbf16, b, m, n, k0, k1, first, last, pf);
             }
             for (; n < ncols; n++) {
-                tile_avx2(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 8 : NULL, ncols, first, last, NULL);
+                at_avx2(1, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
             }
         }
         k0 = k1;
     } while (k0 < K);
 }
 
-static CAPRL_AVX2 void block_avx2(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows,
-                                  int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias, float *st) {
+static CAPRL_AVX2 void block_avx2(const gemm_blk *b, bool wbf16) {
     if (wbf16) {
-        block_avx2_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
+        block_avx2_t(true, b);
     } else {
-        block_avx2_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
+        block_avx2_t(false, b);
     }
 }
 
@@ -335,7 +346,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
     int64_t k = k0;
     for (; k + 16 <= k1; k += 16) {
         __m512 wv[6];
-        if (pf) {
+        if (pf && (k & (64 / esz - 1)) == 0) { /* once per 64-byte line */
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 _mm_prefetch(pf + (j * ldw + k) * esz, _MM_HINT_T0);
@@ -388,49 +399,70 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
     }
 }
 
-static CAPRL_AVX512_INLINE void block_avx512_t(const bool wbf16, float *out, int64_t ldo, const float *in,
-        int64_t K, int64_t mrows, int64_t ncols, const void *w, int64_t ldw, const float *bias, float *st) {
+/* Where one tile of a block goes (pointers into the block's operands). */
+static CAPRL_AVX512_INLINE void at_avx512(const int mr, const int nr, const bool wbf16, const gemm_blk *b,
+                                          int64_t m, int64_t n, int64_t k0, int64_t k1, bool first, bool last,
+                                          const char *pf) {
     const int64_t esz = wbf16 ? 2 : 4;
-    int64_t       nkc = st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX512) : 1;
-    int64_t       kc = nkc > 1 ? round_up(ceil_div(K, nkc), 16) : K;
+    tile_avx512(mr, nr, wbf16, b->out + m * b->ldo + n, b->ldo, b->in + m * b->K, b->K, k0, k1,
+              (const char *)b->w + n * b->ldw * esz, b->ldw, b->bias ? b->bias + n : NULL,
+              b->st ? b->st + (m * b->ncols + n) * 16 : NULL, b->ncols, first, last, pf);
+}
+
+/* Large blocks: each row group (inputs in L1) sweeps the weight block (in L2). Small blocks (decode batches):
+ * each weight tile is read from memory once and used by every row group while it sits in L1. Leftover rows
+ * run alone with 6 weight rows in flight and the next 6 prefetched. Long K runs in chunks (st != NULL). */
+static CAPRL_AVX512_INLINE void block_avx512_t(const bool wbf16, const gemm_blk *b) {
+    const int64_t esz = wbf16 ? 2 : 4, K = b->K, ncols = b->ncols;
+    const int64_t mg = b->mrows / MR_AVX512 * MR_AVX512;
+    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX512) : 1;
+    const int64_t kc = nkc > 1 ? round_up(ceil_div(K, nkc), 16) : K;
     int64_t       k0 = 0;
     do {
         int64_t k1 = k0 + kc < K ? k0 + kc : K;
         bool    first = k0 == 0, last = k1 == K;
-        int64_t m = 0;
-        for (; m + MR_AVX512 <= mrows; m += MR_AVX512) {
-            int64_t n = 0;
+        int64_t n = 0;
+        if (b->mrows <= SMALL_M) {
             for (; n + NR_AVX512 <= ncols; n += NR_AVX512) {
-                tile_avx512(MR_AVX512, NR_AVX512, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, NULL);
+                const char *pf =
+                    n + 2 * NR_AVX512 <= ncols ? (const char *)b->w + (n + NR_AVX512) * b->ldw * esz : NULL;
+                for (int64_t m = 0; m < mg; m += MR_AVX512) {
+                    at_avx512(MR_AVX512, NR_AVX512, wbf16, b, m, n, k0, k1, first, last, m == 0 ? pf : NULL);
+                }
             }
             for (; n < ncols; n++) {
-                tile_avx512(MR_AVX512, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, NULL);
+                for (int64_t m = 0; m < mg; m += MR_AVX512) {
+                    at_avx512(MR_AVX512, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
+                }
+            }
+        } else {
+            for (int64_t m = 0; m < mg; m += MR_AVX512) {
+                for (n = 0; n + NR_AVX512 <= ncols; n += NR_AVX512) {
+                    at_avx512(MR_AVX512, NR_AVX512, wbf16, b, m, n, k0, k1, first, last, NULL);
+                }
+                for (; n < ncols; n++) {
+                    at_avx512(MR_AVX512, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
+                }
             }
         }
-        for (; m < mrows; m++) {
-            int64_t n = 0;
-            for (; n + 6 <= ncols; n += 6) {
-                const char *pf = n + 12 <= ncols ? (const char *)w + (n + 6) * ldw * esz : NULL;
-                tile_avx512(1, 6, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, pf);
+        for (int64_t m = mg; m < b->mrows; m++) {
+            for (n = 0; n + 6 <= ncols; n += 6) {
+                const char *pf = n + 12 <= ncols ? (const char *)b->w + (n + 6) * b->ldw * esz : NULL;
+                at_avx512(1, 6, wbf16, b, m, n, k0, k1, first, last, pf);
             }
             for (; n < ncols; n++) {
-                tile_avx512(1, 1, wbf16, out + m * ldo + n, ldo, in + m * K, K, k0, k1, (const char *)w + n * ldw * esz,
-                          ldw, bias ? bias + n : NULL, st ? st + (m * ncols + n) * 16 : NULL, ncols, first, last, NULL);
+                at_avx512(1, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
             }
         }
         k0 = k1;
     } while (k0 < K);
 }
 
-static CAPRL_AVX512 void block_avx512(float *out, int64_t ldo, const float *in, int64_t K, int64_t mrows,
-                                      int64_t ncols, const void *w, int64_t ldw, bool wbf16, const float *bias, float *st) {
+static CAPRL_AVX512 void block_avx512(const gemm_blk *b, bool wbf16) {
     if (wbf16) {
-        block_avx512_t(true, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
+        block_avx512_t(true, b);
     } else {
-        block_avx512_t(false, out, ldo, in, K, mrows, ncols, w, ldw, bias, st);
+        block_avx512_t(false, b);
     }
 }
 #endif /* CAPRL_X86 */
@@ -470,8 +502,11 @@ static void gemm_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
         } else {
             w = (const char *)g->w + (size_t)(n0 * g->K) * (wbf16 ? 2u : 4u);
         }
-        g->block(g->out + m0 * g->N + n0, g->N, g->in + m0 * g->K, g->K, m1 - m0, n1 - n0, w, g->K, wbf16,
-                 g->bias ? g->bias + n0 : NULL, g->chunk ? t->buf : NULL);
+        gemm_blk b = {
+            .out = g->out + m0 * g->N + n0, .ldo = g->N, .in = g->in + m0 * g->K, .K = g->K, .w = w, .ldw = g->K,
+            .bias = g->bias ? g->bias + n0 : NULL, .st = g->chunk ? t->buf : NULL, .mrows = m1 - m0, .ncols = n1 - n0,
+        };
+        g->block(&b, wbf16);
     }
 }
 
@@ -510,7 +545,7 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     }
     bool    wbf16 = w->dtype == CAPRL_DTYPE_BF16;
     /* Widening into scratch pays off once a block is reused by several row groups. */
-    bool    widen = wbf16 && (M < MBLK ? M : MBLK) >= WIDEN_MIN_ROWS;
+    bool    widen = wbf16 && (M < MBLK ? M : MBLK) > SMALL_M;
     int64_t st_floats = chunk ? round_up((M < MBLK ? M : MBLK) * nblk * 16, 16) : 0;
     size_t  bytes = (size_t)(st_floats + (widen ? nblk * K : 0)) * sizeof(float);
     if (bytes > 0 && !caprl_cpu_scratch_reserve(c, bytes)) {
@@ -650,12 +685,47 @@ static CAPRL_AMX void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int32_
             __m512i   u = _mm512_castps_si512(x);
             __m512i   hi = _mm512_srli_epi32(u, 16);
             __m512i   lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-            __m512i   rnd = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+            __m512i   rnd = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+            rnd = _mm512_srli_epi32(rnd, 16);
             __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
             rnd = _mm512_mask_mov_epi32(rnd, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
             _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtepi32_epi16(rnd));
         }
         memset(dst + t->K, 0, (size_t)(kp - t->K) * sizeof(uint16_t));
+    }
+}
+
+/* Writes the rows x cols valid part of the 32 x 32 product held in tiles 0..3 (2..3 only when two) to out at
+ * (m, n), adding the bias. Full blocks go straight to out; edge blocks through cbuf. */
+static CAPRL_AMX void amx_store(const amx_task *t, float *cbuf, int64_t m, int64_t n, int64_t rows, int64_t cols,
+                                bool two) {
+    float  *dst = cbuf;
+    int64_t ld = 32;
+    if (rows == 32 && cols == 32) {
+        dst = t->out + m * t->N + n;
+        ld = t->N;
+    }
+    _tile_stored(0, dst, ld * 4);
+    _tile_stored(1, dst + 16, ld * 4);
+    if (two) {
+        _tile_stored(2, dst + 16 * ld, ld * 4);
+        _tile_stored(3, dst + 16 * ld + 16, ld * 4);
+    }
+    __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+    __mmask16 m1 = (__mmask16)(cols >= 32 ? 0xFFFFu : cols > 16 ? (1u << (cols - 16)) - 1u : 0u);
+    __m512    b0 = t->bias ? _mm512_maskz_loadu_ps(m0, t->bias + n) : _mm512_setzero_ps();
+    __m512    b1 = t->bias ? _mm512_maskz_loadu_ps(m1, t->bias + n + 16) : _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; i++) {
+        float *o = t->out + (m + i) * t->N + n;
+        __m512 v0 = _mm512_maskz_loadu_ps(m0, dst + i * ld), v1 = _mm512_maskz_loadu_ps(m1, dst + i * ld + 16);
+        if (t->bias) {
+            v0 = _mm512_add_ps(v0, b0);
+            v1 = _mm512_add_ps(v1, b1);
+        } else if (dst != cbuf) {
+            continue; /* already in place */
+        }
+        _mm512_mask_storeu_ps(o, m0, v0);
+        _mm512_mask_storeu_ps(o + 16, m1, v1);
     }
 }
 
@@ -699,8 +769,6 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
                         _tile_dpbf16ps(2, 5, 6);
                         _tile_dpbf16ps(3, 5, 7);
                     }
-                    _tile_stored(2, cbuf + 16 * 32, 128);
-                    _tile_stored(3, cbuf + 16 * 32 + 16, 128);
                 } else {
                     for (int64_t tk = 0; tk < kt; tk++) {
                         _tile_loadd(4, a0 + tk * 32, kp * 2);
@@ -710,15 +778,7 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
                         _tile_dpbf16ps(1, 4, 7);
                     }
                 }
-                _tile_stored(0, cbuf, 128);
-                _tile_stored(1, cbuf + 16, 128);
-                int64_t rows = (m1 - m < 32 ? m1 - m : 32), cols = (n1 - n < 32 ? n1 - n : 32);
-                for (int64_t i = 0; i < rows; i++) {
-                    float *o = t->out + (m + i) * t->N + n;
-                    for (int64_t jj = 0; jj < cols; jj++) {
-                        o[jj] = t->bias ? cbuf[i * 32 + jj] + t->bias[n + jj] : cbuf[i * 32 + jj];
-                    }
-                }
+                amx_store(t, cbuf, m, n, m1 - m < 32 ? m1 - m : 32, n1 - n < 32 ? n1 - n : 32, two);
             }
         }
     }

@@ -406,6 +406,53 @@ static caprl_status parse_text(const text_src *s, arch_kind kind, caprl_text_con
     return CAPRL_OK;
 }
 
+/* mrope_section from rope_scaling or rope_parameters (whichever holds it); it must cover head_dim / 2 pairs. */
+static caprl_status parse_mrope(const text_src *s, caprl_text_config *cfg, caprl_error *err) {
+    static const char *const where[] = {"rope_scaling", "rope_parameters"};
+    for (size_t w = 0; w < N_OF(where); w++) {
+        const caprl_json_obj *o = pick(s, where[w]);
+        if (!caprl_json_is_object(caprl_json_get(o, where[w]))) {
+            continue;
+        }
+        caprl_json_obj ro;
+        CAPRL_TRY(caprl_json_get_object(o, where[w], &ro, err));
+        const struct json_t *sec = caprl_json_get(&ro, "mrope_section");
+        if (caprl_json_is_null(sec)) {
+            continue;
+        }
+        size_t  n = caprl_json_array_size(sec);
+        int64_t sum = 0;
+        bool    ok = caprl_json_is_array(sec) && n >= 1 && n <= 4;
+        for (size_t i = 0; ok && i < n; i++) {
+            int64_t v = 0;
+            ok = caprl_json_int_value(caprl_json_array_get(sec, i), &v) && v > 0 && v <= cfg->head_dim;
+            cfg->mrope_section[i] = ok ? (int32_t)v : 0;
+            sum += v;
+        }
+        if (!ok || sum != cfg->head_dim / 2) {
+            char got[96];
+            return caprl_json_field_error(&ro, "mrope_section", CAPRL_ERR_FORMAT, err,
+                                          "expected 1 to 4 positive integers summing to head_dim / 2 (%d), got %s",
+                                          cfg->head_dim / 2, caprl_json_describe(sec, got, sizeof got));
+        }
+        cfg->n_mrope_sections = (int32_t)n;
+        return CAPRL_OK;
+    }
+    return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: a qwen2_5_vl config needs rope_scaling.mrope_section",
+                         s->text->file);
+}
+
+static caprl_status parse_vl(const caprl_json_obj *root, const text_src *s, caprl_text_config *cfg,
+                             caprl_error *err) {
+    cfg->is_vl = true;
+    CAPRL_TRY(parse_mrope(s, cfg, err));
+    const int32_t hi = cfg->vocab_size - 1;
+    CAPRL_TRY(caprl_json_opt_i32(root, "image_token_id", 0, hi, 151655, &cfg->image_token_id, err));
+    CAPRL_TRY(caprl_json_opt_i32(root, "vision_start_token_id", 0, hi, 151652, &cfg->vision_start_token_id, err));
+    CAPRL_TRY(caprl_json_opt_i32(root, "vision_end_token_id", 0, hi, 151653, &cfg->vision_end_token_id, err));
+    return CAPRL_OK;
+}
+
 static caprl_status parse_root(caprl_text_config *out, const caprl_json_obj *root, caprl_error *err) {
     arch_kind kind = ARCH_QWEN2;
     CAPRL_TRY(detect_arch(root, &kind, err));
@@ -420,6 +467,10 @@ static caprl_status parse_root(caprl_text_config *out, const caprl_json_obj *roo
     CAPRL_TRY(parse_text(&src, kind, &cfg, err));
     field_ctx c = {.file = root->file, .prefix = src.text->path, .code = CAPRL_ERR_FORMAT};
     CAPRL_TRY(check_config(&cfg, &c, err));
+    cfg.image_token_id = cfg.vision_start_token_id = cfg.vision_end_token_id = -1;
+    if (kind == ARCH_QWEN2_5_VL) {
+        CAPRL_TRY(parse_vl(root, &src, &cfg, err));
+    }
     caprl_json_warn_unknown(root, k_config_known, N_OF(k_config_known));
     if (nested) {
         caprl_json_warn_unknown(&text, k_config_known, N_OF(k_config_known));

@@ -31,8 +31,8 @@ static caprl_status plan_context(const caprl_text_config *c, const caprl_context
     }
     caprl_arena_plan_add(plan, kv, sizeof(float)); /* k_cache */
     caprl_arena_plan_add(plan, kv, sizeof(float)); /* v_cache */
-    caprl_arena_plan_add(plan, S, sizeof(int32_t));
-    caprl_arena_plan_add(plan, S, sizeof(int32_t));
+    caprl_arena_plan_add(plan, S, sizeof(int32_t) * 3);
+    caprl_arena_plan_add(plan, M, sizeof(int32_t) * 3);
     caprl_arena_plan_add(plan, M * C, sizeof(float) * 3);
     caprl_arena_plan_add(plan, M * qd, sizeof(float) * 2);
     caprl_arena_plan_add(plan, M * kvd, sizeof(float) * 2);
@@ -78,8 +78,10 @@ caprl_status caprl_context_init(caprl_context **out, caprl_model *m, const caprl
     caprl_arena *a = &ctx->arena;
     ctx->k_cache = caprl_arena_must_alloc(a, kv * sizeof(float));
     ctx->v_cache = caprl_arena_must_alloc(a, kv * sizeof(float));
-    ctx->seq_len = caprl_arena_must_alloc(a, S * sizeof(int32_t));
-    ctx->batch_count = caprl_arena_must_alloc(a, S * sizeof(int32_t));
+    ctx->seq_len = caprl_arena_must_alloc(a, S * sizeof(int32_t) * 3);
+    ctx->batch_count = ctx->seq_len + S;
+    ctx->rope_delta = ctx->seq_len + 2 * S;
+    ctx->pos3 = caprl_arena_must_alloc(a, M * sizeof(int32_t) * 3);
     float *xs = caprl_arena_must_alloc(a, M * C * 3 * sizeof(float));
     ctx->x = xs;
     ctx->xn = xs + M * C;
@@ -98,6 +100,7 @@ caprl_status caprl_context_init(caprl_context **out, caprl_model *m, const caprl
     ctx->kv_len = ctx->pos + M;
     ctx->logit_rows = caprl_arena_must_alloc(a, R * sizeof(int32_t));
     memset(ctx->seq_len, 0, S * sizeof(int32_t));
+    memset(ctx->rope_delta, 0, S * sizeof(int32_t));
     *out = ctx;
     return CAPRL_OK;
 }
@@ -121,8 +124,16 @@ int32_t caprl_context_seq_len(const caprl_context *ctx, int32_t seq) {
 void caprl_context_seq_clear(caprl_context *ctx, int32_t seq) {
     if (seq < 0) {
         memset(ctx->seq_len, 0, (size_t)ctx->p.n_seq_max * sizeof(int32_t));
+        memset(ctx->rope_delta, 0, (size_t)ctx->p.n_seq_max * sizeof(int32_t));
     } else if (seq < ctx->p.n_seq_max) {
         ctx->seq_len[seq] = 0;
+        ctx->rope_delta[seq] = 0;
+    }
+}
+
+void caprl_context_set_rope_delta(caprl_context *ctx, int32_t seq, int32_t delta) {
+    if (seq >= 0 && seq < ctx->p.n_seq_max) {
+        ctx->rope_delta[seq] = delta;
     }
 }
 
@@ -150,6 +161,7 @@ caprl_status caprl_context_seq_copy(caprl_context *ctx, int32_t src, int32_t dst
         memcpy(ctx->v_cache + cache_offset(ctx, l, dst, 0), ctx->v_cache + cache_offset(ctx, l, src, 0), n);
     }
     ctx->seq_len[dst] = ctx->seq_len[src];
+    ctx->rope_delta[dst] = ctx->rope_delta[src];
     return CAPRL_OK;
 }
 
@@ -178,6 +190,14 @@ static caprl_status prepare_batch(caprl_context *ctx, const caprl_batch *b, capr
         ctx->pos[i] = p;
         ctx->kv_row0[i] = (int64_t)s * ctx->p.n_ctx;
         ctx->kv_len[i] = p + 1;
+        if (b->embd_row && b->embd_row[i] >= 0 && (b->embd_row[i] >= b->n_embd || !b->embd)) {
+            return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "batch token %d: embedding row %d outside 0..%d", i,
+                                 b->embd_row[i], b->n_embd - 1);
+        }
+        for (int32_t c = 0; c < 3; c++) {
+            ctx->pos3[(size_t)c * (size_t)b->n_tokens + (size_t)i] =
+                b->mrope_pos ? b->mrope_pos[(size_t)c * (size_t)b->n_tokens + (size_t)i] : p + ctx->rope_delta[s];
+        }
     }
     int32_t n_logits = 0;
     for (int32_t i = 0; i < b->n_tokens; i++) {
@@ -221,8 +241,15 @@ static void attention_block(caprl_context *ctx, int32_t l, const caprl_batch *b)
     ops->matmul_fwd(be, ctx->q, ctx->xn, &lw->q, lw->q_bias, M);
     ops->matmul_fwd(be, ctx->k, ctx->xn, &lw->k, lw->k_bias, M);
     ops->matmul_fwd(be, ctx->v, ctx->xn, &lw->v, lw->v_bias, M);
-    ops->rope_fwd(be, ctx->q, ctx->pos, m->inv_freq, M, c->n_heads, D);
-    ops->rope_fwd(be, ctx->k, ctx->pos, m->inv_freq, M, c->n_kv_heads, D);
+    if (c->is_vl) { /* M-RoPE: pair j rotates by the t, h or w position of its section (spec/qwen.md §3.10) */
+        ops->rope_sect_fwd(be, ctx->q, c->n_heads * D, ctx->pos3, m->inv_freq, c->mrope_section, c->n_mrope_sections,
+                           M, c->n_heads, D);
+        ops->rope_sect_fwd(be, ctx->k, c->n_kv_heads * D, ctx->pos3, m->inv_freq, c->mrope_section,
+                           c->n_mrope_sections, M, c->n_kv_heads, D);
+    } else {
+        ops->rope_fwd(be, ctx->q, ctx->pos, m->inv_freq, M, c->n_heads, D);
+        ops->rope_fwd(be, ctx->k, ctx->pos, m->inv_freq, M, c->n_kv_heads, D);
+    }
     store_kv(ctx, l, b);
     size_t layer_off = cache_offset(ctx, l, 0, 0);
     ops->attn_fwd(be, ctx->att, ctx->q, ctx->k_cache + layer_off, ctx->v_cache + layer_off, ctx->kv_row0, ctx->kv_len,
@@ -253,6 +280,11 @@ caprl_status caprl_context_decode(caprl_context *ctx, const caprl_batch *b, capr
     int64_t M = b->n_tokens, C = m->cfg.hidden_size;
 
     ops->embed_fwd(m->be, ctx->x, b->tokens, &m->embed, M);
+    for (int32_t i = 0; b->embd_row && i < b->n_tokens; i++) {
+        if (b->embd_row[i] >= 0) {
+            memcpy(ctx->x + (size_t)i * (size_t)C, b->embd + (size_t)b->embd_row[i] * (size_t)C, (size_t)C * sizeof(float));
+        }
+    }
     for (int32_t l = 0; l < m->cfg.n_layers; l++) {
         attention_block(ctx, l, b);
         mlp_block(ctx, l, M);

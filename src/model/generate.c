@@ -57,7 +57,7 @@ static caprl_status prefill(caprl_context *ctx, gen_state *g, const int32_t *pro
             g->seq_ids[i] = seq;
             g->want[i] = (start + i == len - 1);
         }
-        caprl_batch b = {n, g->tokens, g->seq_ids, g->want};
+        caprl_batch b = {.n_tokens = n, .tokens = g->tokens, .seq_ids = g->seq_ids, .want_logits = g->want};
         CAPRL_TRY(caprl_context_decode(ctx, &b, err));
     }
     return CAPRL_OK;
@@ -158,7 +158,7 @@ caprl_status caprl_generate(caprl_context *ctx, const int32_t *const *prompts, c
             if (n == 0) {
                 continue;
             }
-            caprl_batch b = {n, g.tokens, g.seq_ids, g.want};
+            caprl_batch b = {.n_tokens = n, .tokens = g.tokens, .seq_ids = g.seq_ids, .want_logits = g.want};
             st = caprl_context_decode(ctx, &b, err);
             for (int32_t r = 0; r < n && st == CAPRL_OK; r++) {
                 int32_t  seq = g.seq_ids[r];

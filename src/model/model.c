@@ -56,12 +56,14 @@ void model_build_param_table(caprl_model *m) {
     m->params = caprl_xcalloc((size_t)cap, sizeof *m->params);
     m->vector_dtypes = caprl_xcalloc((size_t)cap, sizeof *m->vector_dtypes);
     m->layers = caprl_xcalloc((size_t)c->n_layers, sizeof *m->layers);
-    int32_t n = 0;
-    char    name[CAPRL_PARAM_NAME_CAP];
-    add_matrix(m, &n, "model.embed_tokens.weight", &m->embed, V, C);
+    int32_t     n = 0;
+    char        name[CAPRL_PARAM_NAME_CAP];
+    const char *pre = m->text_prefix ? m->text_prefix : "model.";
+    snprintf(name, sizeof name, "%sembed_tokens.weight", pre);
+    add_matrix(m, &n, name, &m->embed, V, C);
     for (int32_t l = 0; l < c->n_layers; l++) {
         layer_weights *lw = &m->layers[l];
-#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
+#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "%slayers.%d.%s", pre, l, suffix), name)
         add_vector(m, &n, LAYER_NAME("input_layernorm.weight"), &lw->input_norm, C);
         add_matrix(m, &n, LAYER_NAME("self_attn.q_proj.weight"), &lw->q, qd, C);
         add_vector(m, &n, LAYER_NAME("self_attn.q_proj.bias"), &lw->q_bias, qd);
@@ -76,7 +78,8 @@ void model_build_param_table(caprl_model *m) {
         add_matrix(m, &n, LAYER_NAME("mlp.down_proj.weight"), &lw->down, C, F);
 #undef LAYER_NAME
     }
-    add_vector(m, &n, "model.norm.weight", &m->final_norm, C);
+    snprintf(name, sizeof name, "%snorm.weight", pre);
+    add_vector(m, &n, name, &m->final_norm, C);
     if (!m->tied) {
         add_matrix(m, &n, "lm_head.weight", &m->lm_head, V, C);
     }
@@ -152,6 +155,10 @@ static caprl_status check_extra_tensors(const caprl_model *m, const caprl_safete
         bool                   known = false;
         for (int32_t p = 0; p < m->n_params && !known; p++) {
             known = strcmp(m->params[p].name, t->name) == 0;
+        }
+        if (!known && m->cfg.is_vl &&
+            (strncmp(t->name, "visual.", 7) == 0 || strncmp(t->name, "model.visual.", 13) == 0)) {
+            known = true; /* the vision tower's, loaded by caprl_vision_load */
         }
         if (!known && m->tied && strcmp(t->name, "lm_head.weight") == 0) {
             /* transformers ties lm_head to the embedding after loading, so a stored copy is ignored there too */
@@ -230,6 +237,11 @@ static size_t owned_bytes_needed(const caprl_model *m, const caprl_st_tensor *co
 
 static caprl_status load_weights(caprl_model *m, const char *dir, caprl_error *err) {
     CAPRL_TRY(caprl_safetensors_open_dir(&m->st, dir, err));
+    /* Qwen2.5-VL checkpoints re-saved by newer transformers keep the text stack under model.language_model. */
+    if (m->cfg.is_vl && caprl_safetensors_find(m->st, "model.language_model.embed_tokens.weight")) {
+        m->text_prefix = "model.language_model.";
+    }
+    model_build_param_table(m);
     CAPRL_TRY(check_extra_tensors(m, m->st, dir, err));
     const uint32_t          mask = (1u << CAPRL_DTYPE_F32) | (1u << CAPRL_DTYPE_BF16) | (1u << CAPRL_DTYPE_F16);
     const caprl_st_tensor **found = caprl_xcalloc((size_t)m->n_params, sizeof *found);
@@ -324,7 +336,6 @@ caprl_status caprl_model_load(caprl_model **out, const char *dir, const caprl_mo
     free(cfg_path);
     if (st == CAPRL_OK) {
         m->tied = m->cfg.tie_word_embeddings;
-        model_build_param_table(m);
         st = load_weights(m, dir, err);
     }
     if (st == CAPRL_OK) {

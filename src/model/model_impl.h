@@ -48,6 +48,7 @@ struct caprl_model {
 
     param_desc *params;
     int32_t     n_params;
+    const char *text_prefix; /* "model." or, in re-saved Qwen2.5-VL checkpoints, "model.language_model." */
 
     caprl_safetensors *st;        /* keeps the mapped checkpoint alive; NULL for random init */
     void              *owned;     /* matrices not backed by the mapping (random init, F16 widened) */
@@ -85,6 +86,8 @@ struct caprl_context {
     int32_t *kv_len;  /* (M) keys visible to the token (causal) */
     int32_t *logit_rows; /* (R) batch index of each logits row */
     int32_t *batch_count; /* (S) scratch: tokens per sequence in the current batch */
+    int32_t *rope_delta;  /* (S) M-RoPE: position = cache index + delta for tokens without explicit positions */
+    int32_t *pos3;        /* (3, M) M-RoPE position ids of the batch (VL models) */
     int32_t  n_logits;
 };
 

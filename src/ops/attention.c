@@ -1,8 +1,9 @@
 /* Attention forward (spec/qwen.md §2.6) for M query rows with GQA: query head h reads KV head h / (Hq / Hkv).
  * Per (m, h): s_i = dot(q, k_i) * scale for the kv_len[m] rows starting at kv_row0[m]; p_i = exp(s_i - max s);
  * out = (sum_i p_i v_i) * (1 / sum_i p_i), all in f32. Each (m, h) is computed by one thread in a fixed order
- * (dot products: 8 lanes over D and one tree, the same for 1 or 4 keys at a time; sums over i in 8 lanes and one tree; P.V: one sequential chain
- * over i per output element), so results do not depend on M or on the thread count. Units u = m * Hq + h are
+ * (dot products: 8 lanes over D and one tree, the same for 1 or 4 keys at a time; sums over i: 8 lanes and one
+ * tree; P.V: one sequential chain over i per output element), so results do not depend on M or on the thread
+ * count. Units u = m * Hq + h are
  * split into contiguous ranges of equal work (causal rows have very different kv_len). A row with kv_len 0
  * gives zeros. */
 #include <stdlib.h>

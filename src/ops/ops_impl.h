@@ -67,6 +67,9 @@ void caprl_op_attn(caprl_cpu_ctx *c, float *out, const float *q, const float *k,
                    int64_t Hkv, int64_t D, float scale);
 void caprl_op_swiglu(caprl_cpu_ctx *c, float *out, const float *gate, const float *up, int64_t n);
 void caprl_op_add(caprl_cpu_ctx *c, float *acc, const float *x, int64_t n);
+void caprl_op_gelu(caprl_cpu_ctx *c, float *out, const float *in, int64_t n);
+void caprl_op_rope_sect(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
+                        const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D);
 
 /* ---- exp ---------------------------------------------------------------------------------------------------
  * Cephes-style expf: n = rint(x log2e), r = x - n ln2 (two-part constant), a degree-5 polynomial, then the

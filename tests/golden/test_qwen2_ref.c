@@ -44,7 +44,7 @@ static void check_variant(const char *name) {
     int32_t seq[64] = {0};
     int8_t  want[64];
     memset(want, 1, sizeof want);
-    caprl_batch b = {T, ids, seq, want};
+    caprl_batch b = {.n_tokens = T, .tokens = ids, .seq_ids = seq, .want_logits = want};
     CHECK_OK(caprl_context_decode(ctx, &b, &err), &err);
     double scale = 1.0, max_diff = 0.0;
     for (int i = 0; i < T * V; i++) {

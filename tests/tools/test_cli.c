@@ -121,7 +121,7 @@ int main(void) {
         CHECK_OK(caprl_context_init(&ctx, m, &cp, &err), &err);
         int32_t     ids[4] = {9707, 1879, 11, 279}, seq[4] = {0};
         int8_t      want[4] = {1, 1, 1, 1};
-        caprl_batch b = {4, ids, seq, want};
+        caprl_batch b = {.n_tokens = 4, .tokens = ids, .seq_ids = seq, .want_logits = want};
         CHECK_OK(caprl_context_decode(ctx, &b, &err), &err);
         float *dumped = malloc((size_t)4 * 151936 * 4);
         snprintf(path, sizeof path, "%s/logits.bin", tmp);

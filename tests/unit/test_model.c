@@ -213,7 +213,7 @@ static float *forward_all(caprl_model *m, const int32_t *ids, int T) {
     int32_t *seq = calloc((size_t)T, sizeof(int32_t));
     int8_t  *want = malloc((size_t)T);
     memset(want, 1, (size_t)T);
-    caprl_batch b = {T, ids, seq, want};
+    caprl_batch b = {.n_tokens = T, .tokens = ids, .seq_ids = seq, .want_logits = want};
     CHECK_OK(caprl_context_decode(ctx, &b, &err), &err);
     int    V = caprl_model_config(m)->vocab_size;
     float *out = malloc((size_t)T * V * sizeof(float));
@@ -277,12 +277,12 @@ static void check_cache_and_batching(const char *dir) {
     CHECK_OK(caprl_context_init(&ctx, m, &cp, &err), &err);
     /* prefill 8 tokens, then 4 single-token steps */
     int32_t seq0[12] = {0};
-    caprl_batch pre = {8, k_ids, seq0, NULL};
+    caprl_batch pre = {.n_tokens = 8, .tokens = k_ids, .seq_ids = seq0, .want_logits = NULL};
     CHECK_OK(caprl_context_decode(ctx, &pre, &err), &err);
     CHECK(caprl_context_n_logits(ctx) == 1);
     CHECK(memcmp(caprl_context_logits(ctx, 0), full + 7 * V, (size_t)V * sizeof(float)) == 0);
     for (int t = 8; t < 12; t++) {
-        caprl_batch one = {1, &k_ids[t], seq0, NULL};
+        caprl_batch one = {.n_tokens = 1, .tokens = &k_ids[t], .seq_ids = seq0, .want_logits = NULL};
         CHECK_OK(caprl_context_decode(ctx, &one, &err), &err);
         CHECK_MSG(memcmp(caprl_context_logits(ctx, 0), full + (size_t)t * V, (size_t)V * sizeof(float)) == 0,
                   "cached decode differs from full recomputation at position %d", t);
@@ -301,7 +301,7 @@ static void check_cache_and_batching(const char *dir) {
             toks[n] = k_ids[(t * 5) % 12], seqs[n++] = 2;
         }
     }
-    caprl_batch mixed = {n, toks, seqs, NULL};
+    caprl_batch mixed = {.n_tokens = n, .tokens = toks, .seq_ids = seqs, .want_logits = NULL};
     CHECK_OK(caprl_context_decode(ctx, &mixed, &err), &err);
     CHECK_EQ_I64(caprl_context_n_logits(ctx), 3);
     int32_t alone1[5], alone2[4];
@@ -319,16 +319,16 @@ static void check_cache_and_batching(const char *dir) {
     /* a sequence copy continues exactly like the original */
     CHECK_OK(caprl_context_seq_copy(ctx, 1, 2, &err), &err);
     int32_t     nxt[2] = {9, 9}, s12[2] = {1, 2};
-    caprl_batch two = {2, nxt, s12, NULL};
+    caprl_batch two = {.n_tokens = 2, .tokens = nxt, .seq_ids = s12, .want_logits = NULL};
     CHECK_OK(caprl_context_decode(ctx, &two, &err), &err);
     CHECK(memcmp(caprl_context_logits(ctx, 0), caprl_context_logits(ctx, 1), (size_t)V * sizeof(float)) == 0);
     /* errors leave the caches untouched */
     int32_t     bad_tok = V, zero = 0;
-    caprl_batch bad = {1, &bad_tok, &zero, NULL};
+    caprl_batch bad = {.n_tokens = 1, .tokens = &bad_tok, .seq_ids = &zero, .want_logits = NULL};
     CHECK(caprl_context_decode(ctx, &bad, &err) == CAPRL_ERR_INVALID_ARG);
     CHECK(strstr(err.msg, "vocabulary") != NULL);
     int32_t     bad_seq = 3;
-    caprl_batch bad2 = {1, &zero, &bad_seq, NULL};
+    caprl_batch bad2 = {.n_tokens = 1, .tokens = &zero, .seq_ids = &bad_seq, .want_logits = NULL};
     CHECK(caprl_context_decode(ctx, &bad2, &err) == CAPRL_ERR_INVALID_ARG);
     CHECK_EQ_I64(caprl_context_seq_len(ctx, 0), 12);
     CHECK_EQ_I64(caprl_context_seq_len(ctx, 1), 6);

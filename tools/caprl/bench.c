@@ -64,7 +64,7 @@ static int run_decode(caprl_context *ctx, int32_t n_seq, int32_t steps, double *
         for (int32_t s = 0; s < n_seq; s++) {
             tokens[s] = (step * 31 + s * 7) % 1000 + 10;
         }
-        caprl_batch b = {n_seq, tokens, seqs, NULL};
+        caprl_batch b = {.n_tokens = n_seq, .tokens = tokens, .seq_ids = seqs, .want_logits = NULL};
         if (caprl_context_decode(ctx, &b, err) != CAPRL_OK) {
             return 1;
         }
@@ -100,7 +100,7 @@ static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int
     double best = 1e30;
     for (int rep = 0; rep < 2 && st == CAPRL_OK; rep++) {
         caprl_context_seq_clear(ctx, -1);
-        caprl_batch b = {T, ids, seq, want};
+        caprl_batch b = {.n_tokens = T, .tokens = ids, .seq_ids = seq, .want_logits = want};
         fprintf(stderr, "bench: %s prefill of %d tokens (run %d of 2)...\n", caprl_dtype_name(dtype), T, rep + 1);
         double t0 = tool_now();
         st = caprl_context_decode(ctx, &b, err);

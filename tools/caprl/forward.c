@@ -87,7 +87,7 @@ int cmd_forward(int argc, char **argv) {
     memset(want, 1, (size_t)cp.n_batch_max);
     for (int64_t start = 0; start < T && st == CAPRL_OK; start += cp.n_batch_max) {
         int32_t     n = (int32_t)(T - start < cp.n_batch_max ? T - start : cp.n_batch_max);
-        caprl_batch b = {n, ids + start, seq, want};
+        caprl_batch b = {.n_tokens = n, .tokens = ids + start, .seq_ids = seq, .want_logits = want};
         st = caprl_context_decode(ctx, &b, &err);
         for (int32_t r = 0; r < n && st == CAPRL_OK; r++) {
             if (fwrite(caprl_context_logits(ctx, r), sizeof(float), (size_t)cfg->vocab_size, out) !=

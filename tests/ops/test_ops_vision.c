@@ -1,0 +1,243 @@
+/* Forward ops added for the Qwen2.5-VL vision tower, against float64 references written here, on every ISA level
+ * this machine has: gelu_fwd (exact erf form) and rope_sect_fwd (sectioned rotary: the vision 2-D layout, the
+ * M-RoPE layout, strided rows, one section equal to rope_fwd bit for bit). Also the determinism contract:
+ * bit-identical results for 1, 2 and 3 threads, the vector path equal to the scalar one, and in-place use.
+ * Tolerances derive from float32 epsilon. */
+#include <float.h>
+
+#include "backend/backend.h"
+#include "backend/gemm_impl.h"
+#include "caprl_test.h"
+#include "ops/ops_impl.h"
+
+#define EPS ((double)FLT_EPSILON)
+
+static uint64_t g_rng = 0x2545F4914F6CDD1Dull;
+
+static float frand(void) { /* uniform in [-1, 1) */
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (float)((double)(g_rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+static float *fvec(int64_t n, float scale) {
+    float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        p[i] = frand() * scale;
+    }
+    return p;
+}
+
+static bool bits_equal(const float *a, const float *b, int64_t n) {
+    return memcmp(a, b, (size_t)n * sizeof(float)) == 0;
+}
+
+enum { N_ISA = 3, N_THR = 3 };
+static caprl_backend *g_be[N_ISA][N_THR];
+static bool           g_have[N_ISA];
+
+static void make_backends(void) {
+    caprl_error err = {0};
+    for (int32_t isa = 0; isa < N_ISA; isa++) {
+        for (int32_t t = 0; t < N_THR; t++) {
+            CHECK_OK(caprl_backend_cpu_init_isa(&g_be[isa][t], t + 1, isa, false, &err), &err);
+        }
+        g_have[isa] = caprl_backend_cpu_isa(g_be[isa][0]) == isa;
+    }
+}
+
+static void free_backends(void) {
+    for (int32_t isa = 0; isa < N_ISA; isa++) {
+        for (int32_t t = 0; t < N_THR; t++) {
+            caprl_backend_free(g_be[isa][t]);
+        }
+    }
+}
+
+/* ---- gelu -------------------------------------------------------------------------------------------------- */
+
+static void test_gelu(void) {
+    int64_t n = 70001; /* several threads' worth, odd */
+    float  *x = fvec(n, 6.0f), *y = malloc((size_t)n * sizeof(float)), *y2 = malloc((size_t)n * sizeof(float));
+    static const float special[] = {0.0f, -0.0f, 1.0f, -1.0f, 10.0f, -10.0f, -30.0f, 1e-30f, 3e38f, -3e38f};
+    memcpy(x, special, sizeof special);
+    x[n - 1] = NAN;
+    x[n - 2] = INFINITY;
+    x[n - 3] = -INFINITY;
+    for (int32_t isa = 0; isa < N_ISA; isa++) {
+        if (!g_have[isa]) {
+            continue;
+        }
+        g_be[isa][0]->ops->gelu_fwd(g_be[isa][0], y, x, n);
+        int bad = 0;
+        for (int64_t i = 0; i < n - 3; i++) {
+            double xi = x[i], want = 0.5 * xi * (1.0 + erf(xi / sqrt(2.0)));
+            /* erff ~1 ulp, three roundings; for x < 0 the 1 + erf cancellation costs |x| eps absolute at most */
+            double tol = 6 * EPS * fabs(want) + 2 * EPS * fabs(xi) * (xi < 0 ? 1.0 : 0.0) + 1e-44;
+            if (!(fabs(y[i] - want) <= tol) && bad++ < 3) {
+                fprintf(stderr, "gelu(%.9g) = %.9g, want %.9g\n", x[i], y[i], want);
+            }
+        }
+        CHECK_MSG(bad == 0, "gelu isa %d: %d wrong", (int)isa, bad);
+        CHECK(y[0] == 0.0f && y[4] == 10.0f && y[6] == 0.0f);
+        CHECK(isnan(y[n - 1]) && y[n - 2] == INFINITY);
+        for (int t = 1; t < N_THR; t++) {
+            g_be[isa][t]->ops->gelu_fwd(g_be[isa][t], y2, x, n);
+            CHECK(bits_equal(y, y2, n));
+        }
+        memcpy(y2, x, (size_t)n * sizeof(float)); /* in place */
+        g_be[isa][1]->ops->gelu_fwd(g_be[isa][1], y2, y2, n);
+        CHECK(bits_equal(y, y2, n));
+        if (isa > 0) {
+            g_be[0][0]->ops->gelu_fwd(g_be[0][0], y2, x, n);
+            CHECK(bits_equal(y, y2, n));
+        }
+    }
+    free(x);
+    free(y);
+    free(y2);
+}
+
+/* ---- sectioned rotary -------------------------------------------------------------------------------------- */
+
+typedef struct sect_case {
+    int64_t        M, H, D, stride;
+    int32_t        n_sec;
+    const int32_t *sections;
+    float          theta;
+    bool           restart; /* frequencies restart per section (the vision table) */
+} sect_case;
+
+static int check_sect(const sect_case *c, const float *x, const float *y, const int32_t *pos, const float *inv) {
+    int     bad = 0;
+    int64_t half = c->D / 2;
+    for (int64_t m = 0; m < c->M; m++) {
+        for (int64_t h = 0; h < c->H; h++) {
+            const float *xr = x + m * c->stride + h * c->D;
+            const float *yr = y + m * c->stride + h * c->D;
+            int32_t      s = 0, end = c->sections[0];
+            for (int64_t j = 0; j < half; j++) {
+                while (j >= end) {
+                    end += c->sections[++s];
+                }
+                float  angle = (float)pos[s * c->M + m] * inv[j]; /* the f32 angle rule */
+                double cs = cos((double)angle), sn = sin((double)angle);
+                double a = xr[j], b = xr[j + half];
+                double tol = 4 * EPS * (fabs(a) + fabs(b)) + 1e-30;
+                bad += !(fabs(yr[j] - (a * cs - b * sn)) <= tol);
+                bad += !(fabs(yr[j + half] - (b * cs + a * sn)) <= tol);
+            }
+        }
+        /* the gap between the heads and the next row is left alone */
+        for (int64_t g = c->H * c->D; g < c->stride; g++) {
+            bad += y[m * c->stride + g] != x[m * c->stride + g];
+        }
+    }
+    return bad;
+}
+
+static void run_sect_case(const sect_case *c) {
+    int64_t  half = c->D / 2, n = c->M * c->stride;
+    float   *inv = malloc((size_t)half * sizeof(float));
+    int32_t *pos = malloc((size_t)(c->n_sec * c->M + 1) * sizeof(int32_t));
+    int64_t  j = 0;
+    for (int32_t s = 0; s < c->n_sec; s++) {
+        for (int32_t i = 0; i < c->sections[s]; i++, j++) {
+            int64_t fi = c->restart ? i : j, dim = c->restart ? 2 * c->sections[s] : c->D;
+            inv[j] = 1.0f / powf(c->theta, (float)(2 * fi) / (float)dim);
+        }
+    }
+    for (int64_t i = 0; i < c->n_sec * c->M; i++) {
+        pos[i] = (int32_t)((frand() + 1.0f) * 2000.0f);
+    }
+    pos[0] = 0; /* the zero angle (one spare entry when M = 0) */
+    float *x = fvec(n, 1.0f), *y = malloc((size_t)n * sizeof(float)), *y2 = malloc((size_t)n * sizeof(float));
+    for (int32_t isa = 0; isa < N_ISA; isa++) {
+        if (!g_have[isa]) {
+            continue;
+        }
+        memcpy(y, x, (size_t)n * sizeof(float));
+        g_be[isa][0]->ops->rope_sect_fwd(g_be[isa][0], y, c->stride, pos, inv, c->sections, c->n_sec, c->M, c->H,
+                                         c->D);
+        int bad = check_sect(c, x, y, pos, inv);
+        CHECK_MSG(bad == 0, "rope_sect isa %d M=%lld H=%lld D=%lld stride=%lld sections=%d: %d wrong", (int)isa,
+                  (long long)c->M, (long long)c->H, (long long)c->D, (long long)c->stride, (int)c->n_sec, bad);
+        for (int t = 1; t < N_THR; t++) {
+            memcpy(y2, x, (size_t)n * sizeof(float));
+            g_be[isa][t]->ops->rope_sect_fwd(g_be[isa][t], y2, c->stride, pos, inv, c->sections, c->n_sec, c->M,
+                                             c->H, c->D);
+            CHECK(bits_equal(y, y2, n));
+        }
+        if (isa > 0) { /* no fused operations: every ISA level gives the scalar bits */
+            memcpy(y2, x, (size_t)n * sizeof(float));
+            g_be[0][0]->ops->rope_sect_fwd(g_be[0][0], y2, c->stride, pos, inv, c->sections, c->n_sec, c->M, c->H,
+                                           c->D);
+            CHECK(bits_equal(y, y2, n));
+        }
+    }
+    free(inv);
+    free(pos);
+    free(x);
+    free(y);
+    free(y2);
+}
+
+static void test_rope_sect(void) {
+    static const int32_t vis80[] = {20, 20}, vis16[] = {4, 4}, vis8[] = {2, 2}, mrope[] = {16, 24, 24};
+    static const int32_t odd[] = {1, 0, 5, 3}, one12[] = {6};
+    const sect_case      cases[] = {
+        /* vision: head_dim 80 (the 3B tower), q and k rotated inside a fused qkv row (stride 3 C, 2 H heads) */
+        {.M = 37, .H = 2 * 16, .D = 80, .stride = 3 * 16 * 80, .n_sec = 2, .sections = vis80, .theta = 1e4f,
+              .restart = true},
+        {.M = 300, .H = 4, .D = 16, .stride = 3 * 2 * 16, .n_sec = 2, .sections = vis16, .theta = 1e4f, .restart = true},
+        {.M = 5, .H = 1, .D = 8, .stride = 8, .n_sec = 2, .sections = vis8, .theta = 1e4f, .restart = true},
+        /* M-RoPE: head_dim 128, sections (t, h, w) = (16, 24, 24), global frequency index */
+        {.M = 23, .H = 3, .D = 128, .stride = 3 * 128, .n_sec = 3, .sections = mrope, .theta = 1e6f},
+        /* an empty section and uneven ones */
+        {.M = 9, .H = 2, .D = 18, .stride = 40, .n_sec = 4, .sections = odd, .theta = 1e4f},
+        {.M = 0, .H = 2, .D = 12, .stride = 24, .n_sec = 1, .sections = one12, .theta = 1e4f},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        run_sect_case(&cases[i]);
+    }
+}
+
+/* With a single section and contiguous rows, rope_sect_fwd is rope_fwd. */
+static void test_rope_sect_equals_rope(void) {
+    int64_t  M = 29, H = 3, D = 64, n = M * H * D;
+    int32_t  sec[1] = {(int32_t)(D / 2)};
+    float   *inv = malloc((size_t)(D / 2) * sizeof(float));
+    int32_t *pos = malloc((size_t)M * sizeof(int32_t));
+    for (int64_t j = 0; j < D / 2; j++) {
+        inv[j] = 1.0f / powf(1e6f, (float)(2 * j) / (float)D);
+    }
+    for (int64_t m = 0; m < M; m++) {
+        pos[m] = (int32_t)(m * 977 % 30011);
+    }
+    float *x = fvec(n, 1.0f), *a = malloc((size_t)n * sizeof(float)), *b = malloc((size_t)n * sizeof(float));
+    for (int32_t isa = 0; isa < N_ISA; isa++) {
+        if (!g_have[isa]) {
+            continue;
+        }
+        memcpy(a, x, (size_t)n * sizeof(float));
+        memcpy(b, x, (size_t)n * sizeof(float));
+        g_be[isa][1]->ops->rope_fwd(g_be[isa][1], a, pos, inv, M, H, D);
+        g_be[isa][1]->ops->rope_sect_fwd(g_be[isa][1], b, H * D, pos, inv, sec, 1, M, H, D);
+        CHECK_MSG(bits_equal(a, b, n), "rope_sect with one section differs from rope (isa %d)", (int)isa);
+    }
+    free(inv);
+    free(pos);
+    free(x);
+    free(a);
+    free(b);
+}
+
+int main(void) {
+    make_backends();
+    test_gelu();
+    test_rope_sect();
+    test_rope_sect_equals_rope();
+    free_backends();
+    return test_finish("test_ops_vision");
+}
