@@ -1,0 +1,41 @@
+/* Qwen2.5-VL glue between the vision tower and the text decoder (spec/qwen.md §3.9-§3.11, §5.8): the chat
+ * prompt with image placeholders, expansion of <|image_pad|> to one token per merged patch, and the M-RoPE
+ * position ids with their rope delta. Pure functions, thread-safe. */
+#ifndef CAPRL_VLM_H
+#define CAPRL_VLM_H
+
+#include "caprl/caprl.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Qwen2.5-VL's default system prompt (chat_template.json). */
+#define CAPRL_QWEN25VL_DEFAULT_SYSTEM "You are a helpful assistant."
+
+/* One user turn holding n_images images (each "<|vision_start|><|image_pad|><|vision_end|>") followed by text,
+ * then the assistant prompt, as Qwen2.5-VL's chat template renders it. system NULL: the default system turn;
+ * "" : no system turn. *out: caprl_free. */
+CAPRL_API caprl_status caprl_vl_render_prompt(const char *text, int32_t n_images, const char *system, char **out,
+                                              caprl_error *err);
+
+/* Replaces the k-th image_token_id of ids by n_tokens[k] copies (the processor's expansion). A prompt whose pad
+ * runs already have the expanded lengths is copied unchanged. Any other number of pads than n_images (or runs
+ * that match neither form) is CAPRL_ERR_INVALID_ARG. *out is malloc'd (caprl_free). */
+CAPRL_API caprl_status caprl_vl_expand_image_pads(const int32_t *ids, int64_t n, int32_t image_token_id,
+                                                  const int64_t *n_tokens, int32_t n_images, int32_t **out,
+                                                  int64_t *n_out, caprl_error *err);
+
+/* M-RoPE position ids (HF get_rope_index, still images): pos is (3, n) as t, h, w rows. Text tokens get
+ * (s, s, s) with s counting on; the k-th run of image_token_id (grid_thw[3k..3k+2] in patches, merge the
+ * spatial merge size) gets (st, st + i, st + j) over its merged grid, and the next text starts at
+ * st + max(grid_h, grid_w) / merge. *rope_delta = max position + 1 - n: later tokens sit at cache index + delta. */
+CAPRL_API caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, int32_t image_token_id,
+                                                const int32_t *grid_thw, int32_t n_images, int32_t merge,
+                                                int32_t *pos, int32_t *rope_delta, caprl_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CAPRL_VLM_H */
