@@ -26,6 +26,8 @@ typedef struct gen_state {
     int32_t *tokens;   /* (n_batch) */
     int32_t *seq_ids;  /* (n_batch) */
     int8_t  *want;     /* (n_batch) */
+    int32_t *embd_row; /* (n_batch) chunk of a VL prompt's embedding rows */
+    int32_t *mrope;    /* (3, n_batch) chunk of a VL prompt's positions */
 } gen_state;
 
 static void gen_state_free(gen_state *g) {
@@ -36,6 +38,8 @@ static void gen_state_free(gen_state *g) {
     free(g->tokens);
     free(g->seq_ids);
     free(g->want);
+    free(g->embd_row);
+    free(g->mrope);
 }
 
 static bool is_eos(const int32_t *eos, int32_t n_eos, int32_t tok) {
@@ -47,9 +51,10 @@ static bool is_eos(const int32_t *eos, int32_t n_eos, int32_t tok) {
     return false;
 }
 
-/* Prefills prompt p into sequence seq, in chunks; the logits of its last token end up as row 0. */
-static caprl_status prefill(caprl_context *ctx, gen_state *g, const int32_t *prompt, int64_t len, int32_t seq,
-                            int32_t n_batch_max, caprl_error *err) {
+/* Prefills a prompt into sequence seq, in chunks; the logits of its last token end up as row 0. A VL prompt's
+ * embedding rows and M-RoPE positions are sliced per chunk. */
+static caprl_status prefill(caprl_context *ctx, gen_state *g, const int32_t *prompt, int64_t len,
+                            const caprl_prompt_vision *vis, int32_t seq, int32_t n_batch_max, caprl_error *err) {
     for (int64_t start = 0; start < len; start += n_batch_max) {
         int32_t n = (int32_t)(len - start < n_batch_max ? len - start : n_batch_max);
         for (int32_t i = 0; i < n; i++) {
@@ -58,13 +63,30 @@ static caprl_status prefill(caprl_context *ctx, gen_state *g, const int32_t *pro
             g->want[i] = (start + i == len - 1);
         }
         caprl_batch b = {.n_tokens = n, .tokens = g->tokens, .seq_ids = g->seq_ids, .want_logits = g->want};
+        if (vis && vis->embd_row) {
+            memcpy(g->embd_row, vis->embd_row + start, (size_t)n * sizeof(int32_t));
+            b.embd = vis->embd;
+            b.n_embd = vis->n_embd;
+            b.embd_row = g->embd_row;
+        }
+        if (vis && vis->mrope_pos) {
+            for (int32_t c = 0; c < 3; c++) {
+                memcpy(g->mrope + (size_t)c * (size_t)n, vis->mrope_pos + (size_t)c * (size_t)len + (size_t)start,
+                       (size_t)n * sizeof(int32_t));
+            }
+            b.mrope_pos = g->mrope;
+        }
         CAPRL_TRY(caprl_context_decode(ctx, &b, err));
+    }
+    if (vis) {
+        caprl_context_set_rope_delta(ctx, seq, vis->rope_delta);
     }
     return CAPRL_OK;
 }
 
 caprl_status caprl_generate(caprl_context *ctx, const int32_t *const *prompts, const int64_t *prompt_lens,
-                            int32_t n_prompts, const caprl_generate_params *params, caprl_token_fn on_token,
+                            int32_t n_prompts, const caprl_prompt_vision *vision, const caprl_generate_params *params,
+                            caprl_token_fn on_token,
                             void *user_data, int32_t *finish, int32_t *n_generated, caprl_error *err) {
     caprl_generate_params gp = params ? *params : caprl_generate_default_params();
     const caprl_model    *m = ctx->m;
@@ -106,6 +128,8 @@ caprl_status caprl_generate(caprl_context *ctx, const int32_t *const *prompts, c
     g.tokens = caprl_xmalloc((size_t)n_batch * sizeof(int32_t));
     g.seq_ids = caprl_xmalloc((size_t)n_batch * sizeof(int32_t));
     g.want = caprl_xmalloc((size_t)n_batch * sizeof(int8_t));
+    g.embd_row = caprl_xmalloc((size_t)n_batch * sizeof(int32_t));
+    g.mrope = caprl_xmalloc((size_t)n_batch * 3 * sizeof(int32_t));
 
     caprl_context_seq_clear(ctx, -1);
     caprl_status st = CAPRL_OK;
@@ -113,7 +137,7 @@ caprl_status caprl_generate(caprl_context *ctx, const int32_t *const *prompts, c
     /* Prefill each prompt, then sample the first token of each of its samples from the same logits. */
     for (int32_t p = 0; p < n_prompts && st == CAPRL_OK; p++) {
         int32_t seq0 = p * gp.n_samples;
-        st = prefill(ctx, &g, prompts[p], prompt_lens[p], seq0, n_batch, err);
+        st = prefill(ctx, &g, prompts[p], prompt_lens[p], vision ? &vision[p] : NULL, seq0, n_batch, err);
         for (int32_t k = 0; k < gp.n_samples && st == CAPRL_OK; k++) {
             int32_t seq = seq0 + k;
             if (k > 0) {

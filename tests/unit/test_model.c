@@ -365,7 +365,7 @@ static void generate_with(caprl_model *m, collected *out, int32_t *finish) {
     gp.sampling.seed = 99;
     gp.sampling.temperature = 1.5f;
     memset(out, 0, sizeof *out);
-    CHECK_OK(caprl_generate(ctx, prompts, lens, 2, &gp, collect, out, finish, NULL, &err), &err);
+    CHECK_OK(caprl_generate(ctx, prompts, lens, 2, NULL, &gp, collect, out, finish, NULL, &err), &err);
     caprl_context_free(ctx);
 }
 

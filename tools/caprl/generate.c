@@ -211,7 +211,7 @@ int cmd_generate(int argc, char **argv) {
         ss.text_cap = 4096;
         ss.text = malloc(ss.text_cap);
         const int32_t *prompts[1] = {ids};
-        st = caprl_generate(ctx, prompts, &n_ids, 1, &gp, on_token, &ss, finish, NULL, &err);
+        st = caprl_generate(ctx, prompts, &n_ids, 1, NULL, &gp, on_token, &ss, finish, NULL, &err);
     }
     if (st == CAPRL_OK) {
         for (int32_t i = 0; i < n; i++) {
