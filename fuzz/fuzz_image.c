@@ -41,7 +41,7 @@ static void check_preprocess(const caprl_image *img) {
         return;
     }
     int32_t oh = 0, ow = 0;
-    FUZZ_REQUIRE(caprl_image_preprocess_size(img->width, img->height, &cfg, &oh, &ow, &err) == CAPRL_OK);
+    FUZZ_REQUIRE(caprl_image_preprocess_size(img->width, img->height, &cfg, &ow, &oh, &err) == CAPRL_OK);
     FUZZ_REQUIRE(grid[0] == 1 && grid[1] * 14 == oh && grid[2] * 14 == ow && n == (int64_t)grid[1] * grid[2]);
     FUZZ_REQUIRE((int64_t)oh * ow <= cfg.max_pixels && oh % 28 == 0 && ow % 28 == 0);
     for (int64_t i = 0; i < n * 1176; i++) {

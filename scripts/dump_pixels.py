@@ -174,6 +174,10 @@ def make_pngs(out, rng):
     write_png(f"{out}/interlaced_gray2.png", 9, 11, 0, 2, [[(noise(2),) for x in range(9)] for y in range(11)],
               interlace=True)
     files.append("interlaced_gray2.png")
+    # low-depth gray with tRNS: libpng must not turn the tRNS into alpha (Pillow keeps mode L)
+    write_png(f"{out}/gray4_trns.png", 9, 11, 0, 4, [[(noise(4),) for x in range(9)] for y in range(11)],
+              trns=struct.pack(">H", 5))
+    files.append("gray4_trns.png")
     write_png(f"{out}/px1.png", 1, 1, 6, 8, [[(10, 20, 30, 40)]])
     files.append("px1.png")
     return files
@@ -320,7 +324,8 @@ def main():
               ("rgb8.png", "white", 3136, 1003520, (6272, 12845056)),
               ("gray16.png", "drop", 3136, 3136, (3136, 12845056))]
     with open(f"{out}/preprocess.txt", "w") as man:
-        man.write("# file alpha min max fetch_min fetch_max variant t h w n_floats fnv1a64  (numpy, HF slow processor)\n")
+        man.write("# file alpha min max fetch_min fetch_max variant t h w n_floats fnv1a64"
+                  "  (numpy, HF slow processor)\n")
         for f, alpha, mn, mx, fetch in pcases:
             im = Image.open(f"{out}/{f}")
             rgb = to_rgb_qwen_vl_utils(im) if alpha == "white" else im.convert("RGB")

@@ -152,9 +152,10 @@ CAPRL_API caprl_status caprl_preprocess_config_load(caprl_preprocess_config *cfg
 /* Checks ranges (sizes positive, std > 0, finite values, known variant). */
 CAPRL_API caprl_status caprl_preprocess_config_check(const caprl_preprocess_config *cfg, caprl_error *err);
 
-/* Computes the target (height, width) of the preprocessed image (both smart_resize stages of the pipeline). */
+/* The size caprl_image_preprocess resizes a width x height image to (both smart_resize stages of the pipeline);
+ * grid_thw = {1, out_height / patch_size, out_width / patch_size}. */
 CAPRL_API caprl_status caprl_image_preprocess_size(int32_t width, int32_t height, const caprl_preprocess_config *cfg,
-                                                   int32_t *out_height, int32_t *out_width, caprl_error *err);
+                                                   int32_t *out_width, int32_t *out_height, caprl_error *err);
 
 /* Runs the whole processor on one RGB8 image: resize (Pillow bicubic, skipped when the size is unchanged),
  * rescale float32(double(u8) * rescale_factor), normalize float32(float32(x - mean) / std) with float32

@@ -75,6 +75,16 @@ typedef struct caprl_backend_ops {
      * cos/sin in f32 and the rotation as in rope_fwd. With one section it equals rope_fwd bit for bit. */
     void (*rope_sect_fwd)(caprl_backend *be, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
                           const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D);
+
+    /* Non-causal attention within segments, head-major (Qwen2.5-VL vision windows and frames, §3.7). q, k, v and
+     * out are (H, N, D): head h's rows at offset h * N * D. seg (n_seg + 1) are non-decreasing row boundaries with
+     * seg[0] = 0 and seg[n_seg] = N; a query row in [seg[s], seg[s+1]) attends to the key rows of that range:
+     * softmax(scale * q k^T) v in f32, max-subtracted. out must not alias the inputs. Each query's arithmetic is
+     * independent of the other segments, of N and of the thread count (a segment gives the same bits alone or in a
+     * batch). Unlike attn_fwd it shares every pass over the keys among several queries of a head, which is what
+     * long full-attention segments need. */
+    void (*attn_seg_fwd)(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
+                         const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
 } caprl_backend_ops;
 
 struct caprl_backend {

@@ -92,6 +92,11 @@ static void cpu_rope_sect_fwd(caprl_backend *be, float *x, int64_t x_stride, con
     caprl_op_rope_sect(ctx_of(be), x, x_stride, pos, inv_freq, sections, n_sections, M, H, D);
 }
 
+static void cpu_attn_seg_fwd(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
+                             const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale) {
+    caprl_op_attn_seg(ctx_of(be), out, q, k, v, seg, n_seg, N, H, D, scale);
+}
+
 static caprl_status cpu_weight_prepare(caprl_backend *be, caprl_weight *w, caprl_error *err) {
     return caprl_gemm_prepare(ctx_of(be), w, err);
 }
@@ -115,6 +120,7 @@ static const caprl_backend_ops k_cpu_ops = {
     .weight_release = cpu_weight_release,
     .gelu_fwd = cpu_gelu_fwd,
     .rope_sect_fwd = cpu_rope_sect_fwd,
+    .attn_seg_fwd = cpu_attn_seg_fwd,
 };
 
 /* ---- init / free ---------------------------------------------------------------------------------------- */

@@ -3,12 +3,17 @@
  * f32 kernels (scalar, AVX2, AVX-512) are dot-product kernels: a micro-tile of MR rows of `in` times NR rows
  * of W keeps one vector accumulator per output, runs k = 0..K-1 in vector steps (lane l of the accumulator sees
  * k = l, l + VL, l + 2 VL, ...), handles the K tail with one zero-padded step, reduces the lanes with one fixed
- * tree and then adds the bias. Every tile shape (main 4 x NR, edges 4 x 1, 1 x 6, 1 x 1) performs exactly
+ * tree and then adds the bias. Every tile shape (main MR x NR, edges MR x 1, 1 x 6, 1 x 1) performs exactly
  * those operations for each output, so an output's value depends only on its input row, its weight row and the
- * ISA level: not on M, on the tiling, or on the thread that computes it. Threads get contiguous ranges of
- * (weight block, row block) jobs; K is never split. bf16 weights are widened exactly (bits << 16), either on the
- * fly (few rows: memory bound) or once per weight block into the thread's scratch (many rows: the f32 kernel then
- * runs at full speed); both give the same products.
+ * ISA level: not on M, on the tiling, or on the thread that computes it. Long K runs in L1-sized chunks with
+ * the vector accumulators parked in memory between chunks, which changes no value either.
+ *
+ * Work split: jobs are (weight block of nblk rows, row block of MBLK rows), weight-block-major, and threads get
+ * contiguous ranges of jobs; K is never split. A weight block is sized to about half of L2. Inside a job, large
+ * row blocks let each group of MR input rows (in L1) sweep the weight block (in L2); small ones (decode batches,
+ * M <= 16) take each weight tile from memory once and apply it to every row group while it sits in L1.
+ * bf16 weights are widened exactly (bits << 16), in registers for small row blocks, or once per weight block into
+ * the thread's scratch for large ones (the f32 kernel then runs at full speed); both give the same products.
  *
  * AMX path (prepared bf16 weights on a machine with AMX-BF16): activations rounded to bf16 (nearest even),
  * weights packed once into VNNI tile panels, 16 x 16 f32 tiles accumulated over K in 32-wide steps. Each output
@@ -22,19 +27,19 @@
 #include "core/error_impl.h"
 
 enum {
-    MR_AVX2 = 4,         /* AVX2 tile: rows of `in` (measured best of 4x3, 3x4, 6x2, 5x2, 2x6 on Zen 3) */
-    NR_AVX2 = 3,         /* AVX2 tile: weight rows */
-    MR_AVX512 = 4,       /* AVX-512 tile */
+    MR_AVX2 = 4,           /* AVX2 tile: rows of `in` (measured best of 4x3, 3x4, 6x2, 5x2, 2x6 on Zen 3) */
+    NR_AVX2 = 3,           /* AVX2 tile: weight rows */
+    MR_AVX512 = 4,         /* AVX-512 tile (4 x 6 and 6 x 4 measured equal on Sapphire Rapids) */
     NR_AVX512 = 6,
-    MBLK = 60,           /* rows of `in` per job (a multiple of every MR) */
-    NR_ALIGN = 12,       /* weight blocks are multiples of every NR (and of the single-row path's 6) */
-    JOBS_PER_THREAD = 4, /* at least this many jobs per thread when the shape allows (balance) */
+    MBLK = 60,             /* rows of `in` per job (a multiple of every MR) */
+    NR_ALIGN = 12,         /* weight blocks are multiples of every NR (and of the single-row path's 6) */
+    JOBS_PER_THREAD = 4,   /* at least this many jobs per thread when the shape allows (balance) */
     KC_MIN_CHUNKED = 1024, /* K up to this runs in one pass (measured: chunking costs more than it saves) */
-    KC_AVX2 = 768,       /* longest K chunk: 4 input rows (12 KB) + 3 weight rows (9 KB) fit a 32 KB L1 */
-    KC_AVX512 = 1024,    /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
-    SMALL_M = 16,        /* blocks of at most this many rows take each weight tile from memory once (and widen
-                          * bf16 in registers); larger blocks widen a bf16 weight block once into scratch */
-    NBLK_CHUNKED = 60,   /* most weight rows per job when K is chunked (bounds the parked accumulators) */
+    KC_AVX2 = 768,         /* longest K chunk: 4 input rows (12 KB) + 3 weight rows (9 KB) fit a 32 KB L1 */
+    KC_AVX512 = 1024,      /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
+    SMALL_M = 16,          /* row blocks up to this take each weight tile from memory once (and widen bf16 in
+                            * registers); larger ones widen a bf16 weight block once into scratch */
+    NBLK_CHUNKED = 60,     /* most weight rows per job when K is chunked (bounds the parked accumulators) */
 };
 
 /* One job's block of the product: out rows [0, mrows) x columns [0, ncols), pointers already offset to it. */
@@ -60,10 +65,10 @@ typedef struct gemm_task {
     const float   *in;   /* (M, K) */
     const void    *w;    /* (N, K) f32 or bf16 */
     bool           wbf16;
-    bool           widen; /* bf16 blocks widened into scratch before the f32 kernel */
-    bool           chunk; /* K runs in chunks, accumulators parked at the start of the thread's scratch */
+    bool           widen;     /* bf16 blocks widened into scratch before the f32 kernel */
+    bool           chunk;     /* K runs in chunks, accumulators parked at the start of the thread's scratch */
     int64_t        st_floats; /* the parked-accumulator area; a widened block follows it */
-    const float   *bias; /* (N) or NULL */
+    const float   *bias;      /* (N) or NULL */
     int64_t        M, N, K;
     int64_t        nblk;      /* weight rows per job */
     int64_t        n_mblocks; /* row blocks per weight block */
@@ -140,10 +145,10 @@ static CAPRL_AVX2_INLINE void store_row_avx2(const int nr, float *out, const __m
     }
 }
 
-/* One mr x nr tile (mr <= 4, nr <= 6) over k in [k0, k1); called with constant shapes so the loops unroll into
+/* One mr x nr tile (mr, nr <= 6) over k in [k0, k1); called with constant shapes so the loops unroll into
  * registers. first: start from zero (else from the parked state st, accumulator (i, j) at st + (i lds + j) VL);
  * last: reduce and store (else park the accumulators in st). pf: weight rows to prefetch at the same k (the next
- * tile of the single-row path), or NULL. */
+ * tile, on the paths that stream weights from memory), or NULL. */
 static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
                                         const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
                                         int64_t ldw, const float *bias, float *st, int64_t lds, bool first,
@@ -653,7 +658,7 @@ typedef struct amx_task {
     const float    *in;   /* (M, K) */
     const amx_pack *p;
     const float    *bias; /* (N) or NULL */
-    int64_t         M, N, K, m_pad;
+    int64_t         M, N, K;
     int64_t         nblk, n_mblocks;
 } amx_task;
 
@@ -805,7 +810,7 @@ static bool gemm_amx(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     }
     amx_task t = {
         .out = out, .a = a, .in = in, .p = p, .bias = bias,
-        .M = M, .N = w->rows, .K = w->cols, .m_pad = m_pad,
+        .M = M, .N = w->rows, .K = w->cols,
         .nblk = nblk, .n_mblocks = n_mblocks,
     };
     caprl_parallel_for(c->pool, m_pad, amx_convert_rows, &t);

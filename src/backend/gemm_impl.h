@@ -10,7 +10,11 @@
  * caprl_gemm_prepare, the operands are rounded to bf16 and multiplied on the tile unit (f32 accumulation);
  * otherwise the f32 kernels of c->isa run, widening bf16 weights exactly. Either way every output row is a
  * function of its input row alone (bit-identical for any M, N blocking and thread count). */
-void caprl_gemm(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,
+void caprl_gemm(caprl_cpu_ctx *c,
+                float *out,            /* (M, N) */
+                const float *in,       /* (M, K) */
+                const caprl_weight *w, /* (N, K) */
+                const float *bias,     /* (N) or NULL */
                 int64_t M);
 
 /* Packs a bf16 weight into AMX tile panels when c->amx (sets w->packed); a no-op otherwise. */

@@ -13,9 +13,9 @@
  *   anything else -> Pillow refuses ("cannot handle N-layer images"); so do we (CAPRL_ERR_UNSUPPORTED).
  *
  * A file that ends early, even just before its EOI marker, is an error (Pillow raises "image file is truncated"
- * unless LOAD_TRUNCATED_IMAGES is set): libjpeg's "Premature end of JPEG file" warning, which it emits before padding the data with a fake EOI,
- * is fatal here. Other corrupt-data warnings are not fatal, as in Pillow; the first is logged. Progressive files
- * with an absurd number of scans (a known CPU-exhaustion pattern) are refused.
+ * unless LOAD_TRUNCATED_IMAGES is set): libjpeg's "Premature end of JPEG file" warning, which it emits before
+ * padding the data with a fake EOI, is fatal here. Other corrupt-data warnings are not fatal, as in Pillow; the
+ * first is logged. Progressive files with an absurd number of scans (a known CPU-exhaustion pattern) are refused.
  *
  * error_exit longjmps back into caprl_jpeg_decode (it must never return or exit); the locals changed after
  * setjmp are volatile. */

@@ -9,6 +9,7 @@
  *   normalize: float32 (x - mean) then float32 division by std, mean and std cast to float32 first.
  * Rescale + normalize depend only on (channel, byte), so they are tabulated: 3 x 256 floats computed once.
  * This file is compiled with -ffp-contract=off (CMakeLists.txt) so no multiply-add is fused. */
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -138,10 +139,12 @@ caprl_status caprl_preprocess_config_check(const caprl_preprocess_config *c, cap
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "preprocess config: rescale_factor is not finite");
     }
     for (int i = 0; i < 3; i++) {
-        if (!isfinite(c->image_mean[i]) || !isfinite(c->image_std[i]) || !((float)c->image_std[i] > 0.0f)) {
+        /* numpy uses them as float32: they must stay finite there too */
+        if (!(fabs(c->image_mean[i]) <= (double)FLT_MAX) || !(c->image_std[i] <= (double)FLT_MAX) ||
+            !((float)c->image_std[i] > 0.0f)) {
             return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
-                                 "preprocess config: image_mean[%d] = %g / image_std[%d] = %g (std must be > 0 in "
-                                 "float32)",
+                                 "preprocess config: image_mean[%d] = %g / image_std[%d] = %g (both finite in float32, "
+                                 "std > 0)",
                                  i, c->image_mean[i], i, c->image_std[i]);
         }
     }
@@ -314,7 +317,7 @@ caprl_status caprl_preprocess_config_load(caprl_preprocess_config *cfg, const ch
 /* ---- the processor ---------------------------------------------------------------------------------------- */
 
 caprl_status caprl_image_preprocess_size(int32_t width, int32_t height, const caprl_preprocess_config *cfg,
-                                         int32_t *out_height, int32_t *out_width, caprl_error *err) {
+                                         int32_t *out_width, int32_t *out_height, caprl_error *err) {
     CAPRL_TRY(caprl_preprocess_config_check(cfg, err));
     const int32_t factor = cfg->patch_size * cfg->merge_size;
     int64_t       h = height, w = width;

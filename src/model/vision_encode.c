@@ -8,11 +8,11 @@
  *   z = fc2(gelu(fc1(rmsnorm_q(x) viewed as (N/U, U Cv))))        (N/U, out_hidden)
  *   out[window_index[k]] = z[k]                                  back to raster order
  *
- * Attention runs head by head on head-major copies of q, k and v: the attention kernel then reads one head's
- * keys for a whole run of queries (one image's keys per head fit in L2 for full-attention blocks, where a
- * row-major walk would stream every head's keys from memory for every query row). Every op partitions its
- * outputs, and a row's values depend only on its own segment, so results are bit-identical for any thread
- * count and for images encoded together or alone. */
+ * Attention uses head-major copies of q, k and v and the segment kernel (attn_seg_fwd), which shares each pass
+ * over a head's keys among a tile of queries: full-attention blocks over thousands of patches would otherwise
+ * stream every head's keys from memory once per query. Every op partitions its outputs, and a row's values depend
+ * only on its own segment, so results are bit-identical for any thread count and for images encoded together or
+ * alone. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -156,10 +156,10 @@ typedef struct vision_run {
     int32_t      *cu;            /* (T + 1) cu_window_seqlens */
     int32_t      *pos;           /* (2, N) hpos then wpos of each row, window order */
     int32_t      *pos_in;        /* (2, N) the same in input order */
-    int64_t      *row0_full;     /* (N) first row of the row's frame */
-    int32_t      *len_full;      /* (N) rows in the row's frame */
-    int64_t      *row0_win;      /* (N) first row of the row's window */
-    int32_t      *len_win;       /* (N) rows in the row's window */
+    int64_t      *seg_full;      /* (n_full + 1) frame boundaries, rows */
+    int64_t      *seg_win;       /* (n_win + 1) window boundaries, rows (cu_window_seqlens) */
+    int64_t       n_frames;      /* frames over all images */
+    int64_t       n_full, n_win; /* segments */
     void         *block;         /* the one allocation */
 } vision_run;
 
@@ -170,8 +170,8 @@ static caprl_status plan_run(vision_run *r, caprl_error *err) {
     int64_t big = 6 * N * C;
     big = 2 * N * r->F > big ? 2 * N * r->F : big;
     big = r->T * (UC + c->out_hidden_size) > big ? r->T * (UC + c->out_hidden_size) : big;
-    /* element counts, in allocation order: floats, int64 rows, int32 indices */
-    const int64_t counts[3] = {3 * N * C + big, 2 * N, 2 * r->T + 1 + 4 * N + 2 * N};
+    /* element counts, in allocation order: floats, int64 segment bounds, int32 indices */
+    const int64_t counts[3] = {3 * N * C + big, r->n_frames + 1 + r->T + 1, 2 * r->T + 1 + 4 * N};
     const size_t  esize[3] = {sizeof(float), sizeof(int64_t), sizeof(int32_t)};
     size_t        off[3], total = 0;
     for (int i = 0; i < 3; i++) {
@@ -195,15 +195,13 @@ static caprl_status plan_run(vision_run *r, caprl_error *err) {
     r->tmp = f + 2 * N * C;
     r->big = f + 3 * N * C;
     int64_t *l = (int64_t *)(void *)(b + off[1]);
-    r->row0_full = l;
-    r->row0_win = l + N;
+    r->seg_full = l;
+    r->seg_win = l + r->n_frames + 1;
     int32_t *s = (int32_t *)(void *)(b + off[2]);
     r->win = s;
     r->cu = s + r->T;
     r->pos = s + 2 * r->T + 1;
     r->pos_in = r->pos + 2 * N;
-    r->len_full = r->pos_in + 2 * N;
-    r->len_win = r->len_full + N;
     return CAPRL_OK;
 }
 
@@ -229,25 +227,22 @@ static void input_positions(const vision_run *r, const int32_t *grid_thw, int32_
     }
 }
 
-/* Attention segments for every row in window order: frames (contiguous after reordering, since each image's
- * windows are listed frame by frame) and windows (from cu_window_seqlens). */
-static void segments(const vision_run *r, const int32_t *grid_thw, int32_t n_images, int32_t n_cu) {
-    int64_t a = 0;
+/* Attention segments in window order: frames (HF cu_seqlens; contiguous after reordering, since each image's
+ * windows are listed frame by frame) and windows (cu_window_seqlens). */
+static void segments(vision_run *r, const int32_t *grid_thw, int32_t n_images, int32_t n_cu) {
+    int64_t a = 0, f = 0;
+    r->seg_full[0] = 0;
     for (int32_t i = 0; i < n_images; i++) {
-        int64_t len = (int64_t)grid_thw[3 * i + 1] * grid_thw[3 * i + 2];
-        for (int32_t t = 0; t < grid_thw[3 * i]; t++, a += len) {
-            for (int64_t m = a; m < a + len; m++) {
-                r->row0_full[m] = a;
-                r->len_full[m] = (int32_t)len;
-            }
+        for (int32_t t = 0; t < grid_thw[3 * i]; t++) {
+            a += (int64_t)grid_thw[3 * i + 1] * grid_thw[3 * i + 2];
+            r->seg_full[++f] = a;
         }
     }
-    for (int32_t w = 0; w + 1 < n_cu; w++) {
-        for (int64_t m = r->cu[w]; m < r->cu[w + 1]; m++) {
-            r->row0_win[m] = r->cu[w];
-            r->len_win[m] = r->cu[w + 1] - r->cu[w];
-        }
+    r->n_full = f;
+    for (int32_t w = 0; w < n_cu; w++) {
+        r->seg_win[w] = r->cu[w];
     }
+    r->n_win = n_cu - 1;
 }
 
 /* Patch embedding, then rows (and their positions) in window order. */
@@ -296,12 +291,8 @@ static void attention(const vision_run *r, const vision_block *b, bool full) {
     /* q and k heads are adjacent in a qkv row: rotate them as 2H heads in one call */
     ops->rope_sect_fwd(be, qkv, 3 * C, r->pos, v->rope_freq, sections, 2, N, 2 * H, D);
     split_heads(heads, qkv, N, H, D);
-    const int64_t *row0 = full ? r->row0_full : r->row0_win;
-    const int32_t *len = full ? r->len_full : r->len_win;
-    for (int64_t h = 0; h < H; h++) {
-        ops->attn_fwd(be, r->tmp + h * N * D, heads + h * N * D, heads + (H + h) * N * D, heads + (2 * H + h) * N * D,
-                      row0, len, D, N, 1, 1, D, scale);
-    }
+    ops->attn_seg_fwd(be, r->tmp, heads, heads + N * C, heads + 2 * N * C, full ? r->seg_full : r->seg_win,
+                      full ? r->n_full : r->n_win, N, H, D, scale);
     merge_heads(r->xn, r->tmp, N, H, D);
     ops->matmul_fwd(be, r->tmp, r->xn, &b->proj, b->proj_bias, N);
     ops->add_fwd(be, r->x, r->tmp, N * C);
@@ -350,13 +341,16 @@ caprl_status caprl_vision_encode(caprl_vision *v, const float *pixel_values, int
     if (!pixel_values || !out) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "vision: pixel_values and out must not be NULL");
     }
-    CAPRL_ASSERT(v->be->ops->rope_sect_fwd && v->be->ops->gelu_fwd);
+    CAPRL_ASSERT(v->be->ops->rope_sect_fwd && v->be->ops->gelu_fwd && v->be->ops->attn_seg_fwd);
     r.v = v;
     r.C = c->hidden_size;
     r.F = c->intermediate_size;
     r.H = c->num_heads;
     r.D = v->head_dim;
     r.U = (int64_t)c->spatial_merge_size * c->spatial_merge_size;
+    for (int32_t i = 0; i < n_images; i++) {
+        r.n_frames += grid_thw[3 * i];
+    }
     CAPRL_TRY(plan_run(&r, err));
     int32_t n_cu = vision_window_order(c, grid_thw, n_images, r.win, r.cu);
     input_positions(&r, grid_thw, n_images);

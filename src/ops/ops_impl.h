@@ -57,19 +57,61 @@ void *caprl_cpu_shared_reserve(caprl_cpu_ctx *c, size_t bytes);
 
 /* ---- forward kernels (semantics: backend/backend.h) -------------------------------------------------------- */
 
-void caprl_op_embed(caprl_cpu_ctx *c, float *out, const int32_t *ids, const caprl_weight *table, int64_t M);
-void caprl_op_rmsnorm(caprl_cpu_ctx *c, float *out, const float *in, const float *weight, int64_t M, int64_t C,
-                      float eps);
-void caprl_op_rope(caprl_cpu_ctx *c, float *x, const int32_t *pos, const float *inv_freq, int64_t M, int64_t H,
-                   int64_t D);
-void caprl_op_attn(caprl_cpu_ctx *c, float *out, const float *q, const float *k, const float *v,
-                   const int64_t *kv_row0, const int32_t *kv_len, int64_t kv_stride, int64_t M, int64_t Hq,
-                   int64_t Hkv, int64_t D, float scale);
-void caprl_op_swiglu(caprl_cpu_ctx *c, float *out, const float *gate, const float *up, int64_t n);
-void caprl_op_add(caprl_cpu_ctx *c, float *acc, const float *x, int64_t n);
+void caprl_op_embed(caprl_cpu_ctx *c,
+                    float *out,                /* (M, C) */
+                    const int32_t *ids,        /* (M) */
+                    const caprl_weight *table, /* (V, C) f32 or bf16 */
+                    int64_t M);
+void caprl_op_rmsnorm(caprl_cpu_ctx *c,
+                      float *out,          /* (M, C), may alias in */
+                      const float *in,     /* (M, C) */
+                      const float *weight, /* (C) */
+                      int64_t M, int64_t C, float eps);
+void caprl_op_rope(caprl_cpu_ctx *c,
+                   float *x,              /* (M, H, D), in place */
+                   const int32_t *pos,    /* (M) */
+                   const float *inv_freq, /* (D / 2) */
+                   int64_t M, int64_t H, int64_t D);
+void caprl_op_attn(caprl_cpu_ctx *c,
+                   float *out,             /* (M, Hq, D) */
+                   const float *q,         /* (M, Hq, D) */
+                   const float *k,         /* rows of kv_stride floats, (Hkv, D) of each used */
+                   const float *v,         /* rows of kv_stride floats, (Hkv, D) of each used */
+                   const int64_t *kv_row0, /* (M) */
+                   const int32_t *kv_len,  /* (M) */
+                   int64_t kv_stride, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, float scale);
+void caprl_op_swiglu(caprl_cpu_ctx *c,
+                     float *out,        /* (n), may alias gate or up */
+                     const float *gate, /* (n) */
+                     const float *up,   /* (n) */
+                     int64_t n);
+void caprl_op_add(caprl_cpu_ctx *c,
+                  float *acc,     /* (n) */
+                  const float *x, /* (n) */
+                  int64_t n);
+void caprl_op_gelu(caprl_cpu_ctx *c,
+                   float *out,      /* (n), may alias in */
+                   const float *in, /* (n) */
+                   int64_t n);
+void caprl_op_rope_sect(caprl_cpu_ctx *c,
+                        float *x,               /* rows of x_stride floats, (H, D) of each used, in place */
+                        int64_t x_stride,
+                        const int32_t *pos,      /* (n_sections, M) */
+                        const float *inv_freq,   /* (D / 2) */
+                        const int32_t *sections, /* (n_sections) pairs per section, summing to D / 2 */
+                        int32_t n_sections, int64_t M, int64_t H, int64_t D);
+void caprl_op_attn_seg(caprl_cpu_ctx *c,
+                       float *out,         /* (H, N, D) */
+                       const float *q,     /* (H, N, D) */
+                       const float *k,     /* (H, N, D) */
+                       const float *v,     /* (H, N, D) */
+                       const int64_t *seg, /* (n_seg + 1) segment row boundaries */
+                       int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
 void caprl_op_gelu(caprl_cpu_ctx *c, float *out, const float *in, int64_t n);
 void caprl_op_rope_sect(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
                         const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D);
+void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float *kt, const float *v,
+                       const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
 
 /* ---- exp ---------------------------------------------------------------------------------------------------
  * Cephes-style expf: n = rint(x log2e), r = x - n ln2 (two-part constant), a degree-5 polynomial, then the

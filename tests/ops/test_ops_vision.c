@@ -1,8 +1,10 @@
 /* Forward ops added for the Qwen2.5-VL vision tower, against float64 references written here, on every ISA level
- * this machine has: gelu_fwd (exact erf form) and rope_sect_fwd (sectioned rotary: the vision 2-D layout, the
- * M-RoPE layout, strided rows, one section equal to rope_fwd bit for bit). Also the determinism contract:
- * bit-identical results for 1, 2 and 3 threads, the vector path equal to the scalar one, and in-place use.
- * Tolerances derive from float32 epsilon. */
+ * this machine has: gelu_fwd (exact erf form), rope_sect_fwd (sectioned rotary: the vision 2-D layout, the M-RoPE
+ * layout, strided rows, one section equal to rope_fwd bit for bit) and attn_seg_fwd (segment attention: lengths
+ * around the tile and panel sizes, odd head dims, large logits). Also the determinism contract: bit-identical
+ * results for 1, 2 and 3 threads, a segment computed alone equal to the same segment in a batch, the vector path
+ * equal to the scalar one where no reduction is involved, and in-place use. Tolerances derive from float32
+ * epsilon. */
 #include <float.h>
 
 #include "backend/backend.h"
@@ -233,11 +235,117 @@ static void test_rope_sect_equals_rope(void) {
     free(b);
 }
 
+/* ---- segment attention ------------------------------------------------------------------------------------- */
+
+/* out (H, N, D) against float64, with attn_fwd's error model: score errors (D + 2) eps sum|q k| scale perturb each
+ * p_i relatively by twice that (plus exp's few ulp), and the sums add L roundings. */
+static int check_attn_seg(const float *out, const float *q, const float *k, const float *v, const int64_t *seg,
+                          int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale) {
+    int     bad = 0;
+    double *p = malloc((size_t)(N + 1) * sizeof(double));
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t s = 0; s < n_seg; s++) {
+            int64_t a = seg[s], L = seg[s + 1] - a;
+            for (int64_t m = a; m < seg[s + 1]; m++) {
+                const float *qv = q + (h * N + m) * D;
+                double       mx = -INFINITY, sum = 0, ds_max = 0, vmax = 0;
+                for (int64_t i = 0; i < L; i++) {
+                    const float *kr = k + (h * N + a + i) * D;
+                    double       d0 = 0, sa = 0;
+                    for (int64_t d = 0; d < D; d++) {
+                        d0 += (double)qv[d] * kr[d];
+                        sa += fabs((double)qv[d] * kr[d]);
+                    }
+                    p[i] = d0 * scale;
+                    mx = fmax(mx, p[i]);
+                    ds_max = fmax(ds_max, ((double)D + 2) * EPS * sa * scale);
+                    for (int64_t d = 0; d < D; d++) {
+                        vmax = fmax(vmax, fabs(v[(h * N + a + i) * D + d]));
+                    }
+                }
+                for (int64_t i = 0; i < L; i++) {
+                    p[i] = exp(p[i] - mx);
+                    sum += p[i];
+                }
+                double tol = (4 * ds_max + 8 * EPS + ((double)L + 4) * EPS) * vmax + 1e-30;
+                for (int64_t d = 0; d < D; d++) {
+                    double want = 0;
+                    for (int64_t i = 0; i < L; i++) {
+                        want += p[i] * v[(h * N + a + i) * D + d];
+                    }
+                    want /= sum;
+                    double got = out[(h * N + m) * D + d];
+                    if (!(fabs(got - want) <= tol) && bad++ < 3) {
+                        fprintf(stderr, "attn_seg h=%lld m=%lld d=%lld: %.9g want %.9g tol %.3g\n", (long long)h,
+                                (long long)m, (long long)d, got, want, tol);
+                    }
+                }
+            }
+        }
+    }
+    free(p);
+    return bad;
+}
+
+static void test_attn_seg(void) {
+    /* segment lengths around the tile (8) and panel (64) sizes, an empty segment, and one long segment */
+    static const int64_t lens[] = {1, 7, 8, 9, 0, 63, 64, 65, 16, 130, 3};
+    static const int64_t ds[] = {80, 16, 12, 5, 33};
+    const int64_t        n_seg = (int64_t)(sizeof lens / sizeof lens[0]), H = 3;
+    int64_t              seg[sizeof lens / sizeof lens[0] + 1];
+    seg[0] = 0;
+    for (int64_t s = 0; s < n_seg; s++) {
+        seg[s + 1] = seg[s] + lens[s];
+    }
+    int64_t N = seg[n_seg];
+    for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
+        int64_t D = ds[di], n = H * N * D;
+        float   scale = (float)(1.0 / sqrt((double)D));
+        /* large logits in one case, so the max subtraction matters */
+        float *q = fvec(n, di == 1 ? 12.0f : 1.0f), *k = fvec(n, di == 1 ? 12.0f : 1.0f), *v = fvec(n, 1.0f);
+        float *o = malloc((size_t)n * sizeof(float)), *o2 = malloc((size_t)n * sizeof(float));
+        for (int32_t isa = 0; isa < N_ISA; isa++) {
+            if (!g_have[isa]) {
+                continue;
+            }
+            g_be[isa][0]->ops->attn_seg_fwd(g_be[isa][0], o, q, k, v, seg, n_seg, N, H, D, scale);
+            int bad = check_attn_seg(o, q, k, v, seg, n_seg, N, H, D, scale);
+            CHECK_MSG(bad == 0, "attn_seg isa %d D=%lld: %d wrong", (int)isa, (long long)D, bad);
+            for (int t = 1; t < N_THR; t++) {
+                g_be[isa][t]->ops->attn_seg_fwd(g_be[isa][t], o2, q, k, v, seg, n_seg, N, H, D, scale);
+                CHECK_MSG(bits_equal(o, o2, n), "attn_seg isa %d D=%lld: %d threads differ", (int)isa, (long long)D,
+                          t + 1);
+            }
+            /* segment 9 (130 rows) alone: the same bits as inside the batch */
+            int64_t a = seg[9], L = lens[9], one[2] = {0, L};
+            float  *qa = malloc((size_t)(H * L * D) * sizeof(float)), *ka = malloc((size_t)(H * L * D) * sizeof(float));
+            float  *va = malloc((size_t)(H * L * D) * sizeof(float)), *oa = malloc((size_t)(H * L * D) * sizeof(float));
+            for (int64_t h = 0; h < H; h++) {
+                memcpy(qa + h * L * D, q + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+                memcpy(ka + h * L * D, k + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+                memcpy(va + h * L * D, v + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+            }
+            g_be[isa][1]->ops->attn_seg_fwd(g_be[isa][1], oa, qa, ka, va, one, 1, L, H, D, scale);
+            bool same = true;
+            for (int64_t h = 0; h < H; h++) {
+                same = same && bits_equal(oa + h * L * D, o + (h * N + a) * D, L * D);
+            }
+            CHECK_MSG(same, "attn_seg isa %d D=%lld: a segment alone differs from the batch", (int)isa, (long long)D);
+            free(qa), free(ka), free(va), free(oa);
+        }
+        free(q), free(k), free(v), free(o), free(o2);
+    }
+    /* no rows at all */
+    int64_t z[2] = {0, 0};
+    g_be[0][1]->ops->attn_seg_fwd(g_be[0][1], NULL, NULL, NULL, NULL, z, 1, 0, 2, 8, 1.0f);
+}
+
 int main(void) {
     make_backends();
     test_gelu();
     test_rope_sect();
     test_rope_sect_equals_rope();
+    test_attn_seg();
     free_backends();
     return test_finish("test_ops_vision");
 }

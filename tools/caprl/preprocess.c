@@ -63,6 +63,11 @@ int cmd_preprocess(int argc, char **argv) {
     } else {
         return tool_usage_error(info.name, "--alpha must be 'white' or 'drop', not '%s'", alpha);
     }
+    struct stat st_out;
+    if (stat(out_path, &st_out) == 0 && !S_ISREG(st_out.st_mode)) {
+        /* the output is replaced by rename(): never do that to a device or a directory */
+        return tool_usage_error(info.name, "--dump-pixels %s exists and is not a regular file", out_path);
+    }
     struct stat st_dir;
     if (stat(model_dir, &st_dir) != 0 || !S_ISDIR(st_dir.st_mode)) {
         fprintf(stderr, "caprl %s: error: %s: not a directory\n", info.name, model_dir);

@@ -1,0 +1,387 @@
+/* Non-causal attention within segments, head-major (the Qwen2.5-VL vision windows and frames, spec/qwen.md §3.7).
+ * q, k, v, out are (H, N, D); a query row in [seg[s], seg[s+1]) attends to the key rows of that range:
+ *   s_i = dot(q, k_i) * scale,  p_i = exp(s_i - max s),  out = (sum_i p_i v_i) * (1 / sum_i p_i)   (f32)
+ *
+ * Why not attn_fwd: that kernel walks one query at a time through all its keys, so a full-attention block over
+ * ~4000 patches streams a head's 1.3 MB of keys and values from L3 for every query. Here:
+ * - the keys of every segment are first packed, per head, into panels of SEG_BK keys transposed to (D, SEG_BK)
+ *   (zero-padded past the segment's end): O(N D) work against O(N L D) for the products, and each panel is one
+ *   contiguous 20 KB block (D = 80) instead of D rows a whole head apart;
+ * - a tile of 8 queries of one head shares every pass over a panel and its SEG_BK value rows, which stay in L1
+ *   while both 4-query halves and every column chunk use them;
+ * - both products are broadcast-FMA micro-kernels (4 queries x 16 keys for the scores, 4 queries x 16 columns for
+ *   P.V) with no horizontal sums, loading 6 values per 8 FMAs.
+ *
+ * Determinism: every query's arithmetic is fixed whatever tile, panel or thread it lands in: a score is one FMA
+ * chain over d = 0..D-1; the softmax sum one 8-lane chain over the keys in order and one tree; each output element
+ * one FMA chain over the keys in order (an accumulator parked in memory between panels is the same float). A short
+ * tile repeats its last query and drops the copies; padded keys get scores that are never read. So results are
+ * bit-identical for any thread count and for a segment computed in any batch. The scalar path (no AVX2) reads k
+ * directly in its own fixed order. Units (head, tile) are split into contiguous ranges of about equal work. */
+#include <stdlib.h>
+
+#include "core/error_impl.h"
+#include "ops/ops_impl.h"
+
+enum {
+    SEG_TQ = 8,        /* queries per tile */
+    SEG_BK = 64,       /* keys per panel */
+    SEG_UNIT_COST = 8, /* per-tile overhead in key-equivalents, for the work split */
+    SEG_INLINE_WORK = 32768,
+};
+
+typedef struct seg_tile {
+    int64_t row0;  /* first query row */
+    int64_t a;     /* first key row of its segment */
+    int64_t panel; /* first key panel of its segment (within a head) */
+    int32_t nq;    /* queries, 1..SEG_TQ */
+    int32_t L;     /* keys in its segment */
+} seg_tile;
+
+typedef struct seg_task {
+    caprl_cpu_ctx  *c;
+    float          *out; /* (H, N, D) */
+    const float    *q;   /* (H, N, D) */
+    const float    *k;   /* (H, N, D) */
+    const float    *v;   /* (H, N, D) */
+    float          *kp;  /* (H, n_panels, D, SEG_BK) packed keys; NULL on the scalar path */
+    int64_t         N, D;
+    float           scale;
+    const seg_tile *tiles; /* (n_tiles) the tiles of one head */
+    int64_t         n_tiles;
+    const int64_t  *seg;   /* (n_seg + 1) */
+    int64_t         n_seg;
+    int64_t         n_panels; /* per head */
+    const int64_t  *bounds;   /* (n_threads + 1) unit boundaries, unit = h * n_tiles + tile */
+    int64_t         lp_max;   /* score row stride: longest segment rounded up to SEG_BK */
+} seg_task;
+
+/* ---- scalar --------------------------------------------------------------------------------------------- */
+
+static void query_scalar(const seg_task *t, const float *qv, const float *kb, const float *vb, int64_t L, float *o,
+                         float *sc) {
+    int64_t D = t->D;
+    float   mx = -INFINITY;
+    for (int64_t i = 0; i < L; i++) {
+        float s = 0.0f;
+        for (int64_t d = 0; d < D; d++) {
+            s += qv[d] * kb[i * D + d];
+        }
+        sc[i] = s * t->scale;
+        mx = sc[i] > mx ? sc[i] : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < L; i++) {
+        sc[i] = caprl_expf_ref(sc[i] - mx);
+        sum += sc[i];
+    }
+    for (int64_t d = 0; d < D; d++) {
+        o[d] = 0.0f;
+    }
+    for (int64_t i = 0; i < L; i++) {
+        for (int64_t d = 0; d < D; d++) {
+            o[d] += sc[i] * vb[i * D + d];
+        }
+    }
+    float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; d++) {
+        o[d] *= inv;
+    }
+}
+
+static void tile_scalar(const seg_task *t, int64_t h, const seg_tile *tl, float *sc) {
+    int64_t      D = t->D, base = h * t->N;
+    const float *kb = t->k + (base + tl->a) * D, *vb = t->v + (base + tl->a) * D;
+    for (int32_t i = 0; i < tl->nq; i++) {
+        int64_t row = base + tl->row0 + i;
+        query_scalar(t, t->q + row * D, kb, vb, tl->L, t->out + row * D, sc);
+    }
+}
+
+/* ---- packing -------------------------------------------------------------------------------------------- */
+
+/* Head h's keys, segment by segment, into (D, SEG_BK) panels: kp[(panel * D + d) * SEG_BK + j] = key j of the
+ * panel, component d; zeros past the segment's end. */
+static void pack_heads(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
+    (void)tid;
+    const seg_task *t = ctx;
+    int64_t         D = t->D;
+    for (int64_t h = h0; h < h1; h++) {
+        float *p = t->kp + h * t->n_panels * D * SEG_BK;
+        for (int64_t s = 0; s < t->n_seg; s++) {
+            for (int64_t a = t->seg[s]; a < t->seg[s + 1]; a += SEG_BK, p += D * SEG_BK) {
+                int64_t n = t->seg[s + 1] - a < SEG_BK ? t->seg[s + 1] - a : SEG_BK;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *kr = t->k + (h * t->N + a + j) * D;
+                    for (int64_t d = 0; d < D; d++) {
+                        p[d * SEG_BK + j] = kr[d];
+                    }
+                }
+                for (int64_t d = 0; d < D; d++) {
+                    for (int64_t j = n; j < SEG_BK; j++) {
+                        p[d * SEG_BK + j] = 0.0f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- AVX2 ----------------------------------------------------------------------------------------------- */
+
+#if CAPRL_X86
+/* Scores of 4 queries against the SEG_BK keys of one panel: sc[q * lp + j], one FMA chain over d per score. */
+static CAPRL_AVX2_INLINE void scores_panel_avx2(float *sc, int64_t lp, const float *const *qr, const float *panel,
+                                                int64_t D, __m256 scale) {
+    for (int64_t j = 0; j < SEG_BK; j += 16) {
+        __m256 acc[4][2];
+#    pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            acc[q][0] = _mm256_setzero_ps();
+            acc[q][1] = _mm256_setzero_ps();
+        }
+        for (int64_t d = 0; d < D; d++) {
+            __m256 k0 = _mm256_loadu_ps(panel + d * SEG_BK + j), k1 = _mm256_loadu_ps(panel + d * SEG_BK + j + 8);
+#    pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) {
+                __m256 qd = _mm256_broadcast_ss(qr[q] + d);
+                acc[q][0] = _mm256_fmadd_ps(qd, k0, acc[q][0]);
+                acc[q][1] = _mm256_fmadd_ps(qd, k1, acc[q][1]);
+            }
+        }
+#    pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            _mm256_storeu_ps(sc + q * lp + j, _mm256_mul_ps(acc[q][0], scale));
+            _mm256_storeu_ps(sc + q * lp + j + 8, _mm256_mul_ps(acc[q][1], scale));
+        }
+    }
+}
+
+/* Softmax numerators of one score row in place (zeros up to the next multiple of 8); returns 1 / sum. */
+static CAPRL_AVX2_INLINE float softmax_row_avx2(float *row, int64_t L) {
+    int64_t L8 = L & ~(int64_t)7;
+    __m256  mv = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < L8; i += 8) { /* a maximum is exact: any grouping gives the same value */
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+    }
+    float mt[8];
+    _mm256_storeu_ps(mt, mv);
+    float mx = -INFINITY;
+    for (int i = 0; i < 8; i++) {
+        mx = mt[i] > mx ? mt[i] : mx;
+    }
+    for (int64_t i = L8; i < L; i++) {
+        mx = row[i] > mx ? row[i] : mx;
+    }
+    __m256 mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
+    for (int64_t i = 0; i < L8; i += 8) {
+        __m256 p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + i), mxv));
+        _mm256_storeu_ps(row + i, p);
+        sumv = _mm256_add_ps(sumv, p);
+    }
+    if (L8 < L) {
+        __m256i m = caprl_mask8_avx2(L - L8);
+        __m256  p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_maskload_ps(row + L8, m), mxv));
+        p = _mm256_and_ps(p, _mm256_castsi256_ps(m));
+        _mm256_storeu_ps(row + L8, p);
+        sumv = _mm256_add_ps(sumv, p);
+    }
+    return 1.0f / caprl_hsum8_avx2(sumv);
+}
+
+/* ob[q][0 .. 8 nv) += sum_{i in [i0, i1)} p_q,i v_i[0 .. 8 nv) for 4 queries, one chain per element. */
+static CAPRL_AVX2_INLINE void pv4_avx2(const int nv, const bool masked, __m256i m, float *ob, int64_t ostride,
+                                       const float *vb, int64_t D, const float *p, int64_t lp, int64_t i0,
+                                       int64_t i1) {
+    __m256 acc[4][2];
+#    pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        for (int j = 0; j < nv; j++) {
+            float *o = ob + q * ostride + 8 * j;
+            acc[q][j] = masked ? _mm256_maskload_ps(o, m) : _mm256_loadu_ps(o);
+        }
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        const float *vr = vb + i * D;
+        __m256       v0 = masked ? _mm256_maskload_ps(vr, m) : _mm256_loadu_ps(vr);
+        __m256       v1 = nv > 1 ? _mm256_loadu_ps(vr + 8) : v0;
+#    pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            __m256 pq = _mm256_broadcast_ss(p + q * lp + i);
+            acc[q][0] = _mm256_fmadd_ps(pq, v0, acc[q][0]);
+            if (nv > 1) {
+                acc[q][1] = _mm256_fmadd_ps(pq, v1, acc[q][1]);
+            }
+        }
+    }
+#    pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        for (int j = 0; j < nv; j++) {
+            float *o = ob + q * ostride + 8 * j;
+            if (masked) {
+                _mm256_maskstore_ps(o, m, acc[q][j]);
+            } else {
+                _mm256_storeu_ps(o, acc[q][j]);
+            }
+        }
+    }
+}
+
+/* One key block of P.V for 4 queries over all of D: 16-wide column chunks, then 8, then a masked rest. */
+static CAPRL_AVX2_INLINE void pv_block_avx2(float *ob, int64_t ostride, const float *vb, int64_t D, const float *p,
+                                            int64_t lp, int64_t i0, int64_t i1) {
+    int64_t d = 0, d8 = D & ~(int64_t)7;
+    __m256i none = _mm256_setzero_si256();
+    for (; d + 16 <= d8; d += 16) {
+        pv4_avx2(2, false, none, ob + d, ostride, vb + d, D, p, lp, i0, i1);
+    }
+    if (d < d8) {
+        pv4_avx2(1, false, none, ob + d, ostride, vb + d, D, p, lp, i0, i1);
+        d += 8;
+    }
+    if (d < D) {
+        pv4_avx2(1, true, caprl_mask8_avx2(D - d), ob + d, ostride, vb + d, D, p, lp, i0, i1);
+    }
+}
+
+static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *tl, float *sc) {
+    int64_t      D = t->D, base = h * t->N, L = tl->L, lp = t->lp_max;
+    const float *panels = t->kp + (h * t->n_panels + tl->panel) * D * SEG_BK;
+    const float *vb = t->v + (base + tl->a) * D;
+    const float *qr[SEG_TQ];
+    float       *ob = sc + SEG_TQ * lp; /* (SEG_TQ, D) unnormalised outputs */
+    float        inv[SEG_TQ];
+    __m256       scale = _mm256_set1_ps(t->scale);
+    for (int q = 0; q < SEG_TQ; q++) {
+        qr[q] = t->q + (base + tl->row0 + (q < tl->nq ? q : tl->nq - 1)) * D;
+    }
+    for (int64_t k0 = 0, b = 0; k0 < L; k0 += SEG_BK, b++) {
+        for (int g = 0; g < SEG_TQ; g += 4) {
+            scores_panel_avx2(sc + g * lp + k0, lp, qr + g, panels + b * D * SEG_BK, D, scale);
+        }
+    }
+    for (int q = 0; q < SEG_TQ; q++) {
+        inv[q] = softmax_row_avx2(sc + q * lp, L);
+    }
+    memset(ob, 0, (size_t)(SEG_TQ * D) * sizeof(float));
+    for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
+        int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;
+        for (int g = 0; g < SEG_TQ; g += 4) {
+            pv_block_avx2(ob + g * D, D, vb, D, sc + g * lp, lp, k0, k1);
+        }
+    }
+    for (int32_t q = 0; q < tl->nq; q++) {
+        float       *o = t->out + (base + tl->row0 + q) * D;
+        const float *src = ob + q * D;
+        __m256       iv = _mm256_set1_ps(inv[q]);
+        int64_t      d = 0;
+        for (; d + 8 <= D; d += 8) {
+            _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), iv));
+        }
+        for (; d < D; d++) {
+            o[d] = src[d] * inv[q];
+        }
+    }
+}
+#endif
+
+/* ---- driver --------------------------------------------------------------------------------------------- */
+
+static void seg_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
+    const seg_task *t = ctx;
+    float          *sc = t->c->threads[tid].buf;
+    for (int64_t u = t->bounds[r0]; u < t->bounds[r1]; u++) {
+        int64_t         h = u / t->n_tiles;
+        const seg_tile *tl = &t->tiles[u % t->n_tiles];
+#if CAPRL_X86
+        if (t->kp) {
+            tile_avx2(t, h, tl, sc);
+            continue;
+        }
+#endif
+        tile_scalar(t, h, tl, sc);
+    }
+}
+
+/* The tiles of one head, in segment order; sets the longest segment and the panels per head. */
+static int64_t make_tiles(seg_tile *tiles, const int64_t *seg, int64_t n_seg, int64_t *max_len, int64_t *n_panels) {
+    int64_t n = 0, panel = 0;
+    *max_len = 0;
+    for (int64_t s = 0; s < n_seg; s++) {
+        int64_t a = seg[s], b = seg[s + 1];
+        *max_len = b - a > *max_len ? b - a : *max_len;
+        for (int64_t r = a; r < b; r += SEG_TQ) {
+            tiles[n].row0 = r;
+            tiles[n].a = a;
+            tiles[n].panel = panel;
+            tiles[n].nq = (int32_t)(b - r < SEG_TQ ? b - r : SEG_TQ);
+            tiles[n].L = (int32_t)(b - a);
+            n++;
+        }
+        panel += (b - a + SEG_BK - 1) / SEG_BK;
+    }
+    *n_panels = panel;
+    return n;
+}
+
+/* Thread r starts at the first unit whose preceding work reaches r / nt of the total. Returns the total. */
+static int64_t split_work(int64_t *bounds, int32_t nt, const seg_tile *tiles, int64_t n_tiles, int64_t H) {
+    int64_t work = 0, units = H * n_tiles, acc = 0, u = 0;
+    for (int64_t i = 0; i < n_tiles; i++) {
+        work += tiles[i].L + SEG_UNIT_COST;
+    }
+    work *= H;
+    bounds[0] = 0;
+    for (int32_t r = 1; r < nt; r++) {
+        int64_t target = work / nt * r + work % nt * r / nt;
+        while (u < units && acc + tiles[u % n_tiles].L + SEG_UNIT_COST <= target) {
+            acc += tiles[u % n_tiles].L + SEG_UNIT_COST;
+            u++;
+        }
+        bounds[r] = u;
+    }
+    bounds[nt] = units;
+    return work;
+}
+
+void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float *k, const float *v,
+                       const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale) {
+    CAPRL_ASSERT(N >= 0 && H > 0 && D > 0 && n_seg >= 0 && seg[0] == 0 && seg[n_seg] == N);
+    for (int64_t s = 0; s < n_seg; s++) {
+        CAPRL_ASSERT(seg[s] <= seg[s + 1] && seg[s + 1] - seg[s] <= INT32_MAX);
+    }
+    if (N == 0) {
+        return;
+    }
+    seg_tile *tiles = caprl_xmalloc((size_t)(N / SEG_TQ + n_seg + 1) * sizeof *tiles);
+    int64_t   max_len = 0, n_panels = 0;
+    int64_t   n_tiles = make_tiles(tiles, seg, n_seg, &max_len, &n_panels);
+    int64_t   lp = (max_len + SEG_BK - 1) / SEG_BK * SEG_BK;
+    if (!caprl_cpu_scratch_reserve(c, (size_t)(SEG_TQ * (lp + D)) * sizeof(float))) {
+        caprl_abort(__FILE__, __LINE__, "out of memory for attention scores (%lld keys)", (long long)max_len);
+    }
+    int32_t  nt = c->n_threads;
+    int64_t  stack_bounds[17];
+    int64_t *bounds = nt < 17 ? stack_bounds : caprl_xmalloc((size_t)(nt + 1) * sizeof(int64_t));
+    int64_t  work = split_work(bounds, nt, tiles, n_tiles, H);
+    seg_task t = {.c = c, .out = out, .q = q, .k = k, .v = v, .N = N, .D = D, .scale = scale, .tiles = tiles,
+                  .n_tiles = n_tiles, .seg = seg, .n_seg = n_seg, .n_panels = n_panels, .bounds = bounds,
+                  .lp_max = lp};
+    if (c->isa >= CAPRL_ISA_AVX2) {
+        size_t bytes = (size_t)(H * n_panels * D * SEG_BK) * sizeof(float);
+        t.kp = caprl_cpu_shared_reserve(c, bytes);
+        if (!t.kp) {
+            caprl_abort(__FILE__, __LINE__, "out of memory for packed attention keys (%zu bytes)", bytes);
+        }
+        caprl_parallel_for(c->pool, H, pack_heads, &t);
+    }
+    if (nt == 1 || work < SEG_INLINE_WORK / D) {
+        seg_range(&t, 0, nt, 0);
+    } else {
+        caprl_parallel_for(c->pool, nt, seg_range, &t);
+    }
+    if (bounds != stack_bounds) {
+        free(bounds);
+    }
+    free(tiles);
+}
