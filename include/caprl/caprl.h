@@ -71,6 +71,9 @@ CAPRL_API int32_t caprl_log_level(void);
 typedef void (*caprl_abort_fn)(const char *msg);
 CAPRL_API void caprl_set_abort_hook(caprl_abort_fn fn);
 
+/* Frees memory that a caprl function returned and documented as "free with caprl_free". NULL-safe. */
+CAPRL_API void caprl_free(void *p);
+
 /* Number of online CPU cores (at least 1). */
 CAPRL_API int32_t caprl_n_cores(void);
 

@@ -1,6 +1,7 @@
 /* Batched generation: several prompts, n samples each, sampled with caprl_sampler and stopped on eos ids or a
- * token budget. Sample k of prompt p uses the RNG stream stream_base + p * n_samples + k, so the tokens do not
- * depend on thread count, batch size or which other prompts are in the batch. */
+ * token budget. Sample k of prompt p uses the RNG stream stream_base + id(p) * n_samples + k, where id(p) is
+ * prompt_streams[p] (or p when NULL), so the tokens do not depend on thread count, batch size or which other
+ * prompts share the batch. */
 #ifndef CAPRL_GENERATE_H
 #define CAPRL_GENERATE_H
 
@@ -20,6 +21,7 @@ typedef struct caprl_generate_params {
     const int32_t        *eos_ids;        /* NULL: the model's generation_config eos ids */
     int32_t               n_eos;
     uint64_t              stream_base;    /* default 0 */
+    const uint64_t       *prompt_streams; /* NULL, or one stream id per prompt (e.g. the item's index in a dataset) */
 } caprl_generate_params;
 
 CAPRL_API caprl_generate_params caprl_generate_default_params(void);

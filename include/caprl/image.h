@@ -162,15 +162,12 @@ CAPRL_API caprl_status caprl_image_preprocess_size(int32_t width, int32_t height
  * mean/std, temporal duplication, and the patch layout of spec/qwen.md §3.3:
  *   pixel_values[n_patches][3 * temporal_patch_size * patch_size^2], rows in merge_size x merge_size block
  *   order; grid_thw = {1, H / patch_size, W / patch_size}; n_patches = grid_thw[0] * grid_thw[1] * grid_thw[2].
- * *pixel_values is malloc'd: free with caprl_free (declared below). Outputs are set only on success.
+ * *pixel_values is malloc'd: free with caprl_free. Outputs are set only on success.
  * Errors: CAPRL_ERR_INVALID_ARG (bad config), CAPRL_ERR_UNSUPPORTED (smart_resize refuses the image),
  * CAPRL_ERR_OOM. */
 CAPRL_API caprl_status caprl_image_preprocess(const caprl_image *rgb, const caprl_preprocess_config *cfg,
                                               float **pixel_values, int64_t *n_patches, int32_t grid_thw[3],
                                               caprl_error *err);
-
-/* Frees memory returned by the library (also declared in caprl/tokenizer.h). NULL-safe. */
-CAPRL_API void caprl_free(void *p);
 
 #ifdef __cplusplus
 }

@@ -67,9 +67,6 @@ typedef struct caprl_chat_message {
 CAPRL_API caprl_status caprl_chat_render(const caprl_chat_message *msgs, int32_t n_msgs, const char *default_system,
                                          bool add_generation_prompt, char **out, caprl_error *err);
 
-/* Frees memory returned by caprl functions that say so. NULL-safe. */
-CAPRL_API void caprl_free(void *p);
-
 #ifdef __cplusplus
 }
 #endif

@@ -85,14 +85,17 @@ CAPRL_API caprl_status caprl_vision_count(const caprl_vision_config *cfg, const 
 CAPRL_API double caprl_vision_encode_flops(const caprl_vision_config *cfg, const int32_t *grid_thw,
                                            int32_t n_images);
 
-/* pixel_values (n_patches, in_channels * temporal * patch * patch) f32 in the HF layout (§3.3), images back to
- * back; grid_thw (n_images, 3) = (t, h, w) per image in patch units. Writes out (n_tokens, out_hidden_size),
- * n_tokens = n_patches / merge^2: merged tokens in raster order of each image's merged grid, image after image
- * (after the un-permutation of §3.8). Errors (CAPRL_ERR_INVALID_ARG, naming the value): grids that do not add up to
- * n_patches, h or w not a multiple of the merge size, non-positive entries. Allocates its activations for the call
- * (CAPRL_ERR_OOM naming the size) and frees them before returning; out is untouched on error. */
+/* pixel_values (n_patches, patch_dim) f32 in the HF layout (§3.3), images back to back, where patch_dim is what the
+ * preprocessor produced and must equal in_channels * temporal_patch_size * patch_size^2 of the tower (so a
+ * preprocessor configured for another patch size is an error, not garbage); grid_thw (n_images, 3) = (t, h, w) per
+ * image in patch units. Writes out (n_tokens, out_hidden_size), n_tokens = n_patches / merge^2: merged tokens in
+ * raster order of each image's merged grid, image after image (after the un-permutation of §3.8). Errors
+ * (CAPRL_ERR_INVALID_ARG, naming the value): patch_dim mismatch, grids that do not add up to n_patches, h or w not
+ * a multiple of the merge size, non-positive entries. Allocates its activations for the call (CAPRL_ERR_OOM naming
+ * the size) and frees them before returning; out is untouched on error. */
 CAPRL_API caprl_status caprl_vision_encode(caprl_vision *v, const float *pixel_values, int64_t n_patches,
-                                           const int32_t *grid_thw, int32_t n_images, float *out, caprl_error *err);
+                                           int64_t patch_dim, const int32_t *grid_thw, int32_t n_images, float *out,
+                                           caprl_error *err);
 
 /* The window order of HF get_window_index (§3.6) for these grids: window_index (n_tokens entries: the original
  * merged-token index, offset by the tokens of earlier images, of each token in window order) and

@@ -1,10 +1,14 @@
 /* Qwen2.5-VL glue between the vision tower and the text decoder (spec/qwen.md §3.9-§3.11, §5.8): the chat
- * prompt with image placeholders, expansion of <|image_pad|> to one token per merged patch, and the M-RoPE
- * position ids with their rope delta. Pure functions, thread-safe. */
+ * prompt with image placeholders, expansion of <|image_pad|> to one token per merged patch, the M-RoPE position
+ * ids with their rope delta (pure functions, thread-safe), and caprl_vl_generate, which runs the whole
+ * image -> pixel_values -> vision tower -> spliced prompt -> sampled text path for a batch of images. */
 #ifndef CAPRL_VLM_H
 #define CAPRL_VLM_H
 
 #include "caprl/caprl.h"
+#include "caprl/generate.h"
+#include "caprl/image.h"
+#include "caprl/vision.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -33,6 +37,24 @@ CAPRL_API caprl_status caprl_vl_expand_image_pads(const int32_t *ids, int64_t n,
 CAPRL_API caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, int32_t image_token_id,
                                                 const int32_t *grid_thw, int32_t n_images, int32_t merge,
                                                 int32_t *pos, int32_t *rope_delta, caprl_error *err);
+
+/* One image and its instruction. */
+typedef struct caprl_vl_request {
+    const caprl_image *image;     /* decoded RGB8 */
+    const char        *prompt;    /* user text after the image */
+    const char        *system;    /* NULL: the default Qwen2.5-VL system turn; "": none */
+    uint64_t           stream_id; /* RNG stream id of this request (prompt_streams of caprl_generate) */
+} caprl_vl_request;
+
+/* Captions n requests in one batch: preprocess each image (pp), one vision-tower call for all, prompts rendered,
+ * tokenized and spliced, then caprl_generate with n_samples per request (on_token's prompt index is the request
+ * index). The model must be a Qwen2.5-VL text model whose hidden size equals the tower's out_hidden_size and carry
+ * a tokenizer. *ctx is reused, or (re)created when NULL or too small for this batch (freed by the caller).
+ * finish / n_generated (may be NULL) have n * n_samples entries. */
+CAPRL_API caprl_status caprl_vl_generate(caprl_model *model, caprl_vision *vision, const caprl_preprocess_config *pp,
+                                         const caprl_vl_request *reqs, int32_t n, const caprl_generate_params *gp,
+                                         caprl_context **ctx, caprl_token_fn on_token, void *user_data,
+                                         int32_t *finish, int32_t *n_generated, caprl_error *err);
 
 #ifdef __cplusplus
 }

@@ -42,6 +42,11 @@ static void gen_state_free(gen_state *g) {
     free(g->mrope);
 }
 
+static uint64_t sample_stream(const caprl_generate_params *gp, int32_t prompt, int32_t sample) {
+    uint64_t id = gp->prompt_streams ? gp->prompt_streams[prompt] : (uint64_t)prompt;
+    return gp->stream_base + id * (uint64_t)gp->n_samples + (uint64_t)sample;
+}
+
 static bool is_eos(const int32_t *eos, int32_t n_eos, int32_t tok) {
     for (int32_t i = 0; i < n_eos; i++) {
         if (eos[i] == tok) {
@@ -151,7 +156,7 @@ caprl_status caprl_generate(caprl_context *ctx, const int32_t *const *prompts, c
         for (int32_t k = 0; k < gp.n_samples && st == CAPRL_OK; k++) {
             int32_t  seq = seq0 + k;
             int32_t *h = g.history + (size_t)seq * (size_t)g.hist_cap;
-            int32_t  tok = caprl_sampler_sample(sampler, logits, h, g.hist_len[seq], gp.stream_base + (uint64_t)seq, 0);
+            int32_t  tok = caprl_sampler_sample(sampler, logits, h, g.hist_len[seq], sample_stream(&gp, p, k), 0);
             h[g.hist_len[seq]++] = tok;
             g.n_gen[seq] = 1;
             if (on_token && !on_token(p, k, tok, user_data)) {
@@ -188,7 +193,8 @@ caprl_status caprl_generate(caprl_context *ctx, const int32_t *const *prompts, c
                 int32_t  seq = g.seq_ids[r];
                 int32_t *h = g.history + (size_t)seq * (size_t)g.hist_cap;
                 int32_t  tok = caprl_sampler_sample(sampler, caprl_context_logits(ctx, r), h, g.hist_len[seq],
-                                                    gp.stream_base + (uint64_t)seq, (uint64_t)step);
+                                                    sample_stream(&gp, seq / gp.n_samples, seq % gp.n_samples),
+                                                    (uint64_t)step);
                 h[g.hist_len[seq]++] = tok;
                 g.n_gen[seq]++;
                 if (on_token && !on_token(seq / gp.n_samples, seq % gp.n_samples, tok, user_data)) {

@@ -327,11 +327,19 @@ static void merger(const vision_run *r, float *out) {
     }
 }
 
-caprl_status caprl_vision_encode(caprl_vision *v, const float *pixel_values, int64_t n_patches,
+caprl_status caprl_vision_encode(caprl_vision *v, const float *pixel_values, int64_t n_patches, int64_t patch_dim,
                                  const int32_t *grid_thw, int32_t n_images, float *out, caprl_error *err) {
     const caprl_vision_config *c = &v->cfg;
     vision_run                 r;
     memset(&r, 0, sizeof r);
+    if (patch_dim != v->patch_embed.cols) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                             "vision: pixel_values rows have %lld values but the tower takes in_channels (%d) * "
+                             "temporal_patch_size (%d) * patch_size^2 (%d^2) = %lld (preprocessor and vision_config "
+                             "disagree)",
+                             (long long)patch_dim, (int)c->in_channels, (int)c->temporal_patch_size,
+                             (int)c->patch_size, (long long)v->patch_embed.cols);
+    }
     CAPRL_TRY(vision_check_grids(c, grid_thw, n_images, &r.N, &r.T, err));
     if (r.N != n_patches) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,

@@ -107,11 +107,6 @@ void caprl_op_attn_seg(caprl_cpu_ctx *c,
                        const float *v,     /* (H, N, D) */
                        const int64_t *seg, /* (n_seg + 1) segment row boundaries */
                        int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
-void caprl_op_gelu(caprl_cpu_ctx *c, float *out, const float *in, int64_t n);
-void caprl_op_rope_sect(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
-                        const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D);
-void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float *kt, const float *v,
-                       const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
 
 /* ---- exp ---------------------------------------------------------------------------------------------------
  * Cephes-style expf: n = rint(x log2e), r = x - n ln2 (two-part constant), a degree-5 polynomial, then the

@@ -536,7 +536,7 @@ static caprl_vision *load(const char *dir, int32_t n_threads) {
 static float *encode(caprl_vision *v, const float *pix, int64_t n, const int32_t *grid, int n_images) {
     float      *out = malloc((size_t)(n / 4) * OUT * sizeof(float));
     caprl_error err = {0};
-    CHECK_OK(caprl_vision_encode(v, pix, n, grid, n_images, out, &err), &err);
+    CHECK_OK(caprl_vision_encode(v, pix, n, K0, grid, n_images, out, &err), &err);
     return out;
 }
 
@@ -630,17 +630,21 @@ static void test_encode(const char *root) {
     float         sentinel = 12345.0f;
     const int32_t odd[3] = {1, 8, 11}, zero[3] = {1, 0, 12}, short_grid[3] = {1, 8, 8};
     a[0] = sentinel;
-    CHECK_STATUS(caprl_vision_encode(l1, pix, N_ALL, k_grid, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
-    CHECK_STATUS(caprl_vision_encode(l1, pix, 88, odd, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
-    CHECK_STATUS(caprl_vision_encode(l1, pix, 0, zero, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
-    CHECK_STATUS(caprl_vision_encode(l1, pix, N_A, short_grid, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
-    CHECK_STATUS(caprl_vision_encode(l1, pix, N_A, k_grid, 0, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, pix, N_ALL, K0, k_grid, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, pix, 88, K0, odd, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, pix, 0, K0, zero, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, pix, N_A, K0, short_grid, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, pix, N_A, K0, k_grid, 0, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, pix, N_A, 3 * 2 * 16 * 16, k_grid, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
+    CHECK_STATUS(caprl_vision_encode(l1, NULL, N_A, K0, k_grid, 1, a, &check_err_), CAPRL_ERR_INVALID_ARG);
     CHECK(a[0] == sentinel);
     caprl_error e2 = {0};
-    caprl_vision_encode(l1, pix, 88, odd, 1, a, &e2);
+    caprl_vision_encode(l1, pix, 88, K0, odd, 1, a, &e2);
     CHECK_MSG(strstr(e2.msg, "multiples of spatial_merge_size") != NULL, "%s", e2.msg);
-    caprl_vision_encode(l1, pix, N_ALL, k_grid, 1, a, &e2);
+    caprl_vision_encode(l1, pix, N_ALL, K0, k_grid, 1, a, &e2);
     CHECK_MSG(strstr(e2.msg, "n_patches") != NULL, "%s", e2.msg);
+    caprl_vision_encode(l1, pix, N_A, 1536, k_grid, 1, a, &e2);
+    CHECK_MSG(strstr(e2.msg, "1536 values") != NULL && strstr(e2.msg, "= 1176") != NULL, "%s", e2.msg);
 
     free(a), free(b), free(b2), free(alone_a), free(alone_b), free(pr), free(c2), free(pix);
     caprl_vision_free(l1);
