@@ -224,6 +224,8 @@ static double run_compute(caprl_pool *pool, probe_kernel kernel, int64_t chunk, 
 typedef struct triad_task {
     float *a, *b, *c; /* (n) each */
     bool   init;
+    bool   read_only; /* the read probe: sum b and c, write nothing */
+    float  sums[64];  /* per-thread sink of the read probe */
 } triad_task;
 
 static void triad_scalar(float *restrict a, const float *restrict b, const float *restrict c, int64_t i0,
@@ -245,9 +247,46 @@ static CAPRL_AVX2 void triad_avx2(float *restrict a, const float *restrict b, co
 }
 #endif
 
+/* Read-only streaming (what a decode GEMV does to the weights): several independent accumulators so the loads,
+ * not the adds, are the limit. */
+static float read_scalar(const float *restrict b, const float *restrict c, int64_t i0, int64_t i1) {
+    float s0 = 0.0f, s1 = 0.0f;
+    for (int64_t i = i0; i < i1; i++) {
+        s0 += b[i];
+        s1 += c[i];
+    }
+    return s0 + s1;
+}
+
+#if CAPRL_X86
+static CAPRL_AVX2 float read_avx2(const float *restrict b, const float *restrict c, int64_t i0, int64_t i1) {
+    __m256  s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(b + i));
+        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(b + i + 8));
+        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(c + i));
+        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(c + i + 8));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7] +
+           read_scalar(b, c, i, i1);
+}
+#endif
+
 static void triad_range(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
-    (void)tid;
-    const triad_task *t = ctx;
+    triad_task *t = ctx;
+    if (t->read_only) {
+#if CAPRL_X86
+        if (caprl_cpu()->avx2) {
+            t->sums[tid % 64] += read_avx2(t->b, t->c, i0, i1);
+            return;
+        }
+#endif
+        t->sums[tid % 64] += read_scalar(t->b, t->c, i0, i1);
+        return;
+    }
     if (t->init) { /* first touch by the thread that will stream this part */
         for (int64_t i = i0; i < i1; i++) {
             t->a[i] = 0.0f;
@@ -288,7 +327,7 @@ static int64_t l3_bytes(void) {
 /* Triad a[i] = b[i] + s c[i] over three arrays whose total is at least 4x the LLC (64 MB each at least).
  * Counts 24 bytes per element (three streams); the write-allocate read of a[] is real traffic but not counted,
  * as in STREAM. Best of TRIAD_REPS. */
-static caprl_status run_triad(caprl_pool *pool, double *gbs, caprl_error *err) {
+static caprl_status run_triad(caprl_pool *pool, double *gbs, double *read_gbs, caprl_error *err) {
     int64_t each = l3_bytes() * 4 / 3;
     if (each < (64 << 20)) {
         each = 64 << 20;
@@ -319,6 +358,18 @@ static caprl_status run_triad(caprl_pool *pool, double *gbs, caprl_error *err) {
         best = rate > best ? rate : best;
     }
     g_probe_sink = t.a[n / 2];
+    /* read-only: the same arrays, two read streams, 8 bytes per element */
+    t.read_only = true;
+    double best_read = 0;
+    for (int r = 0; r < TRIAD_REPS; r++) {
+        double t0 = now_s();
+        caprl_parallel_for(pool, n, triad_range, &t);
+        double dt = now_s() - t0;
+        double rate = dt > 0 ? 8.0 * (double)n / dt * 1e-9 : 0;
+        best_read = rate > best_read ? rate : best_read;
+    }
+    g_probe_sink += t.sums[0];
+    *read_gbs = best_read;
     caprl_aligned_free(t.a);
     caprl_aligned_free(t.b);
     caprl_aligned_free(t.c);
@@ -363,7 +414,7 @@ caprl_status caprl_measure_peaks(int32_t n_threads, caprl_machine_peaks *out, ca
 #endif
     free(flops);
 
-    caprl_status st = run_triad(pool, &r.mem_bw_gbs, err);
+    caprl_status st = run_triad(pool, &r.mem_bw_gbs, &r.mem_read_gbs, err);
     caprl_pool_free(pool);
     if (st != CAPRL_OK) {
         return st;

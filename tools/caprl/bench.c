@@ -19,7 +19,7 @@ typedef struct model_figures {
     double      weight_gb;
     double      prefill_tps, prefill_gflops, prefill_frac;
     const char *prefill_ceiling;
-    double      decode1_tps, decode1_bound_tps, decode1_frac;
+    double      decode1_tps, decode1_bound_tps, decode1_frac, decode1_triad_frac;
     double      decode16_tps, decode16_ratio;
 } model_figures;
 
@@ -133,7 +133,9 @@ static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int
         f->decode1_tps = steps / dt1;
         double kv_bytes = 2.0 * cfg->n_layers * (T + steps / 2.0) * cfg->n_kv_heads * cfg->head_dim * sizeof(float);
         double bytes_per_token = (double)caprl_model_weight_bytes(m) + kv_bytes;
-        f->decode1_bound_tps = peaks->mem_bw_gbs * 1e9 / bytes_per_token;
+        /* decode only reads the weights and the cache: its ceiling is the read bandwidth */
+        f->decode1_bound_tps = peaks->mem_read_gbs * 1e9 / bytes_per_token;
+        f->decode1_triad_frac = f->decode1_tps * bytes_per_token / (peaks->mem_bw_gbs * 1e9);
         f->decode1_frac = f->decode1_tps / f->decode1_bound_tps;
         f->decode16_tps = 16.0 * steps / dt16;
         f->decode16_ratio = f->decode16_tps / f->decode1_tps;
@@ -194,9 +196,10 @@ static double bench_tokenizer(const char *path, caprl_error *err, caprl_status *
 static void print_json(const caprl_machine_peaks *p, const model_figures *f, int nf, double tok_mbs, int32_t T,
                        int32_t steps) {
     printf("{\"threads\": %d, \"cpu\": \"%s\", \"fp32_fma_gflops\": %.1f, \"bf16_matrix_gflops\": %.1f, "
-           "\"bf16_unit\": \"%s\", \"mem_bw_gbs\": %.2f, \"prompt_tokens\": %d, \"decode_steps\": %d",
-           p->n_threads, p->cpu_features, p->fp32_fma_gflops, p->bf16_matrix_gflops, p->bf16_unit, p->mem_bw_gbs, T,
-           steps);
+           "\"bf16_unit\": \"%s\", \"mem_bw_gbs\": %.2f, \"mem_read_gbs\": %.2f, \"prompt_tokens\": %d, "
+           "\"decode_steps\": %d",
+           p->n_threads, p->cpu_features, p->fp32_fma_gflops, p->bf16_matrix_gflops, p->bf16_unit, p->mem_bw_gbs,
+           p->mem_read_gbs, T, steps);
     if (tok_mbs > 0) {
         printf(", \"tokenizer_mb_per_s_1_thread\": %.2f", tok_mbs);
     }
@@ -204,11 +207,11 @@ static void print_json(const caprl_machine_peaks *p, const model_figures *f, int
     for (int i = 0; i < nf; i++) {
         printf("%s{\"dtype\": \"%s\", \"weight_gb\": %.3f, \"prefill_tokens_per_s\": %.2f, \"prefill_gflops\": %.1f, "
                "\"prefill_ceiling\": \"%s\", \"prefill_fraction\": %.3f, \"decode1_tokens_per_s\": %.3f, "
-               "\"decode1_bound_tokens_per_s\": %.3f, \"decode1_fraction\": %.3f, \"decode16_tokens_per_s\": %.3f, "
-               "\"decode16_over_decode1\": %.2f}",
+               "\"decode1_bound_tokens_per_s\": %.3f, \"decode1_fraction\": %.3f, \"decode1_fraction_of_triad\": %.3f, "
+               "\"decode16_tokens_per_s\": %.3f, \"decode16_over_decode1\": %.2f}",
                i ? ", " : "", f[i].dtype, f[i].weight_gb, f[i].prefill_tps, f[i].prefill_gflops, f[i].prefill_ceiling,
-               f[i].prefill_frac, f[i].decode1_tps, f[i].decode1_bound_tps, f[i].decode1_frac, f[i].decode16_tps,
-               f[i].decode16_ratio);
+               f[i].prefill_frac, f[i].decode1_tps, f[i].decode1_bound_tps, f[i].decode1_frac, f[i].decode1_triad_frac,
+               f[i].decode16_tps, f[i].decode16_ratio);
     }
     printf("]}\n");
 }
@@ -218,13 +221,13 @@ static void print_table(const caprl_machine_peaks *p, const model_figures *f, in
     printf("machine (%d threads; %s)\n", p->n_threads, p->cpu_features);
     printf("  fp32 FMA peak        %8.1f GFLOP/s\n", p->fp32_fma_gflops);
     printf("  bf16 matrix peak     %8.1f GFLOP/s (%s)\n", p->bf16_matrix_gflops, p->bf16_unit);
-    printf("  memory bandwidth     %8.2f GB/s (triad)\n", p->mem_bw_gbs);
+    printf("  memory bandwidth     %8.2f GB/s (triad), %.2f GB/s (read-only)\n", p->mem_bw_gbs, p->mem_read_gbs);
     for (int i = 0; i < nf; i++) {
         printf("%s weights (%.2f GB)\n", f[i].dtype, f[i].weight_gb);
         printf("  prefill %4d tokens  %8.1f tok/s  %7.1f GFLOP/s = %5.1f%% of %s peak\n", T, f[i].prefill_tps,
                f[i].prefill_gflops, 100 * f[i].prefill_frac, f[i].prefill_ceiling);
-        printf("  decode, 1 sequence   %8.2f tok/s  = %5.1f%% of the bandwidth bound (%.2f tok/s)\n", f[i].decode1_tps,
-               100 * f[i].decode1_frac, f[i].decode1_bound_tps);
+        printf("  decode, 1 sequence   %8.2f tok/s  = %5.1f%% of the read-bandwidth bound (%.2f tok/s; %.1f%% of triad)\n",
+               f[i].decode1_tps, 100 * f[i].decode1_frac, f[i].decode1_bound_tps, 100 * f[i].decode1_triad_frac);
         printf("  decode, 16 sequences %8.2f tok/s  = %5.2fx one sequence (%d steps)\n", f[i].decode16_tps,
                f[i].decode16_ratio, steps);
     }
@@ -239,7 +242,7 @@ int cmd_bench(int argc, char **argv) {
         "Measure the machine's ceilings, then prefill and decode speed of a Qwen2.5-0.5B-shaped model with random\n"
         "weights (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, vocab 151936, tied) in f32 and bf16.",
         "Prefill FLOPs = 2 x matmul parameters (lm_head included) x tokens + causal attention; every position's\n"
-        "logits are computed. Decode bound = bandwidth / (weight bytes + KV bytes read per token).\n"
+        "logits are computed. Decode bound = read bandwidth / (weight bytes + KV bytes read per token).\n"
         "--quick uses a tiny model (a smoke test, not a measurement)."};
     int32_t     threads = 0, T = 512, steps = 16;
     bool        json = false, quick = false;
