@@ -38,6 +38,13 @@ CAPRL_API caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, i
                                                 const int32_t *grid_thw, int32_t n_images, int32_t merge,
                                                 int32_t *pos, int32_t *rope_delta, caprl_error *err);
 
+/* Writes a Qwen2.5-VL checkpoint directory: config.json (text fields, M-RoPE and "vision_config"),
+ * generation_config.json, preprocessor_config.json (caprl's defaults: the Qwen2.5-VL release values), one
+ * model.safetensors with the text tensors (model.*) and the tower's (visual.*), and tokenizer.json if the model has
+ * one. model must be a Qwen2.5-VL text model (caprl_text_config.is_vl). */
+CAPRL_API caprl_status caprl_vl_model_save(const caprl_model *model, const caprl_vision *vision, const char *dir,
+                                           caprl_error *err);
+
 /* One image and its instruction. */
 typedef struct caprl_vl_request {
     const caprl_image *image;     /* decoded RGB8 */

@@ -173,3 +173,27 @@ bool caprl_path_is_dir(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
+
+caprl_status caprl_mkdir_p(const char *dir, caprl_error *err) {
+    char *path = caprl_xstrdup(dir);
+    for (char *p = path + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+                caprl_status st = caprl_err_set(err, CAPRL_ERR_IO, "%s: cannot create directory: %s", path,
+                                                strerror(errno));
+                free(path);
+                return st;
+            }
+            *p = '/';
+        }
+    }
+    caprl_status st = CAPRL_OK;
+    if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+        st = caprl_err_set(err, CAPRL_ERR_IO, "%s: cannot create directory: %s", path, strerror(errno));
+    } else if (!caprl_path_is_dir(path)) {
+        st = caprl_err_set(err, CAPRL_ERR_IO, "%s: exists and is not a directory", path);
+    }
+    free(path);
+    return st;
+}

@@ -32,6 +32,8 @@ void         caprl_atomic_abort(caprl_atomic_file *af); /* NULL-safe; no-op afte
 /* Joins dir and name with one '/'; caller frees. */
 char *caprl_path_join(const char *dir, const char *name);
 bool  caprl_path_exists(const char *path);
+/* Creates dir and any missing parents (mode 0755); an existing directory is fine. */
+caprl_status caprl_mkdir_p(const char *dir, caprl_error *err);
 bool  caprl_path_is_dir(const char *path);
 
 #endif /* CAPRL_FILE_IMPL_H */

@@ -579,7 +579,8 @@ caprl_status caprl_text_config_to_json(const caprl_text_config *cfg, int32_t dty
     /* Keys in sorted order with a 2-space indent, as transformers writes config.json (sort_keys=True). */
     text_buf *b = caprl_xcalloc(1, sizeof *b);
     char      num[64];
-    tb_printf(b, "{\n  \"architectures\": [\n    \"Qwen2ForCausalLM\"\n  ],\n");
+    tb_printf(b, "{\n  \"architectures\": [\n    \"%s\"\n  ],\n",
+              cfg->is_vl ? "Qwen2_5_VLForConditionalGeneration" : "Qwen2ForCausalLM");
     tb_printf(b, "  \"attention_dropout\": 0.0,\n");
     tb_id(b, "bos_token_id", cfg->bos_token_id);
     tb_id(b, "eos_token_id", cfg->eos_token_id);
@@ -588,16 +589,27 @@ caprl_status caprl_text_config_to_json(const caprl_text_config *cfg, int32_t dty
     }
     tb_printf(b, "  \"hidden_act\": \"silu\",\n");
     tb_printf(b, "  \"hidden_size\": %d,\n", (int)cfg->hidden_size);
+    if (cfg->is_vl) {
+        tb_id(b, "image_token_id", cfg->image_token_id);
+    }
     tb_printf(b, "  \"initializer_range\": 0.02,\n");
     tb_printf(b, "  \"intermediate_size\": %d,\n", (int)cfg->intermediate_size);
     tb_printf(b, "  \"max_position_embeddings\": %d,\n", (int)cfg->max_position_embeddings);
     tb_printf(b, "  \"max_window_layers\": %d,\n", (int)cfg->n_layers);
-    tb_printf(b, "  \"model_type\": \"qwen2\",\n");
+    tb_printf(b, "  \"model_type\": \"%s\",\n", cfg->is_vl ? "qwen2_5_vl" : "qwen2");
     tb_printf(b, "  \"num_attention_heads\": %d,\n", (int)cfg->n_heads);
     tb_printf(b, "  \"num_hidden_layers\": %d,\n", (int)cfg->n_layers);
     tb_printf(b, "  \"num_key_value_heads\": %d,\n", (int)cfg->n_kv_heads);
     tb_printf(b, "  \"rms_norm_eps\": %s,\n", fmt_real((double)cfg->rms_norm_eps, true, num, sizeof num));
-    tb_printf(b, "  \"rope_scaling\": null,\n");
+    if (cfg->is_vl) {
+        tb_printf(b, "  \"rope_scaling\": {\n    \"mrope_section\": [");
+        for (int32_t i = 0; i < cfg->n_mrope_sections; i++) {
+            tb_printf(b, "%s%d", i ? ", " : "", (int)cfg->mrope_section[i]);
+        }
+        tb_printf(b, "],\n    \"rope_type\": \"default\",\n    \"type\": \"mrope\"\n  },\n");
+    } else {
+        tb_printf(b, "  \"rope_scaling\": null,\n");
+    }
     tb_printf(b, "  \"rope_theta\": %s,\n", fmt_real(cfg->rope_theta, false, num, sizeof num));
     tb_printf(b, "  \"sliding_window\": null,\n");
     tb_printf(b, "  \"tie_word_embeddings\": %s,\n", cfg->tie_word_embeddings ? "true" : "false");
@@ -605,6 +617,10 @@ caprl_status caprl_text_config_to_json(const caprl_text_config *cfg, int32_t dty
     tb_printf(b, "  \"transformers_version\": \"%s\",\n", WRITTEN_TRANSFORMERS_VERSION);
     tb_printf(b, "  \"use_cache\": true,\n");
     tb_printf(b, "  \"use_sliding_window\": false,\n");
+    if (cfg->is_vl) {
+        tb_id(b, "vision_end_token_id", cfg->vision_end_token_id);
+        tb_id(b, "vision_start_token_id", cfg->vision_start_token_id);
+    }
     tb_printf(b, "  \"vocab_size\": %d\n}\n", (int)cfg->vocab_size);
     *out = caprl_xstrndup(b->data, b->len);
     free(b);

@@ -7,7 +7,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "caprl/image.h"
 #include "caprl/tensor.h"
+#include "caprl/vlm.h"
 #include "core/ckmath.h"
 #include "core/error_impl.h"
 #include "core/file_impl.h"
@@ -495,10 +497,61 @@ static caprl_status copy_file(const char *src, const char *dst, caprl_error *err
     return st;
 }
 
-caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error *err) {
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
-        return caprl_err_set(err, CAPRL_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
+/* preprocessor_config.json of a Qwen2.5-VL checkpoint, from the processor settings caprl uses. */
+static char *preprocessor_config_json(const caprl_preprocess_config *pp) {
+    return caprl_xasprintf("{\n  \"do_convert_rgb\": true,\n  \"do_normalize\": %s,\n  \"do_rescale\": %s,\n"
+                           "  \"do_resize\": %s,\n  \"image_mean\": [%.17g, %.17g, %.17g],\n"
+                           "  \"image_processor_type\": \"Qwen2VLImageProcessor\",\n"
+                           "  \"image_std\": [%.17g, %.17g, %.17g],\n  \"max_pixels\": %lld,\n"
+                           "  \"merge_size\": %d,\n  \"min_pixels\": %lld,\n  \"patch_size\": %d,\n"
+                           "  \"processor_class\": \"Qwen2_5_VLProcessor\",\n  \"resample\": 3,\n"
+                           "  \"rescale_factor\": %.17g,\n  \"temporal_patch_size\": %d\n}\n",
+                           pp->do_normalize ? "true" : "false", pp->do_rescale ? "true" : "false",
+                           pp->do_resize ? "true" : "false", pp->image_mean[0], pp->image_mean[1], pp->image_mean[2],
+                           pp->image_std[0], pp->image_std[1], pp->image_std[2], (long long)pp->max_pixels,
+                           pp->merge_size, (long long)pp->min_pixels, pp->patch_size, pp->rescale_factor,
+                           pp->temporal_patch_size);
+}
+
+/* config.json for a VL checkpoint: the text config with the tower's "vision_config" added before the closing
+ * brace. */
+static caprl_status vl_config_json(const caprl_model *m, const caprl_vision *v, char **out, caprl_error *err) {
+    char *text = NULL, *vis = NULL;
+    CAPRL_TRY(caprl_text_config_to_json(&m->cfg, m->dtype, &text, err));
+    caprl_status st = caprl_vision_config_to_json(caprl_vision_get_config(v), &vis, err);
+    if (st == CAPRL_OK) {
+        char *close = strrchr(text, '}');
+        CAPRL_ASSERT(close != NULL);
+        *close = '\0';
+        size_t n = strlen(text);
+        while (n && (text[n - 1] == '\n' || text[n - 1] == ' ')) {
+            text[--n] = '\0';
+        }
+        *out = caprl_xasprintf("%s,\n  \"vision_config\": %s\n}\n", text, vis);
     }
+    caprl_free(text);
+    caprl_free(vis);
+    return st;
+}
+
+static caprl_status model_save(const caprl_model *m, const caprl_vision *vision, const char *dir, caprl_error *err);
+
+caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error *err) {
+    return model_save(m, NULL, dir, err);
+}
+
+caprl_status caprl_vl_model_save(const caprl_model *m, const caprl_vision *vision, const char *dir,
+                                 caprl_error *err) {
+    if (!m->cfg.is_vl || !vision || caprl_vision_get_config(vision)->out_hidden_size != m->cfg.hidden_size) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                             "saving a VL checkpoint needs a Qwen2.5-VL text model and a vision tower whose "
+                             "out_hidden_size equals its hidden size");
+    }
+    return model_save(m, vision, dir, err);
+}
+
+static caprl_status model_save(const caprl_model *m, const caprl_vision *vision, const char *dir, caprl_error *err) {
+    CAPRL_TRY(caprl_mkdir_p(dir, err));
     /* Vectors are held as f32; write them back in the dtype they were stored in (exact: they came from it). */
     uint16_t *half_vectors = caprl_xmalloc(vector_floats(m) * sizeof(uint16_t));
     uint16_t *hv = half_vectors;
@@ -524,6 +577,9 @@ caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error
         }
         st = caprl_st_writer_add(w, d->name, vdt, 1, d->shape, data, err);
     }
+    if (st == CAPRL_OK && vision) {
+        st = caprl_vision_add_to_writer(vision, w, err);
+    }
     char *path = caprl_path_join(dir, "model.safetensors");
     if (st == CAPRL_OK) {
         st = caprl_st_writer_save(w, path, err);
@@ -533,7 +589,15 @@ caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error
     free(half_vectors);
     char *json = NULL;
     if (st == CAPRL_OK) {
-        st = caprl_text_config_to_json(&m->cfg, m->dtype, &json, err);
+        st = vision ? vl_config_json(m, vision, &json, err) : caprl_text_config_to_json(&m->cfg, m->dtype, &json, err);
+    }
+    if (st == CAPRL_OK && vision) {
+        caprl_preprocess_config pp = caprl_preprocess_config_default();
+        char                   *ppj = preprocessor_config_json(&pp);
+        path = caprl_path_join(dir, "preprocessor_config.json");
+        st = write_text_file(path, ppj, err);
+        free(path);
+        free(ppj);
     }
     if (st == CAPRL_OK) {
         path = caprl_path_join(dir, "config.json");

@@ -5,6 +5,8 @@
 
 #include "caprl/model.h"
 #include "caprl/tensor.h"
+#include "caprl/vision.h"
+#include "caprl/vlm.h"
 #include "commands.h"
 #include "common.h"
 #include "opts.h"
@@ -42,12 +44,41 @@ static caprl_text_config preset_tiny(void) {
     return c;
 }
 
+/* tiny text part with M-RoPE and a small vision tower whose windows split small images. */
+static caprl_text_config preset_tiny_vl(caprl_vision_config *vc) {
+    caprl_text_config c = preset_tiny();
+    c.is_vl = true;
+    c.n_mrope_sections = 3;
+    c.mrope_section[0] = 2;
+    c.mrope_section[1] = 3;
+    c.mrope_section[2] = 3;
+    c.image_token_id = 151655;
+    c.vision_start_token_id = 151652;
+    c.vision_end_token_id = 151653;
+    memset(vc, 0, sizeof *vc);
+    vc->depth = 2;
+    vc->hidden_size = 32;
+    vc->intermediate_size = 48;
+    vc->num_heads = 2;
+    vc->in_channels = 3;
+    vc->out_hidden_size = c.hidden_size;
+    vc->patch_size = 14;
+    vc->spatial_merge_size = 2;
+    vc->temporal_patch_size = 2;
+    vc->window_size = 56;
+    vc->n_fullatt = 1;
+    vc->fullatt_block_indexes[0] = 1;
+    vc->tokens_per_second = 2.0f;
+    return c;
+}
+
 int cmd_init_model(int argc, char **argv) {
     static const cmd_info info = {
         "init-model", "caprl init-model --out DIR [--preset tiny|qwen2.5-0.5b] [--dtype f32|bf16] [--tokenizer FILE]",
         "Write a Qwen2 checkpoint with random weights (config.json, generation_config.json, model.safetensors and,\n"
         "with --tokenizer, tokenizer.json) that caprl and Hugging Face transformers both load.",
-        "Presets: 'tiny' (hidden 64, 2 layers, Qwen vocabulary) and 'qwen2.5-0.5b' (the real model's shape).\n"
+        "Presets: 'tiny' (hidden 64, 2 layers, Qwen vocabulary), 'tiny-vl' (the same text part as a Qwen2.5-VL\n"
+        "model with a 2-block vision tower) and 'qwen2.5-0.5b' (the real model's shape).\n"
         "Weights are uniform with the given standard deviation; norm weights near 1. Deterministic in --seed."};
     const char *out = NULL, *preset = "tiny", *dtype_name = "bf16", *tok_path = NULL;
     int64_t     seed = 1;
@@ -55,7 +86,7 @@ int cmd_init_model(int argc, char **argv) {
     int32_t     layers = 0;
     opt_spec    specs[] = {
         {"out", OPT_STRING, &out, "output directory (created)", 0, 0, "DIR", 0},
-        {"preset", OPT_STRING, &preset, "model shape: tiny or qwen2.5-0.5b", 0, 0, "NAME", 0},
+        {"preset", OPT_STRING, &preset, "model shape: tiny, tiny-vl or qwen2.5-0.5b", 0, 0, "NAME", 0},
         {"layers", OPT_INT, &layers, "override the number of layers (0 = preset's)", 0, 1024, "N", 0},
         {"dtype", OPT_STRING, &dtype_name, "weight dtype: f32 or bf16", 0, 0, "T", 0},
         {"tokenizer", OPT_STRING, &tok_path, "tokenizer.json to include", 0, 0, "FILE", 0},
@@ -70,13 +101,18 @@ int cmd_init_model(int argc, char **argv) {
     if (!out) {
         return tool_usage_error(info.name, "--out is required");
     }
-    caprl_text_config cfg;
+    caprl_text_config   cfg;
+    caprl_vision_config vcfg;
+    bool                vl = false;
     if (strcmp(preset, "tiny") == 0) {
         cfg = preset_tiny();
+    } else if (strcmp(preset, "tiny-vl") == 0) {
+        cfg = preset_tiny_vl(&vcfg);
+        vl = true;
     } else if (strcmp(preset, "qwen2.5-0.5b") == 0) {
         cfg = preset_qwen25_05b();
     } else {
-        return tool_usage_error(info.name, "unknown --preset '%s' (tiny, qwen2.5-0.5b)", preset);
+        return tool_usage_error(info.name, "unknown --preset '%s' (tiny, tiny-vl, qwen2.5-0.5b)", preset);
     }
     if (layers > 0) {
         cfg.n_layers = layers;
@@ -97,13 +133,18 @@ int cmd_init_model(int argc, char **argv) {
     if (st == CAPRL_OK && tok_path) {
         st = caprl_model_load_tokenizer(model, tok_path, &err);
     }
+    caprl_vision *vision = NULL;
+    if (st == CAPRL_OK && vl) {
+        st = caprl_vision_init_random(&vision, &vcfg, dtype, (uint64_t)seed + 1, stddev, 0, &err);
+    }
     if (st == CAPRL_OK) {
-        st = caprl_model_save(model, out, &err);
+        st = vl ? caprl_vl_model_save(model, vision, out, &err) : caprl_model_save(model, out, &err);
     }
     if (st == CAPRL_OK) {
         fprintf(stderr, "caprl init-model: wrote %s (%lld parameters, %s)\n", out,
                 (long long)caprl_model_n_params(model), caprl_dtype_name(dtype));
     }
+    caprl_vision_free(vision);
     caprl_model_free(model);
     return st == CAPRL_OK ? EXIT_OK : tool_fail(info.name, st, err.msg);
 }
