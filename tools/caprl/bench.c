@@ -10,6 +10,7 @@
 #include "caprl/model.h"
 #include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
+#include "caprl/vision.h"
 #include "commands.h"
 #include "common.h"
 #include "opts.h"
@@ -22,6 +23,80 @@ typedef struct model_figures {
     double      decode1_tps, decode1_bound_tps, decode1_frac, decode1_triad_frac;
     double      decode16_tps, decode16_ratio;
 } model_figures;
+
+typedef struct vision_figures {
+    const char *dtype;
+    int32_t     width[2], height[2];
+    double      images_per_s[2], gflops[2], frac[2];
+    const char *ceiling;
+} vision_figures;
+
+/* Qwen2.5-VL-3B's vision tower (spec/qwen.md §3.1), or a tiny one for --quick. */
+static caprl_vision_config vision_bench_config(bool quick) {
+    caprl_vision_config v;
+    memset(&v, 0, sizeof v);
+    v.depth = quick ? 2 : 32;
+    v.hidden_size = quick ? 64 : 1280;
+    v.intermediate_size = quick ? 128 : 3420;
+    v.num_heads = quick ? 4 : 16;
+    v.in_channels = 3;
+    v.out_hidden_size = quick ? 128 : 2048;
+    v.patch_size = 14;
+    v.spatial_merge_size = 2;
+    v.temporal_patch_size = 2;
+    v.window_size = 112;
+    v.n_fullatt = quick ? 1 : 4;
+    for (int32_t i = 0; i < v.n_fullatt; i++) {
+        v.fullatt_block_indexes[i] = quick ? 1 : 8 * i + 7;
+    }
+    v.tokens_per_second = 2.0f;
+    return v;
+}
+
+/* Images/s of the tower at 448x448 and 1024x768 (sizes after the processor's smart_resize: 448x448 and
+ * 1036x756), one timed encode each after the weights are built. */
+static caprl_status bench_vision(const caprl_vision_config *vc, int32_t dtype, int32_t threads,
+                                 const caprl_machine_peaks *peaks, vision_figures *f, caprl_error *err) {
+    caprl_vision *v = NULL;
+    fprintf(stderr, "bench: building a %s vision tower with random weights...\n", caprl_dtype_name(dtype));
+    caprl_status init = caprl_vision_init_random(&v, vc, dtype, 3, 0.02f, threads, err);
+    if (init != CAPRL_OK) {
+        return init;
+    }
+    static const int32_t sizes[2][2] = {{448, 448}, {1036, 756}}; /* (width, height), multiples of 28 */
+    bool   use_matrix_unit = dtype == CAPRL_DTYPE_BF16 && peaks->bf16_matrix_gflops > 0;
+    double ceiling = use_matrix_unit ? peaks->bf16_matrix_gflops : peaks->fp32_fma_gflops;
+    f->dtype = caprl_dtype_name(dtype);
+    f->ceiling = use_matrix_unit ? peaks->bf16_unit : "fp32-fma";
+    caprl_status st = CAPRL_OK;
+    for (int s = 0; s < 2 && st == CAPRL_OK; s++) {
+        int32_t grid[3] = {1, sizes[s][1] / vc->patch_size, sizes[s][0] / vc->patch_size};
+        int64_t n_patches = 0, n_tokens = 0;
+        st = caprl_vision_count(vc, grid, 1, &n_patches, &n_tokens, err);
+        int64_t patch_dim = (int64_t)vc->in_channels * vc->temporal_patch_size * vc->patch_size * vc->patch_size;
+        float  *px = st == CAPRL_OK ? malloc((size_t)(n_patches * patch_dim) * sizeof(float)) : NULL;
+        float  *out = st == CAPRL_OK ? malloc((size_t)(n_tokens * vc->out_hidden_size) * sizeof(float)) : NULL;
+        for (int64_t i = 0; px && i < n_patches * patch_dim; i++) {
+            px[i] = (float)((i * 2654435761u) % 1000) / 500.0f - 1.0f;
+        }
+        if (st == CAPRL_OK) {
+            fprintf(stderr, "bench: %s vision encode at %dx%d (%lld patches)...\n", caprl_dtype_name(dtype),
+                    sizes[s][0], sizes[s][1], (long long)n_patches);
+            double t0 = tool_now();
+            st = caprl_vision_encode(v, px, n_patches, patch_dim, grid, 1, out, err);
+            double dt = tool_now() - t0;
+            f->width[s] = sizes[s][0];
+            f->height[s] = sizes[s][1];
+            f->images_per_s[s] = 1.0 / dt;
+            f->gflops[s] = caprl_vision_encode_flops(vc, grid, 1) / dt / 1e9;
+            f->frac[s] = f->gflops[s] / ceiling;
+        }
+        free(px);
+        free(out);
+    }
+    caprl_vision_free(v);
+    return st;
+}
 
 static caprl_text_config bench_config(bool quick) {
     caprl_text_config c;
@@ -193,8 +268,8 @@ static double bench_tokenizer(const char *path, caprl_error *err, caprl_status *
     return (double)len / best / 1e6;
 }
 
-static void print_json(const caprl_machine_peaks *p, const model_figures *f, int nf, double tok_mbs, int32_t T,
-                       int32_t steps) {
+static void print_json(const caprl_machine_peaks *p, const model_figures *f, int nf, const vision_figures *vf,
+                       int nv, double tok_mbs, int32_t T, int32_t steps) {
     printf("{\"threads\": %d, \"cpu\": \"%s\", \"fp32_fma_gflops\": %.1f, \"bf16_matrix_gflops\": %.1f, "
            "\"bf16_unit\": \"%s\", \"mem_bw_gbs\": %.2f, \"mem_read_gbs\": %.2f, \"prompt_tokens\": %d, "
            "\"decode_steps\": %d",
@@ -213,11 +288,20 @@ static void print_json(const caprl_machine_peaks *p, const model_figures *f, int
                f[i].prefill_frac, f[i].decode1_tps, f[i].decode1_bound_tps, f[i].decode1_frac, f[i].decode1_triad_frac,
                f[i].decode16_tps, f[i].decode16_ratio);
     }
+    printf("], \"vision\": [");
+    for (int i = 0; i < nv; i++) {
+        for (int s = 0; s < 2; s++) {
+            printf("%s{\"dtype\": \"%s\", \"width\": %d, \"height\": %d, \"images_per_s\": %.4f, \"gflops\": %.1f, "
+                   "\"ceiling\": \"%s\", \"fraction\": %.3f}",
+                   i || s ? ", " : "", vf[i].dtype, vf[i].width[s], vf[i].height[s], vf[i].images_per_s[s],
+                   vf[i].gflops[s], vf[i].ceiling, vf[i].frac[s]);
+        }
+    }
     printf("]}\n");
 }
 
-static void print_table(const caprl_machine_peaks *p, const model_figures *f, int nf, double tok_mbs, int32_t T,
-                        int32_t steps) {
+static void print_table(const caprl_machine_peaks *p, const model_figures *f, int nf, const vision_figures *vf,
+                        int nv, double tok_mbs, int32_t T, int32_t steps) {
     printf("machine (%d threads; %s)\n", p->n_threads, p->cpu_features);
     printf("  fp32 FMA peak        %8.1f GFLOP/s\n", p->fp32_fma_gflops);
     printf("  bf16 matrix peak     %8.1f GFLOP/s (%s)\n", p->bf16_matrix_gflops, p->bf16_unit);
@@ -231,6 +315,13 @@ static void print_table(const caprl_machine_peaks *p, const model_figures *f, in
         printf("  decode, 16 sequences %8.2f tok/s  = %5.2fx one sequence (%d steps)\n", f[i].decode16_tps,
                f[i].decode16_ratio, steps);
     }
+    for (int i = 0; i < nv; i++) {
+        printf("vision tower, %s weights (Qwen2.5-VL-3B shape)\n", vf[i].dtype);
+        for (int s = 0; s < 2; s++) {
+            printf("  %4dx%-4d            %8.3f img/s  %7.1f GFLOP/s = %5.1f%% of %s peak\n", vf[i].width[s],
+                   vf[i].height[s], vf[i].images_per_s[s], vf[i].gflops[s], 100 * vf[i].frac[s], vf[i].ceiling);
+        }
+    }
     if (tok_mbs > 0) {
         printf("tokenizer (1 thread)  %8.2f MB/s of English text\n", tok_mbs);
     }
@@ -243,9 +334,11 @@ int cmd_bench(int argc, char **argv) {
         "weights (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, vocab 151936, tied) in f32 and bf16.",
         "Prefill FLOPs = 2 x matmul parameters (lm_head included) x tokens + causal attention; every position's\n"
         "logits are computed. Decode bound = read bandwidth / (weight bytes + KV bytes read per token).\n"
-        "--quick uses a tiny model (a smoke test, not a measurement)."};
+        "The vision figure encodes one 448x448 and one 1024x768 image (1036x756 after smart_resize) with a\n"
+        "Qwen2.5-VL-3B-shaped tower (32 blocks, width 1280, 16 heads, window 112); --no-vision skips it.\n"
+        "--quick uses tiny models (a smoke test, not a measurement)."};
     int32_t     threads = 0, T = 512, steps = 16;
-    bool        json = false, quick = false;
+    bool        json = false, quick = false, vision = true;
     const char *dtypes = "both", *tok_path = NULL;
     opt_spec    specs[] = {
         {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
@@ -255,6 +348,7 @@ int cmd_bench(int argc, char **argv) {
         {"prompt-tokens", OPT_INT, &T, "prefill length", 1, 8192, "N", 0},
         {"decode-steps", OPT_INT, &steps, "decode steps per measurement", 1, 4096, "N", 0},
         {"tokenizer", OPT_STRING, &tok_path, "tokenizer.json for the tokenizer throughput figure", 0, 0, "FILE", 0},
+        {"vision", OPT_FLAG, &vision, "measure the Qwen2.5-VL-3B-shaped vision tower (a few minutes)", 0, 0, NULL, 0},
         {0},
     };
     int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
@@ -283,6 +377,15 @@ int cmd_bench(int argc, char **argv) {
     if (st == CAPRL_OK && do_bf16) {
         st = bench_model(&cfg, CAPRL_DTYPE_BF16, threads, T, steps, &peaks, &figs[nf++], &err);
     }
+    vision_figures vfigs[2];
+    int            nv = 0;
+    caprl_vision_config vcfg = vision_bench_config(quick);
+    if (st == CAPRL_OK && vision && do_f32) {
+        st = bench_vision(&vcfg, CAPRL_DTYPE_F32, threads, &peaks, &vfigs[nv++], &err);
+    }
+    if (st == CAPRL_OK && vision && do_bf16) {
+        st = bench_vision(&vcfg, CAPRL_DTYPE_BF16, threads, &peaks, &vfigs[nv++], &err);
+    }
     double tok_mbs = 0;
     if (st == CAPRL_OK && tok_path) {
         fprintf(stderr, "bench: tokenizer throughput...\n");
@@ -292,9 +395,9 @@ int cmd_bench(int argc, char **argv) {
         return tool_fail(info.name, st, err.msg);
     }
     if (json) {
-        print_json(&peaks, figs, nf, tok_mbs, T, steps);
+        print_json(&peaks, figs, nf, vfigs, nv, tok_mbs, T, steps);
     } else {
-        print_table(&peaks, figs, nf, tok_mbs, T, steps);
+        print_table(&peaks, figs, nf, vfigs, nv, tok_mbs, T, steps);
     }
     return EXIT_OK;
 }
