@@ -2,14 +2,15 @@
 """Dev-only parity check against the real Hugging Face libraries (run where `transformers` and `tokenizers` are
 installed, e.g. the device machine; nothing in the test suite needs it).
 
-  python3 scripts/hf_parity.py SHARED_DIR [CAPRL_CHECKPOINT CAPRL_LOGITS IDS]
+  python3 scripts/hf_parity.py SHARED_DIR [WORK_DIR]
 
 1. `tokenizers` encodes/decodes every case of tests/fixtures/tok/qwen2_golden.jsonl (whose ids came from a JS
    port) with SHARED_DIR/data/qwen-tokenizer/tokenizer.json: any difference is printed.
 2. `transformers` loads each tests/fixtures/qwen2_ref/<variant> checkpoint (written by scripts/qwen2_reference.py)
    in float32 with eager attention and its logits are compared with the committed PyTorch reference.
-3. Optionally, a checkpoint written by `caprl init-model` is loaded by transformers and its logits compared with
-   `caprl forward --dump-logits` output (float32 [T, V]) for the given comma-separated ids.
+3. Optionally (WORK_DIR), a Qwen2.5-VL checkpoint written by `caprl init-model --preset tiny-vl` is loaded by
+   transformers: HF's slow image processor is compared with `caprl preprocess`, and the model's logits with
+   `caprl forward --image` (see scripts/device_parity.sh for how WORK_DIR is filled).
 Prints one JSON object with the max differences.
 """
 import json
@@ -41,9 +42,16 @@ def tokenizer_parity(shared):
     return {"cases": n, "mismatches": bad}
 
 
+def load_hf(cls, path):
+    try:
+        return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    except TypeError:
+        return cls.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
+
+
 def hf_logits(path, ids):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
+    model = load_hf(AutoModelForCausalLM, path)
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
@@ -63,15 +71,46 @@ def model_parity():
     return out
 
 
+def vl_parity(work):
+    """A Qwen2.5-VL checkpoint written by `caprl init-model --preset tiny-vl`, one image: HF's slow image processor
+    against `caprl preprocess`, and Qwen2_5_VLForConditionalGeneration's logits against `caprl forward --image`."""
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    ckpt = os.path.join(work, "vl")
+    meta = json.load(open(os.path.join(work, "vl_meta.json")))
+    proc = Qwen2VLImageProcessor.from_pretrained(ckpt)
+    img = Image.open(meta["image"]).convert("RGB")
+    enc = proc(images=[img], return_tensors="pt")
+    pv, grid = enc["pixel_values"].float(), enc["image_grid_thw"]
+    ours = np.fromfile(os.path.join(work, "vl_pixels.f32"), dtype="<f4").reshape(pv.shape)
+    res = {"grid_hf": grid.tolist(), "grid_caprl": meta["grid_thw"],
+           "pixels_max_abs_diff": float(np.abs(pv.numpy() - ours).max())}
+    model = load_hf(Qwen2_5_VLForConditionalGeneration, ckpt)
+    model.eval()
+    ids = torch.tensor([meta["ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=torch.from_numpy(ours), image_grid_thw=grid).logits[0].numpy()
+    caprl = np.fromfile(os.path.join(work, "vl_logits.f32"), dtype="<f4").reshape(logits.shape)
+    res["logits_max_abs_diff"] = float(np.abs(logits - caprl).max())
+    res["max_abs_logit"] = float(np.abs(logits).max())
+    return res
+
+
 def main():
     shared = sys.argv[1]
-    result = {"tokenizer": tokenizer_parity(shared), "qwen2_ref": model_parity()}
-    if len(sys.argv) > 4:
-        ckpt, logits_path, ids = sys.argv[2], sys.argv[3], [int(x) for x in sys.argv[4].split(",")]
-        caprl = np.fromfile(logits_path, dtype="<f4").reshape(len(ids), -1)
-        got = hf_logits(ckpt, ids)
-        result["caprl_checkpoint"] = {"max_abs_diff": float(np.abs(got - caprl).max()),
-                                      "max_abs_logit": float(np.abs(got).max())}
+    result = {}
+    for name, fn in (("tokenizer", lambda: tokenizer_parity(shared)), ("qwen2_ref", model_parity)):
+        try:
+            result[name] = fn()
+        except Exception as e:  # report and go on: one failing check must not hide the others
+            result[name] = {"exception": repr(e)}
+    if len(sys.argv) > 2:
+        try:
+            result["vl"] = vl_parity(sys.argv[2])
+        except Exception as e:
+            import traceback
+            result["vl"] = {"exception": traceback.format_exc()[-3000:]}
     print(json.dumps(result, indent=1))
 
 
