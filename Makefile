@@ -4,7 +4,7 @@ BUILD_ASAN ?= build-asan
 BUILD_FUZZ ?= build-fuzz
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
-CTEST_LABELS ?= unit|ops|golden|tools
+CTEST_LABELS ?= unit|ops|golden|tools|fuzz-replay
 
 DEB_PACKAGES = build-essential cmake pkg-config libjansson-dev libutf8proc-dev libpcre2-dev libdnnl-dev \
                libpng-dev libjpeg62-turbo-dev libwebp-dev
@@ -44,7 +44,7 @@ test-asan: deps
 fuzz: deps deps-fuzz
 	CC=clang cmake -S . -B $(BUILD_FUZZ) -DCMAKE_BUILD_TYPE=Debug -DCAPRL_FUZZ=ON -DCAPRL_BUILD_TESTS=OFF $(CMAKE_ARGS)
 	cmake --build $(BUILD_FUZZ) -j $(JOBS)
-	cd $(BUILD_FUZZ) && ctest --output-on-failure
+	cd $(BUILD_FUZZ) && ctest --output-on-failure -j $(JOBS)
 
 demo: build
 	./scripts/demo.sh $(BUILD)

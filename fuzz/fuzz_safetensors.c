@@ -85,24 +85,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     caprl_safetensors_free(st);
     return 0;
 }
-
-#ifdef CAPRL_FUZZ_MAIN
-int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        FILE *fp = fopen(argv[i], "rb");
-        if (!fp) {
-            fprintf(stderr, "cannot open %s\n", argv[i]);
-            return 1;
-        }
-        fseek(fp, 0, SEEK_END);
-        long n = ftell(fp);
-        fseek(fp, 0, SEEK_SET);
-        uint8_t *buf = malloc(n > 0 ? (size_t)n : 1);
-        size_t   got = fread(buf, 1, n > 0 ? (size_t)n : 0, fp);
-        fclose(fp);
-        LLVMFuzzerTestOneInput(buf, got);
-        free(buf);
-    }
-    return 0;
-}
-#endif
