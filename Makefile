@@ -6,7 +6,7 @@ JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 CTEST_LABELS ?= unit|ops|golden|tools|fuzz-replay
 
-DEB_PACKAGES = build-essential cmake pkg-config libjansson-dev libutf8proc-dev libpcre2-dev libdnnl-dev \
+DEB_PACKAGES = build-essential cmake pkg-config libjansson-dev libutf8proc-dev libpcre2-dev \
                libpng-dev libjpeg62-turbo-dev libwebp-dev
 DEB_FUZZ     = clang libclang-rt-14-dev
 
