@@ -40,7 +40,8 @@ CAPRL_API caprl_status caprl_tokenizer_encode(const caprl_tokenizer *tok, const 
 
 /* Decodes ids to UTF-8 (invalid byte sequences become U+FFFD, as Hugging Face does with errors="replace").
  * skip_special drops added tokens marked special. snprintf contract on bytes: writes at most cap-1 bytes plus
- * a NUL and sets *len to the full length. Unknown ids give CAPRL_ERR_INVALID_ARG. */
+ * a NUL and sets *len to the full length. Ids with no token (e.g. the padding rows of a model's vocabulary) decode
+ * to nothing, as Hugging Face's decode drops them; negative ids give CAPRL_ERR_INVALID_ARG. */
 CAPRL_API caprl_status caprl_tokenizer_decode(const caprl_tokenizer *tok, const int32_t *ids, int64_t n_ids,
                                               bool skip_special, char *buf, size_t cap, size_t *len,
                                               caprl_error *err);

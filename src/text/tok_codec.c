@@ -463,11 +463,13 @@ caprl_status caprl_tokenizer_decode(const caprl_tokenizer *tok, const int32_t *i
     size_t total = 0;
     for (int64_t i = 0; i < n_ids; i++) {
         int32_t id = ids[i];
-        if (!valid_id(tok, id)) {
-            return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "tokenizer: unknown token id %d at position %lld", id,
+        if (id < 0) {
+            return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "tokenizer: negative token id %d at position %lld", id,
                                  (long long)i);
         }
-        if (!(skip_special && (tok->flags[id] & CAPRL_TOK_SPECIAL))) {
+        /* Ids with no token (the padding rows of a model's vocabulary, which sampling can pick) decode to nothing,
+         * as Hugging Face's decode drops ids its vocabulary does not know. */
+        if (valid_id(tok, id) && !(skip_special && (tok->flags[id] & CAPRL_TOK_SPECIAL))) {
             total += tok->bytes_off[id + 1] - tok->bytes_off[id];
         }
     }
@@ -479,7 +481,7 @@ caprl_status caprl_tokenizer_decode(const caprl_tokenizer *tok, const int32_t *i
     size_t o = 0;
     for (int64_t i = 0; i < n_ids; i++) {
         int32_t id = ids[i];
-        if (!(skip_special && (tok->flags[id] & CAPRL_TOK_SPECIAL))) {
+        if (valid_id(tok, id) && !(skip_special && (tok->flags[id] & CAPRL_TOK_SPECIAL))) {
             size_t nb = tok->bytes_off[id + 1] - tok->bytes_off[id];
             memcpy(joined + o, tok->bytes + tok->bytes_off[id], nb);
             o += nb;

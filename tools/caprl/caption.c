@@ -1,11 +1,13 @@
 /* caprl caption: caption a list of images with a Qwen2.5-VL checkpoint into JSON Lines, resumably. */
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -23,6 +25,7 @@ typedef struct item {
     char   *path;     /* resolved path */
     json_t *extra;    /* other fields of a JSONL record, or NULL */
     int64_t index;    /* position in the whole list (RNG stream id) */
+    long    line;     /* line of a list file (0 for a directory), for messages */
 } item;
 
 typedef struct item_list {
@@ -30,7 +33,7 @@ typedef struct item_list {
     int64_t n, cap;
 } item_list;
 
-static void list_push(item_list *l, const char *image, const char *base_dir, json_t *extra) {
+static void list_push(item_list *l, const char *image, const char *base_dir, json_t *extra, long line) {
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 256;
         l->items = realloc(l->items, (size_t)l->cap * sizeof(item));
@@ -46,6 +49,7 @@ static void list_push(item_list *l, const char *image, const char *base_dir, jso
     }
     it->extra = extra;
     it->index = l->n;
+    it->line = line;
     l->n++;
 }
 
@@ -91,6 +95,12 @@ static int list_dir(const char *dir, item_list *l) {
         if (e->d_name[0] == '.' || !has_image_ext(e->d_name)) {
             continue;
         }
+        json_t *name = json_string(e->d_name);
+        if (!name) { /* the output's key is a JSON string */
+            fprintf(stderr, "caprl caption: warning: %s: skipping a file whose name is not UTF-8\n", dir);
+            continue;
+        }
+        json_decref(name);
         if (n == cap) {
             cap = cap ? 2 * cap : 256;
             names = realloc(names, cap * sizeof *names);
@@ -98,14 +108,20 @@ static int list_dir(const char *dir, item_list *l) {
         names[n++] = strdup(e->d_name);
     }
     closedir(d);
-    qsort(names, n, sizeof *names, cmp_str);
+    if (n) { /* qsort's array must not be NULL, even when empty */
+        qsort(names, n, sizeof *names, cmp_str);
+    }
     for (size_t i = 0; i < n; i++) {
-        list_push(l, names[i], dir, NULL);
+        list_push(l, names[i], dir, NULL, 0);
         free(names[i]);
     }
     free(names);
     return 0;
 }
+
+/* Fields of the output record; a list record's own copies (e.g. a previous run's output fed back as the list)
+ * are dropped so that an error record never carries stale captions. */
+static const char *const k_output_fields[] = {"captions", "tokens", "finish", "error"};
 
 /* A text file of paths, or JSON Lines with an "image" field; relative paths are relative to the list's folder. */
 static int list_file(const char *path, item_list *l) {
@@ -117,34 +133,47 @@ static int list_file(const char *path, item_list *l) {
     }
     char *base = strdup(path), *slash = strrchr(base, '/');
     if (slash) {
-        *slash = '\0';
+        slash[slash == base ? 1 : 0] = '\0'; /* "/x.txt" lives in "/" */
     } else {
-        strcpy(base, ".");
+        free(base); /* a list in the working directory: its paths are used as written */
+        base = NULL;
     }
-    const char *p = data;
-    while (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t') {
-        p++;
+    size_t start = len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0 ? 3 : 0; /* a BOM some editors write */
+    size_t first = start;
+    while (first < len && (data[first] == ' ' || data[first] == '\n' || data[first] == '\r' || data[first] == '\t')) {
+        first++;
     }
-    bool  jsonl = *p == '{';
-    long  line_no = 0;
-    char *save = NULL;
-    for (char *line = strtok_r(data, "\n", &save); line && rc == 0; line = strtok_r(NULL, "\n", &save)) {
-        line_no++;
-        size_t n = strlen(line);
+    bool jsonl = first < len && data[first] == '{';
+    /* split by hand rather than with strtok: empty lines must still count, or LIST:line would point elsewhere */
+    for (long line_no = 1; start < len && rc == 0; line_no++) {
+        char  *line = data + start;
+        char  *nl = memchr(line, '\n', len - start);
+        size_t n = nl ? (size_t)(nl - line) : len - start;
+        start += n + 1;
         while (n && (line[n - 1] == '\r' || line[n - 1] == ' ' || line[n - 1] == '\t')) {
-            line[--n] = '\0';
+            n--;
         }
+        line[n] = '\0'; /* the '\n' or the buffer's own terminator */
         if (n == 0) {
             continue;
         }
         if (!jsonl) {
-            list_push(l, line, base, NULL);
+            json_t *name = json_stringn(line, n);
+            if (!name || strlen(line) != n) { /* the output's key is a JSON string */
+                fprintf(stderr, "caprl caption: error: %s:%ld: the path is not valid UTF-8 text\n", path, line_no);
+                json_decref(name);
+                rc = EXIT_DATA;
+                break;
+            }
+            json_decref(name);
+            list_push(l, line, base, NULL, line_no);
             continue;
         }
         json_error_t jerr;
         json_t      *rec = json_loadb(line, n, JSON_REJECT_DUPLICATES, &jerr);
         json_t      *img = rec ? json_object_get(rec, "image") : NULL;
-        if (!rec || !json_is_object(rec) || !json_is_string(img) || json_string_length(img) == 0) {
+        if (!rec || !json_is_object(rec) || !json_is_string(img) || json_string_length(img) == 0 ||
+            strlen(json_string_value(img)) != json_string_length(img)) {
             fprintf(stderr, "caprl caption: error: %s:%ld: %s\n", path, line_no,
                     !rec ? jerr.text : "expected a JSON object with a non-empty string field \"image\"");
             json_decref(rec);
@@ -153,7 +182,10 @@ static int list_file(const char *path, item_list *l) {
         }
         json_t *extra = json_deep_copy(rec);
         json_object_del(extra, "image");
-        list_push(l, json_string_value(img), base, extra);
+        for (size_t i = 0; i < sizeof k_output_fields / sizeof k_output_fields[0]; i++) {
+            json_object_del(extra, k_output_fields[i]);
+        }
+        list_push(l, json_string_value(img), base, extra, line_no);
         json_decref(rec);
     }
     free(base);
@@ -161,44 +193,72 @@ static int list_file(const char *path, item_list *l) {
     return rc;
 }
 
+static int cmp_item_image(const void *a, const void *b) {
+    const item *x = *(const item *const *)a, *y = *(const item *const *)b;
+    int         c = strcmp(x->image, y->image);
+    return c ? c : (x->index > y->index) - (x->index < y->index);
+}
+
+/* The output is keyed by "image": a name listed twice would be captioned twice in one run and then skipped twice
+ * on resume, so it is refused up front. */
+static int check_duplicates(const char *list, const item_list *l) {
+    if (l->n < 2) {
+        return 0;
+    }
+    const item **sorted = malloc((size_t)l->n * sizeof *sorted);
+    for (int64_t i = 0; i < l->n; i++) {
+        sorted[i] = &l->items[i];
+    }
+    qsort(sorted, (size_t)l->n, sizeof *sorted, cmp_item_image);
+    int rc = 0;
+    for (int64_t i = 1; i < l->n && rc == 0; i++) {
+        if (strcmp(sorted[i - 1]->image, sorted[i]->image) == 0) {
+            fprintf(stderr, "caprl caption: error: %s:%ld: image \"%s\" is listed twice (first on line %ld)\n", list,
+                    sorted[i]->line, sorted[i]->image, sorted[i - 1]->line);
+            rc = EXIT_DATA;
+        }
+    }
+    free(sorted);
+    return rc;
+}
+
 /* ---- resume ------------------------------------------------------------------------------------------------ */
 
-/* Reads an existing output: collects the "image" keys already written (sorted) and cuts a torn last line. */
-static int load_done(const char *out_path, char ***done, size_t *n_done) {
+/* Reads the existing output (streamed: it can be gigabytes) and collects the "image" keys already written, sorted.
+ * A last line that is incomplete (no newline, or not a caption record) is what a kill during a write leaves: it
+ * is cut off through fd, the locked output. Any other bad line means this is not our file: refuse to touch it. */
+static int load_done(const char *out_path, int fd, char ***done, size_t *n_done) {
     *done = NULL;
     *n_done = 0;
-    struct stat st;
-    if (stat(out_path, &st) != 0) {
-        return 0; /* a fresh run */
+    FILE *f = fopen(out_path, "rb");
+    if (!f) {
+        fprintf(stderr, "caprl caption: error: %s: cannot read: %s\n", out_path, strerror(errno));
+        return EXIT_DATA;
     }
-    char  *data = NULL;
-    size_t len = 0;
-    int    rc = tool_read_file("caption", out_path, (size_t)1 << 34, &data, &len);
-    if (rc) {
-        return rc;
-    }
-    size_t good_end = 0, cap = 0, start = 0;
-    long   line_no = 0;
-    while (start < len) {
-        char  *nl = memchr(data + start, '\n', len - start);
-        size_t end = nl ? (size_t)(nl - data) : len;
+    char   *line = NULL;
+    size_t  line_cap = 0, cap = 0;
+    ssize_t got;
+    off_t   good_end = 0;
+    long    line_no = 0;
+    int     rc = 0;
+    bool    torn = false;
+    while (rc == 0 && (got = getline(&line, &line_cap, f)) > 0) {
         line_no++;
+        bool         has_nl = line[got - 1] == '\n';
         json_error_t jerr;
-        json_t      *rec = json_loadb(data + start, end - start, 0, &jerr);
+        json_t      *rec = json_loadb(line, (size_t)got - (has_nl ? 1 : 0), 0, &jerr);
         json_t      *img = rec ? json_object_get(rec, "image") : NULL;
-        if (!rec || !json_is_string(img)) {
+        if (!rec || !json_is_string(img) || !has_nl) {
             json_decref(rec);
-            if (!nl || end + 1 == len) {
-                break; /* the torn last record of a killed run: rewritten below */
+            /* complete JSON without its newline is torn too: the newline is written with the record */
+            if (!has_nl || getc(f) == EOF) {
+                torn = true;
+                break;
             }
             fprintf(stderr, "caprl caption: error: %s:%ld: not a caption record; refusing to append to it\n", out_path,
                     line_no);
-            free(data);
-            return EXIT_DATA;
-        }
-        if (!nl) {
-            json_decref(rec);
-            break; /* complete JSON but no newline: also torn (the newline is written with the record) */
+            rc = EXIT_DATA;
+            break;
         }
         if (*n_done == cap) {
             cap = cap ? 2 * cap : 256;
@@ -206,20 +266,28 @@ static int load_done(const char *out_path, char ***done, size_t *n_done) {
         }
         (*done)[(*n_done)++] = strdup(json_string_value(img));
         json_decref(rec);
-        good_end = end + 1;
-        start = end + 1;
+        good_end += (off_t)got;
     }
-    free(data);
-    if (good_end < len) {
-        fprintf(stderr, "caprl caption: %s: removing a torn last record (%zu bytes) left by an interrupted run\n",
-                out_path, len - good_end);
-        if (truncate(out_path, (off_t)good_end) != 0) {
+    if (rc == 0 && ferror(f)) {
+        fprintf(stderr, "caprl caption: error: %s: read failed: %s\n", out_path, strerror(errno));
+        rc = EXIT_DATA;
+    }
+    free(line);
+    fclose(f);
+    if (rc == 0 && torn) {
+        struct stat st;
+        long long   size = fstat(fd, &st) == 0 ? (long long)st.st_size : -1;
+        fprintf(stderr, "caprl caption: %s: removing a torn last record (%lld bytes) left by an interrupted run\n",
+                out_path, size - (long long)good_end);
+        if (ftruncate(fd, good_end) != 0) {
             fprintf(stderr, "caprl caption: error: %s: cannot truncate: %s\n", out_path, strerror(errno));
-            return EXIT_DATA;
+            rc = EXIT_DATA;
         }
     }
-    qsort(*done, *n_done, sizeof(char *), cmp_str);
-    return 0;
+    if (*n_done) {
+        qsort(*done, *n_done, sizeof(char *), cmp_str);
+    }
+    return rc;
 }
 
 static bool is_done(char **done, size_t n_done, const char *image) {
@@ -264,23 +332,41 @@ static int write_record(FILE *out, json_t *rec) {
 }
 
 static json_t *base_record(const item *it) {
-    json_t *rec = it->extra ? json_deep_copy(it->extra) : json_object();
-    json_object_set_new(rec, "image", json_string(it->image));
+    json_t *rec = json_object();
+    json_object_set_new(rec, "image", json_string(it->image)); /* first, then the list's own fields */
+    if (it->extra) {
+        json_object_update(rec, it->extra);
+    }
+    return rec;
+}
+
+/* An error record for it; the message names the file (decoder messages already do, size checks do not). */
+static json_t *error_record(const item *it, const char *msg) {
+    json_t *rec = base_record(it);
+    json_t *text = strstr(msg, it->path) ? json_string(msg) : json_sprintf("%s: %s", it->path, msg);
+    if (!text) { /* the folder part of the path is not UTF-8: JSON cannot carry it */
+        text = json_sprintf("%s: %s", it->image, strstr(msg, it->path) ? "cannot read the image" : msg);
+    }
+    json_object_set_new(rec, "error", text ? text : json_string("cannot read the image"));
     return rec;
 }
 
 typedef struct progress {
     int64_t total, done, failed;
+    int64_t printed; /* p->done at the last plain line, -1 before the first */
     double  t0, last_print;
     bool    tty;
 } progress;
 
+/* A bar redrawn in place on a terminal; otherwise (a log file) the first batch, then a plain line every 10 s and
+ * the total at the end, never the same line twice. */
 static void show_progress(progress *p, bool final) {
     double now = tool_now(), el = now - p->t0;
-    if (!final && !p->tty && now - p->last_print < 10.0) {
+    if (!p->tty && (final ? p->printed == p->done : p->printed >= 0 && now - p->last_print < 10.0)) {
         return;
     }
     p->last_print = now;
+    p->printed = p->done;
     double rate = el > 0 ? (double)p->done / el : 0;
     double eta = rate > 0 ? (double)(p->total - p->done) / rate : 0;
     if (p->tty) {
@@ -290,7 +376,8 @@ static void show_progress(progress *p, bool final) {
             bar[i] = i < fill ? '#' : '.';
         }
         bar[width] = '\0';
-        fprintf(stderr, "\r[%s] %lld/%lld images  %.2f img/s  ETA %dm%02ds  (%lld failed)%s", bar,
+        /* \033[K clears what a longer previous line left behind */
+        fprintf(stderr, "\r[%s] %lld/%lld images  %.2f img/s  ETA %dm%02ds  (%lld failed)\033[K%s", bar,
                 (long long)p->done, (long long)p->total, rate, (int)(eta / 60), (int)eta % 60, (long long)p->failed,
                 final ? "\n" : "");
     } else {
@@ -318,12 +405,28 @@ typedef struct run_ctx {
     size_t                   text_cap;
 } run_ctx;
 
-/* Captions up to `count` decoded images; writes their records. Returns an exit code. */
+/* Text of one sample, special tokens skipped (ids without a token, which a sampling model can draw from the padding
+ * rows of its vocabulary, decode to nothing). Returns false only when out of memory. */
+static bool sample_text(run_ctx *r, const int32_t *ids, int32_t n, size_t *len, caprl_error *err) {
+    const caprl_tokenizer *tok = caprl_model_tokenizer(r->model);
+    for (;;) {
+        if (caprl_tokenizer_decode(tok, ids, n, true, r->text, r->text_cap, len, err) != CAPRL_OK) {
+            return false;
+        }
+        if (r->text && *len < r->text_cap) {
+            return true;
+        }
+        r->text_cap = 2 * *len + 64;
+        r->text = realloc(r->text, r->text_cap);
+    }
+}
+
+/* Captions `count` decoded images and writes their records. Returns an exit code. */
 static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t count) {
     caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
     int32_t           ns = count * r->gp.n_samples;
-    collector         col = {r->gp.n_samples, calloc((size_t)ns, sizeof(int32_t *)), calloc((size_t)ns, sizeof(int32_t)),
-                             r->gp.max_new_tokens};
+    collector         col = {r->gp.n_samples, calloc((size_t)ns, sizeof(int32_t *)),
+                             calloc((size_t)ns, sizeof(int32_t)), r->gp.max_new_tokens};
     int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
     for (int32_t i = 0; i < ns; i++) {
         col.tokens[i] = malloc((size_t)r->gp.max_new_tokens * sizeof(int32_t));
@@ -338,34 +441,47 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
     caprl_status st = caprl_vl_generate(r->model, r->vision, &r->pp, reqs, count, &r->gp, &r->ctx, collect_token, &col,
                                         finish, NULL, &err);
     int rc = 0;
-    const caprl_tokenizer *tok = caprl_model_tokenizer(r->model);
-    for (int32_t i = 0; i < count && rc == 0; i++) {
-        json_t *rec = base_record(its[i]);
-        if (st != CAPRL_OK) {
-            json_object_set_new(rec, "error", json_string(err.msg));
-            r->prog.failed++;
-        } else {
-            json_t *caps = json_array(), *ntok = json_array(), *fin = json_array();
-            for (int32_t k = 0; k < r->gp.n_samples; k++) {
-                int32_t s = i * r->gp.n_samples + k;
-                size_t  len = 0;
-                int32_t n_text = col.n[s] - (finish[s] == CAPRL_FINISH_EOS ? 1 : 0);
-                while (caprl_tokenizer_decode(tok, col.tokens[s], n_text, true, r->text, r->text_cap, &len, &err) ==
-                           CAPRL_OK &&
-                       len >= r->text_cap) {
-                    r->text_cap = 2 * len + 64;
-                    r->text = realloc(r->text, r->text_cap);
-                }
-                json_array_append_new(caps, json_stringn(r->text, len));
-                json_array_append_new(ntok, json_integer(n_text));
-                json_array_append_new(fin, json_string(finish_str(finish[s])));
-            }
-            json_object_set_new(rec, "captions", caps);
-            json_object_set_new(rec, "tokens", ntok);
-            json_object_set_new(rec, "finish", fin);
+    if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
+        /* the machine's problem, not the images': stop without records, so a rerun captions them */
+        rc = tool_fail("caption", st, err.msg);
+    } else if (st != CAPRL_OK && count > 1) {
+        /* one image may have sunk the batch: retry each alone so the others still get captions and every record
+         * is what --batch 1 would write */
+        for (int32_t i = 0; i < count && rc == 0; i++) {
+            rc = caption_batch(r, &its[i], &imgs[i], 1);
         }
-        rc = write_record(r->out, rec);
-        r->prog.done++;
+    } else {
+        for (int32_t i = 0; i < count && rc == 0; i++) {
+            json_t *rec;
+            if (st != CAPRL_OK) {
+                rec = error_record(its[i], err.msg);
+                r->prog.failed++;
+            } else {
+                rec = base_record(its[i]);
+                json_t *caps = json_array(), *ntok = json_array(), *fin = json_array();
+                for (int32_t k = 0; k < r->gp.n_samples && rc == 0; k++) {
+                    int32_t s = i * r->gp.n_samples + k;
+                    size_t  len = 0;
+                    int32_t n_text = col.n[s] - (finish[s] == CAPRL_FINISH_EOS ? 1 : 0);
+                    if (!sample_text(r, col.tokens[s], n_text, &len, &err)) {
+                        rc = tool_fail("caption", err.code, err.msg);
+                        break;
+                    }
+                    json_array_append_new(caps, json_stringn(r->text, len));
+                    json_array_append_new(ntok, json_integer(n_text));
+                    json_array_append_new(fin, json_string(finish_str(finish[s])));
+                }
+                json_object_set_new(rec, "captions", caps);
+                json_object_set_new(rec, "tokens", ntok);
+                json_object_set_new(rec, "finish", fin);
+            }
+            if (rc) {
+                json_decref(rec);
+                break;
+            }
+            rc = write_record(r->out, rec);
+            r->prog.done++;
+        }
     }
     for (int32_t i = 0; i < ns; i++) {
         free(col.tokens[i]);
@@ -374,11 +490,30 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
     free(col.n);
     free(finish);
     free(reqs);
-    /* a whole-batch failure is recorded per image; only errors of the model itself (memory) stop the run */
-    if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
-        return tool_fail("caption", st, err.msg);
-    }
     return rc;
+}
+
+/* The prompt is the same for every image: a bad one (invalid UTF-8) must stop the run, not become an error
+ * record for each image. */
+static int check_prompt(const caprl_model *model, const char *prompt, const char *system) {
+    const caprl_tokenizer *tok = caprl_model_tokenizer(model);
+    if (!caprl_model_config(model)->is_vl || !tok) {
+        fprintf(stderr, "caprl caption: error: the checkpoint must be a Qwen2.5-VL model with a tokenizer.json\n");
+        return EXIT_DATA;
+    }
+    caprl_error  err = {0};
+    char        *text = NULL;
+    int64_t      n = 0;
+    caprl_status st = caprl_vl_render_prompt(prompt, 1, system, &text, &err);
+    if (st == CAPRL_OK) {
+        st = caprl_tokenizer_encode(tok, text, strlen(text), true, NULL, 0, &n, &err);
+    }
+    caprl_free(text);
+    if (st != CAPRL_OK) {
+        fprintf(stderr, "caprl caption: error: --prompt / --system: %s\n", err.msg);
+        return EXIT_USAGE;
+    }
+    return 0;
 }
 
 int cmd_caption(int argc, char **argv) {
@@ -388,11 +523,13 @@ int cmd_caption(int argc, char **argv) {
         "Caption images with a Qwen2.5-VL checkpoint; one JSON line per image, appended and flushed as it finishes.",
         "LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, or JSON Lines with an\n"
         "\"image\" field (other fields are copied to the output); relative paths are relative to LIST's folder.\n"
-        "Output: {\"image\", \"captions\": [...], \"tokens\": [...], \"finish\": [...], ...} or {\"image\", \"error\"} for an\n"
-        "image that could not be read. Rerunning the same command resumes: images already in the output are skipped\n"
-        "and a torn last line from a killed run is removed. --shard i/k takes every k-th image starting at i, so k\n"
-        "processes can split one list. Sample k of image i uses random stream i*n+k: results do not depend on\n"
-        "batching, sharding or resuming."};
+        "Output: {\"image\", \"captions\": [...], \"tokens\": [...], \"finish\": [...], ...} or\n"
+        "{\"image\", \"error\"} for an image that could not be read. Rerunning the same command resumes: images already in the output (error\n"
+        "records included: delete those lines to retry them) are skipped and a torn last line from a killed run is\n"
+        "removed; a second process on the same output is refused. --shard i/k takes every k-th image starting at i,\n"
+        "so k processes can split one list. Sample k of image i (its position in LIST) uses random stream i*n+k:\n"
+        "results do not depend on batching, sharding or resuming. --alpha white is pipeline B (qwen-vl-utils, then\n"
+        "the processor), drop is pipeline A (the Hugging Face processor alone), as in caprl preprocess."};
     const char *model_dir = NULL, *list = NULL, *out_path = NULL, *shard = NULL, *alpha = "white";
     const char *prompt = "Please describe this image in detail.", *system = NULL;
     int32_t     n = 4, batch = 1, max_new = 2048, threads = 0, top_k = 0;
@@ -412,7 +549,8 @@ int cmd_caption(int argc, char **argv) {
         {"max-new-tokens", OPT_INT, &max_new, "caption length limit in tokens", 1, 1 << 20, "M", 0},
         {"batch", OPT_INT, &batch, "images per batched generation", 1, 4096, "B", 0},
         {"shard", OPT_STRING, &shard, "process images i, i+k, i+2k, ... of the list", 0, 0, "i/k", 0},
-        {"alpha", OPT_STRING, &alpha, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0, "M", 0},
+        {"alpha", OPT_STRING, &alpha, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0,
+         "white|drop", 0},
         {"seed", OPT_I64, &seed, "random seed", 0, 9.2e18, "S", 0},
         {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
         {0},
@@ -428,7 +566,7 @@ int cmd_caption(int argc, char **argv) {
     if (shard) {
         char *end = NULL;
         shard_i = strtol(shard, &end, 10);
-        if (!end || *end != '/' || (shard_k = strtol(end + 1, &end, 10)) < 1 || *end || shard_i < 0 ||
+        if (end == shard || *end != '/' || (shard_k = strtol(end + 1, &end, 10)) < 1 || *end || shard_i < 0 ||
             shard_i >= shard_k) {
             return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
         }
@@ -443,30 +581,60 @@ int cmd_caption(int argc, char **argv) {
     } else {
         return tool_usage_error(info.name, "--alpha must be white or drop, got '%s'", alpha);
     }
+    /* --alpha picks the whole pipeline, as in caprl preprocess: white is qwen-vl-utils + the processor (B), drop
+     * is the Hugging Face processor alone (A) */
+    const int32_t resize_variant = r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
     item_list items = {0};
     rc = is_directory(list) ? list_dir(list, &items) : list_file(list, &items);
+    if (rc == 0) {
+        rc = check_duplicates(list, &items);
+    }
+    /* The output is opened (created) and locked before it is read: a second process on the same file would
+     * caption the same images again, and its truncation of a "torn" line could cut the first one's record. */
+    int out_fd = -1;
+    if (rc == 0) {
+        out_fd = open(out_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (out_fd < 0) {
+            fprintf(stderr, "caprl caption: error: %s: cannot open for appending: %s\n", out_path, strerror(errno));
+            rc = EXIT_DATA;
+        } else if (flock(out_fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+            fprintf(stderr, "caprl caption: error: %s: another caprl caption is writing to it\n", out_path);
+            rc = EXIT_DATA;
+        }
+    }
     char **done = NULL;
     size_t n_done = 0;
     if (rc == 0) {
-        rc = load_done(out_path, &done, &n_done);
+        rc = load_done(out_path, out_fd, &done, &n_done);
     }
     /* this shard's pending images */
     item  **todo = NULL;
-    int64_t n_todo = 0;
+    int64_t n_todo = 0, n_shard = 0;
+    if (rc == 0 && items.n > 0) {
+        todo = malloc((size_t)items.n * sizeof *todo);
+    }
     for (int64_t i = 0; rc == 0 && i < items.n; i++) {
-        if (i % shard_k == shard_i && !is_done(done, n_done, items.items[i].image)) {
-            todo = realloc(todo, (size_t)(n_todo + 1) * sizeof *todo);
+        if (i % shard_k != shard_i) {
+            continue;
+        }
+        n_shard++;
+        if (!is_done(done, n_done, items.items[i].image)) {
             todo[n_todo++] = &items.items[i];
         }
     }
     if (rc == 0) {
-        fprintf(stderr, "caprl caption: %lld images in the list, %zu already in %s, %lld to caption%s\n",
-                (long long)items.n, n_done, out_path, (long long)n_todo, shard ? " in this shard" : "");
+        fprintf(stderr, "caprl caption: %lld images in the list", (long long)items.n);
+        if (shard) {
+            fprintf(stderr, ", %lld in shard %ld/%ld", (long long)n_shard, shard_i, shard_k);
+        }
+        fprintf(stderr, ", %lld already in %s, %lld to caption\n", (long long)(n_shard - n_todo), out_path,
+                (long long)n_todo);
     }
     caprl_error err = {0};
     caprl_status st = CAPRL_OK;
     if (rc == 0 && n_todo > 0) {
-        if ((rc = tool_load_model(info.name, model_dir, threads, &r.model)) == 0) {
+        if ((rc = tool_load_model(info.name, model_dir, threads, &r.model)) == 0 &&
+            (rc = check_prompt(r.model, prompt, system)) == 0) {
             st = caprl_vision_load(&r.vision, model_dir, threads, &err);
             char pp_path[4096];
             snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", model_dir);
@@ -474,16 +642,19 @@ int cmd_caption(int argc, char **argv) {
             if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
                 st = caprl_preprocess_config_load(&r.pp, pp_path, &err);
             }
+            r.pp.resize_variant = resize_variant;
             if (st != CAPRL_OK) {
                 rc = tool_fail(info.name, st, err.msg);
             }
         }
     }
     if (rc == 0 && n_todo > 0) {
-        r.out = fopen(out_path, "ab");
+        r.out = fdopen(out_fd, "ab");
         if (!r.out) {
             fprintf(stderr, "caprl caption: error: %s: cannot open for appending: %s\n", out_path, strerror(errno));
             rc = EXIT_DATA;
+        } else {
+            out_fd = -1; /* now closed with r.out */
         }
     }
     if (rc == 0 && n_todo > 0) {
@@ -499,6 +670,7 @@ int cmd_caption(int argc, char **argv) {
         r.gp.sampling.repetition_penalty = rep;
         r.gp.sampling.seed = (uint64_t)seed;
         r.prog.total = n_todo;
+        r.prog.printed = -1;
         r.prog.t0 = tool_now();
         r.prog.tty = isatty(fileno(stderr));
         caprl_image *imgs = calloc((size_t)batch, sizeof *imgs);
@@ -508,17 +680,15 @@ int cmd_caption(int argc, char **argv) {
             while (next < n_todo && count < batch) {
                 item *it = todo[next++];
                 st = caprl_image_decode_file(it->path, &r.dp, &imgs[count], &err);
-                int32_t rh = 0, rw = 0;
+                int32_t rw = 0, rh = 0;
                 if (st == CAPRL_OK) { /* size problems (tiny, extreme aspect) stay with their image, not the batch */
-                    st = caprl_image_preprocess_size(imgs[count].width, imgs[count].height, &r.pp, &rh, &rw, &err);
+                    st = caprl_image_preprocess_size(imgs[count].width, imgs[count].height, &r.pp, &rw, &rh, &err);
                     if (st != CAPRL_OK) {
                         caprl_image_free(&imgs[count]);
                     }
                 }
                 if (st != CAPRL_OK) { /* recorded and skipped: one bad file never stops a batch job */
-                    json_t *rec = base_record(it);
-                    json_object_set_new(rec, "error", json_string(err.msg));
-                    rc = write_record(r.out, rec);
+                    rc = write_record(r.out, error_record(it, err.msg));
                     r.prog.done++;
                     r.prog.failed++;
                     if (rc) {
@@ -541,7 +711,11 @@ int cmd_caption(int argc, char **argv) {
         free(its);
     }
     if (r.out && fclose(r.out) != 0 && rc == 0) {
+        fprintf(stderr, "caprl caption: error: %s: close failed: %s\n", out_path, strerror(errno));
         rc = EXIT_DATA;
+    }
+    if (out_fd >= 0) {
+        close(out_fd);
     }
     caprl_context_free(r.ctx);
     caprl_vision_free(r.vision);
