@@ -38,6 +38,38 @@ CAPRL_API caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, i
                                                 const int32_t *grid_thw, int32_t n_images, int32_t merge,
                                                 int32_t *pos, int32_t *rope_delta, caprl_error *err);
 
+/* Image features of n images from one vision-tower call: each image goes through the processor (pp), the
+ * pixel_values are concatenated and encoded together (bit-identical to encoding each image alone). Fills
+ * grid_thw (n, 3), in patch units, and n_tokens (n), the merged tokens (= feature rows) of each image; *features is
+ * (sum of n_tokens, out_hidden_size), image after image, malloc'd (caprl_free). pp's patch, merge and temporal
+ * sizes must equal the tower's (CAPRL_ERR_INVALID_ARG naming both otherwise); the processor's errors pass through.
+ * Outputs are set only on success. Uses the tower's thread pool: one call per caprl_vision at a time. */
+CAPRL_API caprl_status caprl_vl_encode_images(caprl_vision *vision, const caprl_preprocess_config *pp,
+                                              const caprl_image *const *images, int32_t n, float **features,
+                                              int32_t *grid_thw, int64_t *n_tokens, caprl_error *err);
+
+/* A tokenized Qwen2.5-VL prompt made ready for the decoder: what caprl_batch (tokens, embd_row, mrope_pos) and
+ * caprl_prompt_vision take. */
+typedef struct caprl_vl_prompt {
+    int32_t *ids;        /* (n) every image's <|image_pad|> run at full length */
+    int64_t  n;
+    int32_t *embd_row;   /* (n) first_row + k at the k-th pad token, -1 at every other token */
+    int32_t *mrope_pos;  /* (3, n) t, h, w position rows */
+    int32_t  rope_delta; /* later tokens sit at cache index + rope_delta */
+} caprl_vl_prompt;
+
+/* Prepares ids holding n_images images (one <|image_pad|> each or each image's expanded run, as
+ * caprl_vl_expand_image_pads accepts) whose grids are grid_thw (n_images, 3) in patch units, merge the tower's
+ * spatial merge size: expands the pads, numbers the feature rows from first_row (where these images' rows start in
+ * a feature block that several prompts share) and computes the M-RoPE positions. Errors (CAPRL_ERR_INVALID_ARG):
+ * a grid that is not whole merged tokens, pads that match neither form, rows beyond INT32_MAX. *out is zeroed on
+ * failure; release it with caprl_vl_prompt_free. Pure function, thread-safe. */
+CAPRL_API caprl_status caprl_vl_prompt_init(caprl_vl_prompt *out, const int32_t *ids, int64_t n,
+                                            int32_t image_token_id, const int32_t *grid_thw, int32_t n_images,
+                                            int32_t merge, int64_t first_row, caprl_error *err);
+/* Frees the arrays of a prompt and zeroes it. NULL-safe, and safe on a zeroed struct. */
+CAPRL_API void         caprl_vl_prompt_free(caprl_vl_prompt *p);
+
 /* Writes a Qwen2.5-VL checkpoint directory: config.json (text fields, M-RoPE and "vision_config"),
  * generation_config.json, preprocessor_config.json (caprl's defaults: the Qwen2.5-VL release values), one
  * model.safetensors with the text tensors (model.*) and the tower's (visual.*), and tokenizer.json if the model has

@@ -144,55 +144,172 @@ caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, int32_t ima
     return CAPRL_OK;
 }
 
+/* ---- one prompt's decoder inputs -------------------------------------------------------------------------- */
+
+caprl_status caprl_vl_encode_images(caprl_vision *vision, const caprl_preprocess_config *pp,
+                                    const caprl_image *const *images, int32_t n, float **features, int32_t *grid_thw,
+                                    int64_t *n_tokens, caprl_error *err) {
+    const caprl_vision_config *vc = caprl_vision_get_config(vision);
+    if (n < 1 || !images || !pp || !features || !grid_thw || !n_tokens) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "vl encode: need at least one image and output arrays");
+    }
+    /* a processor cut for another geometry gives grids the tower would mis-merge: say which file disagrees */
+    if (pp->patch_size != vc->patch_size || pp->merge_size != vc->spatial_merge_size ||
+        pp->temporal_patch_size != vc->temporal_patch_size) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                             "vl encode: preprocessor patch_size %d, merge_size %d, temporal_patch_size %d do not "
+                             "match the vision tower's %d, %d, %d",
+                             pp->patch_size, pp->merge_size, pp->temporal_patch_size, vc->patch_size,
+                             vc->spatial_merge_size, vc->temporal_patch_size);
+    }
+    float      **pixels = caprl_xcalloc((size_t)n, sizeof(float *));
+    int64_t     *patches = caprl_xcalloc((size_t)n, sizeof(int64_t));
+    int32_t     *grids = caprl_xcalloc((size_t)n * 3, sizeof(int32_t));
+    float       *all = NULL, *feats = NULL;
+    caprl_status st = CAPRL_OK;
+    int64_t      total_patches = 0;
+    for (int32_t i = 0; i < n && st == CAPRL_OK; i++) {
+        st = images[i] ? caprl_image_preprocess(images[i], pp, &pixels[i], &patches[i], &grids[3 * i], err)
+                       : caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "vl encode: image %d is NULL", i);
+        total_patches += patches[i];
+    }
+    /* the preprocessor's row width; the tower checks it against its own patch geometry */
+    const int64_t row_width = 3 * (int64_t)pp->temporal_patch_size * pp->patch_size * pp->patch_size;
+    const int64_t merge2 = (int64_t)vc->spatial_merge_size * vc->spatial_merge_size;
+    const int64_t total_tokens = total_patches / merge2;
+    size_t        pix_bytes = 0, feat_bytes = 0;
+    if (st == CAPRL_OK) {
+        bool ok = caprl_mul_size((size_t)total_patches, (size_t)row_width * sizeof(float), &pix_bytes) &&
+                  caprl_mul_size((size_t)total_tokens, (size_t)vc->out_hidden_size * sizeof(float), &feat_bytes);
+        all = ok ? caprl_try_malloc(pix_bytes) : NULL;
+        feats = ok ? caprl_try_malloc(feat_bytes) : NULL;
+        if (!all || !feats) {
+            st = caprl_err_set(err, CAPRL_ERR_OOM, "vl encode: cannot allocate pixels and features of %lld patches",
+                               (long long)total_patches);
+        }
+    }
+    if (st == CAPRL_OK) {
+        int64_t at = 0;
+        for (int32_t i = 0; i < n; i++) {
+            memcpy(all + at * row_width, pixels[i], (size_t)(patches[i] * row_width) * sizeof(float));
+            at += patches[i];
+        }
+        st = caprl_vision_encode(vision, all, total_patches, row_width, grids, n, feats, err);
+    }
+    if (st == CAPRL_OK) {
+        memcpy(grid_thw, grids, (size_t)n * 3 * sizeof(int32_t));
+        for (int32_t i = 0; i < n; i++) {
+            n_tokens[i] = patches[i] / merge2;
+        }
+        *features = feats;
+        feats = NULL;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        caprl_free(pixels[i]);
+    }
+    free(pixels);
+    free(patches);
+    free(grids);
+    free(all);
+    free(feats);
+    return st;
+}
+
+caprl_status caprl_vl_prompt_init(caprl_vl_prompt *out, const int32_t *ids, int64_t n, int32_t image_token_id,
+                                  const int32_t *grid_thw, int32_t n_images, int32_t merge, int64_t first_row,
+                                  caprl_error *err) {
+    memset(out, 0, sizeof *out);
+    if (!ids || n < 1 || n_images < 0 || (n_images > 0 && !grid_thw) || merge < 1 || first_row < 0 ||
+        first_row > INT32_MAX) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                             "vl prompt: need ids, grids of %d images, a merge size >= 1 and a first row in "
+                             "0..INT32_MAX",
+                             n_images);
+    }
+    int64_t     *n_tok = caprl_xcalloc((size_t)(n_images > 0 ? n_images : 1), sizeof(int64_t));
+    int64_t      rows = 0;
+    caprl_status st = CAPRL_OK;
+    for (int32_t k = 0; k < n_images && st == CAPRL_OK; k++) {
+        const int32_t *g = grid_thw + 3 * k;
+        int64_t        hw = 0;
+        if (g[0] < 1 || g[1] < 1 || g[2] < 1 || g[1] % merge != 0 || g[2] % merge != 0 ||
+            !caprl_mul_i64(g[1] / merge, g[2] / merge, &hw) || !caprl_mul_i64(hw, g[0], &n_tok[k]) ||
+            !caprl_add_i64(rows, n_tok[k], &rows)) {
+            st = caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                               "vl prompt: image %d: grid %d x %d x %d is not whole %d x %d merged tokens", k, g[0],
+                               g[1], g[2], merge, merge);
+        }
+    }
+    /* embd_row holds int32 row numbers (caprl_batch) */
+    if (st == CAPRL_OK && rows > INT32_MAX - first_row) {
+        st = caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "vl prompt: feature rows %lld + %lld exceed INT32_MAX",
+                           (long long)first_row, (long long)rows);
+    }
+    if (st == CAPRL_OK) {
+        st = caprl_vl_expand_image_pads(ids, n, image_token_id, n_tok, n_images, &out->ids, &out->n, err);
+    }
+    if (st == CAPRL_OK && out->n > INT32_MAX) {
+        st = caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "vl prompt: %lld tokens after expansion", (long long)out->n);
+    }
+    if (st == CAPRL_OK) {
+        out->embd_row = caprl_xmalloc((size_t)out->n * sizeof(int32_t));
+        out->mrope_pos = caprl_xmalloc((size_t)out->n * 3 * sizeof(int32_t));
+        int64_t row = first_row;
+        for (int64_t t = 0; t < out->n; t++) {
+            out->embd_row[t] = out->ids[t] == image_token_id ? (int32_t)row++ : -1;
+        }
+        st = caprl_vl_mrope_positions(out->ids, out->n, image_token_id, grid_thw, n_images, merge, out->mrope_pos,
+                                      &out->rope_delta, err);
+    }
+    free(n_tok);
+    if (st != CAPRL_OK) {
+        caprl_vl_prompt_free(out);
+    }
+    return st;
+}
+
+void caprl_vl_prompt_free(caprl_vl_prompt *p) {
+    if (!p) {
+        return;
+    }
+    free(p->ids);
+    free(p->embd_row);
+    free(p->mrope_pos);
+    memset(p, 0, sizeof *p);
+}
+
 /* ---- batched image captioning ----------------------------------------------------------------------------- */
 
 typedef struct vl_batch {
-    float    **pixels;   /* (n) per-image pixel_values */
-    int64_t   *patches;  /* (n) */
-    int32_t   *grids;    /* (n, 3) */
-    int64_t   *n_img_tok; /* (n) merged tokens per image */
-    float     *all_pixels; /* concatenated pixel_values */
-    float     *features;   /* (total tokens, hidden) */
-    int32_t  **ids;        /* (n) expanded prompt ids */
-    int64_t   *lens;       /* (n) */
-    int32_t  **embd_rows;  /* (n) */
-    int32_t  **mrope;      /* (n) (3, len) */
-    caprl_prompt_vision *vis;
-    uint64_t  *streams;
+    const caprl_image  **images;    /* (n) */
+    int32_t             *grids;     /* (n, 3) */
+    int64_t             *n_img_tok; /* (n) merged tokens per image */
+    float               *features;  /* (total tokens, hidden), image after image */
+    caprl_vl_prompt     *prompts;   /* (n) */
+    const int32_t      **ids;       /* (n) the prompts' expanded ids */
+    int64_t             *lens;      /* (n) */
+    caprl_prompt_vision *vis;       /* (n) */
+    uint64_t            *streams;   /* (n) */
 } vl_batch;
 
 static void vl_batch_free(vl_batch *b, int32_t n) {
-    for (int32_t i = 0; i < n; i++) {
-        if (b->pixels) {
-            caprl_free(b->pixels[i]);
-        }
-        if (b->ids) {
-            caprl_free(b->ids[i]);
-        }
-        if (b->embd_rows) {
-            free(b->embd_rows[i]);
-        }
-        if (b->mrope) {
-            free(b->mrope[i]);
-        }
+    for (int32_t i = 0; b->prompts && i < n; i++) {
+        caprl_vl_prompt_free(&b->prompts[i]);
     }
-    free(b->pixels);
-    free(b->patches);
+    free(b->images);
     free(b->grids);
     free(b->n_img_tok);
-    free(b->all_pixels);
     free(b->features);
+    free(b->prompts);
     free(b->ids);
     free(b->lens);
-    free(b->embd_rows);
-    free(b->mrope);
     free(b->vis);
     free(b->streams);
 }
 
-/* Prompt ids of one request with its image's pads expanded. */
-static caprl_status vl_prompt_ids(const caprl_tokenizer *tok, const caprl_text_config *tc, const caprl_vl_request *r,
-                                  int64_t n_img_tok, int32_t **ids, int64_t *len, caprl_error *err) {
+/* The request's chat prompt, tokenized: one <|image_pad|> for its image. *ids: free(). */
+static caprl_status vl_prompt_ids(const caprl_tokenizer *tok, const caprl_vl_request *r, int32_t **ids, int64_t *len,
+                                  caprl_error *err) {
     char *text = NULL;
     CAPRL_TRY(caprl_vl_render_prompt(r->prompt, 1, r->system, &text, err));
     int64_t      n = 0;
@@ -203,11 +320,13 @@ static caprl_status vl_prompt_ids(const caprl_tokenizer *tok, const caprl_text_c
         st = caprl_tokenizer_encode(tok, text, strlen(text), true, raw, n, &n, err);
     }
     caprl_free(text);
-    if (st == CAPRL_OK) {
-        st = caprl_vl_expand_image_pads(raw, n, tc->image_token_id, &n_img_tok, 1, ids, len, err);
+    if (st != CAPRL_OK) {
+        free(raw);
+        return st;
     }
-    free(raw);
-    return st;
+    *ids = raw;
+    *len = n;
+    return CAPRL_OK;
 }
 
 static caprl_status ensure_context(caprl_model *m, caprl_context **ctx, int32_t n_seq, int64_t n_ctx,
@@ -241,65 +360,43 @@ caprl_status caprl_vl_generate(caprl_model *model, caprl_vision *vision, const c
     }
     vl_batch b;
     memset(&b, 0, sizeof b);
-    b.pixels = caprl_xcalloc((size_t)n, sizeof(float *));
-    b.patches = caprl_xcalloc((size_t)n, sizeof(int64_t));
+    b.images = caprl_xcalloc((size_t)n, sizeof(caprl_image *));
     b.grids = caprl_xcalloc((size_t)n * 3, sizeof(int32_t));
     b.n_img_tok = caprl_xcalloc((size_t)n, sizeof(int64_t));
+    b.prompts = caprl_xcalloc((size_t)n, sizeof(caprl_vl_prompt));
     b.ids = caprl_xcalloc((size_t)n, sizeof(int32_t *));
     b.lens = caprl_xcalloc((size_t)n, sizeof(int64_t));
-    b.embd_rows = caprl_xcalloc((size_t)n, sizeof(int32_t *));
-    b.mrope = caprl_xcalloc((size_t)n, sizeof(int32_t *));
     b.vis = caprl_xcalloc((size_t)n, sizeof(caprl_prompt_vision));
     b.streams = caprl_xcalloc((size_t)n, sizeof(uint64_t));
-    caprl_status st = CAPRL_OK;
-    int64_t      total_patches = 0, total_tokens = 0, longest = 0;
-    const int64_t merge2 = (int64_t)pp->merge_size * pp->merge_size;
-    for (int32_t i = 0; i < n && st == CAPRL_OK; i++) {
-        st = caprl_image_preprocess(reqs[i].image, pp, &b.pixels[i], &b.patches[i], &b.grids[3 * i], err);
-        b.n_img_tok[i] = b.patches[i] / merge2;
-        total_patches += b.patches[i];
+    for (int32_t i = 0; i < n; i++) {
+        b.images[i] = reqs[i].image;
+    }
+    /* one tower call for the whole batch */
+    caprl_status st = caprl_vl_encode_images(vision, pp, b.images, n, &b.features, b.grids, b.n_img_tok, err);
+    int64_t      total_tokens = 0, longest = 0;
+    for (int32_t i = 0; i < n; i++) {
         total_tokens += b.n_img_tok[i];
-    }
-    /* the preprocessor's row width; the tower checks it against its own patch geometry */
-    int64_t row_width = 3 * (int64_t)pp->temporal_patch_size * pp->patch_size * pp->patch_size;
-    if (st == CAPRL_OK) {
-        b.all_pixels = caprl_try_malloc((size_t)total_patches * (size_t)row_width * sizeof(float));
-        b.features = caprl_try_malloc((size_t)total_tokens * (size_t)tc->hidden_size * sizeof(float));
-        if (!b.all_pixels || !b.features) {
-            st = caprl_err_set(err, CAPRL_ERR_OOM, "vl generate: cannot allocate pixels and features of %lld patches",
-                               (long long)total_patches);
-        }
-    }
-    if (st == CAPRL_OK) {
-        int64_t at = 0;
-        for (int32_t i = 0; i < n; i++) {
-            memcpy(b.all_pixels + at * row_width, b.pixels[i], (size_t)(b.patches[i] * row_width) * sizeof(float));
-            at += b.patches[i];
-        }
-        st = caprl_vision_encode(vision, b.all_pixels, total_patches, row_width, b.grids, n, b.features, err);
     }
     int64_t first_row = 0;
     for (int32_t i = 0; i < n && st == CAPRL_OK; i++) {
-        st = vl_prompt_ids(tok, tc, &reqs[i], b.n_img_tok[i], &b.ids[i], &b.lens[i], err);
-        if (st != CAPRL_OK) {
-            break;
+        int32_t *raw = NULL;
+        int64_t  n_raw = 0;
+        st = vl_prompt_ids(tok, &reqs[i], &raw, &n_raw, err);
+        if (st == CAPRL_OK) {
+            st = caprl_vl_prompt_init(&b.prompts[i], raw, n_raw, tc->image_token_id, &b.grids[3 * i], 1,
+                                      vc->spatial_merge_size, first_row, err);
         }
-        int64_t len = b.lens[i];
-        b.embd_rows[i] = caprl_xmalloc((size_t)len * sizeof(int32_t));
-        b.mrope[i] = caprl_xmalloc((size_t)len * 3 * sizeof(int32_t));
-        int64_t row = first_row;
-        for (int64_t t = 0; t < len; t++) {
-            b.embd_rows[i][t] = b.ids[i][t] == tc->image_token_id ? (int32_t)row++ : -1;
-        }
-        first_row = row;
-        st = caprl_vl_mrope_positions(b.ids[i], len, tc->image_token_id, &b.grids[3 * i], 1, vc->spatial_merge_size,
-                                      b.mrope[i], &b.vis[i].rope_delta, err);
+        free(raw);
+        first_row += b.n_img_tok[i];
+        b.ids[i] = b.prompts[i].ids;
+        b.lens[i] = b.prompts[i].n;
         b.vis[i].embd = b.features;
         b.vis[i].n_embd = (int32_t)total_tokens;
-        b.vis[i].embd_row = b.embd_rows[i];
-        b.vis[i].mrope_pos = b.mrope[i];
+        b.vis[i].embd_row = b.prompts[i].embd_row;
+        b.vis[i].mrope_pos = b.prompts[i].mrope_pos;
+        b.vis[i].rope_delta = b.prompts[i].rope_delta;
         b.streams[i] = reqs[i].stream_id;
-        longest = len > longest ? len : longest;
+        longest = b.lens[i] > longest ? b.lens[i] : longest;
     }
     if (st == CAPRL_OK) {
         st = ensure_context(model, ctx, n * gp->n_samples, longest + gp->max_new_tokens, err);
@@ -307,8 +404,7 @@ caprl_status caprl_vl_generate(caprl_model *model, caprl_vision *vision, const c
     if (st == CAPRL_OK) {
         caprl_generate_params g = *gp;
         g.prompt_streams = b.streams;
-        st = caprl_generate(*ctx, (const int32_t *const *)b.ids, b.lens, n, b.vis, &g, on_token, user_data, finish,
-                            n_generated, err);
+        st = caprl_generate(*ctx, b.ids, b.lens, n, b.vis, &g, on_token, user_data, finish, n_generated, err);
     }
     vl_batch_free(&b, n);
     return st;

@@ -1,26 +1,167 @@
-/* caprl forward: run a prompt through the model and dump the logits of every position (a parity tool). */
+/* caprl forward: run a prompt through the model and dump the logits of every position (a parity tool). With
+ * --image, the prompt of a Qwen2.5-VL checkpoint gets the image's features spliced at its <|image_pad|> tokens and
+ * M-RoPE positions, as the Hugging Face model computes its prefill. */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "caprl/image.h"
 #include "caprl/model.h"
+#include "caprl/tokenizer.h"
+#include "caprl/vision.h"
+#include "caprl/vlm.h"
 #include "commands.h"
 #include "common.h"
 #include "opts.h"
 
+static caprl_status set_error(caprl_error *err, caprl_status code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static caprl_status set_error(caprl_error *err, caprl_status code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+    err->code = code;
+    return code;
+}
+
+/* One image's side of a VL forward. */
+typedef struct vl_inputs {
+    float          *features; /* (n_rows, hidden) */
+    int64_t         n_rows;
+    int32_t         grid[3];  /* t, h, w in patches */
+    int32_t         merge;    /* the tower's spatial merge size */
+    caprl_vl_prompt prompt;   /* expanded ids, feature rows, M-RoPE positions */
+} vl_inputs;
+
+/* Decodes the image and runs the processor and the vision tower of model_dir on it. */
+static caprl_status vl_encode(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
+                              vl_inputs *vi, caprl_error *err) {
+    caprl_image_decode_params dp = caprl_image_decode_default_params();
+    dp.alpha = alpha;
+    caprl_image             img = {0};
+    caprl_vision           *vision = NULL;
+    caprl_preprocess_config pp = caprl_preprocess_config_default();
+    caprl_status            st = caprl_image_decode_file(image_path, &dp, &img, err);
+    if (st == CAPRL_OK) {
+        st = caprl_vision_load(&vision, model_dir, threads, err);
+    }
+    size_t pp_cap = strlen(model_dir) + 32;
+    char  *pp_path = malloc(pp_cap);
+    snprintf(pp_path, pp_cap, "%s/preprocessor_config.json", model_dir);
+    if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
+        st = caprl_preprocess_config_load(&pp, pp_path, err);
+    }
+    free(pp_path);
+    int32_t out_w = 0, out_h = 0;
+    if (st == CAPRL_OK &&
+        (st = caprl_image_preprocess_size(img.width, img.height, &pp, &out_w, &out_h, err)) != CAPRL_OK) {
+        char msg[sizeof err->msg];
+        snprintf(msg, sizeof msg, "%s", err->msg);
+        set_error(err, st, "%s: %s", image_path, msg); /* the processor's message does not name the file */
+    }
+    if (st == CAPRL_OK) {
+        const caprl_image *imgs[1] = {&img};
+        st = caprl_vl_encode_images(vision, &pp, imgs, 1, &vi->features, vi->grid, &vi->n_rows, err);
+        vi->merge = caprl_vision_get_config(vision)->spatial_merge_size;
+    }
+    caprl_vision_free(vision);
+    caprl_image_free(&img);
+    return st;
+}
+
+/* The Qwen2.5-VL chat prompt holding one image, tokenized (one <|image_pad|>). */
+static caprl_status vl_prompt_ids(const caprl_model *model, const char *dir, const char *prompt, const char *system,
+                                  int32_t **ids, int64_t *n, caprl_error *err) {
+    const caprl_tokenizer *tok = caprl_model_tokenizer(model);
+    if (!tok) {
+        return set_error(err, CAPRL_ERR_IO, "%s has no tokenizer.json (needed for --prompt)", dir);
+    }
+    char        *text = NULL;
+    caprl_status st = caprl_vl_render_prompt(prompt, 1, system, &text, err);
+    if (st == CAPRL_OK) {
+        st = caprl_tokenizer_encode(tok, text, strlen(text), true, NULL, 0, n, err);
+    }
+    if (st == CAPRL_OK) {
+        *ids = malloc((size_t)*n * sizeof(int32_t));
+        st = caprl_tokenizer_encode(tok, text, strlen(text), true, *ids, *n, n, err);
+    }
+    caprl_free(text);
+    return st;
+}
+
+/* Runs ids (T) through a fresh context in chunks and streams every position's logits into out. vi (may be NULL)
+ * supplies the spliced features and M-RoPE positions, sliced per chunk. */
+static caprl_status forward_dump(caprl_model *model, const int32_t *ids, int64_t T, const vl_inputs *vi, FILE *out,
+                                 const char *tmp, caprl_error *err) {
+    const int32_t            chunk = 256;
+    const caprl_text_config *cfg = caprl_model_config(model);
+    caprl_context_params     cp = caprl_context_default_params();
+    cp.n_ctx = (int32_t)T;
+    cp.n_batch_max = (int32_t)(T < chunk ? T : chunk);
+    cp.n_logits_max = cp.n_batch_max;
+    caprl_context *ctx = NULL;
+    caprl_status   st = caprl_context_init(&ctx, model, &cp, err);
+    int32_t       *seq = calloc((size_t)cp.n_batch_max, sizeof(int32_t));
+    int32_t       *pos = malloc((size_t)cp.n_batch_max * 3 * sizeof(int32_t));
+    int8_t        *want = malloc((size_t)cp.n_batch_max);
+    memset(want, 1, (size_t)cp.n_batch_max);
+    for (int64_t start = 0; start < T && st == CAPRL_OK; start += cp.n_batch_max) {
+        int32_t     n = (int32_t)(T - start < cp.n_batch_max ? T - start : cp.n_batch_max);
+        caprl_batch b = {.n_tokens = n, .tokens = ids + start, .seq_ids = seq, .want_logits = want};
+        if (vi) {
+            for (int32_t c = 0; c < 3; c++) {
+                memcpy(pos + (size_t)c * (size_t)n, vi->prompt.mrope_pos + (size_t)c * (size_t)T + (size_t)start,
+                       (size_t)n * sizeof(int32_t));
+            }
+            b.mrope_pos = pos;
+            b.embd = vi->features;
+            b.n_embd = (int32_t)vi->n_rows;
+            b.embd_row = vi->prompt.embd_row + start;
+        }
+        st = caprl_context_decode(ctx, &b, err);
+        for (int32_t r = 0; r < n && st == CAPRL_OK; r++) {
+            if (fwrite(caprl_context_logits(ctx, r), sizeof(float), (size_t)cfg->vocab_size, out) !=
+                (size_t)cfg->vocab_size) {
+                st = set_error(err, CAPRL_ERR_IO, "%s: write failed", tmp);
+            }
+        }
+    }
+    free(seq);
+    free(pos);
+    free(want);
+    caprl_context_free(ctx);
+    return st;
+}
+
 int cmd_forward(int argc, char **argv) {
     static const cmd_info info = {
-        "forward", "caprl forward --model DIR (--ids 1,2,3 | --ids-file F) --dump-logits OUT [--threads N]",
+        "forward",
+        "caprl forward --model DIR (--ids 1,2,3 | --ids-file F | --prompt TEXT) [--image PATH] --dump-logits OUT",
         "Run token ids through the model; write the logits of every position as raw little-endian float32 [T, vocab].",
         "The ids are comma- or space-separated, or a JSON array. A one-line JSON summary goes to stdout.\n"
-        "The output file is written atomically (temporary file, then rename)."};
+        "The output file is written atomically (temporary file, then rename).\n"
+        "With --image (a Qwen2.5-VL checkpoint) the image's features replace its <|image_pad|> tokens and positions\n"
+        "are M-RoPE's. The ids then hold one <|image_pad|> (expanded to the image's merged-token count, as the\n"
+        "processor does) or the already expanded run; --prompt instead renders the Qwen2.5-VL chat prompt with the\n"
+        "image and tokenizes it. T counts the expanded prompt; the summary adds the image's grid_thw."};
     const char *model_dir = NULL, *ids_text = NULL, *ids_file = NULL, *out_path = NULL;
+    const char *image_path = NULL, *prompt = NULL, *system = NULL, *alpha_name = "white";
     int32_t     threads = 0;
     opt_spec    specs[] = {
         {"model", OPT_STRING, &model_dir, "checkpoint directory", 0, 0, "DIR", 0},
         {"ids", OPT_STRING, &ids_text, "token ids, e.g. 1,2,3", 0, 0, "IDS", 0},
         {"ids-file", OPT_STRING, &ids_file, "file holding the token ids", 0, 0, "F", 0},
+        {"image", OPT_STRING, &image_path, "PNG, JPEG or WebP image spliced at <|image_pad|> (Qwen2.5-VL)", 0, 0,
+         "PATH", 0},
+        {"prompt", OPT_STRING, &prompt, "with --image: text after the image in the VL chat prompt", 0, 0, "TEXT", 0},
+        {"system", OPT_STRING, &system, "with --prompt: system prompt (default: Qwen2.5-VL's; \"\" for none)", 0, 0,
+         "TEXT", 0},
+        {"alpha", OPT_STRING, &alpha_name, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0,
+         "white|drop", 0},
         {"dump-logits", OPT_STRING, &out_path, "output file for float32 [T, vocab] logits", 0, 0, "OUT", 0},
         {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
         {0},
@@ -32,20 +173,41 @@ int cmd_forward(int argc, char **argv) {
     if (!model_dir || !out_path) {
         return tool_usage_error(info.name, "--model and --dump-logits are required");
     }
-    if (!ids_text == !ids_file) {
-        return tool_usage_error(info.name, "give exactly one of --ids and --ids-file");
+    if ((ids_text != NULL) + (ids_file != NULL) + (prompt != NULL) != 1) {
+        return tool_usage_error(info.name, "give exactly one of --ids, --ids-file and --prompt");
     }
-    char  *file_text = NULL;
-    size_t file_len = 0;
-    if (ids_file && (rc = tool_read_file(info.name, ids_file, 256u << 20, &file_text, &file_len))) {
-        return rc;
+    if (prompt && !image_path) {
+        return tool_usage_error(info.name, "--prompt renders the Qwen2.5-VL chat prompt and needs --image");
+    }
+    if (system && !prompt) {
+        return tool_usage_error(info.name, "--system needs --prompt");
+    }
+    int n_image_opts = 0;
+    for (int i = 1; i < argc; i++) { /* the parser keeps the last of repeated options: never drop an image */
+        n_image_opts += strcmp(argv[i], "--image") == 0 || strncmp(argv[i], "--image=", 8) == 0;
+    }
+    if (n_image_opts > 1) {
+        return tool_usage_error(info.name, "--image given more than once: one image per prompt");
+    }
+    int32_t alpha = CAPRL_ALPHA_WHITE;
+    if (strcmp(alpha_name, "drop") == 0) {
+        alpha = CAPRL_ALPHA_DROP;
+    } else if (strcmp(alpha_name, "white") != 0) {
+        return tool_usage_error(info.name, "--alpha must be white or drop, got '%s'", alpha_name);
     }
     int32_t *ids = NULL;
     int64_t  T = 0;
-    rc = tool_parse_ids(info.name, ids_file ? ids_file : "--ids", ids_file ? file_text : ids_text, &ids, &T);
-    free(file_text);
-    if (rc) {
-        return rc;
+    if (!prompt) {
+        char  *file_text = NULL;
+        size_t file_len = 0;
+        if (ids_file && (rc = tool_read_file(info.name, ids_file, 256u << 20, &file_text, &file_len))) {
+            return rc;
+        }
+        rc = tool_parse_ids(info.name, ids_file ? ids_file : "--ids", ids_file ? file_text : ids_text, &ids, &T);
+        free(file_text);
+        if (rc) {
+            return rc;
+        }
     }
     caprl_model *model = NULL;
     if ((rc = tool_load_model(info.name, model_dir, threads, &model))) {
@@ -62,16 +224,29 @@ int cmd_forward(int argc, char **argv) {
             return EXIT_USAGE;
         }
     }
-    const int32_t            chunk = 256;
-    caprl_context_params     cp = caprl_context_default_params();
-    cp.n_ctx = (int32_t)(T < (1 << 24) ? T : (1 << 24));
-    cp.n_batch_max = (int32_t)(T < chunk ? T : chunk);
-    cp.n_logits_max = cp.n_batch_max;
-    caprl_context *ctx = NULL;
-    caprl_error    err = {0};
-    caprl_status   st = T > (1 << 24) ? CAPRL_ERR_INVALID_ARG : caprl_context_init(&ctx, model, &cp, &err);
-    if (T > (1 << 24)) {
-        snprintf(err.msg, sizeof err.msg, "%lld ids: at most %d", (long long)T, 1 << 24);
+    caprl_error  err = {0};
+    caprl_status st = CAPRL_OK;
+    vl_inputs    vi;
+    memset(&vi, 0, sizeof vi);
+    if (image_path && !cfg->is_vl) {
+        st = set_error(&err, CAPRL_ERR_UNSUPPORTED,
+                       "%s is a text-only checkpoint: --image needs a Qwen2.5-VL one (model_type qwen2_5_vl)",
+                       model_dir);
+    }
+    if (st == CAPRL_OK && image_path) {
+        st = vl_encode(model_dir, image_path, alpha, threads, &vi, &err);
+    }
+    if (st == CAPRL_OK && prompt) {
+        st = vl_prompt_ids(model, model_dir, prompt, system, &ids, &T, &err);
+    }
+    if (st == CAPRL_OK && image_path) {
+        st = caprl_vl_prompt_init(&vi.prompt, ids, T, cfg->image_token_id, vi.grid, 1, vi.merge, 0, &err);
+    }
+    /* with an image, the expanded prompt is what runs */
+    const int32_t *tokens = image_path ? vi.prompt.ids : ids;
+    int64_t        n_tokens = image_path ? vi.prompt.n : T;
+    if (st == CAPRL_OK && n_tokens > (1 << 24)) {
+        st = set_error(&err, CAPRL_ERR_INVALID_ARG, "%lld ids: at most %d", (long long)n_tokens, 1 << 24);
     }
     /* stream rows into a temporary file next to OUT, renamed into place only when complete */
     size_t tmp_cap = strlen(out_path) + 32;
@@ -79,44 +254,33 @@ int cmd_forward(int argc, char **argv) {
     snprintf(tmp, tmp_cap, "%s.tmp.%ld", out_path, (long)getpid());
     FILE *out = st == CAPRL_OK ? fopen(tmp, "wb") : NULL;
     if (st == CAPRL_OK && !out) {
-        st = CAPRL_ERR_IO;
-        snprintf(err.msg, sizeof err.msg, "%s: cannot create", tmp);
+        st = set_error(&err, CAPRL_ERR_IO, "%s: cannot create", tmp);
     }
-    int32_t *seq = calloc((size_t)cp.n_batch_max, sizeof(int32_t));
-    int8_t  *want = malloc((size_t)cp.n_batch_max);
-    memset(want, 1, (size_t)cp.n_batch_max);
-    for (int64_t start = 0; start < T && st == CAPRL_OK; start += cp.n_batch_max) {
-        int32_t     n = (int32_t)(T - start < cp.n_batch_max ? T - start : cp.n_batch_max);
-        caprl_batch b = {.n_tokens = n, .tokens = ids + start, .seq_ids = seq, .want_logits = want};
-        st = caprl_context_decode(ctx, &b, &err);
-        for (int32_t r = 0; r < n && st == CAPRL_OK; r++) {
-            if (fwrite(caprl_context_logits(ctx, r), sizeof(float), (size_t)cfg->vocab_size, out) !=
-                (size_t)cfg->vocab_size) {
-                st = CAPRL_ERR_IO;
-                snprintf(err.msg, sizeof err.msg, "%s: write failed", tmp);
-            }
-        }
+    if (st == CAPRL_OK) {
+        st = forward_dump(model, tokens, n_tokens, image_path ? &vi : NULL, out, tmp, &err);
     }
     if (out) {
         bool ok = fflush(out) == 0 && fsync(fileno(out)) == 0;
         ok = fclose(out) == 0 && ok;
         if (st == CAPRL_OK && (!ok || rename(tmp, out_path) != 0)) {
-            st = CAPRL_ERR_IO;
-            snprintf(err.msg, sizeof err.msg, "%s: cannot write", out_path);
+            st = set_error(&err, CAPRL_ERR_IO, "%s: cannot write", out_path);
         }
         if (st != CAPRL_OK) {
             unlink(tmp);
         }
     }
     if (st == CAPRL_OK) {
-        printf("{\"tokens\": %lld, \"vocab\": %d, \"dtype\": \"float32\", \"file\": \"%s\"}\n", (long long)T,
+        printf("{\"tokens\": %lld, \"vocab\": %d, \"dtype\": \"float32\", \"file\": \"%s\"", (long long)n_tokens,
                cfg->vocab_size, out_path);
+        if (image_path) {
+            printf(", \"grid_thw\": [%d, %d, %d]", vi.grid[0], vi.grid[1], vi.grid[2]);
+        }
+        printf("}\n");
     }
     free(tmp);
-    free(seq);
-    free(want);
-    caprl_context_free(ctx);
     free(ids);
+    caprl_vl_prompt_free(&vi.prompt);
+    caprl_free(vi.features);
     caprl_model_free(model);
     return st == CAPRL_OK ? EXIT_OK : tool_fail(info.name, st, err.msg);
 }

@@ -1,0 +1,305 @@
+/* caprl generate --image and caprl forward --image on a tiny Qwen2.5-VL checkpoint made by init-model:
+ * - generate's text equals the decoded tokens of caprl_vl_generate on the same checkpoint (greedy, the
+ *   checkpoint's generation_config), at --threads 1 against the library's default thread count; -n 2 prints both;
+ * - forward's dump with --prompt equals forward with the equivalent --ids, in the one-pad and the expanded form,
+ *   and equals logits computed here from the lower-level calls (processor, tower, pad expansion, M-RoPE positions,
+ *   one decode); its summary names the expanded length and grid_thw;
+ * - bad inputs: --image on a text-only checkpoint, a missing or non-image file, pads that do not match the image,
+ *   repeated --image, --prompt without --image: the right exit code and one line naming the problem, and no
+ *   output file from a failed forward. */
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "caprl/image.h"
+#include "caprl/model.h"
+#include "caprl/tokenizer.h"
+#include "caprl/vision.h"
+#include "caprl/vlm.h"
+#include "caprl_test.h"
+
+enum { VOCAB = 151936, IMAGE_PAD = 151655 };
+
+static char g_dir[4096];
+
+/* Runs a shell command line with stderr to a file; returns the exit status (or -1), stdout into out (may be NULL). */
+static int run(const char *cmdline, char *out, size_t cap) {
+    char full[16384];
+    snprintf(full, sizeof full, "%s 2>%s/stderr.txt", cmdline, g_dir);
+    FILE *p = popen(full, "r");
+    if (!p) {
+        return -1;
+    }
+    size_t n = 0, got;
+    char   buf[4096];
+    while ((got = fread(buf, 1, sizeof buf, p)) > 0) {
+        if (out && n + got < cap) {
+            memcpy(out + n, buf, got);
+            n += got;
+        }
+    }
+    if (out) {
+        out[n] = '\0';
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void read_stderr(char *buf, size_t cap) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
+    FILE  *f = fopen(path, "r");
+    size_t n = f ? fread(buf, 1, cap - 1, f) : 0;
+    buf[n] = '\0';
+    if (f) {
+        fclose(f);
+    }
+}
+
+/* The command fails with exit code `code` and exactly one stderr line containing needle. */
+static void expect_fail(const char *cmdline, int code, const char *needle) {
+    char err[8192];
+    int  rc = run(cmdline, NULL, 0);
+    read_stderr(err, sizeof err);
+    int lines = 0;
+    for (const char *p = err; *p; p++) {
+        lines += *p == '\n';
+    }
+    CHECK_MSG(rc == code, "'%s' exited %d, expected %d; stderr: %s", cmdline, rc, code, err);
+    CHECK_MSG(strstr(err, needle) != NULL, "'%s' stderr lacks '%s': %s", cmdline, needle, err);
+    CHECK_MSG(lines == 1 && strstr(err, "caprl ") == err, "'%s': expected one error line, got: %s", cmdline, err);
+}
+
+static char *read_all(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        *len = 0;
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    *len = fread(buf, 1, (size_t)n, f);
+    buf[*len] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static void ids_to_text(const int32_t *ids, int64_t n, char *out, size_t cap) {
+    size_t len = 0;
+    out[0] = '\0';
+    for (int64_t i = 0; i < n && len < cap; i++) {
+        len += (size_t)snprintf(out + len, cap - len, "%s%d", i ? "," : "", ids[i]);
+    }
+}
+
+/* ---- the library's view of the checkpoint ----------------------------------------------------------------- */
+
+typedef struct vl_lib {
+    caprl_model            *m;
+    caprl_vision           *v;
+    caprl_preprocess_config pp;
+    caprl_image             img;
+} vl_lib;
+
+static bool lib_open(vl_lib *l, const char *dir, const char *image) {
+    caprl_error err = {0};
+    memset(l, 0, sizeof *l);
+    CHECK_OK(caprl_model_load(&l->m, dir, NULL, &err), &err);
+    CHECK_OK(caprl_vision_load(&l->v, dir, 0, &err), &err);
+    CHECK_OK(caprl_preprocess_config_load(&l->pp, dir, &err), &err);
+    CHECK_OK(caprl_image_decode_file(image, NULL, &l->img, &err), &err);
+    return l->m && l->v && l->img.data && caprl_model_tokenizer(l->m);
+}
+
+static void lib_close(vl_lib *l) {
+    caprl_image_free(&l->img);
+    caprl_vision_free(l->v);
+    caprl_model_free(l->m);
+}
+
+typedef struct collected {
+    int32_t ids[64];
+    int32_t n;
+} collected;
+
+static bool collect(int32_t prompt, int32_t sample, int32_t token, void *ud) {
+    (void)prompt, (void)sample;
+    collected *c = ud;
+    if (c->n < 64) {
+        c->ids[c->n++] = token;
+    }
+    return true;
+}
+
+/* The greedy caption caprl_vl_generate gives, decoded as generate prints it. */
+static void lib_caption(vl_lib *l, const char *prompt, int32_t max_new, char *text, size_t cap) {
+    caprl_generate_params gp = caprl_generate_default_params();
+    gp.max_new_tokens = max_new;
+    gp.sampling.do_sample = false; /* init-model's generation_config.json: do_sample false */
+    caprl_vl_request req = {&l->img, prompt, NULL, 0};
+    caprl_context   *ctx = NULL;
+    collected        c = {{0}, 0};
+    caprl_error      err = {0};
+    CHECK_OK(caprl_vl_generate(l->m, l->v, &l->pp, &req, 1, &gp, &ctx, collect, &c, NULL, NULL, &err), &err);
+    size_t len = 0;
+    CHECK_OK(caprl_tokenizer_decode(caprl_model_tokenizer(l->m), c.ids, c.n, true, text, cap, &len, &err), &err);
+    CHECK(c.n >= 1 && len < cap);
+    caprl_context_free(ctx);
+}
+
+/* Logits (T, V) of the expanded prompt, from the processor, the tower and the decoder called directly. */
+static float *lib_logits(vl_lib *l, const int32_t *ids, int64_t T) {
+    caprl_error err = {0};
+    float      *pix = NULL;
+    int64_t     n_patches = 0;
+    int32_t     grid[3];
+    CHECK_OK(caprl_image_preprocess(&l->img, &l->pp, &pix, &n_patches, grid, &err), &err);
+    const int64_t n_rows = n_patches / 4, C = caprl_model_config(l->m)->hidden_size;
+    float        *feats = malloc((size_t)(n_rows * C) * sizeof(float));
+    CHECK_OK(caprl_vision_encode(l->v, pix, n_patches, 1176, grid, 1, feats, &err), &err);
+    int32_t *pos = malloc((size_t)T * 3 * sizeof(int32_t)), *rows = malloc((size_t)T * sizeof(int32_t));
+    int32_t  delta = 0, row = 0;
+    CHECK_OK(caprl_vl_mrope_positions(ids, T, IMAGE_PAD, grid, 1, 2, pos, &delta, &err), &err);
+    for (int64_t t = 0; t < T; t++) {
+        rows[t] = ids[t] == IMAGE_PAD ? row++ : -1;
+    }
+    CHECK_EQ_I64(row, n_rows);
+    caprl_context_params cp = caprl_context_default_params();
+    cp.n_ctx = (int32_t)T;
+    cp.n_batch_max = (int32_t)T;
+    cp.n_logits_max = (int32_t)T;
+    caprl_context *ctx = NULL;
+    CHECK_OK(caprl_context_init(&ctx, l->m, &cp, &err), &err);
+    int32_t *seq = calloc((size_t)T, sizeof(int32_t));
+    int8_t  *want = malloc((size_t)T);
+    memset(want, 1, (size_t)T);
+    caprl_batch b = {.n_tokens = (int32_t)T, .tokens = ids, .seq_ids = seq, .want_logits = want, .mrope_pos = pos,
+                     .embd = feats, .n_embd = (int32_t)n_rows, .embd_row = rows};
+    float      *out = calloc((size_t)T * VOCAB, sizeof(float));
+    CHECK_OK(caprl_context_decode(ctx, &b, &err), &err);
+    for (int64_t t = 0; t < T && caprl_context_logits(ctx, (int32_t)t); t++) {
+        memcpy(out + t * VOCAB, caprl_context_logits(ctx, (int32_t)t), (size_t)VOCAB * sizeof(float));
+    }
+    caprl_context_free(ctx);
+    free(seq), free(want), free(pos), free(rows), free(feats);
+    caprl_free(pix);
+    return out;
+}
+
+/* ---- the checks ------------------------------------------------------------------------------------------- */
+
+static void check_generate(const char *tmp, const char *img, vl_lib *l) {
+    char cmd[16384], out[1 << 14], want[4096];
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/vl --image %s --prompt 'Describe the image.' --max-new-tokens 6 "
+                              "--threads 1",
+             CAPRL_CLI, tmp, img);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    lib_caption(l, "Describe the image.", 6, want, sizeof want - 1);
+    strcat(want, "\n");
+    CHECK_MSG(strcmp(out, want) == 0, "generate --image printed '%s', the library's caption is '%s'", out, want);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/vl --image %s --prompt hi --system '' -n 2 --temperature 1 "
+                              "--max-new-tokens 3",
+             CAPRL_CLI, tmp, img);
+    CHECK(run(cmd, out, sizeof out) == 0 && strstr(out, "--- sample 0") && strstr(out, "--- sample 1"));
+
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/txt --image %s --prompt hi", CAPRL_CLI, tmp, img);
+    expect_fail(cmd, 2, "text-only checkpoint");
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/vl --image %s/missing.png --prompt hi", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 2, "missing.png");
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/vl --image %s --image %s --prompt hi", CAPRL_CLI, tmp, img, img);
+    expect_fail(cmd, 1, "--image given more than once");
+    snprintf(cmd, sizeof cmd, "%s generate --model %s/vl --image %s --prompt hi --alpha grey", CAPRL_CLI, tmp, img);
+    expect_fail(cmd, 1, "--alpha");
+}
+
+static void check_forward(const char *tmp, const char *img, vl_lib *l) {
+    char  cmd[16384], out[4096], path[4200], ids_text[8192];
+    const char *prompt = "What is in the picture?";
+    /* the ids forward --prompt must arrive at: the rendered prompt, one pad, and its expansion (6 merged tokens) */
+    char       *text = NULL;
+    caprl_error err = {0};
+    CHECK_OK(caprl_vl_render_prompt(prompt, 1, NULL, &text, &err), &err);
+    const caprl_tokenizer *tok = caprl_model_tokenizer(l->m);
+    int32_t                raw[256], *expanded = NULL;
+    int64_t                n_raw = 0, n_exp = 0, n_tok = 6;
+    CHECK_OK(caprl_tokenizer_encode(tok, text, strlen(text), true, raw, 256, &n_raw, &err), &err);
+    caprl_free(text);
+    CHECK_OK(caprl_vl_expand_image_pads(raw, n_raw, IMAGE_PAD, &n_tok, 1, &expanded, &n_exp, &err), &err);
+    if (!expanded || n_raw > 256) {
+        return;
+    }
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/vl --image %s --prompt '%s' --dump-logits %s/a.bin", CAPRL_CLI,
+             tmp, img, prompt, tmp);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    char summary[256];
+    snprintf(summary, sizeof summary,
+             "{\"tokens\": %lld, \"vocab\": %d, \"dtype\": \"float32\", \"file\": \"%s/a.bin\", "
+             "\"grid_thw\": [1, 4, 6]}\n",
+             (long long)n_exp, VOCAB, tmp);
+    CHECK_STR_EQ(out, summary);
+    ids_to_text(raw, n_raw, ids_text, sizeof ids_text);
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/vl --image %s --ids %s --dump-logits %s/b.bin", CAPRL_CLI, tmp,
+             img, ids_text, tmp);
+    CHECK(run(cmd, NULL, 0) == 0);
+    ids_to_text(expanded, n_exp, ids_text, sizeof ids_text);
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/vl --image %s --ids %s --dump-logits %s/c.bin --threads 1",
+             CAPRL_CLI, tmp, img, ids_text, tmp);
+    CHECK(run(cmd, NULL, 0) == 0);
+    size_t len_a = 0, len_b = 0, len_c = 0;
+    snprintf(path, sizeof path, "%s/a.bin", tmp);
+    char *a = read_all(path, &len_a);
+    snprintf(path, sizeof path, "%s/b.bin", tmp);
+    char *b = read_all(path, &len_b);
+    snprintf(path, sizeof path, "%s/c.bin", tmp);
+    char *c = read_all(path, &len_c);
+    CHECK_EQ_I64(len_a, (size_t)n_exp * VOCAB * sizeof(float));
+    CHECK_MSG(a && b && len_a == len_b && memcmp(a, b, len_a) == 0, "--prompt and one-pad --ids dumps differ");
+    CHECK_MSG(a && c && len_a == len_c && memcmp(a, c, len_a) == 0, "--prompt and expanded --ids dumps differ");
+    float *ref = lib_logits(l, expanded, n_exp);
+    CHECK_MSG(a && len_a == (size_t)n_exp * VOCAB * sizeof(float) && memcmp(a, ref, len_a) == 0,
+              "forward --image dump differs from the library's logits");
+    free(ref), free(a), free(b), free(c);
+
+    /* two pads for one image, and none; the failed runs write no file */
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/vl --image %s --ids 1,%d,2,%d --dump-logits %s/bad.bin", CAPRL_CLI,
+             tmp, img, IMAGE_PAD, IMAGE_PAD, tmp);
+    expect_fail(cmd, 1, "<|image_pad|>");
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/txt --image %s --ids 1,%d,2 --dump-logits %s/bad.bin", CAPRL_CLI,
+             tmp, img, IMAGE_PAD, tmp);
+    expect_fail(cmd, 2, "text-only checkpoint");
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/vl --image %s/vl/config.json --prompt hi --dump-logits %s/bad.bin",
+             CAPRL_CLI, tmp, tmp, tmp);
+    expect_fail(cmd, 2, "config.json");
+    snprintf(cmd, sizeof cmd, "%s forward --model %s/vl --prompt hi --dump-logits %s/bad.bin", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 1, "needs --image");
+    snprintf(path, sizeof path, "%s/bad.bin", tmp);
+    struct stat st;
+    CHECK(stat(path, &st) != 0);
+    caprl_free(expanded);
+}
+
+int main(void) {
+    char *tmp = test_tmpdir("cli_vl");
+    snprintf(g_dir, sizeof g_dir, "%s", tmp);
+    char cmd[8192], img[4096], dir[4200];
+    snprintf(img, sizeof img, "%s/tests/fixtures/img/rgb8.png", CAPRL_SOURCE_DIR); /* 23 x 17: grid 1 x 4 x 6 */
+    snprintf(cmd, sizeof cmd, "(%s init-model --out %s/vl --preset tiny-vl --seed 7 --tokenizer "
+                              "%s/data/qwen-tokenizer/tokenizer.json && %s init-model --out %s/txt --preset tiny)",
+             CAPRL_CLI, tmp, CAPRL_SHARED_DIR, CAPRL_CLI, tmp);
+    CHECK(run(cmd, NULL, 0) == 0);
+    vl_lib l;
+    snprintf(dir, sizeof dir, "%s/vl", tmp);
+    if (lib_open(&l, dir, img)) {
+        check_generate(tmp, img, &l);
+        check_forward(tmp, img, &l);
+    }
+    lib_close(&l);
+    /* the dumps are tens of MB: keep them only when something failed */
+    if (g_test_failures == 0) {
+        snprintf(cmd, sizeof cmd, "rm -f %s/a.bin %s/b.bin %s/c.bin", tmp, tmp, tmp);
+        CHECK(system(cmd) == 0);
+    }
+    free(tmp);
+    return test_finish("test_cli_vl");
+}
