@@ -89,8 +89,16 @@ def vl_parity(work):
     model = load_hf(Qwen2_5_VLForConditionalGeneration, ckpt)
     model.eval()
     ids = torch.tensor([meta["ids"]])
+    # transformers 5 locates image tokens for the M-RoPE positions through the processor's mm_token_type_ids
+    # (1 at image tokens); without it every token gets a text position
+    image_token_id = json.load(open(os.path.join(ckpt, "config.json")))["image_token_id"]
+    kwargs = {"mm_token_type_ids": (ids == image_token_id).int()}
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=torch.from_numpy(ours), image_grid_thw=grid).logits[0].numpy()
+        try:
+            out = model(input_ids=ids, pixel_values=torch.from_numpy(ours), image_grid_thw=grid, **kwargs)
+        except TypeError:  # transformers 4.x computes the positions from the ids alone
+            out = model(input_ids=ids, pixel_values=torch.from_numpy(ours), image_grid_thw=grid)
+        logits = out.logits[0].numpy()
     caprl = np.fromfile(os.path.join(work, "vl_logits.f32"), dtype="<f4").reshape(logits.shape)
     res["logits_max_abs_diff"] = float(np.abs(logits - caprl).max())
     res["max_abs_logit"] = float(np.abs(logits).max())

@@ -151,6 +151,7 @@ int cmd_forward(int argc, char **argv) {
     const char *model_dir = NULL, *ids_text = NULL, *ids_file = NULL, *out_path = NULL;
     const char *image_path = NULL, *prompt = NULL, *system = NULL, *alpha_name = "white";
     int32_t     threads = 0;
+    bool        print_ids = false;
     opt_spec    specs[] = {
         {"model", OPT_STRING, &model_dir, "checkpoint directory", 0, 0, "DIR", 0},
         {"ids", OPT_STRING, &ids_text, "token ids, e.g. 1,2,3", 0, 0, "IDS", 0},
@@ -163,6 +164,7 @@ int cmd_forward(int argc, char **argv) {
         {"alpha", OPT_STRING, &alpha_name, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0,
          "white|drop", 0},
         {"dump-logits", OPT_STRING, &out_path, "output file for float32 [T, vocab] logits", 0, 0, "OUT", 0},
+        {"print-ids", OPT_FLAG, &print_ids, "add the ids that ran (after pad expansion) to the summary", 0, 0, NULL, 0},
         {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
         {0},
     };
@@ -274,6 +276,13 @@ int cmd_forward(int argc, char **argv) {
                cfg->vocab_size, out_path);
         if (image_path) {
             printf(", \"grid_thw\": [%d, %d, %d]", vi.grid[0], vi.grid[1], vi.grid[2]);
+        }
+        if (print_ids) {
+            printf(", \"ids\": [");
+            for (int64_t i = 0; i < n_tokens; i++) {
+                printf(i ? ", %d" : "%d", tokens[i]);
+            }
+            printf("]");
         }
         printf("}\n");
     }
