@@ -105,9 +105,6 @@ CAPRL_API caprl_status caprl_vision_window_index(const caprl_vision_config *cfg,
                                                  int32_t n_images, int32_t *window_index, int32_t *cu_seqlens,
                                                  int32_t *n_cu, caprl_error *err);
 
-/* Frees memory returned by the library (also declared in caprl/tokenizer.h). NULL-safe. */
-CAPRL_API void caprl_free(void *p);
-
 #ifdef __cplusplus
 }
 #endif
