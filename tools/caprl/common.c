@@ -119,3 +119,40 @@ double tool_now(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
+                                caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp, caprl_error *err) {
+    caprl_image_decode_params dp = caprl_image_decode_default_params();
+    dp.alpha = alpha;
+    *pp = caprl_preprocess_config_default();
+    *vision = NULL;
+    memset(img, 0, sizeof *img);
+    caprl_status st = caprl_image_decode_file(image_path, &dp, img, err);
+    if (st == CAPRL_OK) {
+        st = caprl_vision_load(vision, model_dir, threads, err);
+    }
+    char pp_path[4096];
+    snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", model_dir);
+    if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
+        st = caprl_preprocess_config_load(pp, pp_path, err);
+    }
+    int32_t out_w = 0, out_h = 0;
+    if (st == CAPRL_OK &&
+        (st = caprl_image_preprocess_size(img->width, img->height, pp, &out_w, &out_h, err)) != CAPRL_OK) {
+        /* the processor's message lacks the file; truncating the combined message is acceptable */
+        char   msg[sizeof err->msg];
+        size_t np = strnlen(image_path, sizeof msg / 2);
+        memcpy(msg, image_path, np);
+        memcpy(msg + np, ": ", 2);
+        size_t nm = strnlen(err->msg, sizeof msg - np - 3);
+        memcpy(msg + np + 2, err->msg, nm);
+        msg[np + 2 + nm] = '\0';
+        memcpy(err->msg, msg, sizeof msg);
+    }
+    if (st != CAPRL_OK) {
+        caprl_vision_free(*vision);
+        *vision = NULL;
+        caprl_image_free(img);
+    }
+    return st;
+}

@@ -6,7 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "caprl/image.h"
 #include "caprl/model.h"
+#include "caprl/vision.h"
 
 /* Reads a whole file (max_bytes bound) into a NUL-terminated malloc'd buffer. Prints the error and returns an
  * exit code on failure, 0 on success. */
@@ -21,6 +23,12 @@ int tool_parse_ids(const char *cmd, const char *what, const char *text, int32_t 
 
 /* Loads a model directory with n_threads, mapping errors to exit codes (0 on success). */
 int tool_load_model(const char *cmd, const char *dir, int32_t n_threads, caprl_model **out);
+
+/* For one image with a Qwen2.5-VL checkpoint: decodes image_path (alpha: CAPRL_ALPHA_*), loads the vision tower
+ * of model_dir and its preprocessor_config.json (Qwen2.5-VL defaults when absent), and checks that the processor
+ * accepts the image's size (the error then names the file). On failure everything is released. */
+caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
+                                caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp, caprl_error *err);
 
 /* Monotonic seconds. */
 double tool_now(void);

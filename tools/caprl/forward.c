@@ -40,29 +40,10 @@ typedef struct vl_inputs {
 /* Decodes the image and runs the processor and the vision tower of model_dir on it. */
 static caprl_status vl_encode(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
                               vl_inputs *vi, caprl_error *err) {
-    caprl_image_decode_params dp = caprl_image_decode_default_params();
-    dp.alpha = alpha;
-    caprl_image             img = {0};
+    caprl_image             img;
     caprl_vision           *vision = NULL;
-    caprl_preprocess_config pp = caprl_preprocess_config_default();
-    caprl_status            st = caprl_image_decode_file(image_path, &dp, &img, err);
-    if (st == CAPRL_OK) {
-        st = caprl_vision_load(&vision, model_dir, threads, err);
-    }
-    size_t pp_cap = strlen(model_dir) + 32;
-    char  *pp_path = malloc(pp_cap);
-    snprintf(pp_path, pp_cap, "%s/preprocessor_config.json", model_dir);
-    if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-        st = caprl_preprocess_config_load(&pp, pp_path, err);
-    }
-    free(pp_path);
-    int32_t out_w = 0, out_h = 0;
-    if (st == CAPRL_OK &&
-        (st = caprl_image_preprocess_size(img.width, img.height, &pp, &out_w, &out_h, err)) != CAPRL_OK) {
-        char msg[sizeof err->msg];
-        snprintf(msg, sizeof msg, "%s", err->msg);
-        set_error(err, st, "%s: %s", image_path, msg); /* the processor's message does not name the file */
-    }
+    caprl_preprocess_config pp;
+    caprl_status st = tool_load_vl_image(model_dir, image_path, alpha, threads, &img, &vision, &pp, err);
     if (st == CAPRL_OK) {
         const caprl_image *imgs[1] = {&img};
         st = caprl_vl_encode_images(vision, &pp, imgs, 1, &vi->features, vi->grid, &vi->n_rows, err);

@@ -212,30 +212,11 @@ static caprl_status run_text(caprl_model *model, const char *text, size_t text_l
 static caprl_status run_vl(caprl_model *model, const char *model_dir, const char *image_path, int32_t alpha,
                            const char *text, const char *system, int32_t threads, const caprl_generate_params *gp,
                            stream_state *ss, int32_t *finish, caprl_error *err) {
-    caprl_image_decode_params dp = caprl_image_decode_default_params();
-    dp.alpha = alpha;
-    caprl_image             img = {0};
+    caprl_image             img;
     caprl_vision           *vision = NULL;
     caprl_context          *ctx = NULL;
-    caprl_preprocess_config pp = caprl_preprocess_config_default();
-    caprl_status            st = caprl_image_decode_file(image_path, &dp, &img, err);
-    if (st == CAPRL_OK) {
-        st = caprl_vision_load(&vision, model_dir, threads, err);
-    }
-    size_t pp_cap = strlen(model_dir) + 32;
-    char  *pp_path = malloc(pp_cap);
-    snprintf(pp_path, pp_cap, "%s/preprocessor_config.json", model_dir);
-    if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-        st = caprl_preprocess_config_load(&pp, pp_path, err);
-    }
-    free(pp_path);
-    int32_t out_w = 0, out_h = 0;
-    if (st == CAPRL_OK &&
-        (st = caprl_image_preprocess_size(img.width, img.height, &pp, &out_w, &out_h, err)) != CAPRL_OK) {
-        char msg[sizeof err->msg];
-        snprintf(msg, sizeof msg, "%s", err->msg);
-        set_error(err, st, "%s: %s", image_path, msg); /* the processor's message does not name the file */
-    }
+    caprl_preprocess_config pp;
+    caprl_status st = tool_load_vl_image(model_dir, image_path, alpha, threads, &img, &vision, &pp, err);
     if (st == CAPRL_OK) {
         caprl_vl_request req = {&img, text, system, 0};
         st = caprl_vl_generate(model, vision, &pp, &req, 1, gp, &ctx, on_token, ss, finish, NULL, err);
