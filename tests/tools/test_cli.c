@@ -6,43 +6,8 @@
 
 #include "caprl/model.h"
 #include "caprl_test.h"
+#include "cli_util.h"
 
-static char g_dir[4096];
-
-/* Runs a shell command line; returns the exit status (or -1) and captures stdout into out (may be NULL). */
-static int run(const char *cmdline, char *out, size_t cap) {
-    char full[8192];
-    snprintf(full, sizeof full, "%s 2>%s/stderr.txt", cmdline, g_dir);
-    FILE *p = popen(full, "r");
-    if (!p) {
-        return -1;
-    }
-    size_t n = 0;
-    char   buf[4096];
-    size_t got;
-    while ((got = fread(buf, 1, sizeof buf, p)) > 0) {
-        if (out && n + got < cap) {
-            memcpy(out + n, buf, got);
-            n += got;
-        }
-    }
-    if (out) {
-        out[n] = '\0';
-    }
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static void read_stderr(char *buf, size_t cap) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    FILE  *f = fopen(path, "r");
-    size_t n = f ? fread(buf, 1, cap - 1, f) : 0;
-    buf[n] = '\0';
-    if (f) {
-        fclose(f);
-    }
-}
 
 static void expect_fail(const char *cmdline, int code, const char *needle) {
     char err[8192];

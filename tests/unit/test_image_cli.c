@@ -8,43 +8,10 @@
 #include <sys/wait.h>
 
 #include "caprl_test.h"
+#include "cli_util.h"
 
 #define FIX CAPRL_SOURCE_DIR "/tests/fixtures/img/"
 
-static char g_dir[1024];
-
-static int run(const char *args, char *out, size_t cap) {
-    char full[8192];
-    snprintf(full, sizeof full, "'%s' %s 2>'%s/stderr.txt'", CAPRL_CLI, args, g_dir);
-    FILE *p = popen(full, "r");
-    if (!p) {
-        return -1;
-    }
-    size_t n = 0, got;
-    char   buf[4096];
-    while ((got = fread(buf, 1, sizeof buf, p)) > 0) {
-        if (out && n + got < cap) {
-            memcpy(out + n, buf, got);
-            n += got;
-        }
-    }
-    if (out) {
-        out[n] = '\0';
-    }
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static void read_stderr(char *buf, size_t cap) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    FILE  *f = fopen(path, "r");
-    size_t n = f ? fread(buf, 1, cap - 1, f) : 0;
-    buf[n] = '\0';
-    if (f) {
-        fclose(f);
-    }
-}
 
 static uint64_t fnv1a64_file(const char *path, size_t *size) {
     FILE *f = fopen(path, "rb");
@@ -93,7 +60,7 @@ static void check_dump(const char *file, const char *alpha) {
     snprintf(path, sizeof path, "%s/out_%s.f32", g_dir, alpha);
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%s%s' --dump-pixels '%s' --alpha %s", g_dir, FIX,
              file, path, alpha);
-    CHECK_EQ_I64(run(args, out, sizeof out), 0);
+    CHECK_EQ_I64(run_cli(args, out, sizeof out), 0);
     CHECK_MSG(strstr(out, grid) != NULL, "%s: stdout %s lacks %s", file, out, grid);
     size_t   size = 0;
     uint64_t h = fnv1a64_file(path, &size);
@@ -119,34 +86,34 @@ int main(void) {
     char probe[2300];
     snprintf(probe, sizeof probe, "preprocess --model '%s' --image '" FIX "lossy.webp' --dump-pixels '%s/probe.f32'",
              g_dir, g_dir);
-    if (run(probe, NULL, 0) == 0) {
+    if (run_cli(probe, NULL, 0) == 0) {
         check_dump("lossless_alpha.webp", "drop"); /* skipped when built without WebP */
     }
 
     char args[8192], err[4096], out_path[1100], cfg_dir[1100];
     snprintf(out_path, sizeof out_path, "%s/never.f32", g_dir);
-    CHECK_EQ_I64(run("preprocess", NULL, 0), 1);
-    CHECK_EQ_I64(run("help preprocess >/dev/null", NULL, 0), 0);
+    CHECK_EQ_I64(run_cli("preprocess", NULL, 0), 1);
+    CHECK_EQ_I64(run_cli("help preprocess >/dev/null", NULL, 0), 0);
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%srgb8.png' --dump-pixels '%s' --alpha pink", g_dir,
              FIX, out_path);
-    CHECK_EQ_I64(run(args, NULL, 0), 1);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 1);
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%s/missing.png' --dump-pixels '%s'", g_dir, g_dir,
              out_path);
-    CHECK_EQ_I64(run(args, NULL, 0), 2);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 2);
     read_stderr(err, sizeof err);
     CHECK(strstr(err, "missing.png") != NULL);
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%sdecode.txt' --dump-pixels '%s'", g_dir, FIX,
              out_path);
-    CHECK_EQ_I64(run(args, NULL, 0), 2);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 2);
     read_stderr(err, sizeof err);
     CHECK(strstr(err, "decode.txt") != NULL && strstr(err, "not a PNG, JPEG or WebP") != NULL);
     snprintf(args, sizeof args, "preprocess --model '%s/nodir' --image '%srgb8.png' --dump-pixels '%s'", g_dir, FIX,
              out_path);
-    CHECK_EQ_I64(run(args, NULL, 0), 2);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 2);
     /* pipeline A refuses a 23x17 image (a side under 28) */
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%srgb8.png' --dump-pixels '%s' --alpha drop",
              g_dir, FIX, out_path);
-    CHECK_EQ_I64(run(args, NULL, 0), 2);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 2);
     /* a bad preprocessor_config.json names its field */
     snprintf(cfg_dir, sizeof cfg_dir, "%s/model", g_dir);
     mkdir(cfg_dir, 0755);
@@ -157,13 +124,13 @@ int main(void) {
     fclose(f);
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%srgb8.png' --dump-pixels '%s'", cfg_dir, FIX,
              out_path);
-    CHECK_EQ_I64(run(args, NULL, 0), 2);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 2);
     read_stderr(err, sizeof err);
     CHECK(strstr(err, "image_std") != NULL);
     CHECK(stat(out_path, &st) != 0); /* no output from any failed run */
     /* the output must be a regular file (it is replaced by rename) */
     snprintf(args, sizeof args, "preprocess --model '%s' --image '%srgba8.png' --dump-pixels '%s'", g_dir, FIX,
              g_dir);
-    CHECK_EQ_I64(run(args, NULL, 0), 1);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 1);
     return test_finish("test_image_cli");
 }
