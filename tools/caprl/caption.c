@@ -534,7 +534,7 @@ int cmd_caption(int argc, char **argv) {
     const char *prompt = "Please describe this image in detail.", *system = NULL;
     int32_t     n = 4, batch = 1, max_new = 2048, threads = 0, top_k = 0;
     float       temperature = 1.0f, top_p = 1.0f, rep = 1.0f;
-    int64_t     seed = 0;
+    int64_t     seed = 0, max_image_pixels = caprl_image_decode_default_params().max_pixels;
     opt_spec    specs[] = {
         {"model", OPT_STRING, &model_dir, "Qwen2.5-VL checkpoint directory", 0, 0, "DIR", 0},
         {"images", OPT_STRING, &list, "directory, text file of paths, or JSONL with \"image\"", 0, 0, "LIST", 0},
@@ -549,6 +549,8 @@ int cmd_caption(int argc, char **argv) {
         {"max-new-tokens", OPT_INT, &max_new, "caption length limit in tokens", 1, 1 << 20, "M", 0},
         {"batch", OPT_INT, &batch, "images per batched generation", 1, 4096, "B", 0},
         {"shard", OPT_STRING, &shard, "process images i, i+k, i+2k, ... of the list", 0, 0, "i/k", 0},
+        {"max-image-pixels", OPT_I64, &max_image_pixels,
+         "refuse (and record as an error) images with more pixels than this, before decoding them", 1, 4e18, "N", 0},
         {"alpha", OPT_STRING, &alpha, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0,
          "white|drop", 0},
         {"seed", OPT_I64, &seed, "random seed", 0, 9.2e18, "S", 0},
@@ -574,6 +576,7 @@ int cmd_caption(int argc, char **argv) {
     run_ctx r;
     memset(&r, 0, sizeof r);
     r.dp = caprl_image_decode_default_params();
+    r.dp.max_pixels = max_image_pixels;
     if (strcmp(alpha, "white") == 0) {
         r.dp.alpha = CAPRL_ALPHA_WHITE;
     } else if (strcmp(alpha, "drop") == 0) {
