@@ -1,7 +1,6 @@
 /* caprl version */
 #include <stdio.h>
 
-#include "caprl/bench.h"
 #include "caprl/caprl.h"
 #include "commands.h"
 #include "opts.h"
