@@ -16,6 +16,7 @@
 #include "core/log_impl.h"
 #include "core/rng_impl.h"
 #include "model/model_impl.h"
+#include "model/weights_impl.h"
 
 #define MAX_CONFIG_BYTES (16u << 20)
 
@@ -176,65 +177,15 @@ static caprl_status check_extra_tensors(const caprl_model *m, const caprl_safete
     return CAPRL_OK;
 }
 
-static caprl_status load_matrix(const param_desc *d, const caprl_st_tensor *t, uint8_t **owned_cursor) {
-    caprl_weight *w = d->matrix;
-    if (t->dtype == CAPRL_DTYPE_F16) {
-        /* F16 is widened once at load: the kernels take f32 and bf16 only. */
-        float *dst = (float *)(void *)*owned_cursor;
-        const uint8_t *src = t->data;
-        for (int64_t i = 0; i < t->numel; i++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = caprl_f16_to_f32(h);
-        }
-        *owned_cursor += (size_t)t->numel * sizeof(float);
-        w->dtype = CAPRL_DTYPE_F32;
-        w->data = dst;
-        return CAPRL_OK;
-    }
-    size_t esize = caprl_dtype_size(t->dtype);
-    if (((uintptr_t)t->data % esize) != 0) {
-        /* A hostile or odd writer may misalign a tensor; copy it rather than read unaligned. */
-        memcpy(*owned_cursor, t->data, t->nbytes);
-        w->data = *owned_cursor;
-        *owned_cursor += t->nbytes;
-    } else {
-        w->data = t->data;
-    }
-    w->dtype = t->dtype;
-    return CAPRL_OK;
-}
-
-static void load_vector(const param_desc *d, const caprl_st_tensor *t) {
-    float         *dst = *d->vector;
-    const uint8_t *src = t->data;
-    for (int64_t i = 0; i < t->numel; i++) {
-        if (t->dtype == CAPRL_DTYPE_F32) {
-            memcpy(&dst[i], src + 4 * i, 4);
-        } else {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = t->dtype == CAPRL_DTYPE_BF16 ? caprl_bf16_to_f32(h) : caprl_f16_to_f32(h);
-        }
-    }
-    *d->vector_dtype = t->dtype;
-}
-
 /* Bytes needed for matrices that cannot be used in place (F16 widened, misaligned copies). */
-static size_t owned_bytes_needed(const caprl_model *m, const caprl_st_tensor *const *found) {
-    size_t total = 0;
+static bool owned_bytes_needed(const caprl_model *m, const caprl_st_tensor *const *found, size_t *total) {
+    *total = 0;
     for (int32_t i = 0; i < m->n_params; i++) {
-        const caprl_st_tensor *t = found[i];
-        if (m->params[i].kind != PARAM_MATRIX) {
-            continue;
-        }
-        if (t->dtype == CAPRL_DTYPE_F16) {
-            total += (size_t)t->numel * sizeof(float);
-        } else if (((uintptr_t)t->data % caprl_dtype_size(t->dtype)) != 0) {
-            total += t->nbytes;
+        if (m->params[i].kind == PARAM_MATRIX && !caprl_add_size(*total, caprl_weight_owned_bytes(found[i]), total)) {
+            return false;
         }
     }
-    return total;
+    return true;
 }
 
 static caprl_status load_weights(caprl_model *m, const char *dir, caprl_error *err) {
@@ -264,22 +215,23 @@ static caprl_status load_weights(caprl_model *m, const char *dir, caprl_error *e
         st = alloc_vectors(m, err);
     }
     if (st == CAPRL_OK) {
-        size_t need = owned_bytes_needed(m, found);
-        if (need) {
+        size_t need = 0;
+        bool   fits = owned_bytes_needed(m, found, &need);
+        if (fits && need) {
             m->owned = caprl_try_aligned_alloc(need);
-            if (!m->owned) {
-                st = caprl_err_set(err, CAPRL_ERR_OOM, "%s: cannot allocate %zu bytes for converted weights", dir,
-                                   need);
-            }
+        }
+        if (!fits || (need && !m->owned)) {
+            st = caprl_err_set(err, CAPRL_ERR_OOM, "%s: cannot allocate %zu bytes for converted weights", dir, need);
         }
     }
     if (st == CAPRL_OK) {
         uint8_t *cursor = m->owned;
-        for (int32_t i = 0; i < m->n_params && st == CAPRL_OK; i++) {
+        for (int32_t i = 0; i < m->n_params; i++) {
             if (m->params[i].kind == PARAM_MATRIX) {
-                st = load_matrix(&m->params[i], found[i], &cursor);
+                caprl_weight_from_tensor(m->params[i].matrix, found[i], &cursor);
             } else {
-                load_vector(&m->params[i], found[i]);
+                caprl_vector_from_tensor(*m->params[i].vector, found[i]);
+                *m->params[i].vector_dtype = found[i]->dtype;
             }
         }
         m->dtype = m->embed.dtype;
@@ -365,20 +317,6 @@ caprl_status caprl_model_load(caprl_model **out, const char *dir, const caprl_mo
 
 /* ---- random initialisation -------------------------------------------------------------------------------- */
 
-/* Uniform(-a, a) with a = std * sqrt(3) has standard deviation std; uniform is much cheaper to draw than
- * normal, which matters for the 0.5B-shaped benchmark model. */
-static void fill_uniform(void *dst, int32_t dtype, int64_t n, float std, caprl_rng *rng) {
-    float a = std * 1.7320508f;
-    for (int64_t i = 0; i < n; i++) {
-        float x = (2.0f * caprl_rng_uniform(rng) - 1.0f) * a;
-        if (dtype == CAPRL_DTYPE_F32) {
-            ((float *)dst)[i] = x;
-        } else {
-            ((uint16_t *)dst)[i] = caprl_f32_to_bf16(x);
-        }
-    }
-}
-
 caprl_status caprl_model_init_random(caprl_model **out, const caprl_text_config *cfg, int32_t dtype, uint64_t seed,
                                      float std, const caprl_model_params *params, caprl_error *err) {
     caprl_model_params p = params ? *params : caprl_model_default_params();
@@ -430,7 +368,7 @@ caprl_status caprl_model_init_random(caprl_model **out, const caprl_text_config 
         caprl_rng_init(&rng, seed, (uint64_t)i, 0x7a11);
         if (d->kind == PARAM_MATRIX) {
             int64_t n = d->shape[0] * d->shape[1];
-            fill_uniform(cursor, dtype, n, std, &rng);
+            caprl_fill_uniform(cursor, dtype, n, std, &rng);
             d->matrix->dtype = dtype;
             d->matrix->data = cursor;
             cursor += (size_t)n * esize;

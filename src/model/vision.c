@@ -17,6 +17,7 @@
 #include "core/rng_impl.h"
 #include "fmt/json_impl.h"
 #include "model/vision_impl.h"
+#include "model/weights_impl.h"
 
 #define CONFIG_MAX_BYTES ((size_t)16 << 20)
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
@@ -503,71 +504,17 @@ static caprl_status check_extra_tensors(const caprl_vision *v, const char *prefi
     return CAPRL_OK;
 }
 
-static bool misaligned(const caprl_st_tensor *t) {
-    return ((uintptr_t)t->data % caprl_dtype_size(t->dtype)) != 0;
-}
-
 /* Bytes for matrices that cannot be used in place (F16 widened, misaligned copies). */
 static caprl_status owned_bytes(const caprl_vision *v, const caprl_st_tensor *const *found, size_t *out,
                                 caprl_error *err) {
     size_t total = 0;
     for (int32_t i = 0; i < v->n_params; i++) {
-        const caprl_st_tensor *t = found[i];
-        size_t                 b = 0;
-        if (!v->params[i].matrix) {
-            continue;
-        }
-        if (t->dtype == CAPRL_DTYPE_F16) {
-            b = (size_t)t->numel * sizeof(float);
-        } else if (misaligned(t)) {
-            b = t->nbytes;
-        }
-        if (!caprl_align_size(b, 64, &b) || !caprl_add_size(total, b, &total)) {
+        if (v->params[i].matrix && !caprl_add_size(total, caprl_weight_owned_bytes(found[i]), &total)) {
             return caprl_err_set(err, CAPRL_ERR_OOM, "vision: converted weights overflow size_t");
         }
     }
     *out = total;
     return CAPRL_OK;
-}
-
-static void load_matrix(const vision_param *p, const caprl_st_tensor *t, uint8_t **cursor) {
-    caprl_weight *w = p->matrix;
-    if (t->dtype == CAPRL_DTYPE_F16) {
-        /* the kernels take f32 and bf16 only: widen once */
-        float         *dst = (float *)(void *)*cursor;
-        const uint8_t *src = t->data; /* may be misaligned for its dtype */
-        for (int64_t i = 0; i < t->numel; i++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = caprl_f16_to_f32(h);
-        }
-        w->dtype = CAPRL_DTYPE_F32;
-        w->data = dst;
-        *cursor += ((size_t)t->numel * sizeof(float) + 63) & ~(size_t)63;
-        return;
-    }
-    w->dtype = t->dtype;
-    w->data = t->data;
-    if (misaligned(t)) {
-        memcpy(*cursor, t->data, t->nbytes);
-        w->data = *cursor;
-        *cursor += (t->nbytes + 63) & ~(size_t)63;
-    }
-}
-
-static void load_vector(vision_param *p, const caprl_st_tensor *t) {
-    float         *dst = *p->vector;
-    const uint8_t *src = t->data;
-    for (int64_t i = 0; i < t->numel; i++) {
-        if (t->dtype == CAPRL_DTYPE_F32) {
-            memcpy(&dst[i], src + 4 * i, 4);
-        } else {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            dst[i] = t->dtype == CAPRL_DTYPE_BF16 ? caprl_bf16_to_f32(h) : caprl_f16_to_f32(h);
-        }
-    }
-    p->dtype = t->dtype;
 }
 
 static caprl_status find_tensors(caprl_vision *v, const char *prefix, const caprl_st_tensor **found,
@@ -607,9 +554,10 @@ static caprl_status load_weights(caprl_vision *v, const char *dir, caprl_error *
         uint8_t *cursor = v->owned;
         for (int32_t i = 0; i < v->n_params; i++) {
             if (v->params[i].matrix) {
-                load_matrix(&v->params[i], found[i], &cursor);
+                caprl_weight_from_tensor(v->params[i].matrix, found[i], &cursor);
             } else {
-                load_vector(&v->params[i], found[i]);
+                caprl_vector_from_tensor(*v->params[i].vector, found[i]);
+                v->params[i].dtype = found[i]->dtype;
             }
         }
         v->dtype = v->patch_embed.dtype;
@@ -646,19 +594,6 @@ caprl_status caprl_vision_load(caprl_vision **out, const char *dir, int32_t n_th
 
 /* ---- random initialisation --------------------------------------------------------------------------------- */
 
-/* Uniform(-a, a) with a = std * sqrt(3) has standard deviation std (as the text model's random init). */
-static void fill_uniform(void *dst, int32_t dtype, int64_t n, float std, caprl_rng *rng) {
-    float a = std * 1.7320508f;
-    for (int64_t i = 0; i < n; i++) {
-        float x = (2.0f * caprl_rng_uniform(rng) - 1.0f) * a;
-        if (dtype == CAPRL_DTYPE_F32) {
-            ((float *)dst)[i] = x;
-        } else {
-            ((uint16_t *)dst)[i] = caprl_f32_to_bf16(x);
-        }
-    }
-}
-
 static caprl_status alloc_random_matrices(caprl_vision *v, size_t esize, caprl_error *err) {
     size_t total = 0;
     bool   ok = true;
@@ -685,7 +620,7 @@ static void fill_random(caprl_vision *v, int32_t dtype, uint64_t seed, float std
         caprl_rng_init(&rng, seed, (uint64_t)i, 0x715a);
         if (p->matrix) {
             int64_t n = param_numel(p);
-            fill_uniform(cursor, dtype, n, std, &rng);
+            caprl_fill_uniform(cursor, dtype, n, std, &rng);
             p->matrix->dtype = dtype;
             p->matrix->data = cursor;
             cursor += ((size_t)n * esize + 63) & ~(size_t)63;
