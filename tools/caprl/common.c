@@ -1,5 +1,6 @@
 /* Helpers shared by the subcommands (see common.h). */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -155,4 +156,13 @@ caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, i
         caprl_image_free(img);
     }
     return st;
+}
+
+caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+    err->code = code;
+    return code;
 }

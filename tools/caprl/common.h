@@ -30,6 +30,9 @@ int tool_load_model(const char *cmd, const char *dir, int32_t n_threads, caprl_m
 caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
                                 caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp, caprl_error *err);
 
+/* Fills err (the program's own errors, in the library's record) and returns code. */
+caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /* Monotonic seconds. */
 double tool_now(void);
 

@@ -1,7 +1,6 @@
 /* caprl forward: run a prompt through the model and dump the logits of every position (a parity tool). With
  * --image, the prompt of a Qwen2.5-VL checkpoint gets the image's features spliced at its <|image_pad|> tokens and
  * M-RoPE positions, as the Hugging Face model computes its prefill. */
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,18 +14,6 @@
 #include "commands.h"
 #include "common.h"
 #include "opts.h"
-
-static caprl_status set_error(caprl_error *err, caprl_status code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static caprl_status set_error(caprl_error *err, caprl_status code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
-    va_end(ap);
-    err->code = code;
-    return code;
-}
 
 /* One image's side of a VL forward. */
 typedef struct vl_inputs {
@@ -59,7 +46,7 @@ static caprl_status vl_prompt_ids(const caprl_model *model, const char *dir, con
                                   int32_t **ids, int64_t *n, caprl_error *err) {
     const caprl_tokenizer *tok = caprl_model_tokenizer(model);
     if (!tok) {
-        return set_error(err, CAPRL_ERR_IO, "%s has no tokenizer.json (needed for --prompt)", dir);
+        return tool_set_error(err, CAPRL_ERR_IO, "%s has no tokenizer.json (needed for --prompt)", dir);
     }
     char        *text = NULL;
     caprl_status st = caprl_vl_render_prompt(prompt, 1, system, &text, err);
@@ -107,7 +94,7 @@ static caprl_status forward_dump(caprl_model *model, const int32_t *ids, int64_t
         for (int32_t r = 0; r < n && st == CAPRL_OK; r++) {
             if (fwrite(caprl_context_logits(ctx, r), sizeof(float), (size_t)cfg->vocab_size, out) !=
                 (size_t)cfg->vocab_size) {
-                st = set_error(err, CAPRL_ERR_IO, "%s: write failed", tmp);
+                st = tool_set_error(err, CAPRL_ERR_IO, "%s: write failed", tmp);
             }
         }
     }
@@ -212,7 +199,7 @@ int cmd_forward(int argc, char **argv) {
     vl_inputs    vi;
     memset(&vi, 0, sizeof vi);
     if (image_path && !cfg->is_vl) {
-        st = set_error(&err, CAPRL_ERR_UNSUPPORTED,
+        st = tool_set_error(&err, CAPRL_ERR_UNSUPPORTED,
                        "%s is a text-only checkpoint: --image needs a Qwen2.5-VL one (model_type qwen2_5_vl)",
                        model_dir);
     }
@@ -229,7 +216,7 @@ int cmd_forward(int argc, char **argv) {
     const int32_t *tokens = image_path ? vi.prompt.ids : ids;
     int64_t        n_tokens = image_path ? vi.prompt.n : T;
     if (st == CAPRL_OK && n_tokens > (1 << 24)) {
-        st = set_error(&err, CAPRL_ERR_INVALID_ARG, "%lld ids: at most %d", (long long)n_tokens, 1 << 24);
+        st = tool_set_error(&err, CAPRL_ERR_INVALID_ARG, "%lld ids: at most %d", (long long)n_tokens, 1 << 24);
     }
     /* stream rows into a temporary file next to OUT, renamed into place only when complete */
     size_t tmp_cap = strlen(out_path) + 32;
@@ -237,7 +224,7 @@ int cmd_forward(int argc, char **argv) {
     snprintf(tmp, tmp_cap, "%s.tmp.%ld", out_path, (long)getpid());
     FILE *out = st == CAPRL_OK ? fopen(tmp, "wb") : NULL;
     if (st == CAPRL_OK && !out) {
-        st = set_error(&err, CAPRL_ERR_IO, "%s: cannot create", tmp);
+        st = tool_set_error(&err, CAPRL_ERR_IO, "%s: cannot create", tmp);
     }
     if (st == CAPRL_OK) {
         st = forward_dump(model, tokens, n_tokens, image_path ? &vi : NULL, out, tmp, &err);
@@ -246,7 +233,7 @@ int cmd_forward(int argc, char **argv) {
         bool ok = fflush(out) == 0 && fsync(fileno(out)) == 0;
         ok = fclose(out) == 0 && ok;
         if (st == CAPRL_OK && (!ok || rename(tmp, out_path) != 0)) {
-            st = set_error(&err, CAPRL_ERR_IO, "%s: cannot write", out_path);
+            st = tool_set_error(&err, CAPRL_ERR_IO, "%s: cannot write", out_path);
         }
         if (st != CAPRL_OK) {
             unlink(tmp);

@@ -1,7 +1,6 @@
 /* caprl generate: sample continuations of a prompt with a Qwen2 model, or describe an image with a Qwen2.5-VL
  * model, streaming the text. */
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -148,18 +147,6 @@ static caprl_generate_params sampling_params(const caprl_model *model, const sam
     return gp;
 }
 
-static caprl_status set_error(caprl_error *err, caprl_status code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static caprl_status set_error(caprl_error *err, caprl_status code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
-    va_end(ap);
-    err->code = code;
-    return code;
-}
-
 /* The text path: optional chat rendering, tokenization, one prompt through caprl_generate. */
 static caprl_status run_text(caprl_model *model, const char *text, size_t text_len, bool chat, const char *system,
                              const caprl_generate_params *gp, stream_state *ss, int32_t *finish, caprl_error *err) {
@@ -179,7 +166,7 @@ static caprl_status run_text(caprl_model *model, const char *text, size_t text_l
         st = caprl_tokenizer_encode(tok, text, text_len, true, NULL, 0, &n_ids, err);
     }
     if (st == CAPRL_OK && n_ids == 0) {
-        st = set_error(err, CAPRL_ERR_INVALID_ARG, "the prompt is empty");
+        st = tool_set_error(err, CAPRL_ERR_INVALID_ARG, "the prompt is empty");
     }
     if (st == CAPRL_OK) {
         ids = malloc((size_t)n_ids * sizeof *ids);
