@@ -11,7 +11,7 @@
 #include "caprl/caprl.h"
 #include "core/pool_impl.h"
 
-#define CAPRL_BACKEND_ABI 1
+#define CAPRL_BACKEND_ABI 2
 
 /* A linear weight (N, K) = (out, in) in its stored dtype, plus an optional backend-private packed copy. */
 typedef struct caprl_weight {
@@ -85,6 +85,55 @@ typedef struct caprl_backend_ops {
      * long full-attention segments need. */
     void (*attn_seg_fwd)(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
                          const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
+
+    /* ---- training (backward passes and the training-only forwards they need) ----------------------------- *
+     * Backward kernels follow the same rule as the forwards: outputs are partitioned across threads so every
+     * element is computed by one fixed sequence of float operations (bit-identical at any thread count).
+     * "+=" outputs accumulate into what the caller holds (parameter gradients over micro-batches); the others
+     * overwrite. Gradients are f32. */
+
+    /* dx (M, K) = dy (M, N) @ w (N, K), w as stored (f32 or bf16). Overwrites dx. */
+    void (*matmul_bwd_data)(caprl_backend *be, float *dx, const float *dy, const caprl_weight *w, int64_t M);
+    /* dw (N, K) += dy^T (N, M) @ x (M, K); dbias (N) += column sums of dy when dbias is not NULL. */
+    void (*matmul_bwd_weight)(caprl_backend *be, float *dw, float *dbias, const float *dy, const float *x, int64_t M,
+                              int64_t N, int64_t K);
+    /* dtable (V, C) += dy rows scattered by ids (M): row ids[m] of dtable gets dy row m. Deterministic: each
+     * dtable row sums its contributions in increasing m. */
+    void (*embed_bwd)(caprl_backend *be, float *dtable, const int32_t *ids, const float *dy, int64_t M, int64_t C);
+    /* Backward of rmsnorm_fwd given its input x: dx (M, C) = d/dx, dweight (C) += d/dweight. dx may alias dy. */
+    void (*rmsnorm_bwd)(caprl_backend *be, float *dx, float *dweight, const float *dy, const float *x,
+                        const float *weight, int64_t M, int64_t C, float eps);
+    /* Backward of rope_sect_fwd (same arguments): in place on the gradient dx, the transposed rotation (angle -a). */
+    void (*rope_sect_bwd)(caprl_backend *be, float *dx, int64_t x_stride, const int32_t *pos, const float *inv_freq,
+                          const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D);
+    /* Training attention over packed segments, token-major: q (M, Hq, D), k and v (M, Hkv, D), out (M, Hq, D),
+     * lse (M, Hq) the log-sum-exp of each query's scaled scores (saved for the backward). seg (n_seg + 1) are
+     * non-decreasing row boundaries, seg[0] = 0, seg[n_seg] = M. Row i of segment [a, b) attends to rows [a, i]
+     * when causal (text: packed sequences) or [a, b) otherwise (vision windows and frames). GQA as attn_fwd.
+     * f32 softmax, max-subtracted. out must not alias the inputs. */
+    void (*attn_train_fwd)(caprl_backend *be, float *out, float *lse, const float *q, const float *k, const float *v,
+                           const int64_t *seg, int64_t n_seg, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
+                           float scale, bool causal);
+    /* Its backward: dq (M, Hq, D), dk and dv (M, Hkv, D), all overwritten, from dout and the forward's q, k, v,
+     * out and lse. dk / dv rows are owned by their key row (each sums over its queries in a fixed order). */
+    void (*attn_train_bwd)(caprl_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                           const float *k, const float *v, const float *out, const float *lse, const int64_t *seg,
+                           int64_t n_seg, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, float scale, bool causal);
+    /* Backward of swiglu_fwd: dgate = dout * up * silu'(gate), dup = dout * silu(gate). dgate may alias gate and
+     * dup may alias up (each element is read before it is written); dout must not alias either. */
+    void (*swiglu_bwd)(caprl_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
+                       const float *up, int64_t n);
+    /* Backward of gelu_fwd (exact erf form): din = dout * gelu'(in). din may alias dout. */
+    void (*gelu_bwd)(caprl_backend *be, float *din, const float *dout, const float *in, int64_t n);
+    /* Token log-probabilities from a block of logits z (R, V), at temperature 1 / inv_temp: with s = z * inv_temp,
+     * lse[r] = logsumexp(s_r), logp[r] = s_r[target[r]] - lse[r], entropy[r] = -sum p log p (entropy may be
+     * NULL). Rows whose target is < 0 get logp 0 and entropy 0 (their lse is still set). */
+    void (*logprob_fwd)(caprl_backend *be, float *logp, float *entropy, float *lse, const float *z,
+                        const int32_t *target, int64_t R, int64_t V, float inv_temp);
+    /* Its backward, in place on z: z[r] becomes dlogp[r] * inv_temp * (onehot(target[r]) - softmax(s_r)), using
+     * the forward's lse; rows with target < 0 or dlogp 0 become 0. The fused cross-entropy: dlogp = -w / n. */
+    void (*logprob_bwd)(caprl_backend *be, float *z, const float *lse, const int32_t *target, const float *dlogp,
+                        int64_t R, int64_t V, float inv_temp);
 } caprl_backend_ops;
 
 struct caprl_backend {
