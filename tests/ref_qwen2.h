@@ -22,8 +22,29 @@ typedef struct ref_model {
     caprl_safetensors *st;
 } ref_model;
 
+/* Gradient checks perturb parameters in double: while g_ref_params is set, a tensor named there is taken from it
+ * (its numel values) instead of the safetensors file (st may then be NULL), and g_ref_embd, when set, replaces
+ * ref_input.embd as the spliced rows (image features computed in double). Tests set and clear these around
+ * their calls. */
+typedef struct ref_param {
+    const char   *name;
+    const double *data;
+    int64_t       numel;
+} ref_param;
+
+static const ref_param *g_ref_params;
+static int              g_ref_n_params;
+static const double    *g_ref_embd;
+
 static double *tensor_f64(const ref_model *r, const char *name) {
-    const caprl_st_tensor *t = caprl_safetensors_find(r->st, name);
+    for (int i = 0; i < g_ref_n_params; i++) {
+        if (strcmp(g_ref_params[i].name, name) == 0) {
+            double *out = malloc((size_t)g_ref_params[i].numel * sizeof(double));
+            memcpy(out, g_ref_params[i].data, (size_t)g_ref_params[i].numel * sizeof(double));
+            return out;
+        }
+    }
+    const caprl_st_tensor *t = r->st ? caprl_safetensors_find(r->st, name) : NULL;
     if (!t) {
         fprintf(stderr, "reference: missing %s\n", name);
         exit(1);
@@ -174,8 +195,10 @@ static double *ref_forward(const ref_model *r, const ref_input *in) {
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < C; i++) {
             bool spliced = in->embd_row && in->embd_row[t] >= 0;
-            x[(size_t)t * C + i] = spliced ? (double)in->embd[(size_t)in->embd_row[t] * C + i]
-                                           : E[(size_t)in->ids[t] * C + i];
+            size_t e = spliced ? (size_t)in->embd_row[t] * C + i : 0;
+            x[(size_t)t * C + i] = !spliced    ? E[(size_t)in->ids[t] * C + i]
+                                   : g_ref_embd ? g_ref_embd[e]
+                                                : (double)in->embd[e];
         }
     }
     const int32_t *sections = c->is_vl ? c->mrope_section : NULL;

@@ -68,6 +68,54 @@ typedef struct caprl_chat_message {
 CAPRL_API caprl_status caprl_chat_render(const caprl_chat_message *msgs, int32_t n_msgs, const char *default_system,
                                          bool add_generation_prompt, char **out, caprl_error *err);
 
+/* ---- training a byte-level BPE tokenizer ------------------------------------------------------------------- */
+
+typedef struct caprl_bpe_train_params {
+    int32_t vocab_size;    /* all ids: the 256 byte tokens, the merged tokens and the added tokens (default 32000) */
+    int32_t min_frequency; /* merge only pairs occurring at least this often in the corpus (default 2, >= 1) */
+    bool    qwen_added;    /* add Qwen2's 22 added tokens (<|endoftext|>, <|im_start|>, <|im_end|>, <|vision_start|>,
+                            * ..., <|image_pad|>, <|video_pad|>, <tool_call>, ..., <|file_sep|>) in Qwen2's order,
+                            * with Qwen2's "special" flags (default true) */
+    const char *const *specials; /* (n_specials) more added tokens, special = true, after those; a content already
+                                  * listed is not added twice */
+    int32_t            n_specials;
+} caprl_bpe_train_params;
+
+typedef struct caprl_bpe_train_stats {
+    int64_t n_pieces;      /* pre-tokens in the corpus (outside added tokens) */
+    int64_t n_words;       /* distinct pre-tokens */
+    int32_t n_merges;      /* model.merges entries */
+    int32_t n_vocab;       /* model.vocab entries (256 + merged tokens); added tokens take ids n_vocab.. */
+    int32_t n_added;       /* added tokens */
+    bool    exhausted;     /* stopped before vocab_size: no pair left occurring min_frequency times */
+    int64_t corpus_tokens; /* tokens the trained tokenizer encodes the corpus to (added tokens parsed) */
+} caprl_bpe_train_stats;
+
+CAPRL_API caprl_bpe_train_params caprl_bpe_train_default_params(void);
+
+/* Trains a byte-level BPE tokenizer on corpus[0..len) (UTF-8) and returns it as tokenizer.json text in the layout of
+ * Qwen2's (spec/qwen.md §5.1): NFC normalizer, the Qwen2 Split regex + ByteLevel pre-tokenizer, ByteLevel
+ * post-processor and decoder, a BPE model (no dropout, no byte fallback, no unk token), merges as ["left", "right"]
+ * pairs, and the added tokens after the vocab. caprl_tokenizer_load and Hugging Face `tokenizers` load it.
+ *
+ * The corpus is prepared as encoding prepares text: added tokens are cut out of it (leftmost-longest), the rest is
+ * NFC-normalized and pre-split by the Qwen2 regex; each distinct piece is a word with its count. The vocab starts
+ * with the 256 byte-level symbols (ids 0..255 in code point order, as Qwen2's) and grows by merging the most
+ * frequent adjacent pair of symbols over the word counts, everywhere, left to right, until vocab_size minus the
+ * added tokens is reached or no pair occurs min_frequency times. Ties go to the pair whose left token's bytes come
+ * first in byte order (a proper prefix before its extensions), then likewise the right token's: the result is
+ * deterministic, byte for byte, and independent of the platform. A merge whose concatenation equals an existing
+ * token reuses its id.
+ *
+ * name (may be NULL) names the corpus in messages. *json is NUL-terminated and malloc'd (free with caprl_free);
+ * json_len and stats may be NULL. Errors: CAPRL_ERR_INVALID_ARG (vocab_size below 256 + the added tokens, a bad
+ * added token: empty, not UTF-8, over 1024 bytes, or equal to a vocab token), CAPRL_ERR_FORMAT (an empty corpus, one
+ * with only added tokens, invalid UTF-8: the message names the line and byte offset), CAPRL_ERR_OOM.
+ * Thread safety: no shared state; concurrent calls are safe. */
+CAPRL_API caprl_status caprl_bpe_train(const char *corpus, size_t len, const char *name,
+                                       const caprl_bpe_train_params *params, char **json, size_t *json_len,
+                                       caprl_bpe_train_stats *stats, caprl_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -40,7 +40,7 @@ typedef struct caprl_param_info {
     int64_t     offset; /* first element in the flat buffers */
     int64_t     numel;
     int32_t     n_dims;
-    int64_t     shape[5]; /* as stored in safetensors */
+    int64_t     shape[5]; /* as stored in safetensors (n_dims entries; vectors have n_dims 1) */
     int32_t     group;  /* CAPRL_GROUP_* */
 } caprl_param_info;
 
@@ -61,26 +61,33 @@ CAPRL_API caprl_trainer_params caprl_trainer_default_params(void);
 typedef struct caprl_trainer caprl_trainer;
 
 /* Takes over model (and vision, may be NULL; required for image batches) for training. They stay owned by the
- * caller and must outlive the trainer; their weights are replaced by the trainable copies. */
+ * caller and must outlive the trainer; their weights are replaced by the trainable copies (exact f32 widenings of
+ * the loaded values; caprl_model_save / caprl_vl_model_save still write every tensor in its stored dtype, from
+ * the masters). Planning errors name the limit (CAPRL_ERR_INVALID_ARG) or the size (CAPRL_ERR_OOM).
+ * caprl_trainer_free leaves the model running on the trained values: it adopts the block that holds them,
+ * the tower's included, so a tower must not be used after its model is freed. A later trainer on the same model
+ * starts from those values. */
 CAPRL_API caprl_status caprl_trainer_init(caprl_trainer **out, caprl_model *model, caprl_vision *vision,
                                           const caprl_trainer_params *params, caprl_error *err);
 CAPRL_API void         caprl_trainer_free(caprl_trainer *tr); /* NULL-safe */
 
 CAPRL_API int32_t                 caprl_trainer_n_tensors(const caprl_trainer *tr);
 CAPRL_API const caprl_param_info *caprl_trainer_tensor(const caprl_trainer *tr, int32_t i);
-CAPRL_API int64_t                 caprl_trainer_n_params(const caprl_trainer *tr); /* elements of the flat buffers */
+/* Elements of the flat buffers: every tensor's numel, plus zero gaps that align each text tensor's start. */
+CAPRL_API int64_t                 caprl_trainer_n_params(const caprl_trainer *tr);
 CAPRL_API float                  *caprl_trainer_params_f32(caprl_trainer *tr);     /* flat master weights */
 CAPRL_API float                  *caprl_trainer_grads(caprl_trainer *tr);          /* flat gradients */
 CAPRL_API void                    caprl_trainer_zero_grads(caprl_trainer *tr);
 /* After the flat parameters changed (optimizer step, checkpoint restore): refresh bf16 shadows and packed copies. */
 CAPRL_API caprl_status            caprl_trainer_sync(caprl_trainer *tr, caprl_error *err);
-/* Bytes planned at init (parameters, gradients, activations, scratch), and what recompute saves. */
+/* Bytes planned at init: everything (parameters, gradients, bf16 shadow, activations, scratch), and the
+ * activations and scratch alone (the part recompute shrinks: from L layers' saved activations to one). */
 CAPRL_API size_t                  caprl_trainer_bytes(const caprl_trainer *tr);
 CAPRL_API size_t                  caprl_trainer_activation_bytes(const caprl_trainer *tr);
 
-/* One micro-batch: n_seqs sequences packed back to back. Sequence s is tokens[seq_start[s] .. seq_start[s+1]).
- * target[t] is the token whose log-probability is scored at position t (normally tokens[t + 1] of the same
- * sequence), or -1 for no score there. */
+/* One micro-batch: n_seqs sequences packed back to back. Sequence s is tokens[seq_start[s] .. seq_start[s+1]),
+ * attending causally within itself only. target[t] is the token whose log-probability is scored at position t
+ * (normally tokens[t + 1] of the same sequence), or negative (-1) for no score there. */
 typedef struct caprl_train_batch {
     int32_t        n_tokens;
     const int32_t *tokens;    /* (n_tokens) */
@@ -88,9 +95,10 @@ typedef struct caprl_train_batch {
     const int32_t *seq_start; /* (n_seqs + 1), seq_start[0] = 0, seq_start[n_seqs] = n_tokens */
     const int32_t *target;    /* (n_tokens) */
     /* Qwen2.5-VL images (n_images = 0 for text): pixel_values (n_patches, patch_dim) of all images concatenated,
-     * grid_thw (n_images, 3); the tokens hold each image's expanded <|image_pad|> run, spliced in order; mrope_pos
-     * (3, n_tokens) are the M-RoPE positions (caprl_vl_prompt_init per sequence). NULL mrope_pos = positions
-     * 0.. within each sequence. */
+     * grid_thw (n_images, 3); the tokens hold each image's expanded <|image_pad|> run: the k-th <|image_pad|> of
+     * the batch takes the k-th merged feature row (their counts must match); mrope_pos (3, n_tokens) are the
+     * M-RoPE positions (caprl_vl_prompt_init per sequence). NULL mrope_pos = positions 0.. within each sequence
+     * (ordinary RoPE). */
     int32_t        n_images;
     const float   *pixel_values;
     const int32_t *grid_thw;
@@ -99,10 +107,13 @@ typedef struct caprl_train_batch {
 
 /* Forward pass. logp (n_tokens): log p(target[t] | tokens before t) with logits divided by temperature
  * (1 for SFT; the sampling temperature for RL), 0 where target < 0. entropy (n_tokens, may be NULL): entropy of
- * that distribution. Errors name the limit or the bad token. */
+ * that distribution (reported only: the backward takes no entropy gradient). Errors (CAPRL_ERR_INVALID_ARG) name
+ * the limit or the bad token; a failed forward leaves nothing for the backward. */
 CAPRL_API caprl_status caprl_trainer_forward(caprl_trainer *tr, const caprl_train_batch *batch, float temperature,
                                              float *logp, float *entropy, caprl_error *err);
-/* Backward of the last forward: dlogp (n_tokens) = dL/dlogp[t]; gradients are added to caprl_trainer_grads. */
+/* Backward of the last forward, once (it consumes the saved activations): dlogp (n_tokens) = dL/dlogp[t] (read
+ * where target >= 0 only); gradients are added (+=) to caprl_trainer_grads, so micro-batches accumulate until
+ * caprl_trainer_zero_grads. Frozen groups get nothing and cost nothing. Without a forward: CAPRL_ERR_INVALID_ARG. */
 CAPRL_API caprl_status caprl_trainer_backward(caprl_trainer *tr, const float *dlogp, caprl_error *err);
 
 /* ---- optimizer ----------------------------------------------------------------------------------------- */
@@ -159,6 +170,11 @@ CAPRL_API caprl_status caprl_checkpoint_save(const char *run_dir, int64_t step, 
                                              const char *extra_json, caprl_error *err);
 /* The largest N with a complete RUN/step-N/, or -1 when there is none. Incomplete temporaries are ignored. */
 CAPRL_API int64_t      caprl_checkpoint_latest(const char *run_dir);
+/* Keeps the newest `keep` complete checkpoints of run_dir (keep < 1: all). Each removed one is first renamed out of
+ * the step-N namespace, so a kill half-way never leaves a partial step-N that a resume would trust. */
+CAPRL_API caprl_status caprl_checkpoint_prune(const char *run_dir, int32_t keep, caprl_error *err);
+/* Removes what a killed run may leave: checkpoint temporaries (.step-N.tmp) and half-pruned checkpoints. */
+CAPRL_API void         caprl_checkpoint_clean(const char *run_dir);
 /* Restores masters and moments from RUN/step-N (layout and names must match tr), syncs, and returns the caller's
  * state object as text in *extra_json (caprl_free; "{}" when absent). */
 CAPRL_API caprl_status caprl_checkpoint_load(const char *run_dir, int64_t step, caprl_trainer *tr, caprl_adamw *opt,

@@ -23,6 +23,10 @@ extern "C" {
 CAPRL_API caprl_status caprl_vl_render_prompt(const char *text, int32_t n_images, const char *system, char **out,
                                               caprl_error *err);
 
+/* caprl_vl_render_prompt(prompt, 1, system) tokenized with tok (special tokens parsed): the ids of a one-image
+ * request with a single <|image_pad|>, ready for caprl_vl_prompt_init. *ids is malloc'd (caprl_free). */
+CAPRL_API caprl_status caprl_vl_prompt_tokens(const caprl_tokenizer *tok, const char *prompt, const char *system,
+                                              int32_t **ids, int64_t *len, caprl_error *err);
 /* Replaces the k-th image_token_id of ids by n_tokens[k] copies (the processor's expansion). A prompt whose pad
  * runs already have the expanded lengths is copied unchanged. Any other number of pads than n_images (or runs
  * that match neither form) is CAPRL_ERR_INVALID_ARG. *out is malloc'd (caprl_free). */

@@ -97,6 +97,66 @@ static void cpu_attn_seg_fwd(caprl_backend *be, float *out, const float *q, cons
     caprl_op_attn_seg(ctx_of(be), out, q, k, v, seg, n_seg, N, H, D, scale);
 }
 
+/* ---- training ---- */
+
+static void cpu_matmul_bwd_data(caprl_backend *be, float *dx, const float *dy, const caprl_weight *w, int64_t M) {
+    caprl_gemm_bwd_data(ctx_of(be), dx, dy, w, M);
+}
+
+static void cpu_matmul_bwd_weight(caprl_backend *be, float *dw, float *dbias, const float *dy, const float *x,
+                                  int64_t M, int64_t N, int64_t K) {
+    caprl_gemm_bwd_weight(ctx_of(be), dw, dbias, dy, x, M, N, K);
+}
+
+static void cpu_embed_bwd(caprl_backend *be, float *dtable, const int32_t *ids, const float *dy, int64_t M,
+                          int64_t C) {
+    caprl_op_embed_bwd(ctx_of(be), dtable, ids, dy, M, C);
+}
+
+static void cpu_rmsnorm_bwd(caprl_backend *be, float *dx, float *dweight, const float *dy, const float *x,
+                            const float *weight, int64_t M, int64_t C, float eps) {
+    caprl_op_rmsnorm_bwd(ctx_of(be), dx, dweight, dy, x, weight, M, C, eps);
+}
+
+static void cpu_rope_sect_bwd(caprl_backend *be, float *dx, int64_t x_stride, const int32_t *pos,
+                              const float *inv_freq, const int32_t *sections, int32_t n_sections, int64_t M,
+                              int64_t H, int64_t D) {
+    caprl_op_rope_sect_bwd(ctx_of(be), dx, x_stride, pos, inv_freq, sections, n_sections, M, H, D);
+}
+
+static void cpu_attn_train_fwd(caprl_backend *be, float *out, float *lse, const float *q, const float *k,
+                               const float *v, const int64_t *seg, int64_t n_seg, int64_t M, int64_t Hq, int64_t Hkv,
+                               int64_t D, float scale, bool causal) {
+    caprl_op_attn_train_fwd(ctx_of(be), out, lse, q, k, v, seg, n_seg, M, Hq, Hkv, D, scale, causal);
+}
+
+static void cpu_attn_train_bwd(caprl_backend *be, float *dq, float *dk, float *dv, const float *dout, const float *q,
+                               const float *k, const float *v, const float *out, const float *lse,
+                               const int64_t *seg, int64_t n_seg, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
+                               float scale, bool causal) {
+    caprl_op_attn_train_bwd(ctx_of(be), dq, dk, dv, dout, q, k, v, out, lse, seg, n_seg, M, Hq, Hkv, D, scale,
+                            causal);
+}
+
+static void cpu_swiglu_bwd(caprl_backend *be, float *dgate, float *dup, const float *dout, const float *gate,
+                           const float *up, int64_t n) {
+    caprl_op_swiglu_bwd(ctx_of(be), dgate, dup, dout, gate, up, n);
+}
+
+static void cpu_gelu_bwd(caprl_backend *be, float *din, const float *dout, const float *in, int64_t n) {
+    caprl_op_gelu_bwd(ctx_of(be), din, dout, in, n);
+}
+
+static void cpu_logprob_fwd(caprl_backend *be, float *logp, float *entropy, float *lse, const float *z,
+                            const int32_t *target, int64_t R, int64_t V, float inv_temp) {
+    caprl_op_logprob_fwd(ctx_of(be), logp, entropy, lse, z, target, R, V, inv_temp);
+}
+
+static void cpu_logprob_bwd(caprl_backend *be, float *z, const float *lse, const int32_t *target, const float *dlogp,
+                            int64_t R, int64_t V, float inv_temp) {
+    caprl_op_logprob_bwd(ctx_of(be), z, lse, target, dlogp, R, V, inv_temp);
+}
+
 static caprl_status cpu_weight_prepare(caprl_backend *be, caprl_weight *w, caprl_error *err) {
     return caprl_gemm_prepare(ctx_of(be), w, err);
 }
@@ -121,6 +181,17 @@ static const caprl_backend_ops k_cpu_ops = {
     .gelu_fwd = cpu_gelu_fwd,
     .rope_sect_fwd = cpu_rope_sect_fwd,
     .attn_seg_fwd = cpu_attn_seg_fwd,
+    .matmul_bwd_data = cpu_matmul_bwd_data,
+    .matmul_bwd_weight = cpu_matmul_bwd_weight,
+    .embed_bwd = cpu_embed_bwd,
+    .rmsnorm_bwd = cpu_rmsnorm_bwd,
+    .rope_sect_bwd = cpu_rope_sect_bwd,
+    .attn_train_fwd = cpu_attn_train_fwd,
+    .attn_train_bwd = cpu_attn_train_bwd,
+    .swiglu_bwd = cpu_swiglu_bwd,
+    .gelu_bwd = cpu_gelu_bwd,
+    .logprob_fwd = cpu_logprob_fwd,
+    .logprob_bwd = cpu_logprob_bwd,
 };
 
 /* ---- init / free ---------------------------------------------------------------------------------------- */

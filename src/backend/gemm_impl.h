@@ -17,6 +17,16 @@ void caprl_gemm(caprl_cpu_ctx *c,
                 const float *bias,     /* (N) or NULL */
                 int64_t M);
 
+/* Matmul backward (gemm_bwd.c), f32 kernels of c->isa (never AMX). Every output element is one FMA chain over the
+ * reduction index in order, so results do not depend on the thread count, on M (data: dx row m is a function of
+ * dy row m) or on the blocking, and the AVX2 and AVX-512 kernels agree bit for bit.
+ * dx (M, K) = dy (M, N) @ w (N, K), w f32 or bf16 (widened exactly); overwrites dx. */
+void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const caprl_weight *w, int64_t M);
+/* dw (N, K) += dy^T (N, M) @ x (M, K): each element's chain starts from its old value; dbias (N) += column sums of
+ * dy (chains over m in order) when not NULL. */
+void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const float *dy, const float *x, int64_t M,
+                           int64_t N, int64_t K);
+
 /* Packs a bf16 weight into AMX tile panels when c->amx (sets w->packed); a no-op otherwise. */
 caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *err);
 void         caprl_gemm_release(caprl_weight *w);

@@ -2,6 +2,7 @@
  * Depends on core only; holds no global state. */
 #include <jansson.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -405,4 +406,73 @@ bool caprl_utf8_valid(const char *s, size_t n) {
         i += len;
     }
     return true;
+}
+
+bool caprl_json_number_value(const struct json_t *v, double *out) {
+    if (v == NULL || !json_is_number(v)) {
+        return false;
+    }
+    *out = json_number_value(v);
+    return true;
+}
+
+bool caprl_json_bool_value(const struct json_t *v, bool *out) {
+    if (v == NULL || !json_is_boolean(v)) {
+        return false;
+    }
+    *out = json_is_true(v);
+    return true;
+}
+
+bool caprl_json_object_each(const struct json_t *v, caprl_json_member_fn fn, void *user) {
+    if (!caprl_json_is_object(v)) {
+        return true;
+    }
+    const char *key;
+    json_t     *value;
+    /* json_object_foreach needs a non-const object; iteration does not modify it */
+    json_t *obj = (json_t *)(uintptr_t)v;
+    json_object_foreach(obj, key, value) {
+        if (!fn(key, value, user)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+char *caprl_json_quote(const char *s) {
+    size_t  n = strlen(s);
+    json_t *str = caprl_utf8_valid(s, n) ? json_stringn(s, n) : NULL;
+    if (!str) {
+        /* replace every byte of an invalid sequence by U+FFFD so the output is still valid JSON */
+        char *fixed = malloc(3 * n + 1);
+        if (!fixed) {
+            return NULL;
+        }
+        size_t o = 0;
+        for (size_t i = 0; i < n;) {
+            size_t len = 1;
+            while (len <= 4 && i + len <= n && !caprl_utf8_valid(s + i, len)) {
+                len++;
+            }
+            if (len <= 4 && i + len <= n) {
+                memcpy(fixed + o, s + i, len);
+                o += len;
+                i += len;
+            } else {
+                fixed[o++] = (char)0xEF;
+                fixed[o++] = (char)0xBF;
+                fixed[o++] = (char)0xBD;
+                i++;
+            }
+        }
+        str = json_stringn(fixed, o);
+        free(fixed);
+        if (!str) {
+            return NULL;
+        }
+    }
+    char *out = json_dumps(str, JSON_ENCODE_ANY | JSON_COMPACT);
+    json_decref(str);
+    return out;
 }

@@ -94,6 +94,17 @@ const char *caprl_json_string_value(const struct json_t *v);
 /* Short description of v for messages: compact JSON, cut to cap-1 bytes with "..." if longer. Returns buf. */
 const char *caprl_json_describe(const struct json_t *v, char *buf, size_t cap);
 
+/* A number (integer or real) as a double. */
+bool        caprl_json_number_value(const struct json_t *v, double *out);
+/* A JSON true / false. */
+bool        caprl_json_bool_value(const struct json_t *v, bool *out);
+/* Calls fn(key, value, user) for each member of object v in document order; stops and returns false as soon as
+ * fn does. */
+typedef bool (*caprl_json_member_fn)(const char *key, const struct json_t *value, void *user);
+bool        caprl_json_object_each(const struct json_t *v, caprl_json_member_fn fn, void *user);
+/* s as a JSON string literal (quoted, escaped; invalid UTF-8 becomes U+FFFD), malloc'd; NULL on OOM. */
+char       *caprl_json_quote(const char *s);
+
 /* ---- text ---------------------------------------------------------------------------------------------- */
 
 /* true if s[0..n) is well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF). */

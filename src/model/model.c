@@ -474,6 +474,34 @@ static caprl_status vl_config_json(const caprl_model *m, const caprl_vision *v, 
 
 static caprl_status model_save(const caprl_model *m, const caprl_vision *vision, const char *dir, caprl_error *err);
 
+/* The values of matrix i in the stored dtype dt. A trained model holds f32 masters (and maybe bf16 copies):
+ * those are written back in the checkpoint's own dtype, rounded to nearest even, so a checkpoint keeps its size
+ * and dtype however it was trained. *buf receives a conversion buffer (free) when one was needed. */
+static caprl_status matrix_for_save(const caprl_model *m, int32_t i, int32_t dt, const void **data, void **buf,
+                                    caprl_error *err) {
+    const param_desc *d = &m->params[i];
+    if (dt == d->matrix->dtype) {
+        *data = d->matrix->data; /* as stored, or the bf16 copies mixed precision keeps in sync */
+        return CAPRL_OK;
+    }
+    CAPRL_ASSERT(m->train_flat != NULL && (dt == CAPRL_DTYPE_F32 || dt == CAPRL_DTYPE_BF16));
+    const float *master = m->train_flat + m->train_offset[i];
+    if (dt == CAPRL_DTYPE_F32) {
+        *data = master;
+        return CAPRL_OK;
+    }
+    size_t    n = (size_t)d->shape[0] * (size_t)d->shape[1];
+    uint16_t *h = caprl_try_malloc(n * sizeof(uint16_t));
+    if (!h) {
+        return caprl_err_set(err, CAPRL_ERR_OOM, "saving '%s': cannot allocate %zu bytes to convert it to bf16",
+                             d->name, n * sizeof(uint16_t));
+    }
+    caprl_f32_to_bf16_row(h, master, n);
+    *data = h;
+    *buf = h;
+    return CAPRL_OK;
+}
+
 caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error *err) {
     return model_save(m, NULL, dir, err);
 }
@@ -495,10 +523,16 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
     uint16_t *hv = half_vectors;
     caprl_st_writer *w = caprl_st_writer_init();
     caprl_status     st = CAPRL_OK;
+    void           **converted = caprl_xcalloc((size_t)m->n_params, sizeof(void *));
     for (int32_t i = 0; i < m->n_params && st == CAPRL_OK; i++) {
         const param_desc *d = &m->params[i];
         if (d->kind == PARAM_MATRIX) {
-            st = caprl_st_writer_add(w, d->name, d->matrix->dtype, 2, d->shape, d->matrix->data, err);
+            const void *data = NULL;
+            int32_t     dt = m->stored_dtypes ? m->stored_dtypes[i] : d->matrix->dtype;
+            st = matrix_for_save(m, i, dt, &data, &converted[i], err);
+            if (st == CAPRL_OK) {
+                st = caprl_st_writer_add(w, d->name, dt, 2, d->shape, data, err);
+            }
             continue;
         }
         int32_t      vdt = *d->vector_dtype;
@@ -525,6 +559,10 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
     free(path);
     caprl_st_writer_free(w);
     free(half_vectors);
+    for (int32_t i = 0; i < m->n_params; i++) {
+        free(converted[i]);
+    }
+    free(converted);
     char *json = NULL;
     if (st == CAPRL_OK) {
         st = vision ? vl_config_json(m, vision, &json, err) : caprl_text_config_to_json(&m->cfg, m->dtype, &json, err);
@@ -560,6 +598,125 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
     return st;
 }
 
+/* ---- training: binding to the flat parameter block --------------------------------------------------------- */
+
+int64_t model_train_layout(const caprl_model *m, int64_t *offsets) {
+    int64_t off = 0;
+    for (int32_t i = 0; i < m->n_params; i++) {
+        if (offsets) {
+            offsets[i] = off;
+        }
+        int64_t n = m->params[i].shape[0] * m->params[i].shape[1];
+        off += (n + CAPRL_TRAIN_ALIGN - 1) / CAPRL_TRAIN_ALIGN * CAPRL_TRAIN_ALIGN;
+    }
+    return off;
+}
+
+static void release_packed(caprl_model *m) {
+    if (!m->be->ops->weight_release) {
+        return;
+    }
+    for (int32_t i = 0; i < m->n_params; i++) {
+        if (m->params[i].kind == PARAM_MATRIX) {
+            m->be->ops->weight_release(m->be, m->params[i].matrix);
+        }
+    }
+    if (m->tied) {
+        m->be->ops->weight_release(m->be, &m->lm_head);
+    }
+}
+
+caprl_status model_train_bind(caprl_model *m, float *flat, uint16_t *bf16, caprl_error *err) {
+    if (!m->stored_dtypes) {
+        m->stored_dtypes = caprl_xcalloc((size_t)m->n_params, sizeof(int32_t));
+        for (int32_t i = 0; i < m->n_params; i++) {
+            const param_desc *d = &m->params[i];
+            m->stored_dtypes[i] = d->kind == PARAM_MATRIX ? d->matrix->dtype : *d->vector_dtype;
+        }
+        m->train_offset = caprl_xcalloc((size_t)m->n_params, sizeof(int64_t));
+        model_train_layout(m, m->train_offset);
+    }
+    /* copy first: the values may still live in the mapping, the owned copies or a previous block (whose f32
+     * masters, not its bf16 copies, are the values) */
+    for (int32_t i = 0; i < m->n_params; i++) {
+        const param_desc *d = &m->params[i];
+        size_t            n = (size_t)d->shape[0] * (size_t)d->shape[1];
+        float            *dst = flat + m->train_offset[i];
+        if (m->train_flat) {
+            memcpy(dst, m->train_flat + m->train_offset[i], n * sizeof(float));
+        } else if (d->kind == PARAM_VECTOR) {
+            memcpy(dst, *d->vector, n * sizeof(float));
+        } else if (d->matrix->dtype == CAPRL_DTYPE_BF16) {
+            caprl_bf16_to_f32_row(dst, d->matrix->data, n);
+        } else {
+            CAPRL_ASSERT(d->matrix->dtype == CAPRL_DTYPE_F32);
+            memcpy(dst, d->matrix->data, n * sizeof(float));
+        }
+    }
+    release_packed(m);
+    for (int32_t i = 0; i < m->n_params; i++) {
+        const param_desc *d = &m->params[i];
+        int64_t           off = m->train_offset[i];
+        if (d->kind == PARAM_VECTOR) {
+            *d->vector = flat + off;
+        } else {
+            d->matrix->dtype = bf16 ? CAPRL_DTYPE_BF16 : CAPRL_DTYPE_F32;
+            d->matrix->data = bf16 ? (const void *)(bf16 + off) : (const void *)(flat + off);
+        }
+    }
+    if (m->tied) {
+        m->lm_head = m->embed;
+        m->lm_head.packed = NULL;
+    }
+    m->train_flat = flat;
+    m->train_bf16 = bf16;
+    /* nothing points at the old storage any more */
+    caprl_aligned_free(m->owned);
+    m->owned = NULL;
+    free(m->vectors);
+    m->vectors = NULL;
+    caprl_safetensors_free(m->st);
+    m->st = NULL;
+    return model_train_sync(m, err);
+}
+
+typedef struct round_task {
+    const float *src;
+    uint16_t    *dst;
+} round_task;
+
+enum { ROUND_BLOCK = 1 << 16 };
+
+static void round_range(void *ctx, int64_t b0, int64_t b1, int32_t tid) {
+    (void)tid;
+    const round_task *t = ctx;
+    for (int64_t b = b0; b < b1; b++) {
+        caprl_f32_to_bf16_row(t->dst + b * ROUND_BLOCK, t->src + b * ROUND_BLOCK, ROUND_BLOCK);
+    }
+}
+
+caprl_status model_train_sync(caprl_model *m, caprl_error *err) {
+    if (m->train_bf16) {
+        /* the whole text block at once (vectors and gaps included: cheaper than per-tensor calls) */
+        int64_t    n = model_train_layout(m, NULL), full = n / ROUND_BLOCK * ROUND_BLOCK;
+        round_task t = {m->train_flat, m->train_bf16};
+        caprl_parallel_for(m->be->pool, full / ROUND_BLOCK, round_range, &t);
+        caprl_f32_to_bf16_row(m->train_bf16 + full, m->train_flat + full, (size_t)(n - full));
+    }
+    release_packed(m);
+    if (m->be->ops->weight_prepare) {
+        for (int32_t i = 0; i < m->n_params; i++) {
+            if (m->params[i].kind == PARAM_MATRIX) {
+                CAPRL_TRY(m->be->ops->weight_prepare(m->be, m->params[i].matrix, err));
+            }
+        }
+        if (m->tied) {
+            CAPRL_TRY(m->be->ops->weight_prepare(m->be, &m->lm_head, err));
+        }
+    }
+    return CAPRL_OK;
+}
+
 /* ---- accessors and teardown ------------------------------------------------------------------------------- */
 
 void caprl_model_free(caprl_model *m) {
@@ -583,6 +740,9 @@ void caprl_model_free(caprl_model *m) {
     free(m->inv_freq);
     free(m->params);
     free(m->vector_dtypes);
+    free(m->stored_dtypes);
+    free(m->train_offset);
+    caprl_aligned_free(m->train_block);
     free(m->layers);
     caprl_tokenizer_free(m->tok);
     free(m->tokenizer_path);

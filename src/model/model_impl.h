@@ -57,6 +57,14 @@ struct caprl_model {
     caprl_backend     *be;
     caprl_tokenizer   *tok;
     char              *tokenizer_path; /* the tokenizer.json tok came from (copied by caprl_model_save) */
+
+    /* Training (src/train): once bound, every parameter lives in a flat f32 block owned by a trainer (or, after
+     * the trainer is freed, by the model: train_block). */
+    int32_t  *stored_dtypes; /* (n_params) dtype each tensor had before the first bind: what a save writes */
+    int64_t  *train_offset;  /* (n_params) first element of each tensor in the flat layout; NULL until bound */
+    float    *train_flat;    /* the f32 masters */
+    uint16_t *train_bf16;    /* bf16 copies the matrices point at (mixed precision), or NULL */
+    void     *train_block;   /* adopted from a freed trainer (caprl_aligned_free) */
 };
 
 /* Activations and KV cache for up to n_seq_max sequences; planned and reserved once at init. */
@@ -93,5 +101,20 @@ struct caprl_context {
 
 /* Builds the parameter table for m->cfg (allocates m->params; pointers into m's fields). */
 void model_build_param_table(caprl_model *m);
+
+/* ---- training (src/train) ------------------------------------------------------------------------------- *
+ * The flat layout of the text parameters: the table's tensors back to back in table order, each starting on a
+ * multiple of CAPRL_TRAIN_ALIGN elements (the gaps stay zero). */
+#define CAPRL_TRAIN_ALIGN 16
+
+/* Elements of the layout; offsets (n_params, may be NULL) receives each tensor's first element. */
+int64_t      model_train_layout(const caprl_model *m, int64_t *offsets);
+/* Copies every parameter's current value (exactly, as f32) into flat at its layout offset and re-points the
+ * model there: vectors at flat; matrices at flat (F32) or, with bf16 != NULL, at bf16 (same offsets, BF16,
+ * refreshed by model_train_sync). The first bind records the stored dtypes for caprl_model_save; the storage the
+ * weights came from (mapping, owned copies) is released. The caller frees a previous train_block afterwards. */
+caprl_status model_train_bind(caprl_model *m, float *flat, uint16_t *bf16, caprl_error *err);
+/* After the flat values changed: rounds the bf16 copies (nearest even) and re-prepares packed weights. */
+caprl_status model_train_sync(caprl_model *m, caprl_error *err);
 
 #endif /* CAPRL_MODEL_IMPL_H */

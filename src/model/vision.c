@@ -426,8 +426,26 @@ static void keep_stored_vectors(caprl_vision *v) {
     }
 }
 
+/* Full names, flat offsets and the saved dtype of the matrices: what training (vision_train_*) and saving read. */
+static void finish_param_table(caprl_vision *v) {
+    if (!v->prefix[0]) {
+        snprintf(v->prefix, sizeof v->prefix, "visual.");
+    }
+    int64_t off = 0;
+    for (int32_t i = 0; i < v->n_params; i++) {
+        vision_param *p = &v->params[i];
+        snprintf(p->full_name, sizeof p->full_name, "%s%s", v->prefix, p->name);
+        p->offset = off;
+        off += param_numel(p);
+        if (p->matrix) {
+            p->dtype = p->matrix->dtype;
+        }
+    }
+}
+
 static caprl_status finish_vision(caprl_vision *v, int32_t n_threads, caprl_error *err) {
     const caprl_vision_config *c = &v->cfg;
+    finish_param_table(v);
     v->head_dim = c->hidden_size / c->num_heads;
     v->fullatt = caprl_xcalloc((size_t)c->depth, sizeof *v->fullatt);
     for (int32_t i = 0; i < c->n_fullatt; i++) {
@@ -533,6 +551,7 @@ static caprl_status load_weights(caprl_vision *v, const char *dir, caprl_error *
     CAPRL_TRY(caprl_safetensors_open_dir(&v->st, dir, err));
     const char *prefix = NULL;
     CAPRL_TRY(pick_prefix(v->st, dir, &prefix, err));
+    snprintf(v->prefix, sizeof v->prefix, "%s", prefix);
     CAPRL_TRY(check_extra_tensors(v, prefix, err));
     const caprl_st_tensor **found = caprl_xcalloc((size_t)v->n_params, sizeof *found);
     size_t                  need = 0;
@@ -669,7 +688,39 @@ caprl_status caprl_vision_init_random(caprl_vision **out, const caprl_vision_con
 
 /* ---- saving, accessors, teardown --------------------------------------------------------------------------- */
 
+/* After vision_train_bind: the live values are the trainer's f32 masters. A tensor stored as F32 is referenced
+ * there; BF16 is referenced in the bf16 shadow when there is one (it mirrors the masters after every sync) and
+ * converted otherwise; F16 is converted. Conversions go to v->save_half, sized by the bind for exactly these
+ * tensors, so the referenced data stays valid until the writer saves. */
+static caprl_status add_bound_to_writer(const caprl_vision *v, caprl_st_writer *w, caprl_error *err) {
+    char      name[VISION_NAME_CAP + 16];
+    uint16_t *h = v->save_half;
+    for (int32_t i = 0; i < v->n_params; i++) {
+        const vision_param *p = &v->params[i];
+        const float        *src = v->train_flat + p->offset;
+        int64_t             n = param_numel(p);
+        const void         *data = src;
+        if (p->dtype == CAPRL_DTYPE_BF16 && v->train_shadow) {
+            data = v->train_shadow + p->offset;
+        } else if (p->dtype == CAPRL_DTYPE_BF16) {
+            caprl_f32_to_bf16_row(h, src, (size_t)n);
+            data = h;
+            h += n;
+        } else if (p->dtype == CAPRL_DTYPE_F16) {
+            caprl_f32_to_f16_row(h, src, (size_t)n);
+            data = h;
+            h += n;
+        }
+        snprintf(name, sizeof name, "visual.%s", p->name);
+        CAPRL_TRY(caprl_st_writer_add(w, name, p->dtype, p->n_dims, p->shape, data, err));
+    }
+    return CAPRL_OK;
+}
+
 caprl_status caprl_vision_add_to_writer(const caprl_vision *v, caprl_st_writer *w, caprl_error *err) {
+    if (v->train_flat) {
+        return add_bound_to_writer(v, w, err);
+    }
     char name[VISION_NAME_CAP + 16];
     for (int32_t i = 0; i < v->n_params; i++) {
         const vision_param *p = &v->params[i];
@@ -699,6 +750,7 @@ void caprl_vision_free(caprl_vision *v) {
     caprl_aligned_free(v->owned);
     free(v->vectors);
     free(v->half_vectors);
+    free(v->save_half);
     free(v->rope_freq);
     free(v->fullatt);
     free(v->params);

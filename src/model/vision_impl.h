@@ -34,12 +34,14 @@ typedef struct vision_block {
 
 typedef struct vision_param {
     char          name[VISION_NAME_CAP];  /* without the "visual." / "model.visual." prefix */
+    char          full_name[VISION_NAME_CAP + 16]; /* with the checkpoint's prefix (vision_train_tensor) */
     int32_t       n_dims;
     int64_t       shape[VISION_MAX_DIMS]; /* as stored in safetensors */
+    int64_t       offset;                 /* first element in the table-order flat layout (vision_train_bind) */
     caprl_weight *matrix;                 /* matrices: the weight (rows, cols) = (shape[0], rest) */
     float       **vector;                 /* vectors: points at the f32 copy pointer */
-    int32_t       dtype;                  /* vectors: the stored dtype */
-    const void   *stored;                 /* vectors: the values in dtype, referenced when saving */
+    int32_t       dtype;                  /* the dtype a save writes: vectors as stored, matrices as held at load */
+    const void   *stored;                 /* vectors: the values in dtype, referenced when saving (before bind) */
 } vision_param;
 
 struct caprl_vision {
@@ -59,6 +61,14 @@ struct caprl_vision {
 
     vision_param *params;
     int32_t       n_params;
+
+    char                      prefix[16]; /* "visual." or "model.visual.", as in the checkpoint */
+
+    /* Set by vision_train_bind (src/train/vision_train.c): the weights then live in the trainer's flat f32
+     * buffer (matrices in its bf16 shadow in mixed precision), and a save converts from there. */
+    const float              *train_flat;   /* (caprl_vision_n_params) table order; NULL when not bound */
+    const uint16_t           *train_shadow; /* bf16 mirror of train_flat, or NULL (f32 training) */
+    uint16_t                 *save_half;    /* conversions of 16-bit stored tensors at save time, or NULL */
 
     caprl_safetensors        *st;      /* keeps the mapped checkpoint alive; NULL for random init */
     void                     *owned;   /* matrices not backed by the mapping (random init, F16 widened) */

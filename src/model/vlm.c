@@ -308,10 +308,10 @@ static void vl_batch_free(vl_batch *b, int32_t n) {
 }
 
 /* The request's chat prompt, tokenized: one <|image_pad|> for its image. *ids: free(). */
-static caprl_status vl_prompt_ids(const caprl_tokenizer *tok, const caprl_vl_request *r, int32_t **ids, int64_t *len,
-                                  caprl_error *err) {
+caprl_status caprl_vl_prompt_tokens(const caprl_tokenizer *tok, const char *prompt, const char *system, int32_t **ids,
+                                    int64_t *len, caprl_error *err) {
     char *text = NULL;
-    CAPRL_TRY(caprl_vl_render_prompt(r->prompt, 1, r->system, &text, err));
+    CAPRL_TRY(caprl_vl_render_prompt(prompt, 1, system, &text, err));
     int64_t      n = 0;
     caprl_status st = caprl_tokenizer_encode(tok, text, strlen(text), true, NULL, 0, &n, err);
     int32_t     *raw = NULL;
@@ -381,7 +381,7 @@ caprl_status caprl_vl_generate(caprl_model *model, caprl_vision *vision, const c
     for (int32_t i = 0; i < n && st == CAPRL_OK; i++) {
         int32_t *raw = NULL;
         int64_t  n_raw = 0;
-        st = vl_prompt_ids(tok, &reqs[i], &raw, &n_raw, err);
+        st = caprl_vl_prompt_tokens(tok, reqs[i].prompt, reqs[i].system, &raw, &n_raw, err);
         if (st == CAPRL_OK) {
             st = caprl_vl_prompt_init(&b.prompts[i], raw, n_raw, tc->image_token_id, &b.grids[3 * i], 1,
                                       vc->spatial_merge_size, first_row, err);

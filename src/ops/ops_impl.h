@@ -108,6 +108,71 @@ void caprl_op_attn_seg(caprl_cpu_ctx *c,
                        const int64_t *seg, /* (n_seg + 1) segment row boundaries */
                        int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
 
+/* ---- training kernels (semantics: backend/backend.h, "training") ------------------------------------------ */
+
+void caprl_op_embed_bwd(caprl_cpu_ctx *c,
+                        float *dtable,      /* (V, C), += */
+                        const int32_t *ids, /* (M) */
+                        const float *dy,    /* (M, C) */
+                        int64_t M, int64_t C);
+void caprl_op_rmsnorm_bwd(caprl_cpu_ctx *c,
+                          float *dx,           /* (M, C), may alias dy */
+                          float *dweight,      /* (C), += */
+                          const float *dy,     /* (M, C) */
+                          const float *x,      /* (M, C) the forward's input */
+                          const float *weight, /* (C) */
+                          int64_t M, int64_t C, float eps);
+void caprl_op_rope_sect_bwd(caprl_cpu_ctx *c,
+                            float *dx,              /* rows of x_stride floats, (H, D) of each used, in place */
+                            int64_t x_stride,
+                            const int32_t *pos,      /* (n_sections, M) */
+                            const float *inv_freq,   /* (D / 2) */
+                            const int32_t *sections, /* (n_sections) */
+                            int32_t n_sections, int64_t M, int64_t H, int64_t D);
+void caprl_op_attn_train_fwd(caprl_cpu_ctx *c,
+                             float *out,         /* (M, Hq, D) */
+                             float *lse,         /* (M, Hq) */
+                             const float *q,     /* (M, Hq, D) */
+                             const float *k,     /* (M, Hkv, D) */
+                             const float *v,     /* (M, Hkv, D) */
+                             const int64_t *seg, /* (n_seg + 1) */
+                             int64_t n_seg, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, float scale, bool causal);
+void caprl_op_attn_train_bwd(caprl_cpu_ctx *c,
+                             float *dq,          /* (M, Hq, D) */
+                             float *dk,          /* (M, Hkv, D) */
+                             float *dv,          /* (M, Hkv, D) */
+                             const float *dout,  /* (M, Hq, D) */
+                             const float *q, const float *k, const float *v,
+                             const float *out,   /* (M, Hq, D) the forward's output */
+                             const float *lse,   /* (M, Hq) the forward's log-sum-exp */
+                             const int64_t *seg, /* (n_seg + 1) */
+                             int64_t n_seg, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, float scale, bool causal);
+void caprl_op_swiglu_bwd(caprl_cpu_ctx *c,
+                         float *dgate,      /* (n), may alias gate */
+                         float *dup,        /* (n), may alias up */
+                         const float *dout, /* (n) */
+                         const float *gate, /* (n) */
+                         const float *up,   /* (n) */
+                         int64_t n);
+void caprl_op_gelu_bwd(caprl_cpu_ctx *c,
+                       float *din,        /* (n), may alias dout */
+                       const float *dout, /* (n) */
+                       const float *in,   /* (n) */
+                       int64_t n);
+void caprl_op_logprob_fwd(caprl_cpu_ctx *c,
+                          float *logp,           /* (R) */
+                          float *entropy,        /* (R) or NULL */
+                          float *lse,            /* (R) */
+                          const float *z,        /* (R, V) */
+                          const int32_t *target, /* (R), < 0: no target */
+                          int64_t R, int64_t V, float inv_temp);
+void caprl_op_logprob_bwd(caprl_cpu_ctx *c,
+                          float *z,              /* (R, V) in place: logits in, gradient out */
+                          const float *lse,      /* (R) */
+                          const int32_t *target, /* (R) */
+                          const float *dlogp,    /* (R) */
+                          int64_t R, int64_t V, float inv_temp);
+
 /* ---- exp ---------------------------------------------------------------------------------------------------
  * Cephes-style expf: n = rint(x log2e), r = x - n ln2 (two-part constant), a degree-5 polynomial, then the
  * scale 2^n applied as two factors so that overflow gives Inf and deep underflow gives (sub)normals or 0.

@@ -1,6 +1,6 @@
 /* caprl bench: the machine's own ceilings (fp32 FMA peak, bf16 matrix-unit peak, memory bandwidth), then the
  * decoder's speed on a Qwen2.5-0.5B-shaped random model in f32 and bf16, each as a fraction of its ceiling, and
- * the tokenizer's throughput. */
+ * the tokenizer's throughput. `caprl bench reward` compares prefix-cached reward scoring with naive full prompts. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,6 +8,7 @@
 
 #include "caprl/bench.h"
 #include "caprl/model.h"
+#include "caprl/reward.h"
 #include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
 #include "caprl/vision.h"
@@ -327,6 +328,221 @@ static void print_table(const caprl_machine_peaks *p, const model_figures *f, in
     }
 }
 
+/* ---- caprl bench reward ------------------------------------------------------------------------------------ */
+
+/* Five four-option questions per image in the CapRL format (with the saved "E) Can not answer" line). */
+static void reward_bench_questions(int32_t image, caprl_qa_item *qa, char **texts) {
+    static const char *const objects[] = {"car", "dog", "kite", "house", "boat", "bicycle", "lamp", "tree"};
+    static const char *const ask_pre[] = {"What color is the ", "Where is the ", "How many people stand next to the ",
+                                          "What is the ", "What is happening to the "};
+    static const char *const ask_post[] = {" in the foreground?", " located?", "?", " made of?", "?"};
+    static const char *const opts[5][6] = {
+        {"Red", "Blue", "Green", "Black", "White", "Yellow"},
+        {"On the left side", "In the center", "On the right side", "Behind the building", "Near the river",
+         "On the roof"},
+        {"One", "Two", "Three", "Four", "Five", "None"},
+        {"Wood", "Metal", "Plastic", "Stone", "Glass", "Paper"},
+        {"It is being repaired", "It is moving quickly", "It is standing still", "It is being painted",
+         "It is covered in snow", "It is lit by a street lamp"}};
+    for (int32_t q = 0; q < 5; q++) {
+        char        ask[128], buf[1024];
+        const char *obj = objects[(image + q) % 8];
+        snprintf(ask, sizeof ask, "%s%s%s", ask_pre[q], obj, ask_post[q]);
+        int32_t shift = (image * 3 + q) % 3;
+        snprintf(buf, sizeof buf,
+                 "%s\n   - A) %s\n   - B) %s\n   - C) %s\n   - D) %s\n   - E) Can not answer based on the caption", ask,
+                 opts[q][shift], opts[q][shift + 1], opts[q][shift + 2], opts[q][shift + 3]);
+        texts[q] = strdup(buf);
+        qa[q].question = texts[q];
+        qa[q].gold = (char)('A' + (image + q) % 4);
+    }
+}
+
+/* n captions of about T tokens each: consecutive windows of English-like text, cut at token boundaries. */
+static caprl_status reward_bench_captions(const caprl_tokenizer *tok, int32_t n, int32_t T, char **caps,
+                                          double *mean_tokens, caprl_error *err) {
+    size_t   bytes = (size_t)n * (size_t)T * 8 + 4096;
+    char    *text = make_english(bytes);
+    size_t   len = strlen(text);
+    int64_t  cap = (int64_t)len, got = 0;
+    int32_t *ids = malloc((size_t)cap * sizeof(int32_t));
+    caprl_status st = caprl_tokenizer_encode(tok, text, len, false, ids, cap, &got, err);
+    double   total = 0;
+    for (int32_t c = 0; c < n && st == CAPRL_OK; c++) {
+        size_t need = 0, out_cap = (size_t)T * 16 + 64;
+        caps[c] = malloc(out_cap);
+        st = caprl_tokenizer_decode(tok, ids + (int64_t)c * T, T, true, caps[c], out_cap, &need, err);
+        int64_t again = 0;
+        if (st == CAPRL_OK) {
+            st = caprl_tokenizer_encode(tok, caps[c], strlen(caps[c]), false, NULL, 0, &again, err);
+        }
+        total += (double)again;
+    }
+    *mean_tokens = n > 0 ? total / n : 0;
+    free(ids);
+    free(text);
+    return st;
+}
+
+typedef struct reward_run {
+    double  seconds;
+    int64_t tokens;
+} reward_run;
+
+static caprl_status reward_bench_run(caprl_reader *r, const caprl_reward_item *items, int32_t n,
+                                     const caprl_reward_params *p, caprl_reward_result *res, reward_run *out,
+                                     caprl_error *err) {
+    int64_t tok0 = caprl_reader_tokens_total(r);
+    double  t0 = tool_now();
+    caprl_status st = caprl_reward_score(r, items, n, p, res, err);
+    out->seconds = tool_now() - t0;
+    out->tokens = caprl_reader_tokens_total(r) - tok0;
+    return st;
+}
+
+static int bench_reward(int argc, char **argv) {
+    static const cmd_info info = {
+        "bench reward",
+        "caprl bench reward [--threads N] [--captions N] [--caption-tokens T] [--n-questions N] [--dtype f32|bf16]"
+        " [--tokenizer FILE] [--json] [--quick]",
+        "The CapRL reward in expected mode with prefix-shared KV caches against a naive pass that runs every\n"
+        "question's whole prompt, on a Qwen2.5-0.5B-shaped reader with random weights and the real Qwen tokenizer.",
+        "Both runs score the same captions (English-like text of about --caption-tokens tokens) against the same\n"
+        "draws of --n-questions questions (five four-option questions per image, shuffled, F appended). Reader\n"
+        "tokens are every token run through the model (the cached run includes its one-time fixed prefix); the\n"
+        "times include tokenization and, for the cached run, creating the KV cache. The largest difference of the\n"
+        "two runs' p(gold) is printed as a check. --quick: a 2-layer reader with the same vocabulary (smoke test)."};
+    int32_t     threads = 0, n_cap = 2, T = 300, nq = 8;
+    bool        json = false, quick = false;
+    const char *dtype_name = "bf16", *tok_path = "../shared/data/qwen-tokenizer/tokenizer.json";
+    opt_spec    specs[] = {
+        {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
+        {"captions", OPT_INT, &n_cap, "captions scored by each run", 1, 4096, "N", 0},
+        {"caption-tokens", OPT_INT, &T, "caption length in tokens", 1, 8192, "T", 0},
+        {"n-questions", OPT_INT, &nq, "questions per caption", 1, 64, "N", 0},
+        {"dtype", OPT_STRING, &dtype_name, "reader weights: f32 or bf16", 0, 0, "T", 0},
+        {"tokenizer", OPT_STRING, &tok_path, "the Qwen tokenizer.json", 0, 0, "FILE", 0},
+        {"json", OPT_FLAG, &json, "print the figures as one JSON object", 0, 0, NULL, 0},
+        {"quick", OPT_FLAG, &quick, "2-layer reader (smoke test)", 0, 0, NULL, 0},
+        {0},
+    };
+    int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
+    if (rc) {
+        return rc < 0 ? EXIT_OK : rc;
+    }
+    int32_t dtype = strcmp(dtype_name, "f32") == 0 ? CAPRL_DTYPE_F32 : strcmp(dtype_name, "bf16") == 0 ? CAPRL_DTYPE_BF16 : -1;
+    if (dtype < 0) {
+        return tool_usage_error(info.name, "--dtype must be f32 or bf16");
+    }
+    caprl_text_config cfg = bench_config(false);
+    if (quick) { /* the real vocabulary: the tokenizer needs it */
+        cfg.hidden_size = 128;
+        cfg.intermediate_size = 256;
+        cfg.n_layers = 2;
+        cfg.n_heads = 4;
+        cfg.head_dim = 32;
+    }
+    caprl_error        err = {0};
+    caprl_model_params mp = caprl_model_default_params();
+    mp.n_threads = threads;
+    caprl_model *m = NULL;
+    fprintf(stderr, "bench reward: building a %s reader with random weights...\n", caprl_dtype_name(dtype));
+    caprl_status st = caprl_model_init_random(&m, &cfg, dtype, 1, 0.02f, &mp, &err);
+    if (st == CAPRL_OK) {
+        st = caprl_model_load_tokenizer(m, tok_path, &err);
+    }
+    caprl_reader *r = NULL;
+    if (st == CAPRL_OK) {
+        caprl_reader_params rp = caprl_reader_default_params();
+        rp.max_captions = n_cap < 16 ? n_cap : 16;
+        rp.max_sequences = rp.max_captions * nq;
+        st = caprl_reader_init(&r, m, &rp, &err);
+    }
+    caprl_qa_item      *qa = calloc((size_t)n_cap * 5, sizeof *qa);
+    char              **qtext = calloc((size_t)n_cap * 5, sizeof *qtext);
+    char              **caps = calloc((size_t)n_cap, sizeof *caps);
+    caprl_qa_image     *imgs = calloc((size_t)n_cap, sizeof *imgs);
+    caprl_reward_item  *items = calloc((size_t)n_cap, sizeof *items);
+    caprl_reward_result *res_c = calloc((size_t)n_cap, sizeof *res_c), *res_n = calloc((size_t)n_cap, sizeof *res_n);
+    double              mean_tokens = 0, max_diff = 0;
+    if (st == CAPRL_OK) {
+        st = reward_bench_captions(caprl_model_tokenizer(m), n_cap, T, caps, &mean_tokens, &err);
+    }
+    for (int32_t i = 0; st == CAPRL_OK && i < n_cap; i++) {
+        reward_bench_questions(i, qa + 5 * i, qtext + 5 * i);
+        imgs[i].id = qtext[5 * i];
+        imgs[i].qa = qa + 5 * i;
+        imgs[i].n_qa = 5;
+        items[i].caption = caps[i];
+        items[i].qa = &imgs[i];
+        items[i].stream_id = (uint64_t)i;
+        items[i].caption_tokens = -1;
+    }
+    caprl_reward_params p = caprl_reward_default_params();
+    p.mode = CAPRL_REWARD_EXPECTED;
+    p.n_questions = nq;
+    reward_run cached = {0}, naive = {0};
+    if (st == CAPRL_OK) {
+        fprintf(stderr, "bench reward: expected mode, prefix-cached, %d captions x %d questions...\n", n_cap, nq);
+        st = reward_bench_run(r, items, n_cap, &p, res_c, &cached, &err);
+    }
+    if (st == CAPRL_OK) {
+        fprintf(stderr, "bench reward: expected mode, naive full prompts...\n");
+        p.prefix_cache = false;
+        st = reward_bench_run(r, items, n_cap, &p, res_n, &naive, &err);
+    }
+    for (int32_t i = 0; st == CAPRL_OK && i < n_cap; i++) {
+        for (int32_t k = 0; k < nq; k++) {
+            double d = fabs((double)res_c[i].questions[k].p_gold - (double)res_n[i].questions[k].p_gold);
+            max_diff = d > max_diff ? d : max_diff;
+        }
+    }
+    int32_t prefix = r ? caprl_reader_prefix_tokens(r) : 0, n_threads = m ? caprl_model_n_threads(m) : 0;
+    for (int32_t i = 0; i < n_cap; i++) {
+        caprl_reward_result_clear(&res_c[i]);
+        caprl_reward_result_clear(&res_n[i]);
+        free(caps[i]);
+        for (int32_t q = 0; q < 5; q++) {
+            free(qtext[5 * i + q]);
+        }
+    }
+    free(qa);
+    free(qtext);
+    free(caps);
+    free(imgs);
+    free(items);
+    free(res_c);
+    free(res_n);
+    caprl_reader_free(r);
+    caprl_model_free(m);
+    if (st != CAPRL_OK) {
+        return tool_fail(info.name, st, err.msg);
+    }
+    double nqs = (double)n_cap * nq;
+    double qps_c = nqs / cached.seconds, qps_n = nqs / naive.seconds;
+    double tok_ratio = (double)naive.tokens / (double)cached.tokens, speed = qps_c / qps_n;
+    if (json) {
+        printf("{\"dtype\": \"%s\", \"threads\": %d, \"captions\": %d, \"caption_tokens\": %.1f, \"n_questions\": %d, "
+               "\"prefix_tokens\": %d, \"cached_tokens\": %lld, \"naive_tokens\": %lld, \"token_ratio\": %.2f, "
+               "\"cached_seconds\": %.3f, \"naive_seconds\": %.3f, \"cached_questions_per_s\": %.3f, "
+               "\"naive_questions_per_s\": %.3f, \"speedup\": %.2f, \"max_p_gold_diff\": %.3g}\n",
+               caprl_dtype_name(dtype), n_threads, n_cap, mean_tokens, nq, prefix,
+               (long long)cached.tokens, (long long)naive.tokens, tok_ratio, cached.seconds, naive.seconds, qps_c,
+               qps_n, speed, max_diff);
+    } else {
+        printf("reward, expected mode: %s reader (Qwen2.5-0.5B shape%s), %d captions of %.0f tokens x %d questions\n",
+               caprl_dtype_name(dtype), quick ? ", --quick: 2 layers" : "", n_cap, mean_tokens, nq);
+        printf("  prefix-cached  %8lld reader tokens (fixed prefix %d, once)  %7.2f s  %7.3f questions/s\n",
+               (long long)cached.tokens, prefix, cached.seconds, qps_c);
+        printf("  naive          %8lld reader tokens                          %7.2f s  %7.3f questions/s\n",
+               (long long)naive.tokens, naive.seconds, qps_n);
+        printf("  ratio          %8.2fx fewer tokens                           %7.2fx more questions/s"
+               "  (max |p_gold diff| %.2g)\n",
+               tok_ratio, speed, max_diff);
+    }
+    return EXIT_OK;
+}
+
 int cmd_bench(int argc, char **argv) {
     static const cmd_info info = {
         "bench", "caprl bench [--threads N] [--json] [--quick] [--dtype f32|bf16|both] [--tokenizer FILE]",
@@ -336,7 +552,9 @@ int cmd_bench(int argc, char **argv) {
         "logits are computed. Decode bound = read bandwidth / (weight bytes + KV bytes read per token).\n"
         "The vision figure encodes one 448x448 and one 1024x768 image (1036x756 after smart_resize) with a\n"
         "Qwen2.5-VL-3B-shaped tower (32 blocks, width 1280, 16 heads, window 112); --no-vision skips it.\n"
-        "--quick uses tiny models (a smoke test, not a measurement)."};
+        "--quick uses tiny models (a smoke test, not a measurement).\n"
+        "caprl bench reward [options]: the CapRL reward with prefix-shared KV caches against naive full-prompt\n"
+        "scoring (caprl bench reward --help)."};
     int32_t     threads = 0, T = 512, steps = 16;
     bool        json = false, quick = false, vision = true;
     const char *dtypes = "both", *tok_path = NULL;
@@ -351,6 +569,9 @@ int cmd_bench(int argc, char **argv) {
         {"vision", OPT_FLAG, &vision, "measure the Qwen2.5-VL-3B-shaped vision tower (a few minutes)", 0, 0, NULL, 0},
         {0},
     };
+    if (argc >= 2 && strcmp(argv[1], "reward") == 0) {
+        return bench_reward(argc - 1, argv + 1);
+    }
     int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
     if (rc) {
         return rc < 0 ? EXIT_OK : rc;

@@ -1,14 +1,9 @@
 /* caprl caption: caption a list of images with a Qwen2.5-VL checkpoint into JSON Lines, resumably. */
-#include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/file.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "caprl/image.h"
@@ -20,278 +15,18 @@
 #include "common.h"
 #include "opts.h"
 
-typedef struct item {
-    char   *image;    /* as written in the list (the resume key) */
-    char   *path;     /* resolved path */
-    json_t *extra;    /* other fields of a JSONL record, or NULL */
-    int64_t index;    /* position in the whole list (RNG stream id) */
-    long    line;     /* line of a list file (0 for a directory), for messages */
-} item;
-
-typedef struct item_list {
-    item   *items;
-    int64_t n, cap;
-} item_list;
-
-static void list_push(item_list *l, const char *image, const char *base_dir, json_t *extra, long line) {
-    if (l->n == l->cap) {
-        l->cap = l->cap ? 2 * l->cap : 256;
-        l->items = realloc(l->items, (size_t)l->cap * sizeof(item));
-    }
-    item *it = &l->items[l->n];
-    it->image = strdup(image);
-    if (image[0] == '/' || !base_dir) {
-        it->path = strdup(image);
-    } else {
-        size_t n = strlen(base_dir) + strlen(image) + 2;
-        it->path = malloc(n);
-        snprintf(it->path, n, "%s/%s", base_dir, image);
-    }
-    it->extra = extra;
-    it->index = l->n;
-    it->line = line;
-    l->n++;
-}
-
-static void list_free(item_list *l) {
-    for (int64_t i = 0; i < l->n; i++) {
-        free(l->items[i].image);
-        free(l->items[i].path);
-        json_decref(l->items[i].extra);
-    }
-    free(l->items);
-}
-
-static bool is_directory(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-static bool has_image_ext(const char *name) {
-    const char *dot = strrchr(name, '.');
-    static const char *exts[] = {".jpg", ".jpeg", ".png", ".webp"};
-    for (size_t i = 0; dot && i < sizeof exts / sizeof exts[0]; i++) {
-        if (strcasecmp(dot, exts[i]) == 0) {
-            return true;
-        }
-    }
-    return false;
-}
-
-static int cmp_str(const void *a, const void *b) {
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static int list_dir(const char *dir, item_list *l) {
-    DIR *d = opendir(dir);
-    if (!d) {
-        fprintf(stderr, "caprl caption: error: %s: cannot open directory: %s\n", dir, strerror(errno));
-        return EXIT_DATA;
-    }
-    char  **names = NULL;
-    size_t  n = 0, cap = 0;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.' || !has_image_ext(e->d_name)) {
-            continue;
-        }
-        json_t *name = json_string(e->d_name);
-        if (!name) { /* the output's key is a JSON string */
-            fprintf(stderr, "caprl caption: warning: %s: skipping a file whose name is not UTF-8\n", dir);
-            continue;
-        }
-        json_decref(name);
-        if (n == cap) {
-            cap = cap ? 2 * cap : 256;
-            names = realloc(names, cap * sizeof *names);
-        }
-        names[n++] = strdup(e->d_name);
-    }
-    closedir(d);
-    if (n) { /* qsort's array must not be NULL, even when empty */
-        qsort(names, n, sizeof *names, cmp_str);
-    }
-    for (size_t i = 0; i < n; i++) {
-        list_push(l, names[i], dir, NULL, 0);
-        free(names[i]);
-    }
-    free(names);
-    return 0;
-}
+typedef tool_image_item item;
 
 /* Fields of the output record; a list record's own copies (e.g. a previous run's output fed back as the list)
  * are dropped so that an error record never carries stale captions. */
-static const char *const k_output_fields[] = {"captions", "tokens", "finish", "error"};
+static const char *const k_output_fields[] = {"captions", "tokens", "finish", "error", NULL};
 
-/* A text file of paths, or JSON Lines with an "image" field; relative paths are relative to the list's folder. */
-static int list_file(const char *path, item_list *l) {
-    char  *data = NULL;
-    size_t len = 0;
-    int    rc = tool_read_file("caption", path, (size_t)1 << 31, &data, &len);
-    if (rc) {
-        return rc;
-    }
-    char *base = strdup(path), *slash = strrchr(base, '/');
-    if (slash) {
-        slash[slash == base ? 1 : 0] = '\0'; /* "/x.txt" lives in "/" */
-    } else {
-        free(base); /* a list in the working directory: its paths are used as written */
-        base = NULL;
-    }
-    size_t start = len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0 ? 3 : 0; /* a BOM some editors write */
-    size_t first = start;
-    while (first < len && (data[first] == ' ' || data[first] == '\n' || data[first] == '\r' || data[first] == '\t')) {
-        first++;
-    }
-    bool jsonl = first < len && data[first] == '{';
-    /* split by hand rather than with strtok: empty lines must still count, or LIST:line would point elsewhere */
-    for (long line_no = 1; start < len && rc == 0; line_no++) {
-        char  *line = data + start;
-        char  *nl = memchr(line, '\n', len - start);
-        size_t n = nl ? (size_t)(nl - line) : len - start;
-        start += n + 1;
-        while (n && (line[n - 1] == '\r' || line[n - 1] == ' ' || line[n - 1] == '\t')) {
-            n--;
-        }
-        line[n] = '\0'; /* the '\n' or the buffer's own terminator */
-        if (n == 0) {
-            continue;
-        }
-        if (!jsonl) {
-            json_t *name = json_stringn(line, n);
-            if (!name || strlen(line) != n) { /* the output's key is a JSON string */
-                fprintf(stderr, "caprl caption: error: %s:%ld: the path is not valid UTF-8 text\n", path, line_no);
-                json_decref(name);
-                rc = EXIT_DATA;
-                break;
-            }
-            json_decref(name);
-            list_push(l, line, base, NULL, line_no);
-            continue;
-        }
-        json_error_t jerr;
-        json_t      *rec = json_loadb(line, n, JSON_REJECT_DUPLICATES, &jerr);
-        json_t      *img = rec ? json_object_get(rec, "image") : NULL;
-        if (!rec || !json_is_object(rec) || !json_is_string(img) || json_string_length(img) == 0 ||
-            strlen(json_string_value(img)) != json_string_length(img)) {
-            fprintf(stderr, "caprl caption: error: %s:%ld: %s\n", path, line_no,
-                    !rec ? jerr.text : "expected a JSON object with a non-empty string field \"image\"");
-            json_decref(rec);
-            rc = EXIT_DATA;
-            break;
-        }
-        json_t *extra = json_deep_copy(rec);
-        json_object_del(extra, "image");
-        for (size_t i = 0; i < sizeof k_output_fields / sizeof k_output_fields[0]; i++) {
-            json_object_del(extra, k_output_fields[i]);
-        }
-        list_push(l, json_string_value(img), base, extra, line_no);
-        json_decref(rec);
-    }
-    free(base);
-    free(data);
-    return rc;
-}
-
-static int cmp_item_image(const void *a, const void *b) {
-    const item *x = *(const item *const *)a, *y = *(const item *const *)b;
-    int         c = strcmp(x->image, y->image);
-    return c ? c : (x->index > y->index) - (x->index < y->index);
-}
-
-/* The output is keyed by "image": a name listed twice would be captioned twice in one run and then skipped twice
- * on resume, so it is refused up front. */
-static int check_duplicates(const char *list, const item_list *l) {
-    if (l->n < 2) {
-        return 0;
-    }
-    const item **sorted = malloc((size_t)l->n * sizeof *sorted);
-    for (int64_t i = 0; i < l->n; i++) {
-        sorted[i] = &l->items[i];
-    }
-    qsort(sorted, (size_t)l->n, sizeof *sorted, cmp_item_image);
-    int rc = 0;
-    for (int64_t i = 1; i < l->n && rc == 0; i++) {
-        if (strcmp(sorted[i - 1]->image, sorted[i]->image) == 0) {
-            fprintf(stderr, "caprl caption: error: %s:%ld: image \"%s\" is listed twice (first on line %ld)\n", list,
-                    sorted[i]->line, sorted[i]->image, sorted[i - 1]->line);
-            rc = EXIT_DATA;
-        }
-    }
-    free(sorted);
-    return rc;
-}
-
-/* ---- resume ------------------------------------------------------------------------------------------------ */
-
-/* Reads the existing output (streamed: it can be gigabytes) and collects the "image" keys already written, sorted.
- * A last line that is incomplete (no newline, or not a caption record) is what a kill during a write leaves: it
- * is cut off through fd, the locked output. Any other bad line means this is not our file: refuse to touch it. */
-static int load_done(const char *out_path, int fd, char ***done, size_t *n_done) {
-    *done = NULL;
-    *n_done = 0;
-    FILE *f = fopen(out_path, "rb");
-    if (!f) {
-        fprintf(stderr, "caprl caption: error: %s: cannot read: %s\n", out_path, strerror(errno));
-        return EXIT_DATA;
-    }
-    char   *line = NULL;
-    size_t  line_cap = 0, cap = 0;
-    ssize_t got;
-    off_t   good_end = 0;
-    long    line_no = 0;
-    int     rc = 0;
-    bool    torn = false;
-    while (rc == 0 && (got = getline(&line, &line_cap, f)) > 0) {
-        line_no++;
-        bool         has_nl = line[got - 1] == '\n';
-        json_error_t jerr;
-        json_t      *rec = json_loadb(line, (size_t)got - (has_nl ? 1 : 0), 0, &jerr);
-        json_t      *img = rec ? json_object_get(rec, "image") : NULL;
-        if (!rec || !json_is_string(img) || !has_nl) {
-            json_decref(rec);
-            /* complete JSON without its newline is torn too: the newline is written with the record */
-            if (!has_nl || getc(f) == EOF) {
-                torn = true;
-                break;
-            }
-            fprintf(stderr, "caprl caption: error: %s:%ld: not a caption record; refusing to append to it\n", out_path,
-                    line_no);
-            rc = EXIT_DATA;
-            break;
-        }
-        if (*n_done == cap) {
-            cap = cap ? 2 * cap : 256;
-            *done = realloc(*done, cap * sizeof(char *));
-        }
-        (*done)[(*n_done)++] = strdup(json_string_value(img));
-        json_decref(rec);
-        good_end += (off_t)got;
-    }
-    if (rc == 0 && ferror(f)) {
-        fprintf(stderr, "caprl caption: error: %s: read failed: %s\n", out_path, strerror(errno));
-        rc = EXIT_DATA;
-    }
-    free(line);
-    fclose(f);
-    if (rc == 0 && torn) {
-        struct stat st;
-        long long   size = fstat(fd, &st) == 0 ? (long long)st.st_size : -1;
-        fprintf(stderr, "caprl caption: %s: removing a torn last record (%lld bytes) left by an interrupted run\n",
-                out_path, size - (long long)good_end);
-        if (ftruncate(fd, good_end) != 0) {
-            fprintf(stderr, "caprl caption: error: %s: cannot truncate: %s\n", out_path, strerror(errno));
-            rc = EXIT_DATA;
-        }
-    }
-    if (*n_done) {
-        qsort(*done, *n_done, sizeof(char *), cmp_str);
-    }
-    return rc;
-}
-
-static bool is_done(char **done, size_t n_done, const char *image) {
-    return n_done && bsearch(&image, done, n_done, sizeof(char *), cmp_str) != NULL;
+/* Resume: the images already in the output. */
+static int collect_done(json_t *rec, const char *path, long line, void *ud) {
+    (void)path;
+    (void)line;
+    tool_keyset_add(ud, json_string_value(json_object_get(rec, "image")));
+    return 0;
 }
 
 /* ---- generation and output --------------------------------------------------------------------------------- */
@@ -313,22 +48,7 @@ static bool collect_token(int32_t prompt, int32_t sample, int32_t token, void *u
 }
 
 static int write_record(FILE *out, json_t *rec) {
-    char *line = json_dumps(rec, JSON_COMPACT);
-    json_decref(rec);
-    if (!line) {
-        fprintf(stderr, "caprl caption: error: cannot encode a record\n");
-        return EXIT_DATA;
-    }
-    /* one write per record, then flush + fsync: a kill leaves at most one torn line, repaired on resume */
-    size_t n = strlen(line);
-    line[n] = '\n';
-    bool ok = fwrite(line, 1, n + 1, out) == n + 1 && fflush(out) == 0 && fsync(fileno(out)) == 0;
-    free(line);
-    if (!ok) {
-        fprintf(stderr, "caprl caption: error: write failed: %s\n", strerror(errno));
-        return EXIT_DATA;
-    }
-    return 0;
+    return tool_jsonl_write("caption", out, rec);
 }
 
 static json_t *base_record(const item *it) {
@@ -351,41 +71,6 @@ static json_t *error_record(const item *it, const char *msg) {
     return rec;
 }
 
-typedef struct progress {
-    int64_t total, done, failed;
-    int64_t printed; /* p->done at the last plain line, -1 before the first */
-    double  t0, last_print;
-    bool    tty;
-} progress;
-
-/* A bar redrawn in place on a terminal; otherwise (a log file) the first batch, then a plain line every 10 s and
- * the total at the end, never the same line twice. */
-static void show_progress(progress *p, bool final) {
-    double now = tool_now(), el = now - p->t0;
-    if (!p->tty && (final ? p->printed == p->done : p->printed >= 0 && now - p->last_print < 10.0)) {
-        return;
-    }
-    p->last_print = now;
-    p->printed = p->done;
-    double rate = el > 0 ? (double)p->done / el : 0;
-    double eta = rate > 0 ? (double)(p->total - p->done) / rate : 0;
-    if (p->tty) {
-        int  width = 30, fill = p->total ? (int)(width * p->done / p->total) : width;
-        char bar[32];
-        for (int i = 0; i < width; i++) {
-            bar[i] = i < fill ? '#' : '.';
-        }
-        bar[width] = '\0';
-        /* \033[K clears what a longer previous line left behind */
-        fprintf(stderr, "\r[%s] %lld/%lld images  %.2f img/s  ETA %dm%02ds  (%lld failed)\033[K%s", bar,
-                (long long)p->done, (long long)p->total, rate, (int)(eta / 60), (int)eta % 60, (long long)p->failed,
-                final ? "\n" : "");
-    } else {
-        fprintf(stderr, "caprl caption: %lld/%lld images, %.2f img/s, ETA %.0f s, %lld failed\n", (long long)p->done,
-                (long long)p->total, rate, eta, (long long)p->failed);
-    }
-}
-
 static const char *finish_str(int32_t f) {
     return f == CAPRL_FINISH_EOS ? "eos" : f == CAPRL_FINISH_LENGTH ? "length" : "aborted";
 }
@@ -400,7 +85,7 @@ typedef struct run_ctx {
     const char              *system;
     caprl_context           *ctx;
     FILE                    *out;
-    progress                 prog;
+    tool_progress            prog;
     char                    *text;
     size_t                   text_cap;
 } run_ctx;
@@ -565,13 +250,8 @@ int cmd_caption(int argc, char **argv) {
         return tool_usage_error(info.name, "--model, --images and --out are required");
     }
     long shard_i = 0, shard_k = 1;
-    if (shard) {
-        char *end = NULL;
-        shard_i = strtol(shard, &end, 10);
-        if (end == shard || *end != '/' || (shard_k = strtol(end + 1, &end, 10)) < 1 || *end || shard_i < 0 ||
-            shard_i >= shard_k) {
-            return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
-        }
+    if (shard && !tool_parse_shard(shard, &shard_i, &shard_k)) {
+        return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
     }
     run_ctx r;
     memset(&r, 0, sizeof r);
@@ -587,28 +267,18 @@ int cmd_caption(int argc, char **argv) {
     /* --alpha picks the whole pipeline, as in caprl preprocess: white is qwen-vl-utils + the processor (B), drop
      * is the Hugging Face processor alone (A) */
     const int32_t resize_variant = r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
-    item_list items = {0};
-    rc = is_directory(list) ? list_dir(list, &items) : list_file(list, &items);
-    if (rc == 0) {
-        rc = check_duplicates(list, &items);
-    }
+    tool_image_list items = {0};
+    rc = tool_image_list_load(info.name, list, k_output_fields, &items);
     /* The output is opened (created) and locked before it is read: a second process on the same file would
      * caption the same images again, and its truncation of a "torn" line could cut the first one's record. */
     int out_fd = -1;
     if (rc == 0) {
-        out_fd = open(out_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-        if (out_fd < 0) {
-            fprintf(stderr, "caprl caption: error: %s: cannot open for appending: %s\n", out_path, strerror(errno));
-            rc = EXIT_DATA;
-        } else if (flock(out_fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
-            fprintf(stderr, "caprl caption: error: %s: another caprl caption is writing to it\n", out_path);
-            rc = EXIT_DATA;
-        }
+        rc = tool_jsonl_open_locked(info.name, out_path, &out_fd);
     }
-    char **done = NULL;
-    size_t n_done = 0;
+    tool_keyset done = {0};
     if (rc == 0) {
-        rc = load_done(out_path, out_fd, &done, &n_done);
+        rc = tool_jsonl_scan(info.name, out_path, out_fd, "image", JSON_STRING, "caption record", collect_done,
+                             &done);
     }
     /* this shard's pending images */
     item  **todo = NULL;
@@ -621,7 +291,7 @@ int cmd_caption(int argc, char **argv) {
             continue;
         }
         n_shard++;
-        if (!is_done(done, n_done, items.items[i].image)) {
+        if (!tool_keyset_has(&done, items.items[i].image)) {
             todo[n_todo++] = &items.items[i];
         }
     }
@@ -672,10 +342,7 @@ int cmd_caption(int argc, char **argv) {
         r.gp.sampling.top_k = top_k;
         r.gp.sampling.repetition_penalty = rep;
         r.gp.sampling.seed = (uint64_t)seed;
-        r.prog.total = n_todo;
-        r.prog.printed = -1;
-        r.prog.t0 = tool_now();
-        r.prog.tty = isatty(fileno(stderr));
+        tool_progress_start(&r.prog, info.name, "images", "img/s", n_todo);
         caprl_image *imgs = calloc((size_t)batch, sizeof *imgs);
         item       **its = calloc((size_t)batch, sizeof *its);
         for (int64_t next = 0; next < n_todo && rc == 0;) {
@@ -707,9 +374,9 @@ int cmd_caption(int argc, char **argv) {
             for (int32_t i = 0; i < count; i++) {
                 caprl_image_free(&imgs[i]);
             }
-            show_progress(&r.prog, false);
+            tool_progress_show(&r.prog, false);
         }
-        show_progress(&r.prog, true);
+        tool_progress_show(&r.prog, true);
         free(imgs);
         free(its);
     }
@@ -724,11 +391,8 @@ int cmd_caption(int argc, char **argv) {
     caprl_vision_free(r.vision);
     caprl_model_free(r.model);
     free(r.text);
-    for (size_t i = 0; i < n_done; i++) {
-        free(done[i]);
-    }
-    free(done);
+    tool_keyset_free(&done);
     free(todo);
-    list_free(&items);
+    tool_image_list_free(&items);
     return rc;
 }

@@ -1,9 +1,13 @@
 /* Helpers shared by the subcommands (see common.h). */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -121,6 +125,68 @@ double tool_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+double tool_typed_float(float x) {
+    char buf[32];
+    snprintf(buf, sizeof buf, "%.7g", (double)x);
+    return strtod(buf, NULL);
+}
+
+char *tool_folder_of(const char *path) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        return realpath(path, NULL);
+    }
+    char       *copy = strdup(path);
+    char       *slash = strrchr(copy, '/');
+    const char *dir = ".";
+    if (slash) {
+        slash[slash == copy ? 1 : 0] = '\0'; /* "/x" lives in "/" */
+        dir = copy;
+    }
+    char *res = realpath(dir, NULL);
+    free(copy);
+    return res;
+}
+
+char *tool_absolute(const char *path) {
+    char *res = realpath(path, NULL);
+    if (res || path[0] == '/') {
+        return res ? res : strdup(path);
+    }
+    char cwd[4096];
+    if (!getcwd(cwd, sizeof cwd)) {
+        return strdup(path);
+    }
+    size_t n = strlen(cwd) + strlen(path) + 2;
+    res = malloc(n);
+    snprintf(res, n, "%s/%s", cwd, path);
+    return res;
+}
+
+int tool_mkdir_p(const char *cmd, const char *dir) {
+    char  *p = strdup(dir);
+    size_t n = strlen(p);
+    int    rc = 0;
+    for (size_t i = 1; i <= n && rc == 0; i++) {
+        if (p[i] != '/' && p[i] != '\0') {
+            continue;
+        }
+        char c = p[i];
+        p[i] = '\0';
+        struct stat st;
+        if (mkdir(p, 0755) != 0 && errno != EEXIST) {
+            fprintf(stderr, "caprl %s: error: %s: cannot create directory: %s\n", cmd, p, strerror(errno));
+            rc = EXIT_DATA;
+        } else if (stat(p, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            fprintf(stderr, "caprl %s: error: %s: not a directory\n", cmd, p);
+            rc = EXIT_DATA;
+        }
+        p[i] = c;
+    }
+    free(p);
+    return rc;
+}
+
 caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
                                 caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp, caprl_error *err) {
     caprl_image_decode_params dp = caprl_image_decode_default_params();
@@ -165,4 +231,377 @@ caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt
     va_end(ap);
     err->code = code;
     return code;
+}
+
+/* ---- image lists ------------------------------------------------------------------------------------------- */
+
+static void list_push(tool_image_list *l, const char *image, const char *base_dir, json_t *extra, long line) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 256;
+        l->items = realloc(l->items, (size_t)l->cap * sizeof(tool_image_item));
+    }
+    tool_image_item *it = &l->items[l->n];
+    it->image = strdup(image);
+    if (image[0] == '/' || !base_dir) {
+        it->path = strdup(image);
+    } else {
+        size_t n = strlen(base_dir) + strlen(image) + 2;
+        it->path = malloc(n);
+        snprintf(it->path, n, "%s/%s", base_dir, image);
+    }
+    it->extra = extra;
+    it->index = l->n;
+    it->line = line;
+    l->n++;
+}
+
+void tool_image_list_free(tool_image_list *l) {
+    for (int64_t i = 0; i < l->n; i++) {
+        free(l->items[i].image);
+        free(l->items[i].path);
+        json_decref(l->items[i].extra);
+    }
+    free(l->items);
+    memset(l, 0, sizeof *l);
+}
+
+static bool is_directory(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static bool has_image_ext(const char *name) {
+    const char *dot = strrchr(name, '.');
+    static const char *exts[] = {".jpg", ".jpeg", ".png", ".webp"};
+    for (size_t i = 0; dot && i < sizeof exts / sizeof exts[0]; i++) {
+        if (strcasecmp(dot, exts[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int list_dir(const char *cmd, const char *dir, tool_image_list *l) {
+    DIR *d = opendir(dir);
+    if (!d) {
+        fprintf(stderr, "caprl %s: error: %s: cannot open directory: %s\n", cmd, dir, strerror(errno));
+        return EXIT_DATA;
+    }
+    char         **names = NULL;
+    size_t         n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.' || !has_image_ext(e->d_name)) {
+            continue;
+        }
+        json_t *name = json_string(e->d_name);
+        if (!name) { /* the output's key is a JSON string */
+            fprintf(stderr, "caprl %s: warning: %s: skipping a file whose name is not UTF-8\n", cmd, dir);
+            continue;
+        }
+        json_decref(name);
+        if (n == cap) {
+            cap = cap ? 2 * cap : 256;
+            names = realloc(names, cap * sizeof *names);
+        }
+        names[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    if (n) { /* qsort's array must not be NULL, even when empty */
+        qsort(names, n, sizeof *names, cmp_str);
+    }
+    for (size_t i = 0; i < n; i++) {
+        list_push(l, names[i], dir, NULL, 0);
+        free(names[i]);
+    }
+    free(names);
+    return 0;
+}
+
+/* A text file of paths, or JSON Lines with an "image" field; relative paths are relative to the list's folder. */
+static int list_file(const char *cmd, const char *path, const char *const *drop_fields, tool_image_list *l) {
+    char  *data = NULL;
+    size_t len = 0;
+    int    rc = tool_read_file(cmd, path, (size_t)1 << 31, &data, &len);
+    if (rc) {
+        return rc;
+    }
+    char *base = strdup(path), *slash = strrchr(base, '/');
+    if (slash) {
+        slash[slash == base ? 1 : 0] = '\0'; /* "/x.txt" lives in "/" */
+    } else {
+        free(base); /* a list in the working directory: its paths are used as written */
+        base = NULL;
+    }
+    size_t start = len >= 3 && memcmp(data, "\xEF\xBB\xBF", 3) == 0 ? 3 : 0; /* a BOM some editors write */
+    size_t first = start;
+    while (first < len && (data[first] == ' ' || data[first] == '\n' || data[first] == '\r' || data[first] == '\t')) {
+        first++;
+    }
+    bool jsonl = first < len && data[first] == '{';
+    /* split by hand rather than with strtok: empty lines must still count, or LIST:line would point elsewhere */
+    for (long line_no = 1; start < len && rc == 0; line_no++) {
+        char  *line = data + start;
+        char  *nl = memchr(line, '\n', len - start);
+        size_t n = nl ? (size_t)(nl - line) : len - start;
+        start += n + 1;
+        while (n && (line[n - 1] == '\r' || line[n - 1] == ' ' || line[n - 1] == '\t')) {
+            n--;
+        }
+        line[n] = '\0'; /* the '\n' or the buffer's own terminator */
+        if (n == 0) {
+            continue;
+        }
+        if (!jsonl) {
+            json_t *name = json_stringn(line, n);
+            if (!name || strlen(line) != n) { /* the output's key is a JSON string */
+                fprintf(stderr, "caprl %s: error: %s:%ld: the path is not valid UTF-8 text\n", cmd, path, line_no);
+                json_decref(name);
+                rc = EXIT_DATA;
+                break;
+            }
+            json_decref(name);
+            list_push(l, line, base, NULL, line_no);
+            continue;
+        }
+        json_error_t jerr;
+        json_t      *rec = json_loadb(line, n, JSON_REJECT_DUPLICATES, &jerr);
+        json_t      *img = rec ? json_object_get(rec, "image") : NULL;
+        if (!rec || !json_is_object(rec) || !json_is_string(img) || json_string_length(img) == 0 ||
+            strlen(json_string_value(img)) != json_string_length(img)) {
+            fprintf(stderr, "caprl %s: error: %s:%ld: %s\n", cmd, path, line_no,
+                    !rec ? jerr.text : "expected a JSON object with a non-empty string field \"image\"");
+            json_decref(rec);
+            rc = EXIT_DATA;
+            break;
+        }
+        json_t *extra = json_deep_copy(rec);
+        json_object_del(extra, "image");
+        for (size_t i = 0; drop_fields && drop_fields[i]; i++) {
+            json_object_del(extra, drop_fields[i]);
+        }
+        list_push(l, json_string_value(img), base, extra, line_no);
+        json_decref(rec);
+    }
+    free(base);
+    free(data);
+    return rc;
+}
+
+static int cmp_item_image(const void *a, const void *b) {
+    const tool_image_item *x = *(const tool_image_item *const *)a, *y = *(const tool_image_item *const *)b;
+    int                    c = strcmp(x->image, y->image);
+    return c ? c : (x->index > y->index) - (x->index < y->index);
+}
+
+/* Outputs are keyed by "image": a name listed twice would be processed twice in one run and then skipped twice on
+ * resume, so it is refused up front. */
+static int check_duplicates(const char *cmd, const char *list, const tool_image_list *l) {
+    if (l->n < 2) {
+        return 0;
+    }
+    const tool_image_item **sorted = malloc((size_t)l->n * sizeof *sorted);
+    for (int64_t i = 0; i < l->n; i++) {
+        sorted[i] = &l->items[i];
+    }
+    qsort(sorted, (size_t)l->n, sizeof *sorted, cmp_item_image);
+    int rc = 0;
+    for (int64_t i = 1; i < l->n && rc == 0; i++) {
+        if (strcmp(sorted[i - 1]->image, sorted[i]->image) == 0) {
+            fprintf(stderr, "caprl %s: error: %s:%ld: image \"%s\" is listed twice (first on line %ld)\n", cmd, list,
+                    sorted[i]->line, sorted[i]->image, sorted[i - 1]->line);
+            rc = EXIT_DATA;
+        }
+    }
+    free(sorted);
+    return rc;
+}
+
+int tool_image_list_load(const char *cmd, const char *list, const char *const *drop_fields, tool_image_list *out) {
+    memset(out, 0, sizeof *out);
+    int rc = is_directory(list) ? list_dir(cmd, list, out) : list_file(cmd, list, drop_fields, out);
+    if (rc == 0) {
+        rc = check_duplicates(cmd, list, out);
+    }
+    if (rc) {
+        tool_image_list_free(out);
+    }
+    return rc;
+}
+
+bool tool_parse_shard(const char *text, long *i, long *k) {
+    char *end = NULL;
+    errno = 0;
+    *i = strtol(text, &end, 10);
+    if (end == text || *end != '/' || errno) {
+        return false;
+    }
+    const char *kt = end + 1;
+    *k = strtol(kt, &end, 10);
+    return end != kt && !*end && !errno && *k >= 1 && *i >= 0 && *i < *k;
+}
+
+/* ---- resumable JSON Lines outputs --------------------------------------------------------------------------- */
+
+int tool_jsonl_open_locked(const char *cmd, const char *path, int *fd) {
+    *fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (*fd < 0) {
+        fprintf(stderr, "caprl %s: error: %s: cannot open for appending: %s\n", cmd, path, strerror(errno));
+        return EXIT_DATA;
+    }
+    if (flock(*fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+        fprintf(stderr, "caprl %s: error: %s: another caprl %s is writing to it\n", cmd, path, cmd);
+        close(*fd);
+        *fd = -1;
+        return EXIT_DATA;
+    }
+    return 0;
+}
+
+int tool_jsonl_scan(const char *cmd, const char *path, int fd, const char *key, int key_type, const char *what,
+                    tool_record_fn fn, void *user_data) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        if (fd < 0 && errno == ENOENT) {
+            return 0;
+        }
+        fprintf(stderr, "caprl %s: error: %s: cannot read: %s\n", cmd, path, strerror(errno));
+        return EXIT_DATA;
+    }
+    char   *line = NULL;
+    size_t  line_cap = 0;
+    ssize_t got;
+    off_t   good_end = 0;
+    long    line_no = 0;
+    int     rc = 0;
+    bool    torn = false;
+    while (rc == 0 && (got = getline(&line, &line_cap, f)) > 0) {
+        line_no++;
+        bool         has_nl = line[got - 1] == '\n';
+        json_error_t jerr;
+        json_t      *rec = json_loadb(line, (size_t)got - (has_nl ? 1 : 0), 0, &jerr);
+        json_t      *k = rec ? json_object_get(rec, key) : NULL;
+        if (!rec || !k || (int)json_typeof(k) != key_type || !has_nl) {
+            json_decref(rec);
+            /* complete JSON without its newline is torn too: the newline is written with the record */
+            if (!has_nl || getc(f) == EOF) {
+                torn = true;
+                break;
+            }
+            fprintf(stderr, "caprl %s: error: %s:%ld: not a %s; refusing to append to it\n", cmd, path, line_no,
+                    what);
+            rc = EXIT_DATA;
+            break;
+        }
+        rc = fn ? fn(rec, path, line_no, user_data) : 0;
+        json_decref(rec);
+        good_end += (off_t)got;
+    }
+    if (rc == 0 && ferror(f)) {
+        fprintf(stderr, "caprl %s: error: %s: read failed: %s\n", cmd, path, strerror(errno));
+        rc = EXIT_DATA;
+    }
+    free(line);
+    fclose(f);
+    if (rc == 0 && torn && fd >= 0) {
+        struct stat st;
+        long long   size = fstat(fd, &st) == 0 ? (long long)st.st_size : -1;
+        fprintf(stderr, "caprl %s: %s: removing a torn last record (%lld bytes) left by an interrupted run\n", cmd,
+                path, size - (long long)good_end);
+        if (ftruncate(fd, good_end) != 0) {
+            fprintf(stderr, "caprl %s: error: %s: cannot truncate: %s\n", cmd, path, strerror(errno));
+            rc = EXIT_DATA;
+        }
+    }
+    return rc;
+}
+
+int tool_jsonl_write(const char *cmd, FILE *out, json_t *rec) {
+    char *line = json_dumps(rec, JSON_COMPACT);
+    json_decref(rec);
+    if (!line) {
+        fprintf(stderr, "caprl %s: error: cannot encode a record\n", cmd);
+        return EXIT_DATA;
+    }
+    /* one write per record, then flush + fsync: a kill leaves at most one torn line, repaired on resume */
+    size_t n = strlen(line);
+    line[n] = '\n';
+    bool ok = fwrite(line, 1, n + 1, out) == n + 1 && fflush(out) == 0 && fsync(fileno(out)) == 0;
+    free(line);
+    if (!ok) {
+        fprintf(stderr, "caprl %s: error: write failed: %s\n", cmd, strerror(errno));
+        return EXIT_DATA;
+    }
+    return 0;
+}
+
+void tool_keyset_add(tool_keyset *s, const char *key) {
+    if (s->n == s->cap) {
+        s->cap = s->cap ? 2 * s->cap : 256;
+        s->keys = realloc(s->keys, s->cap * sizeof(char *));
+    }
+    s->keys[s->n++] = strdup(key);
+    s->sorted = false;
+}
+
+bool tool_keyset_has(tool_keyset *s, const char *key) {
+    if (s->n == 0) {
+        return false;
+    }
+    if (!s->sorted) {
+        qsort(s->keys, s->n, sizeof(char *), cmp_str);
+        s->sorted = true;
+    }
+    return bsearch(&key, s->keys, s->n, sizeof(char *), cmp_str) != NULL;
+}
+
+void tool_keyset_free(tool_keyset *s) {
+    for (size_t i = 0; i < s->n; i++) {
+        free(s->keys[i]);
+    }
+    free(s->keys);
+    memset(s, 0, sizeof *s);
+}
+
+/* ---- progress ----------------------------------------------------------------------------------------------- */
+
+void tool_progress_start(tool_progress *p, const char *cmd, const char *unit, const char *rate_unit, int64_t total) {
+    memset(p, 0, sizeof *p);
+    p->cmd = cmd;
+    p->unit = unit;
+    p->rate_unit = rate_unit;
+    p->total = total;
+    p->printed = -1;
+    p->t0 = tool_now();
+    p->tty = isatty(fileno(stderr));
+}
+
+void tool_progress_show(tool_progress *p, bool final) {
+    double now = tool_now(), el = now - p->t0;
+    if (!p->tty && (final ? p->printed == p->done : p->printed >= 0 && now - p->last_print < 10.0)) {
+        return;
+    }
+    p->last_print = now;
+    p->printed = p->done;
+    double rate = el > 0 ? (double)p->done / el : 0;
+    double eta = rate > 0 ? (double)(p->total - p->done) / rate : 0;
+    if (p->tty) {
+        int  width = 30, fill = p->total ? (int)(width * p->done / p->total) : width;
+        char bar[32];
+        for (int i = 0; i < width; i++) {
+            bar[i] = i < fill ? '#' : '.';
+        }
+        bar[width] = '\0';
+        /* \033[K clears what a longer previous line left behind */
+        fprintf(stderr, "\r[%s] %lld/%lld %s  %.2f %s  ETA %dm%02ds  (%lld failed)\033[K%s", bar, (long long)p->done,
+                (long long)p->total, p->unit, rate, p->rate_unit, (int)(eta / 60), (int)eta % 60,
+                (long long)p->failed, final ? "\n" : "");
+    } else {
+        fprintf(stderr, "caprl %s: %lld/%lld %s, %.2f %s, ETA %.0f s, %lld failed\n", p->cmd, (long long)p->done,
+                (long long)p->total, p->unit, rate, p->rate_unit, eta, (long long)p->failed);
+    }
 }

@@ -6,6 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+#include <stdio.h>
+
 #include "caprl/image.h"
 #include "caprl/model.h"
 #include "caprl/vision.h"
@@ -36,7 +39,92 @@ caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt
 /* Monotonic seconds. */
 double tool_now(void);
 
+/* The decimal a float option was typed as (0.7f -> 0.7), for thresholds compared against exact fractions and for
+ * settings written as JSON. */
+double tool_typed_float(float x);
+
+/* The folder, resolved (realpath; malloc'd), against which the relative paths written in `path` are resolved: path
+ * itself when it is a directory, else the folder holding it. NULL if it cannot be resolved. */
+char *tool_folder_of(const char *path);
+
+/* path made absolute: realpath when it exists, else joined to the working directory. malloc'd. */
+char *tool_absolute(const char *path);
+
+/* mkdir -p. Returns 0 or prints "caprl <cmd>: error: ..." and returns an exit code. */
+int tool_mkdir_p(const char *cmd, const char *dir);
+
 /* The standard --threads option help. */
 #define THREADS_HELP "threads for compute (0 = all cores)"
+
+/* ---- image lists, resumable JSON Lines outputs, progress (caption, qa generate, eval prism) ------------------ */
+
+typedef struct tool_image_item {
+    char   *image; /* as written in the list (the resume key) */
+    char   *path;  /* resolved path */
+    json_t *extra; /* other fields of a JSONL record, or NULL */
+    int64_t index; /* position in the whole list (RNG stream id) */
+    long    line;  /* line of a list file (0 for a directory), for messages */
+} tool_image_item;
+
+typedef struct tool_image_list {
+    tool_image_item *items;
+    int64_t          n, cap;
+} tool_image_list;
+
+/* Loads LIST: a directory (its .jpg/.jpeg/.png/.webp files, sorted by name), a text file of paths, or JSON Lines
+ * with a string field "image" (its other fields, minus the NULL-terminated drop_fields, kept in extra); relative
+ * paths are relative to the list's folder. An image listed twice is refused (outputs are keyed by it). Prints
+ * "caprl <cmd>: error: LIST:line: ..." and returns an exit code, or 0. */
+int  tool_image_list_load(const char *cmd, const char *list, const char *const *drop_fields, tool_image_list *out);
+void tool_image_list_free(tool_image_list *l);
+
+/* "i/k" with 0 <= i < k. Returns false when text is malformed. */
+bool tool_parse_shard(const char *text, long *i, long *k);
+
+/* Opens (creates) path for appending and takes an exclusive non-blocking lock on it, so that a second process
+ * appending to the same output is refused ("another caprl <cmd> is writing to it"). Sets *fd or returns an exit
+ * code after printing. */
+int tool_jsonl_open_locked(const char *cmd, const char *path, int *fd);
+
+/* Called by tool_jsonl_scan for each complete record (borrowed; json_incref to keep it). Returns 0 to go on or an
+ * exit code to stop the scan with. */
+typedef int (*tool_record_fn)(json_t *rec, const char *path, long line, void *user_data);
+
+/* Streams a resumable JSON Lines output: every line must be a JSON object whose field `key` has the JSON type
+ * key_type (JSON_STRING or JSON_INTEGER), ending in a newline. A last line that is incomplete (no newline, or not
+ * such a record) is what a kill during a write leaves: with fd >= 0 (the locked output, from
+ * tool_jsonl_open_locked) it is cut off, with a note; with fd < 0 (another process's file, read only) it is
+ * ignored. Any other bad line means this is not our file: "refusing to append to it" (what names the record kind,
+ * e.g. "caption record"). A missing file with fd < 0 is an empty scan. Returns 0 or an exit code. */
+int tool_jsonl_scan(const char *cmd, const char *path, int fd, const char *key, int key_type, const char *what,
+                    tool_record_fn fn, void *user_data);
+
+/* Appends rec (stolen) as one line with one write, then flush + fsync: a kill leaves at most one torn line, which
+ * tool_jsonl_scan repairs. Returns 0 or an exit code after printing. */
+int tool_jsonl_write(const char *cmd, FILE *out, json_t *rec);
+
+/* A sorted set of strings (resume keys). */
+typedef struct tool_keyset {
+    char **keys;
+    size_t n, cap;
+    bool   sorted;
+} tool_keyset;
+
+void tool_keyset_add(tool_keyset *s, const char *key); /* copies key */
+bool tool_keyset_has(tool_keyset *s, const char *key); /* sorts on first use after adds */
+void tool_keyset_free(tool_keyset *s);
+
+/* Progress on stderr: a bar redrawn in place on a terminal; otherwise (a log file) the first update, then a plain
+ * line "caprl <cmd>: done/total <unit>, <rate> <rate_unit>, ETA ..." every 10 s and the total at the end. */
+typedef struct tool_progress {
+    const char *cmd, *unit, *rate_unit;
+    int64_t     total, done, failed;
+    int64_t     printed; /* done at the last plain line, -1 before the first */
+    double      t0, last_print;
+    bool        tty;
+} tool_progress;
+
+void tool_progress_start(tool_progress *p, const char *cmd, const char *unit, const char *rate_unit, int64_t total);
+void tool_progress_show(tool_progress *p, bool final);
 
 #endif /* CAPRL_TOOL_COMMON_H */

@@ -1,6 +1,7 @@
 /* caprl forward: run a prompt through the model and dump the logits of every position (a parity tool). With
  * --image, the prompt of a Qwen2.5-VL checkpoint gets the image's features spliced at its <|image_pad|> tokens and
- * M-RoPE positions, as the Hugging Face model computes its prefill. */
+ * M-RoPE positions, as the Hugging Face model computes its prefill. --dump-grads runs the trainer instead and
+ * writes the gradient of the next-token loss with respect to every parameter (a gradient parity tool). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,7 +9,10 @@
 
 #include "caprl/image.h"
 #include "caprl/model.h"
+#include "caprl/safetensors.h"
+#include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
+#include "caprl/train.h"
 #include "caprl/vision.h"
 #include "caprl/vlm.h"
 #include "commands.h"
@@ -105,20 +109,131 @@ static caprl_status forward_dump(caprl_model *model, const int32_t *ids, int64_t
     return st;
 }
 
+/* Streams the logits into a temporary file next to path, renamed into place only when complete. */
+static caprl_status logits_file(caprl_model *model, const int32_t *ids, int64_t T, const vl_inputs *vi,
+                                const char *path, caprl_error *err) {
+    size_t tmp_cap = strlen(path) + 32;
+    char  *tmp = malloc(tmp_cap);
+    snprintf(tmp, tmp_cap, "%s.tmp.%ld", path, (long)getpid());
+    FILE        *out = fopen(tmp, "wb");
+    caprl_status st = out ? forward_dump(model, ids, T, vi, out, tmp, err)
+                          : tool_set_error(err, CAPRL_ERR_IO, "%s: cannot create", tmp);
+    if (out) {
+        bool ok = fflush(out) == 0 && fsync(fileno(out)) == 0;
+        ok = fclose(out) == 0 && ok;
+        if (st == CAPRL_OK && (!ok || rename(tmp, path) != 0)) {
+            st = tool_set_error(err, CAPRL_ERR_IO, "%s: cannot write", path);
+        }
+        if (st != CAPRL_OK) {
+            unlink(tmp);
+        }
+    }
+    free(tmp);
+    return st;
+}
+
+/* The tower and the processed image of a VL gradient run. */
+typedef struct vl_pixels {
+    caprl_vision *vision;
+    float        *pixels;  /* (n_patches, patch_dim) */
+    int64_t       n_patches;
+    int32_t       grid[3];
+} vl_pixels;
+
+static caprl_status vl_load_pixels(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
+                                   vl_pixels *vp, caprl_error *err) {
+    caprl_image             img;
+    caprl_preprocess_config pp;
+    caprl_status st = tool_load_vl_image(model_dir, image_path, alpha, threads, &img, &vp->vision, &pp, err);
+    if (st == CAPRL_OK) {
+        st = caprl_image_preprocess(&img, &pp, &vp->pixels, &vp->n_patches, vp->grid, err);
+        caprl_image_free(&img);
+    }
+    return st;
+}
+
+/* L = mean over t in [loss_from, T) of -log p(tokens[t] | tokens before t): position t - 1 scores tokens[t]. One
+ * forward and backward through the trainer (and the tower, with vp); the gradients go to path as f32 safetensors
+ * under the checkpoint's tensor names. */
+static caprl_status grads_dump(caprl_model *model, const vl_pixels *vp, const int32_t *tokens, int64_t T,
+                               const int32_t *mrope_pos, int32_t loss_from, const char *path, double *loss,
+                               int32_t *n_tensors, caprl_error *err) {
+    if (loss_from < 1 || loss_from >= T) {
+        return tool_set_error(err, CAPRL_ERR_INVALID_ARG,
+                              "--loss-from %d: must be 1..T-1 to score at least one token (T = %lld)", loss_from,
+                              (long long)T);
+    }
+    caprl_trainer_params tp = caprl_trainer_default_params();
+    tp.max_tokens = (int32_t)T;
+    tp.max_seqs = 1;
+    tp.max_patches = vp ? vp->n_patches : 0;
+    tp.logits_chunk = 16;
+    caprl_trainer *tr = NULL;
+    caprl_status   st = caprl_trainer_init(&tr, model, vp ? vp->vision : NULL, &tp, err);
+    if (st != CAPRL_OK) {
+        return st;
+    }
+    int32_t *target = malloc((size_t)T * sizeof(int32_t));
+    float   *logp = malloc((size_t)T * sizeof(float)), *dlogp = calloc((size_t)T, sizeof(float));
+    int64_t  n = T - loss_from;
+    for (int64_t p = 0; p < T; p++) {
+        target[p] = p >= loss_from - 1 && p + 1 < T ? tokens[p + 1] : -1;
+        dlogp[p] = target[p] >= 0 ? (float)(-1.0 / (double)n) : 0.0f;
+    }
+    int32_t           seq_start[2] = {0, (int32_t)T};
+    caprl_train_batch b = {.n_tokens = (int32_t)T, .tokens = tokens, .n_seqs = 1, .seq_start = seq_start,
+                           .target = target, .mrope_pos = mrope_pos};
+    if (vp) {
+        b.n_images = 1;
+        b.pixel_values = vp->pixels;
+        b.grid_thw = vp->grid;
+    }
+    st = caprl_trainer_forward(tr, &b, 1.0f, logp, NULL, err);
+    if (st == CAPRL_OK) {
+        st = caprl_trainer_backward(tr, dlogp, err);
+    }
+    double sum = 0;
+    for (int64_t p = 0; p < T; p++) {
+        sum += target[p] >= 0 ? -(double)logp[p] : 0.0;
+    }
+    caprl_st_writer *w = caprl_st_writer_init();
+    const float     *g = caprl_trainer_grads(tr);
+    for (int32_t i = 0; i < caprl_trainer_n_tensors(tr) && st == CAPRL_OK; i++) {
+        const caprl_param_info *t = caprl_trainer_tensor(tr, i);
+        st = caprl_st_writer_add(w, t->name, CAPRL_DTYPE_F32, t->n_dims, t->shape, g + t->offset, err);
+    }
+    if (st == CAPRL_OK) {
+        st = caprl_st_writer_save(w, path, err);
+    }
+    *loss = sum / (double)n;
+    *n_tensors = caprl_trainer_n_tensors(tr);
+    caprl_st_writer_free(w);
+    free(target);
+    free(logp);
+    free(dlogp);
+    caprl_trainer_free(tr);
+    return st;
+}
+
 int cmd_forward(int argc, char **argv) {
     static const cmd_info info = {
         "forward",
-        "caprl forward --model DIR (--ids 1,2,3 | --ids-file F | --prompt TEXT) [--image PATH] --dump-logits OUT",
-        "Run token ids through the model; write the logits of every position as raw little-endian float32 [T, vocab].",
+        "caprl forward --model DIR (--ids 1,2,3 | --ids-file F | --prompt TEXT) [--image PATH] (--dump-logits OUT | "
+        "--dump-grads OUT [--loss-from K])",
+        "Run token ids through the model; write the logits of every position as raw little-endian float32 [T, vocab],\n"
+        "and/or the gradients of the next-token loss with respect to every parameter as f32 safetensors.",
         "The ids are comma- or space-separated, or a JSON array. A one-line JSON summary goes to stdout.\n"
         "The output file is written atomically (temporary file, then rename).\n"
         "With --image (a Qwen2.5-VL checkpoint) the image's features replace its <|image_pad|> tokens and positions\n"
         "are M-RoPE's. The ids then hold one <|image_pad|> (expanded to the image's merged-token count, as the\n"
         "processor does) or the already expanded run; --prompt instead renders the Qwen2.5-VL chat prompt with the\n"
-        "image and tokenizes it. T counts the expanded prompt; the summary adds the image's grid_thw."};
-    const char *model_dir = NULL, *ids_text = NULL, *ids_file = NULL, *out_path = NULL;
+        "image and tokenizes it. T counts the expanded prompt; the summary adds the image's grid_thw.\n"
+        "--dump-grads OUT writes d L / d theta for L = mean over t in [K, T) of -log p(x_t | x_<t) (K = --loss-from,\n"
+        "default 1; Hugging Face's loss with labels[:K] = -100) under the checkpoint's own tensor names, the vision\n"
+        "tower's included with --image; the summary adds the loss."};
+    const char *model_dir = NULL, *ids_text = NULL, *ids_file = NULL, *out_path = NULL, *grads_path = NULL;
     const char *image_path = NULL, *prompt = NULL, *system = NULL, *alpha_name = "white";
-    int32_t     threads = 0;
+    int32_t     threads = 0, loss_from = 1;
     bool        print_ids = false;
     opt_spec    specs[] = {
         {"model", OPT_STRING, &model_dir, "checkpoint directory", 0, 0, "DIR", 0},
@@ -132,6 +247,10 @@ int cmd_forward(int argc, char **argv) {
         {"alpha", OPT_STRING, &alpha_name, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0,
          "white|drop", 0},
         {"dump-logits", OPT_STRING, &out_path, "output file for float32 [T, vocab] logits", 0, 0, "OUT", 0},
+        {"dump-grads", OPT_STRING, &grads_path, "output safetensors of the loss gradient of every parameter", 0, 0,
+         "OUT", 0},
+        {"loss-from", OPT_INT, &loss_from, "with --dump-grads: first position whose token the loss scores", 1,
+         1 << 24, "K", 0},
         {"print-ids", OPT_FLAG, &print_ids, "add the ids that ran (after pad expansion) to the summary", 0, 0, NULL, 0},
         {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
         {0},
@@ -140,8 +259,8 @@ int cmd_forward(int argc, char **argv) {
     if (rc) {
         return rc < 0 ? EXIT_OK : rc;
     }
-    if (!model_dir || !out_path) {
-        return tool_usage_error(info.name, "--model and --dump-logits are required");
+    if (!model_dir || (!out_path && !grads_path)) {
+        return tool_usage_error(info.name, "--model and --dump-logits or --dump-grads are required");
     }
     if ((ids_text != NULL) + (ids_file != NULL) + (prompt != NULL) != 1) {
         return tool_usage_error(info.name, "give exactly one of --ids, --ids-file and --prompt");
@@ -218,30 +337,33 @@ int cmd_forward(int argc, char **argv) {
     if (st == CAPRL_OK && n_tokens > (1 << 24)) {
         st = tool_set_error(&err, CAPRL_ERR_INVALID_ARG, "%lld ids: at most %d", (long long)n_tokens, 1 << 24);
     }
-    /* stream rows into a temporary file next to OUT, renamed into place only when complete */
-    size_t tmp_cap = strlen(out_path) + 32;
-    char  *tmp = malloc(tmp_cap);
-    snprintf(tmp, tmp_cap, "%s.tmp.%ld", out_path, (long)getpid());
-    FILE *out = st == CAPRL_OK ? fopen(tmp, "wb") : NULL;
-    if (st == CAPRL_OK && !out) {
-        st = tool_set_error(&err, CAPRL_ERR_IO, "%s: cannot create", tmp);
+    if (st == CAPRL_OK && out_path) {
+        st = logits_file(model, tokens, n_tokens, image_path ? &vi : NULL, out_path, &err);
     }
-    if (st == CAPRL_OK) {
-        st = forward_dump(model, tokens, n_tokens, image_path ? &vi : NULL, out, tmp, &err);
-    }
-    if (out) {
-        bool ok = fflush(out) == 0 && fsync(fileno(out)) == 0;
-        ok = fclose(out) == 0 && ok;
-        if (st == CAPRL_OK && (!ok || rename(tmp, out_path) != 0)) {
-            st = tool_set_error(&err, CAPRL_ERR_IO, "%s: cannot write", out_path);
-        }
-        if (st != CAPRL_OK) {
-            unlink(tmp);
+    /* last: the trainer takes the weights over (f32 copies of the same values) */
+    double    loss = 0;
+    int32_t   n_grad_tensors = 0;
+    vl_pixels vp;
+    memset(&vp, 0, sizeof vp);
+    if (st == CAPRL_OK && grads_path && image_path) {
+        st = vl_load_pixels(model_dir, image_path, alpha, threads, &vp, &err);
+        if (st == CAPRL_OK && memcmp(vp.grid, vi.grid, sizeof vp.grid) != 0) {
+            st = tool_set_error(&err, CAPRL_ERR_BACKEND, "%s: the processor gave two different grids", image_path);
         }
     }
+    if (st == CAPRL_OK && grads_path) {
+        st = grads_dump(model, image_path ? &vp : NULL, tokens, n_tokens, image_path ? vi.prompt.mrope_pos : NULL,
+                        loss_from, grads_path, &loss, &n_grad_tensors, &err);
+    }
     if (st == CAPRL_OK) {
-        printf("{\"tokens\": %lld, \"vocab\": %d, \"dtype\": \"float32\", \"file\": \"%s\"", (long long)n_tokens,
-               cfg->vocab_size, out_path);
+        printf("{\"tokens\": %lld, \"vocab\": %d, \"dtype\": \"float32\"", (long long)n_tokens, cfg->vocab_size);
+        if (out_path) {
+            printf(", \"file\": \"%s\"", out_path);
+        }
+        if (grads_path) {
+            printf(", \"grads_file\": \"%s\", \"grad_tensors\": %d, \"loss_from\": %d, \"loss\": %.9g", grads_path,
+                   n_grad_tensors, loss_from, loss);
+        }
         if (image_path) {
             printf(", \"grid_thw\": [%d, %d, %d]", vi.grid[0], vi.grid[1], vi.grid[2]);
         }
@@ -254,8 +376,9 @@ int cmd_forward(int argc, char **argv) {
         }
         printf("}\n");
     }
-    free(tmp);
     free(ids);
+    caprl_free(vp.pixels);
+    caprl_vision_free(vp.vision);
     caprl_vl_prompt_free(&vi.prompt);
     caprl_free(vi.features);
     caprl_model_free(model);

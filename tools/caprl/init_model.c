@@ -5,6 +5,7 @@
 
 #include "caprl/model.h"
 #include "caprl/tensor.h"
+#include "caprl/tokenizer.h"
 #include "caprl/vision.h"
 #include "caprl/vlm.h"
 #include "commands.h"
@@ -83,11 +84,24 @@ int cmd_init_model(int argc, char **argv) {
     const char *out = NULL, *preset = "tiny", *dtype_name = "bf16", *tok_path = NULL;
     int64_t     seed = 1;
     float       stddev = 0.02f;
-    int32_t     layers = 0;
+    int32_t     layers = 0, vocab = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0;
+    int32_t     v_depth = 0, v_hidden = 0, v_heads = 0, v_inter = 0, v_window = 0;
     opt_spec    specs[] = {
         {"out", OPT_STRING, &out, "output directory (created)", 0, 0, "DIR", 0},
         {"preset", OPT_STRING, &preset, "model shape: tiny, tiny-vl or qwen2.5-0.5b", 0, 0, "NAME", 0},
         {"layers", OPT_INT, &layers, "override the number of layers (0 = preset's)", 0, 1024, "N", 0},
+        {"vocab-size", OPT_INT, &vocab, "override the vocabulary size (0 = preset's, or the --tokenizer's size "
+                                        "rounded up to 64 when it is smaller)", 0, 1 << 24, "N", 0},
+        {"hidden", OPT_INT, &hidden, "override the hidden size", 0, 1 << 16, "N", 0},
+        {"intermediate", OPT_INT, &inter, "override the MLP width", 0, 1 << 18, "N", 0},
+        {"heads", OPT_INT, &heads, "override the attention heads", 0, 1024, "N", 0},
+        {"kv-heads", OPT_INT, &kv_heads, "override the key/value heads", 0, 1024, "N", 0},
+        {"head-dim", OPT_INT, &head_dim, "override the head dimension", 0, 1024, "N", 0},
+        {"vision-depth", OPT_INT, &v_depth, "tiny-vl: vision blocks", 0, 256, "N", 0},
+        {"vision-hidden", OPT_INT, &v_hidden, "tiny-vl: vision hidden size", 0, 1 << 16, "N", 0},
+        {"vision-heads", OPT_INT, &v_heads, "tiny-vl: vision heads", 0, 256, "N", 0},
+        {"vision-intermediate", OPT_INT, &v_inter, "tiny-vl: vision MLP width", 0, 1 << 18, "N", 0},
+        {"window-size", OPT_INT, &v_window, "tiny-vl: attention window in pixels", 0, 1 << 16, "PX", 0},
         {"dtype", OPT_STRING, &dtype_name, "weight dtype: f32 or bf16", 0, 0, "T", 0},
         {"tokenizer", OPT_STRING, &tok_path, "tokenizer.json to include", 0, 0, "FILE", 0},
         {"seed", OPT_I64, &seed, "random seed", 0, 9.2e18, "S", 0},
@@ -117,6 +131,28 @@ int cmd_init_model(int argc, char **argv) {
     if (layers > 0) {
         cfg.n_layers = layers;
     }
+    cfg.hidden_size = hidden > 0 ? hidden : cfg.hidden_size;
+    cfg.intermediate_size = inter > 0 ? inter : cfg.intermediate_size;
+    cfg.n_heads = heads > 0 ? heads : cfg.n_heads;
+    cfg.n_kv_heads = kv_heads > 0 ? kv_heads : cfg.n_kv_heads;
+    cfg.head_dim = head_dim > 0 ? head_dim : (hidden > 0 || heads > 0) ? cfg.hidden_size / cfg.n_heads : cfg.head_dim;
+    if (vl) {
+        vcfg.depth = v_depth > 0 ? v_depth : vcfg.depth;
+        vcfg.hidden_size = v_hidden > 0 ? v_hidden : vcfg.hidden_size;
+        vcfg.num_heads = v_heads > 0 ? v_heads : vcfg.num_heads;
+        vcfg.intermediate_size = v_inter > 0 ? v_inter : vcfg.intermediate_size;
+        vcfg.window_size = v_window > 0 ? v_window : vcfg.window_size;
+        vcfg.out_hidden_size = cfg.hidden_size;
+        vcfg.n_fullatt = 1;
+        vcfg.fullatt_block_indexes[0] = vcfg.depth - 1;
+        /* M-RoPE sections (t, h, w) split head_dim / 2 as Qwen2.5-VL's 16 / 24 / 24 split 64 */
+        int32_t half = cfg.head_dim / 2, t = half / 4, h = (half - t) / 2;
+        cfg.mrope_section[0] = t;
+        cfg.mrope_section[1] = h;
+        cfg.mrope_section[2] = half - t - h;
+    } else if (v_depth || v_hidden || v_heads || v_inter || v_window) {
+        return tool_usage_error(info.name, "the --vision-* and --window-size options need --preset tiny-vl");
+    }
     int32_t dtype;
     if (strcmp(dtype_name, "f32") == 0) {
         dtype = CAPRL_DTYPE_F32;
@@ -125,11 +161,46 @@ int cmd_init_model(int argc, char **argv) {
     } else {
         return tool_usage_error(info.name, "--dtype must be f32 or bf16, got '%s'", dtype_name);
     }
+    caprl_error  err = {0};
+    caprl_status st = CAPRL_OK;
+    if (tok_path) {
+        /* a tokenizer of its own (e.g. from `caprl tokenizer train`): the vocabulary and every special id follow it */
+        caprl_tokenizer *tok = NULL;
+        st = caprl_tokenizer_load(&tok, tok_path, &err);
+        if (st != CAPRL_OK) {
+            return tool_fail(info.name, st, err.msg);
+        }
+        int32_t n_tok = caprl_tokenizer_n_tokens(tok);
+        if (vocab == 0 && n_tok < cfg.vocab_size) {
+            vocab = (n_tok + 63) / 64 * 64;
+        }
+        static const char *const names[] = {"<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>",
+                                             "<|vision_end|>"};
+        int32_t ids[5];
+        for (int i = 0; i < 5; i++) {
+            ids[i] = caprl_tokenizer_token_id(tok, names[i]);
+        }
+        caprl_tokenizer_free(tok);
+        for (int i = 0; i < (vl ? 5 : 2); i++) {
+            if (ids[i] < 0) {
+                return tool_usage_error(info.name, "%s has no %s token", tok_path, names[i]);
+            }
+        }
+        cfg.bos_token_id = ids[0];
+        cfg.eos_token_id = ids[1];
+        if (vl) {
+            cfg.image_token_id = ids[2];
+            cfg.vision_start_token_id = ids[3];
+            cfg.vision_end_token_id = ids[4];
+        }
+    }
+    if (vocab > 0) {
+        cfg.vocab_size = vocab;
+    }
     caprl_model_params mp = caprl_model_default_params();
     mp.load_tokenizer = false;
     caprl_model *model = NULL;
-    caprl_error  err = {0};
-    caprl_status st = caprl_model_init_random(&model, &cfg, dtype, (uint64_t)seed, stddev, &mp, &err);
+    st = caprl_model_init_random(&model, &cfg, dtype, (uint64_t)seed, stddev, &mp, &err);
     if (st == CAPRL_OK && tok_path) {
         st = caprl_model_load_tokenizer(model, tok_path, &err);
     }

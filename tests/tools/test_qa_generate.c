@@ -1,0 +1,325 @@
+/* caprl qa generate end to end on a tiny random Qwen2.5-VL checkpoint: the rendered prompt is the released one byte
+ * for byte (system prompt length and SHA-256 from spec/caprl.md §7.2, user text after the image); a folder of images
+ * plus a corrupt one gives one record per image with the fields `caprl qa parse` reads (and parse accepts them);
+ * a real kill -9 mid-run plus a torn line, then the rerun (with --batch 3) gives the uninterrupted --batch 1 run's
+ * records exactly; --shard 1/2 gives its half of them; relative image paths stay relative only when the output sits
+ * beside the list. Every run loads the tokenizer (about a second), so the runs are few. */
+#include <jansson.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "caprl/reward.h"
+#include "caprl_test.h"
+
+#define GEN_ARGS "--max-new-tokens 12 --temperature 1 --seed 5 --threads 1"
+
+static char g_dir[1024];
+
+static const char *const k_images[] = {"baseline.jpg", "corrupt.png", "pal4.png", "progressive.jpg", "rgb8.png",
+                                       "rgba8.png"};
+#define N_IMAGES ((int)(sizeof k_images / sizeof k_images[0]))
+
+/* spec/caprl.md §7.2: the QA-generation system prompt. */
+#define SYSTEM_BYTES  722
+#define SYSTEM_SHA256 "4e275e96ae0126609f8e7bfa1f03f56a2f015179ebd0c6c9d70dc598d1258fcf"
+
+static int run(const char *cmdline) {
+    char full[32768];
+    snprintf(full, sizeof full, "%s 2>%s/stderr.txt >/dev/null", cmdline, g_dir);
+    int st = system(full);
+    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static char *read_all(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        return NULL;
+    }
+    size_t cap = 4096, n = 0, got;
+    char  *buf = malloc(cap);
+    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
+        n += got;
+        if (cap - n - 1 == 0) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+        }
+    }
+    fclose(f);
+    buf[n] = '\0';
+    if (len) {
+        *len = n;
+    }
+    return buf;
+}
+
+static char *read_stderr(void) {
+    char path[2048];
+    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
+    char *s = read_all(path, NULL);
+    return s ? s : calloc(1, 1);
+}
+
+static long count_lines(const char *path) {
+    char *s = read_all(path, NULL);
+    long  n = 0;
+    for (const char *p = s; p && *p; p++) {
+        n += *p == '\n';
+    }
+    free(s);
+    return n;
+}
+
+/* An output as {image: record}; every line complete, every image once. */
+static json_t *load_records(const char *path) {
+    size_t len = 0;
+    char  *data = read_all(path, &len);
+    if (!data) {
+        return NULL;
+    }
+    json_t *map = json_object();
+    size_t  start = 0;
+    for (long line = 1; start < len; line++) {
+        char *nl = memchr(data + start, '\n', len - start);
+        CHECK_MSG(nl != NULL, "%s:%ld: last line has no newline (a torn record)", path, line);
+        if (!nl) {
+            break;
+        }
+        json_error_t jerr;
+        json_t      *rec = json_loadb(data + start, (size_t)(nl - (data + start)), 0, &jerr);
+        json_t      *img = rec ? json_object_get(rec, "image") : NULL;
+        CHECK_MSG(json_is_string(img), "%s:%ld: not a record: %s", path, line, rec ? "no \"image\"" : jerr.text);
+        if (json_is_string(img)) {
+            CHECK_MSG(!json_object_get(map, json_string_value(img)), "%s:%ld: %s twice", path, line,
+                      json_string_value(img));
+            json_object_set(map, json_string_value(img), rec);
+        }
+        json_decref(rec);
+        start = (size_t)(nl - data) + 1;
+    }
+    free(data);
+    return map;
+}
+
+/* The record for list image `name` of the folder run (written with absolute paths: the output is elsewhere). */
+static const json_t *record_for(const json_t *recs, const char *name) {
+    char key[2048];
+    snprintf(key, sizeof key, "%s/imgs/%s", g_dir, name);
+    return json_object_get(recs, key);
+}
+
+static void check_prompt(void) {
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "%s qa generate --print-prompt > %s/prompt.txt", CAPRL_CLI, g_dir);
+    CHECK(system(cmd) == 0);
+    char path[2048];
+    snprintf(path, sizeof path, "%s/prompt.txt", g_dir);
+    size_t len = 0;
+    char  *p = read_all(path, &len);
+    CHECK(p != NULL);
+    if (!p) {
+        return;
+    }
+    static const char head[] = "<|im_start|>system\n";
+    static const char tail[] = "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                               "Here is the image<|im_end|>\n<|im_start|>assistant\n";
+    size_t nh = strlen(head), nt = strlen(tail);
+    CHECK_MSG(len == nh + SYSTEM_BYTES + nt, "rendered prompt of %zu bytes, expected %zu", len,
+              nh + SYSTEM_BYTES + nt);
+    if (len == nh + SYSTEM_BYTES + nt) {
+        CHECK(memcmp(p, head, nh) == 0);
+        CHECK_MSG(memcmp(p + nh + SYSTEM_BYTES, tail, nt) == 0, "after the system prompt: %s", p + nh + SYSTEM_BYTES);
+        char hex[65];
+        caprl_sha256_hex(p + nh, SYSTEM_BYTES, hex);
+        CHECK_STR_EQ(hex, SYSTEM_SHA256);
+        /* the whitespace a careless edit loses, checked on its own for a readable failure */
+        p[nh + SYSTEM_BYTES] = '\0';
+        CHECK(strstr(p + nh, "\n**Answer:** D) Ours   \n------\n") != NULL);
+        CHECK(strstr(p + nh, "\n**Answer:** B) Red \n------\n") != NULL);
+        CHECK(strstr(p + nh, "All the quesiton should be answered based on the image.\n") != NULL);
+    }
+    free(p);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static pid_t spawn(const char *cmdline, const char *err_path) {
+    char full[32768];
+    snprintf(full, sizeof full, "exec %s 2>%s >/dev/null", cmdline, err_path);
+    pid_t pid = fork();
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", full, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* kill -9 after two records, a torn half line on top, then the same command with another batch size: the
+ * reference's records exactly (batching changes no token). */
+static void check_kill_and_resume(const char *base, const json_t *ref) {
+    char out[2048], err_path[2048], cmd[16384];
+    snprintf(out, sizeof out, "%s/killed.jsonl", g_dir);
+    snprintf(err_path, sizeof err_path, "%s/killed.stderr", g_dir);
+    snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s", base, out);
+    pid_t pid = spawn(cmd, err_path);
+    CHECK(pid > 0);
+    if (pid <= 0) {
+        return;
+    }
+    bool   finished = false;
+    int    wst = 0;
+    double t0 = now_s();
+    while (!finished && count_lines(out) < 2 && now_s() - t0 < 300.0) {
+        finished = waitpid(pid, &wst, WNOHANG) == pid;
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    if (!finished) {
+        CHECK(kill(pid, SIGKILL) == 0);
+        CHECK(waitpid(pid, &wst, 0) == pid);
+        finished = WIFEXITED(wst);
+    }
+    long written = count_lines(out);
+    if (finished || written >= N_IMAGES) {
+        fprintf(stderr, "test_qa_generate: note: the run finished before the kill (%ld records)\n", written);
+    } else {
+        CHECK(WIFSIGNALED(wst) && WTERMSIG(wst) == SIGKILL);
+        fprintf(stderr, "test_qa_generate: killed after %ld of %d records\n", written, N_IMAGES);
+    }
+    FILE *f = fopen(out, "ab");
+    CHECK(f != NULL);
+    if (f) {
+        fputs("{\"id\": \"rgba8.png\", \"image\": \"rgba8.png\", \"response\": \"#### 1. **Half", f);
+        fclose(f);
+    }
+    snprintf(cmd, sizeof cmd, "%s --batch 3 --out %s", base, out);
+    CHECK_EQ_I64(run(cmd), 0);
+    char *msg = read_stderr();
+    CHECK_MSG(strstr(msg, "torn last record") != NULL, "the rerun did not report the torn line: %s", msg);
+    free(msg);
+    json_t *got = load_records(out);
+    CHECK_MSG(got && json_equal(got, ref), "kill + resume differs from the uninterrupted run");
+    json_decref(got);
+}
+
+int main(void) {
+    char *tmp = test_tmpdir("qa_generate");
+    snprintf(g_dir, sizeof g_dir, "%s", tmp);
+    char cmd[16384], path[2048], base[8192];
+
+    check_prompt();
+
+    snprintf(cmd, sizeof cmd,
+             "%s init-model --preset tiny-vl --seed 7 --out %s/vl --tokenizer %s/data/qwen-tokenizer/tokenizer.json",
+             CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
+    CHECK_EQ_I64(run(cmd), 0);
+    snprintf(cmd, sizeof cmd, "mkdir %s/imgs %s/out", tmp, tmp);
+    CHECK(system(cmd) == 0);
+    for (int i = 0; i < N_IMAGES; i++) {
+        if (strcmp(k_images[i], "corrupt.png") == 0) {
+            snprintf(cmd, sizeof cmd, "head -c 30 %s/tests/fixtures/img/rgba8.png > %s/imgs/corrupt.png",
+                     CAPRL_SOURCE_DIR, tmp);
+        } else {
+            snprintf(cmd, sizeof cmd, "cp %s/tests/fixtures/img/%s %s/imgs/", CAPRL_SOURCE_DIR, k_images[i], tmp);
+        }
+        CHECK(system(cmd) == 0);
+    }
+    snprintf(base, sizeof base, "%s qa generate --vlm %s/vl --images %s/imgs " GEN_ARGS, CAPRL_CLI, tmp, tmp);
+
+    /* the reference run: the output lives elsewhere, so image paths are absolute */
+    snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s/out/ref.jsonl", base, tmp);
+    CHECK_EQ_I64(run(cmd), 0);
+    snprintf(path, sizeof path, "%s/out/ref.jsonl", tmp);
+    json_t *ref = load_records(path);
+    CHECK(ref != NULL);
+    if (!ref) {
+        return test_finish("test_qa_generate");
+    }
+    CHECK_EQ_I64(json_object_size(ref), N_IMAGES);
+    for (int i = 0; i < N_IMAGES; i++) {
+        const json_t *r = record_for(ref, k_images[i]);
+        CHECK_MSG(r != NULL, "no record for %s", k_images[i]);
+        if (!r) {
+            continue;
+        }
+        CHECK_STR_EQ(json_string_value(json_object_get(r, "id")), k_images[i]);
+        if (strcmp(k_images[i], "corrupt.png") == 0) {
+            const char *e = json_string_value(json_object_get(r, "error"));
+            CHECK_MSG(e && strstr(e, "corrupt.png") && !json_object_get(r, "response"),
+                      "the corrupt file must give an error record naming it");
+            continue;
+        }
+        const json_t *resp = json_object_get(r, "response"), *tok = json_object_get(r, "tokens");
+        const char   *fin = json_string_value(json_object_get(r, "finish"));
+        CHECK_MSG(json_is_string(resp) && json_is_integer(tok) && fin, "%s: fields", k_images[i]);
+        CHECK(json_integer_value(tok) >= 0 && json_integer_value(tok) <= 12);
+        CHECK(fin && (strcmp(fin, "eos") == 0 || (strcmp(fin, "length") == 0 && json_integer_value(tok) == 12)));
+    }
+    /* the same command again has nothing to do */
+    long lines = count_lines(path);
+    snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s/out/ref.jsonl", base, tmp);
+    CHECK_EQ_I64(run(cmd), 0);
+    char *msg = read_stderr();
+    CHECK_MSG(strstr(msg, "6 already in") && strstr(msg, "0 to do"), "%s", msg);
+    free(msg);
+    CHECK_EQ_I64(count_lines(path), lines);
+
+    /* `caprl qa parse` reads the records (the corrupt image's error record is a bad record for it) */
+    snprintf(cmd, sizeof cmd, "%s qa parse %s --out %s/out/qa.jsonl --skip-bad", CAPRL_CLI, path, tmp);
+    int prc = run(cmd);
+    msg = read_stderr();
+    CHECK_MSG(prc == 0 && strstr(msg, "5 responses"), "qa parse on the output exited %d: %s", prc, msg);
+    free(msg);
+
+    check_kill_and_resume(base, ref);
+
+    /* shard 1/2: list positions 1, 3, 5, each with the reference's record */
+    snprintf(cmd, sizeof cmd, "%s --batch 2 --shard 1/2 --out %s/out/shard1.jsonl", base, tmp);
+    CHECK_EQ_I64(run(cmd), 0);
+    snprintf(path, sizeof path, "%s/out/shard1.jsonl", tmp);
+    json_t *got = load_records(path);
+    CHECK_EQ_I64(json_object_size(got), N_IMAGES / 2);
+    for (int i = 1; i < N_IMAGES; i += 2) {
+        const json_t *g = record_for(got, k_images[i]);
+        CHECK_MSG(g && json_equal(g, record_for(ref, k_images[i])), "%s: shard 1/2 differs from the full run",
+                  k_images[i]);
+    }
+    json_decref(got);
+
+    /* a list in a folder of its own with the output beside it: paths stay as written; the list's extra fields
+     * (its own "id") are carried */
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/lst && cp %s/imgs/pal4.png %s/lst/", tmp, tmp, tmp);
+    CHECK(system(cmd) == 0);
+    snprintf(path, sizeof path, "%s/lst/list.jsonl", tmp);
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL);
+    if (f) {
+        fputs("{\"image\": \"pal4.png\", \"id\": \"p-4\", \"source\": \"web\"}\n", f);
+        fclose(f);
+    }
+    snprintf(cmd, sizeof cmd, "%s qa generate --vlm %s/vl --images %s --out %s/lst/raw.jsonl " GEN_ARGS, CAPRL_CLI,
+             tmp, path, tmp);
+    CHECK_EQ_I64(run(cmd), 0);
+    snprintf(path, sizeof path, "%s/lst/raw.jsonl", tmp);
+    got = load_records(path);
+    const json_t *r = json_object_get(got, "pal4.png");
+    CHECK_MSG(r && strcmp(json_string_value(json_object_get(r, "id")), "p-4") == 0 &&
+                  strcmp(json_string_value(json_object_get(r, "source")), "web") == 0,
+              "a record beside its list keeps the relative path and the list's fields");
+    json_decref(got);
+
+    json_decref(ref);
+    int rc = test_finish("test_qa_generate");
+    if (rc == 0) {
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
+        CHECK(system(cmd) == 0);
+    }
+    free(tmp);
+    return rc;
+}

@@ -1,0 +1,404 @@
+/* caprl qa generate: a Qwen2.5-VL checkpoint writes five multiple-choice questions per image with the CapRL
+ * QA-generation prompt (spec/caprl.md §7.2), into resumable, shardable JSON Lines that `caprl qa parse` reads. */
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "caprl/image.h"
+#include "caprl/model.h"
+#include "caprl/tokenizer.h"
+#include "caprl/vision.h"
+#include "caprl/vlm.h"
+#include "common.h"
+#include "opts.h"
+#include "subcommands.h"
+
+#define CMD "qa generate"
+
+/* The system prompt of the released gen_qa.py (P-App.E Fig. 18), byte for byte: its spelling mistakes, the three
+ * spaces after "D) Ours", the one after "B) Red" and the final newline are part of it (722 bytes, SHA-256
+ * 4e275e96...8fcf, checked by tests/tools/test_qa_generate.c). */
+static const char k_system[] =
+    "Your task is to generate five multiple-choice questions and their answers about the object based on the "
+    "provided image.\n"
+    "The questions should be challenge and focus on the image content, you answer should strictly follow the "
+    "following format:\n"
+    "#### 1. **Which method achieves the highest accuracy (Acc) on the FF++ (HQ) dataset?**\n"
+    "   - A) Method \"a\"\n"
+    "   - B) Method \"b\"\n"
+    "   - C) Method \"c\"\n"
+    "   - D) Ours\n"
+    "\n"
+    "**Answer:** D) Ours   \n"
+    "------\n"
+    "#### 2. **What is the primary color of the kayak in the image?**\n"
+    "   - A) Blue\n"
+    "   - B) Red\n"
+    "   - C) Black\n"
+    "   - D) White\n"
+    "\n"
+    "**Answer:** B) Red \n"
+    "------\n"
+    "You should strictly follow the above format and should not generate irrelevant sentences. All the quesiton "
+    "should be answered based on the image.\n";
+
+/* The user message: the image first, then this text (gen_qa.py). */
+static const char k_user_text[] = "Here is the image";
+
+/* Fields this command writes; a list record's own copies are dropped so that an error record never carries a stale
+ * response. */
+static const char *const k_output_fields[] = {"response", "tokens", "finish", "error", NULL};
+
+typedef struct run_ctx {
+    caprl_model              *model;
+    caprl_vision             *vision;
+    caprl_preprocess_config   pp;
+    caprl_image_decode_params dp;
+    caprl_generate_params     gp;
+    caprl_context            *ctx;
+    FILE                     *out;
+    char                    **keys; /* (list size) the "image" written for each list item */
+    tool_progress             prog;
+    int32_t                 **tokens; /* (batch) generated ids */
+    int32_t                  *n_tok;
+    char                     *text;
+    size_t                    text_cap;
+} run_ctx;
+
+static bool collect_token(int32_t prompt, int32_t sample, int32_t token, void *ud) {
+    (void)sample;
+    run_ctx *r = ud;
+    if (r->n_tok[prompt] < r->gp.max_new_tokens) {
+        r->tokens[prompt][r->n_tok[prompt]++] = token;
+    }
+    return true;
+}
+
+static int collect_done(json_t *rec, const char *path, long line, void *ud) {
+    (void)path;
+    (void)line;
+    tool_keyset_add(ud, json_string_value(json_object_get(rec, "image")));
+    return 0;
+}
+
+/* The "image" written for an item. `caprl qa parse` copies it and the QA loaders resolve a relative path against the
+ * folder of the file holding it, so a relative path is kept as written when the output sits in the list's folder and
+ * made absolute otherwise. It is also the resume key: the same list and output give the same strings. */
+static char *output_image(const tool_image_item *it, bool same_dir) {
+    return it->image[0] == '/' || same_dir ? strdup(it->image) : tool_absolute(it->path);
+}
+
+/* {"id", "image", the list record's other fields...}: "id" is the list's own "id" when it has one, else the image
+ * as written in the list, so every record of the file has one for `caprl qa parse`. */
+static json_t *base_record(const run_ctx *r, const tool_image_item *it) {
+    json_t *rec = json_object();
+    json_object_set_new(rec, "id", json_string(it->image));
+    json_object_set_new(rec, "image", json_string(r->keys[it->index]));
+    if (it->extra) {
+        json_object_update(rec, it->extra);
+    }
+    return rec;
+}
+
+static json_t *error_record(const run_ctx *r, const tool_image_item *it, const char *msg) {
+    json_t *rec = base_record(r, it);
+    json_t *text = strstr(msg, it->path) ? json_string(msg) : json_sprintf("%s: %s", it->path, msg);
+    if (!text) { /* the folder part of the path is not UTF-8: JSON cannot carry it */
+        text = json_sprintf("%s: %s", it->image, strstr(msg, it->path) ? "cannot read the image" : msg);
+    }
+    json_object_set_new(rec, "error", text ? text : json_string("cannot read the image"));
+    return rec;
+}
+
+/* The response text, special tokens skipped. Returns false only on a decoder error. */
+static bool response_text(run_ctx *r, const int32_t *ids, int32_t n, size_t *len, caprl_error *err) {
+    const caprl_tokenizer *tok = caprl_model_tokenizer(r->model);
+    for (;;) {
+        if (caprl_tokenizer_decode(tok, ids, n, true, r->text, r->text_cap, len, err) != CAPRL_OK) {
+            return false;
+        }
+        if (r->text && *len < r->text_cap) {
+            return true;
+        }
+        r->text_cap = 2 * *len + 64;
+        r->text = realloc(r->text, r->text_cap);
+    }
+}
+
+/* Generates for `count` decoded images and writes their records. Returns an exit code. */
+static int generate_batch(run_ctx *r, tool_image_item **its, caprl_image *imgs, int32_t count) {
+    caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
+    int32_t          *finish = calloc((size_t)count, sizeof(int32_t));
+    for (int32_t i = 0; i < count; i++) {
+        reqs[i].image = &imgs[i];
+        reqs[i].prompt = k_user_text;
+        reqs[i].system = k_system;
+        reqs[i].stream_id = (uint64_t)its[i]->index;
+        r->n_tok[i] = 0;
+    }
+    caprl_error  err = {0};
+    caprl_status st = caprl_vl_generate(r->model, r->vision, &r->pp, reqs, count, &r->gp, &r->ctx, collect_token, r,
+                                        finish, NULL, &err);
+    int rc = 0;
+    if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
+        /* the machine's problem, not the images': stop without records, so a rerun does them */
+        rc = tool_fail(CMD, st, err.msg);
+    } else if (st != CAPRL_OK && count > 1) {
+        /* one image may have sunk the batch: each alone, so the others still get their questions */
+        for (int32_t i = 0; i < count && rc == 0; i++) {
+            rc = generate_batch(r, &its[i], &imgs[i], 1);
+        }
+    } else {
+        for (int32_t i = 0; i < count && rc == 0; i++) {
+            json_t *rec;
+            if (st != CAPRL_OK) {
+                rec = error_record(r, its[i], err.msg);
+                r->prog.failed++;
+            } else {
+                int32_t n_text = r->n_tok[i] - (finish[i] == CAPRL_FINISH_EOS ? 1 : 0);
+                size_t  len = 0;
+                if (!response_text(r, r->tokens[i], n_text, &len, &err)) {
+                    rc = tool_fail(CMD, err.code, err.msg);
+                    break;
+                }
+                rec = base_record(r, its[i]);
+                json_object_set_new(rec, "response", json_stringn(r->text, len));
+                json_object_set_new(rec, "tokens", json_integer(n_text));
+                json_object_set_new(rec, "finish", json_string(finish[i] == CAPRL_FINISH_EOS ? "eos" : "length"));
+            }
+            rc = tool_jsonl_write(CMD, r->out, rec);
+            r->prog.done++;
+        }
+    }
+    free(finish);
+    free(reqs);
+    return rc;
+}
+
+int cmd_qa_generate(int argc, char **argv) {
+    static const cmd_info info = {
+        CMD,
+        "caprl qa generate --vlm DIR --images LIST --out raw.jsonl [--batch B] [--shard i/k] [--seed S]",
+        "Ask a Qwen2.5-VL checkpoint for five multiple-choice questions per image (the CapRL QA-generation prompt);\n"
+        "one JSON line per image with the raw response, appended and flushed as it finishes.",
+        "The request is the released gen_qa.py's: the CapRL system prompt (--print-prompt shows it), then a user turn\n"
+        "with the image and \"Here is the image\"; temperature 0.1, top-p 1, repetition penalty 1.05, at most 2048\n"
+        "new tokens. LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, or JSON\n"
+        "Lines with an \"image\" field (other fields are copied to the output); relative paths are relative to\n"
+        "LIST's folder. Output: {\"id\", \"image\", \"response\", \"tokens\", \"finish\"} (\"id\" is the list\n"
+        "record's own id, else the image as written), or {\"id\", \"image\", \"error\"} for an image that could not\n"
+        "be read; `caprl qa parse` turns the responses into QA records. Rerunning the same command resumes: images\n"
+        "already in the output are skipped and a torn last line from a killed run is removed; a second process on\n"
+        "the same output is refused. --shard i/k takes every k-th image starting at i. Image i (its position in\n"
+        "LIST) samples with random stream i: results do not depend on batching, sharding or resuming."};
+    const char *vlm_dir = NULL, *list = NULL, *out_path = NULL, *shard = NULL, *alpha = "white";
+    int32_t     batch = 1, max_new = 2048, threads = 0;
+    float       temperature = 0.1f, top_p = 1.0f, rep = 1.05f;
+    int64_t     seed = 0, max_image_pixels = caprl_image_decode_default_params().max_pixels;
+    bool        print_prompt = false;
+    opt_spec    specs[] = {
+        {"vlm", OPT_STRING, &vlm_dir, "Qwen2.5-VL checkpoint directory (the question writer)", 0, 0, "DIR", 0},
+        {"images", OPT_STRING, &list, "directory, text file of paths, or JSONL with \"image\"", 0, 0, "LIST", 0},
+        {"out", OPT_STRING, &out_path, "output JSON Lines (appended; resumed when it exists)", 0, 0, "FILE", 0},
+        {"temperature", OPT_FLOAT, &temperature, "sampling temperature (0 = greedy)", 0, 100, "T", 0},
+        {"top-p", OPT_FLOAT, &top_p, "nucleus mass in (0, 1]", 1e-6, 1, "P", 0},
+        {"repetition-penalty", OPT_FLOAT, &rep, "repetition penalty (1 = off)", 1e-6, 100, "R", 0},
+        {"max-new-tokens", OPT_INT, &max_new, "response length limit in tokens", 1, 1 << 20, "M", 0},
+        {"batch", OPT_INT, &batch, "images per batched generation", 1, 4096, "B", 0},
+        {"shard", OPT_STRING, &shard, "process images i, i+k, i+2k, ... of the list", 0, 0, "i/k", 0},
+        {"max-image-pixels", OPT_I64, &max_image_pixels,
+         "refuse (and record as an error) images with more pixels than this, before decoding them", 1, 4e18, "N", 0},
+        {"alpha", OPT_STRING, &alpha, "transparent images: white (qwen-vl-utils) or drop (HF processor)", 0, 0,
+         "white|drop", 0},
+        {"seed", OPT_I64, &seed, "random seed", 0, 9.2e18, "S", 0},
+        {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
+        {"print-prompt", OPT_FLAG, &print_prompt, "print the rendered prompt (ChatML, one <|image_pad|>) and exit", 0,
+         0, NULL, 0},
+        {0},
+    };
+    int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
+    if (rc) {
+        return rc < 0 ? EXIT_OK : rc;
+    }
+    if (print_prompt) { /* the model's whole input text, the image as its single <|image_pad|> */
+        char        *text = NULL;
+        caprl_error  perr = {0};
+        caprl_status pst = caprl_vl_render_prompt(k_user_text, 1, k_system, &text, &perr);
+        if (pst != CAPRL_OK) {
+            return tool_fail(info.name, pst, perr.msg);
+        }
+        fputs(text, stdout);
+        caprl_free(text);
+        return EXIT_OK;
+    }
+    if (!vlm_dir || !list || !out_path) {
+        return tool_usage_error(info.name, "--vlm, --images and --out are required");
+    }
+    long shard_i = 0, shard_k = 1;
+    if (shard && !tool_parse_shard(shard, &shard_i, &shard_k)) {
+        return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
+    }
+    run_ctx r;
+    memset(&r, 0, sizeof r);
+    r.dp = caprl_image_decode_default_params();
+    r.dp.max_pixels = max_image_pixels;
+    if (strcmp(alpha, "white") == 0) {
+        r.dp.alpha = CAPRL_ALPHA_WHITE;
+    } else if (strcmp(alpha, "drop") == 0) {
+        r.dp.alpha = CAPRL_ALPHA_DROP;
+    } else {
+        return tool_usage_error(info.name, "--alpha must be white or drop, got '%s'", alpha);
+    }
+    tool_image_list items = {0};
+    rc = tool_image_list_load(info.name, list, k_output_fields, &items);
+    /* opened and locked before it is read (see caprl caption) */
+    int out_fd = -1;
+    if (rc == 0) {
+        rc = tool_jsonl_open_locked(info.name, out_path, &out_fd);
+    }
+    if (rc == 0) {
+        char *list_dir = tool_folder_of(list), *out_dir = tool_folder_of(out_path);
+        bool  same_dir = list_dir && out_dir && strcmp(list_dir, out_dir) == 0;
+        free(list_dir);
+        free(out_dir);
+        r.keys = calloc((size_t)(items.n > 0 ? items.n : 1), sizeof(char *));
+        for (int64_t i = 0; i < items.n; i++) {
+            r.keys[i] = output_image(&items.items[i], same_dir);
+        }
+    }
+    tool_keyset done = {0};
+    if (rc == 0) {
+        rc = tool_jsonl_scan(info.name, out_path, out_fd, "image", JSON_STRING, "qa generate record", collect_done,
+                             &done);
+    }
+    tool_image_item **todo = NULL;
+    int64_t           n_todo = 0, n_shard = 0;
+    if (rc == 0 && items.n > 0) {
+        todo = malloc((size_t)items.n * sizeof *todo);
+    }
+    for (int64_t i = 0; rc == 0 && i < items.n; i++) {
+        if (i % shard_k != shard_i) {
+            continue;
+        }
+        n_shard++;
+        if (!tool_keyset_has(&done, r.keys[i])) {
+            todo[n_todo++] = &items.items[i];
+        }
+    }
+    if (rc == 0) {
+        fprintf(stderr, "caprl %s: %lld images in the list", CMD, (long long)items.n);
+        if (shard) {
+            fprintf(stderr, ", %lld in shard %ld/%ld", (long long)n_shard, shard_i, shard_k);
+        }
+        fprintf(stderr, ", %lld already in %s, %lld to do\n", (long long)(n_shard - n_todo), out_path,
+                (long long)n_todo);
+    }
+    caprl_error  err = {0};
+    caprl_status st = CAPRL_OK;
+    if (rc == 0 && n_todo > 0) {
+        rc = tool_load_model(info.name, vlm_dir, threads, &r.model);
+        if (rc == 0 && (!caprl_model_config(r.model)->is_vl || !caprl_model_tokenizer(r.model))) {
+            fprintf(stderr, "caprl %s: error: %s: the checkpoint must be a Qwen2.5-VL model with a tokenizer.json\n",
+                    CMD, vlm_dir);
+            rc = EXIT_DATA;
+        }
+        if (rc == 0) {
+            st = caprl_vision_load(&r.vision, vlm_dir, threads, &err);
+            char pp_path[4096];
+            snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", vlm_dir);
+            r.pp = caprl_preprocess_config_default();
+            if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
+                st = caprl_preprocess_config_load(&r.pp, pp_path, &err);
+            }
+            r.pp.resize_variant = r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
+            if (st != CAPRL_OK) {
+                rc = tool_fail(info.name, st, err.msg);
+            }
+        }
+    }
+    if (rc == 0 && n_todo > 0) {
+        r.out = fdopen(out_fd, "ab");
+        if (!r.out) {
+            fprintf(stderr, "caprl %s: error: %s: cannot open for appending: %s\n", CMD, out_path, strerror(errno));
+            rc = EXIT_DATA;
+        } else {
+            out_fd = -1; /* now closed with r.out */
+        }
+    }
+    if (rc == 0 && n_todo > 0) {
+        r.gp = caprl_generate_default_params();
+        r.gp.n_samples = 1;
+        r.gp.max_new_tokens = max_new;
+        r.gp.sampling.do_sample = temperature > 0.0f;
+        r.gp.sampling.temperature = temperature > 0.0f ? temperature : 1.0f;
+        r.gp.sampling.top_p = top_p;
+        r.gp.sampling.repetition_penalty = rep;
+        r.gp.sampling.seed = (uint64_t)seed;
+        r.tokens = calloc((size_t)batch, sizeof(int32_t *));
+        r.n_tok = calloc((size_t)batch, sizeof(int32_t));
+        for (int32_t i = 0; i < batch; i++) {
+            r.tokens[i] = malloc((size_t)max_new * sizeof(int32_t));
+        }
+        tool_progress_start(&r.prog, CMD, "images", "img/s", n_todo);
+        caprl_image      *imgs = calloc((size_t)batch, sizeof *imgs);
+        tool_image_item **its = calloc((size_t)batch, sizeof *its);
+        for (int64_t next = 0; next < n_todo && rc == 0;) {
+            int32_t count = 0;
+            while (next < n_todo && count < batch && rc == 0) {
+                tool_image_item *it = todo[next++];
+                st = caprl_image_decode_file(it->path, &r.dp, &imgs[count], &err);
+                int32_t rw = 0, rh = 0;
+                if (st == CAPRL_OK) { /* size problems stay with their image, not the batch */
+                    st = caprl_image_preprocess_size(imgs[count].width, imgs[count].height, &r.pp, &rw, &rh, &err);
+                    if (st != CAPRL_OK) {
+                        caprl_image_free(&imgs[count]);
+                    }
+                }
+                if (st != CAPRL_OK) { /* recorded and skipped: one bad file never stops the job */
+                    rc = tool_jsonl_write(CMD, r.out, error_record(&r, it, err.msg));
+                    r.prog.done++;
+                    r.prog.failed++;
+                    continue;
+                }
+                its[count++] = it;
+            }
+            if (count > 0 && rc == 0) {
+                rc = generate_batch(&r, its, imgs, count);
+            }
+            for (int32_t i = 0; i < count; i++) {
+                caprl_image_free(&imgs[i]);
+            }
+            tool_progress_show(&r.prog, false);
+        }
+        tool_progress_show(&r.prog, true);
+        free(imgs);
+        free(its);
+        for (int32_t i = 0; i < batch; i++) {
+            free(r.tokens[i]);
+        }
+        free(r.tokens);
+        free(r.n_tok);
+    }
+    if (r.out && fclose(r.out) != 0 && rc == 0) {
+        fprintf(stderr, "caprl %s: error: %s: close failed: %s\n", CMD, out_path, strerror(errno));
+        rc = EXIT_DATA;
+    }
+    if (out_fd >= 0) {
+        close(out_fd);
+    }
+    caprl_context_free(r.ctx);
+    caprl_vision_free(r.vision);
+    caprl_model_free(r.model);
+    free(r.text);
+    tool_keyset_free(&done);
+    for (int64_t i = 0; r.keys && i < items.n; i++) {
+        free(r.keys[i]);
+    }
+    free(r.keys);
+    free(todo);
+    tool_image_list_free(&items);
+    return rc;
+}
