@@ -12,7 +12,7 @@ DEB_FUZZ     = clang libclang-rt-14-dev
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps deps-fuzz build test test-asan fuzz demo bench clean
+.PHONY: all deps deps-fuzz build test test-asan fuzz demo demo-assets bench clean
 
 all: build
 
@@ -48,6 +48,10 @@ fuzz: deps deps-fuzz
 
 demo: build
 	./scripts/demo.sh $(BUILD)
+
+# Rebuilds the demo's tiny models (shipped in demo/assets) from nothing with caprl itself.
+demo-assets: build
+	./scripts/demo_assets.sh $(BUILD)
 
 bench: build
 	./$(BUILD)/caprl bench

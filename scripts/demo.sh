@@ -1,31 +1,55 @@
 #!/usr/bin/env bash
-# make demo (for now): build small random-weight Qwen2 and Qwen2.5-VL checkpoints with the real Qwen tokenizer,
-# generate from the first and caption the test images with the second
-# The output is gibberish by construction (random weights); what it shows is the
-# whole path working: HF checkpoint written and loaded, ChatML rendered, tokenized, prefilled, sampled, streamed.
+# make demo: the whole CapRL pipeline on the embedded synthetic world, with the tiny models of demo/assets
+# (built by caprl itself: scripts/demo_assets.sh). Steps:
+#   1. caprl synth         scenes, their multiple-choice questions (plus planted leaky ones) and a Prism benchmark
+#   2. caprl qa filter     the visual-dependency filter drops questions answerable without the image
+#   3. caprl eval prism    the SFT captioner (short captions) captions the held-out images; the reader answers
+#   4. caprl train         GRPO/RLOO with the CapRL reward: the reader answers each image's questions from each caption
+#   5. caprl eval prism    the trained captioner, same benchmark
+#   6. caprl report        before/after table, curves and examples: RUN/report.html and RUN/summary.json
+# Usage: scripts/demo.sh [BUILD] [RUN]; DEMO_STEPS overrides the number of training steps (the CI test uses fewer).
 set -euo pipefail
 BUILD=${1:-build}
-SHARED=${CAPRL_SHARED_DIR:-"$(cd "$(dirname "$0")/../.." && pwd)/shared"}
-TOKENIZER="$SHARED/data/qwen-tokenizer/tokenizer.json"
-OUT="$BUILD/demo"
-if [ ! -f "$TOKENIZER" ]; then
-  echo "demo: $TOKENIZER not found (set CAPRL_SHARED_DIR to the shared/ folder)" >&2
-  exit 2
-fi
-mkdir -p "$OUT"
-"$BUILD/caprl" init-model --out "$OUT/tiny-qwen2" --preset tiny --dtype bf16 --tokenizer "$TOKENIZER" --seed 7
-echo "== caprl generate --chat (random weights: expect noise, streamed token by token) =="
-"$BUILD/caprl" generate --model "$OUT/tiny-qwen2" --chat --prompt "Please describe this image in detail." \
-  --max-new-tokens 40 --temperature 0.8 --top-p 0.95 --seed 1
-echo "== the same prompt, 3 samples =="
-"$BUILD/caprl" generate --model "$OUT/tiny-qwen2" --chat --prompt "Please describe this image in detail." \
-  -n 3 --max-new-tokens 16 --temperature 1.0 --seed 2
-echo "== a Qwen2.5-VL checkpoint (random weights) captions a folder of images, resumably =="
-"$BUILD/caprl" init-model --out "$OUT/tiny-qwen2-vl" --preset tiny-vl --dtype bf16 --tokenizer "$TOKENIZER" --seed 7
-rm -f "$OUT/captions.jsonl"
-"$BUILD/caprl" caption --model "$OUT/tiny-qwen2-vl" --images tests/fixtures/img --out "$OUT/captions.jsonl" \
-  -n 2 --max-new-tokens 12 --seed 3
-head -n 3 "$OUT/captions.jsonl"
-echo "== rerunning the same command resumes (nothing left to do) =="
-"$BUILD/caprl" caption --model "$OUT/tiny-qwen2-vl" --images tests/fixtures/img --out "$OUT/captions.jsonl" \
-  -n 2 --max-new-tokens 12 --seed 3
+RUN=${2:-$BUILD/demo}
+STEPS=${DEMO_STEPS:-30}
+C="$BUILD/caprl"
+A=demo/assets
+T=demo/reader_template.txt
+INSTRUCTION="Please describe this image in detail."
+for m in reader captioner filter; do
+  if [ ! -f "$A/$m/model.safetensors" ]; then
+    echo "demo: $A/$m is missing (run make demo-assets to rebuild the demo models)" >&2
+    exit 2
+  fi
+done
+rm -rf "$RUN"
+mkdir -p "$RUN"
+t0=$(date +%s)
+stage() { echo; echo "== [$(( $(date +%s) - t0 )) s] $* =="; }
+
+stage "1/6 caprl synth: a synthetic world of procedurally drawn scenes"
+"$C" synth --out "$RUN/world" --train 512 --test 64 --seed 0 --reader-template "$T"
+
+stage "2/6 caprl qa filter: keep questions answerable with the image and not without it"
+mkdir -p "$RUN/filter"
+"$C" qa filter --vlm "$A/filter" --qa "$RUN/world/train.jsonl" --out "$RUN/filter/filtered.jsonl" \
+  --report "$RUN/filter/report.json" --seed 0
+
+PRISM=(--reader "$A/reader" --bench "$RUN/world/bench.jsonl" --n-captions 4 --max-new-tokens 128
+       --reader-max-new-tokens 16 --instruction "$INSTRUCTION" --batch 16 --reader-batch 64 --seed 0)
+stage "3/6 caprl eval prism: the SFT captioner"
+"$C" eval prism --captioner "$A/captioner" --tag sft --out "$RUN/prism_before" "${PRISM[@]}"
+
+stage "4/6 caprl train: GRPO with the CapRL reward ($STEPS steps)"
+"$C" train --policy "$A/captioner" --reader "$A/reader" --data "$RUN/filter/filtered.jsonl" --out "$RUN/train" \
+  --reader-template "$T" --reward-mode expected --rollout-batch 16 --group-size 8 --max-new-tokens 128 \
+  --max-steps "$STEPS" --episodes 1 --lr 5e-5 --warmup 3 --min-lr-ratio 1 --save-every "$STEPS" --samples-every 5 \
+  --seed 0
+
+stage "5/6 caprl eval prism: the GRPO captioner"
+"$C" eval prism --captioner "$RUN/train/step-$STEPS" --tag grpo --out "$RUN/prism_after" "${PRISM[@]}"
+
+stage "6/6 caprl report"
+"$C" report --run "$RUN"
+echo
+echo "demo: done in $(( $(date +%s) - t0 )) s; open $RUN/report.html"

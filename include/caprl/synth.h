@@ -30,6 +30,9 @@ typedef struct caprl_synth_params {
     int32_t  qa_per_image;    /* valid questions per image (fewer when a scene cannot give that many distinct
                                  ones), 1..16; default 8 */
     int32_t  n_threads;       /* drawing and PNG encoding; <= 0 means all cores; the output does not depend on it */
+    const char *reader_template; /* reader prompt of sft_reader.jsonl: NULL = the CapRL template (spec/caprl.md
+                                    §6.3); else a template with exactly two "{}" (caption, question), the one the
+                                    reward will use (`caprl train --reader-template`) */
 } caprl_synth_params;
 
 CAPRL_API caprl_synth_params caprl_synth_default_params(void);

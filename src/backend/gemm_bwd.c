@@ -108,9 +108,9 @@ static CAPRL_AVX2 void ukr_avx2(const float *a, const float *b, int64_t kc, floa
     }
 }
 
-#    define CAPRL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#    define CAPRL_BW_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-static CAPRL_AVX512 void ukr_avx512(const float *a, const float *b, int64_t kc, float *c, int64_t ldc, bool zero) {
+static CAPRL_BW_AVX512 void ukr_avx512(const float *a, const float *b, int64_t kc, float *c, int64_t ldc, bool zero) {
     __m512 acc[BW_MR][4];
 #    pragma GCC unroll 4
     for (int i = 0; i < BW_MR; i++) {

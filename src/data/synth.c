@@ -4,7 +4,7 @@
  * - 3x3 grid at 84 x 84 pixels by default: one cell is 28 x 28 pixels, exactly one Qwen2.5-VL merged token
  *   (2 x 2 patches of 14), so the 9 image tokens of the tiny captioner line up with the 9 places an object can be.
  *   At 56 pixels a 3x3 grid would cut objects across patches, and a 2x2 grid cannot hold 6 objects.
- * - 4 shapes x 6 colours x 2 sizes, a grey background that every colour stands out from, no anti-aliasing: a
+ * - 4 shapes x 6 colours x 2 sizes, a grey background (one shade per grid cell) that every colour stands out from, no anti-aliasing: a
  *   vocabulary a tiny vision tower learns quickly, and pixels a test can check exactly.
  * - Captions use one fixed sentence per object, in reading order; the short caption is the dense one cut down to
  *   one or two objects, so "describe more" is a small step for a policy that learnt the short ones.
@@ -20,7 +20,10 @@
 #include "core/error_impl.h"
 #include "data/synth_impl.h"
 
-const uint8_t caprl_synth_background[3] = {128, 128, 128};
+void caprl_synth_background(int32_t cell, uint8_t rgb[3]) {
+    uint8_t grey = (uint8_t)(100 + 7 * cell);
+    rgb[0] = rgb[1] = rgb[2] = grey;
+}
 
 static const char *const k_shapes[CAPRL_SYNTH_N_SHAPES] = {"circle", "square", "triangle", "diamond"};
 static const char *const k_shapes_plural[CAPRL_SYNTH_N_SHAPES] = {"circles", "squares", "triangles", "diamonds"};
@@ -146,7 +149,10 @@ void caprl_synth_render(const caprl_synth_scene *s, int32_t size, uint8_t *px) {
     CAPRL_ASSERT(size > 0);
     size_t n_px = (size_t)size * (size_t)size;
     for (size_t i = 0; i < n_px; i++) {
-        memcpy(px + 3 * i, caprl_synth_background, 3);
+        size_t  x = i % (size_t)size, y = i / (size_t)size;
+        int32_t cell = (int32_t)(y * CAPRL_SYNTH_GRID / (size_t)size) * CAPRL_SYNTH_GRID +
+                       (int32_t)(x * CAPRL_SYNTH_GRID / (size_t)size);
+        caprl_synth_background(cell, px + 3 * i);
     }
     for (int32_t k = 0; k < s->n; k++) {
         const caprl_synth_object *o = &s->obj[k];
@@ -713,12 +719,12 @@ char *caprl_synth_question_string(const caprl_synth_question *q, const int32_t *
     return b.p;
 }
 
-char *caprl_synth_question_bench(const caprl_synth_question *q) {
+char *caprl_synth_question_bench(const caprl_synth_question *q, const int32_t *order) {
     str  b = {0};
     char line[CAPRL_SYNTH_OPTION_CAP + 16];
     str_add(&b, q->text);
     for (int32_t k = 0; k < CAPRL_SYNTH_N_OPTIONS; k++) {
-        snprintf(line, sizeof line, "\n%c. %s", 'A' + k, q->options[k]);
+        snprintf(line, sizeof line, "\n%c. %s", 'A' + k, q->options[order ? order[k] : k]);
         str_add(&b, line);
     }
     str_add(&b, "\nAnswer with the option's letter from the given choices directly.");
@@ -764,6 +770,26 @@ static const char k_reader_head[] =
     "Caption: <Caption Start> ";
 static const char k_reader_mid[] = " <Caption End>  \nQuestion: ";
 static const char k_reader_tail[] = "  <|im_end|>\n<|im_start|>assistant\nThe answer is";
+
+char *caprl_synth_reader_prompt_with(const char *tmpl, const char *caption, const char *question) {
+    if (!tmpl) {
+        return caprl_synth_reader_prompt(caption, question);
+    }
+    /* the first "{}" takes the caption, the second the question (the reward fills templates the same way) */
+    str         b = {0};
+    const char *args[2] = {caption, question};
+    int32_t     used = 0;
+    for (const char *c = tmpl; *c;) {
+        if (c[0] == '{' && c[1] == '}' && used < 2) {
+            str_add(&b, args[used++]);
+            c += 2;
+        } else {
+            char one[2] = {*c++, 0};
+            str_add(&b, one);
+        }
+    }
+    return b.p;
+}
 
 char *caprl_synth_reader_prompt(const char *caption, const char *question) {
     str b = {0};

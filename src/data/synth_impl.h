@@ -33,11 +33,14 @@ enum {
     CAPRL_SYNTH_PURPOSE_LEAKY = 3,   /* leaky questions and where they go */
     CAPRL_SYNTH_PURPOSE_CAPTION = 4, /* which objects the short caption names */
     CAPRL_SYNTH_PURPOSE_READER = 5,  /* the reader's SFT records: captions and option shuffles */
+    CAPRL_SYNTH_PURPOSE_FILTER = 6,  /* the curation model's SFT records: option shuffles */
 };
 void caprl_synth_rng(caprl_rng *r, uint64_t seed, int32_t split, int64_t index, int32_t purpose);
 
-/* The background, (128, 128, 128): every palette colour differs from it by at least 90 in some channel. */
-extern const uint8_t caprl_synth_background[3];
+/* The background of grid cell `cell` (0..8, reading order): a grey 100 + 7 * cell in every channel, so each cell
+ * is told apart by its shade (vision features carry no absolute position otherwise: the tower's rotary is relative);
+ * every palette colour differs from all of them by at least 90 in some channel. */
+void caprl_synth_background(int32_t cell, uint8_t rgb[3]);
 
 const char *caprl_synth_shape_name(int32_t shape);   /* "circle", ... */
 const char *caprl_synth_shape_plural(int32_t shape); /* "circles", ... */
@@ -143,8 +146,8 @@ int32_t caprl_synth_questions(const caprl_synth_scene *s, uint64_t seed, int32_t
 char *caprl_synth_question_string(const caprl_synth_question *q, const int32_t *order, bool cannot_answer);
 
 /* The benchmark form: "text\nA. opt\nB. opt\nC. opt\nD. opt\nAnswer with the option's letter from the given
- * choices directly." (file order). caprl_xmalloc'd. */
-char *caprl_synth_question_bench(const caprl_synth_question *q);
+ * choices directly." with option k taken from order[k] (NULL: file order). caprl_xmalloc'd. */
+char *caprl_synth_question_bench(const caprl_synth_question *q, const int32_t *order);
 
 /* ---- the reader prompt ------------------------------------------------------------------------------------ */
 
@@ -152,5 +155,7 @@ char *caprl_synth_question_bench(const caprl_synth_question *q);
  * with caption and question; it ends with the pre-filled assistant text "The answer is". caprl_xmalloc'd.
  * caprl_synth_reader_prompt("{}", "{}") gives the template itself. */
 char *caprl_synth_reader_prompt(const char *caption, const char *question);
+/* The same with a replacement template (two "{}": caption, then question); NULL tmpl: the CapRL template. */
+char *caprl_synth_reader_prompt_with(const char *tmpl, const char *caption, const char *question);
 
 #endif /* CAPRL_SYNTH_IMPL_H */

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "caprl/eval.h"
 #include "core/error_impl.h"
 #include "core/file_impl.h"
 #include "core/pool_impl.h"
@@ -75,6 +76,14 @@ caprl_status caprl_synth_params_check(const caprl_synth_params *p, caprl_error *
     }
     if (p->qa_per_image < 1 || p->qa_per_image > 16) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "qa-per-image: %d is outside 1..16", (int)p->qa_per_image);
+    }
+    int32_t holes = 0;
+    for (const char *c = p->reader_template; c && (c = strstr(c, "{}")) != NULL; c += 2) {
+        holes++;
+    }
+    if (p->reader_template && holes != 2) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                             "reader-template: needs exactly two {} (caption, then question), found %d", (int)holes);
     }
     return CAPRL_OK;
 }
@@ -150,12 +159,14 @@ enum {
     F_SFT_READER,
     F_BENCH,
     F_CORPUS,
+    F_SFT_FILTER,
     N_FILES
 };
 
 static const char *const k_file_names[N_FILES] = {
     "scenes.jsonl",        "train.jsonl",       "test_qa.jsonl",      "leaky_ids.json", "captions_dense.jsonl",
     "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",    "corpus.txt",
+    "sft_filter.jsonl",
 };
 
 typedef struct out_file {
@@ -342,14 +353,17 @@ static caprl_status write_images(writer *w, caprl_pool *pool, int32_t split, int
 /* ---- text ------------------------------------------------------------------------------------------------- */
 
 /* Fixed texts first: prompts and the answer forms, which no per-image text contains. */
-static void corpus_header(sbuf *b) {
-    char *tpl = caprl_synth_reader_prompt("{}", "{}");
+static void corpus_header(sbuf *b, const char *reader_template) {
+    char *tpl = caprl_synth_reader_prompt_with(reader_template, "{}", "{}");
     sb_puts(b, k_caption_instruction);
     sb_puts(b, "\nPlease describe this image in detail\n");
     sb_puts(b, tpl);
     sb_puts(b, "\n   - F) Can not answer based on the caption\n");
-    for (char c = 'A'; c <= 'F'; c++) {
-        sb_printf(b, "The answer is %c.\n", c);
+    /* the reward reads the answer as one of the tokens " A" ... " I": each must occur twice for BPE to merge it */
+    for (int rep = 0; rep < 2; rep++) {
+        for (char c = 'A'; c <= 'I'; c++) {
+            sb_printf(b, "The answer is %c.\n", c);
+        }
     }
     sb_puts(b, "<|im_start|>user\nHere is a detailed caption of an image: . Please answer the question based on the "
                "caption.\n");
@@ -441,15 +455,71 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         }
         char *caption = caprl_synth_caption(s, listed, kind == 0);
         char *qs = caprl_synth_question_string(&q[k], order, true);
-        char *prompt = caprl_synth_reader_prompt(caption, qs);
+        char *prompt = caprl_synth_reader_prompt_with(w->p->reader_template, caption, qs);
         sb_puts(b, "{\"id\": ");
         sb_printf(b, "\"%s-r%d\", \"kind\": \"%s\", \"prompt\": ", id, (int)k, kinds[kind]);
         json_str(b, prompt);
         sb_printf(b, ", \"completion\": \" %c.\"}\n", letter);
         free(prompt);
+        /* the same caption and question as `caprl eval prism` stage 2 asks it of a simple-JSONL benchmark: the
+         * benchmark has no "cannot answer" option, so a caption without the fact gets a guess */
+        char *bq = caprl_synth_question_bench(&q[k], order);
+        char *cap_part = caprl_xasprintf("%s%s%s", CAPRL_PRISM_CAPTION_PREFIX, caption, CAPRL_PRISM_CAPTION_SUFFIX);
+        char *pprompt = caprl_xasprintf("%s%s%s", cap_part, bq, CAPRL_PRISM_SIMPLE_PROMPT_TAIL);
+        char  guess = letter == 'F' ? (char)('A' + caprl_rng_below(&r, CAPRL_SYNTH_N_OPTIONS)) : letter;
+        sb_printf(b, "{\"id\": \"%s-p%d\", \"kind\": \"prism-%s\", \"prompt\": ", id, (int)k, kinds[kind]);
+        json_str(b, pprompt);
+        sb_printf(b, ", \"completion\": \"<answer>\\\\boxed{%c}</answer>\"}\n", guess);
+        free(pprompt);
+        free(cap_part);
+        free(bq);
         free(qs);
         free(caption);
         w->sum.n_reader_records++;
+    }
+}
+
+/* The curation model's SFT records of one training image, in the form `caprl qa filter` asks: every question
+ * (valid and leaky) once with the image, options shuffled plus "E) None of the above", answered with the gold
+ * letter; and once without the image, answered with the gold letter when the wording gives it away (leaky) and
+ * "None" otherwise, as a model that knows it cannot see the picture would. */
+static void put_filter_records(writer *w, int64_t index, const char *id, const char *image,
+                               const caprl_synth_question *q, int32_t n_q) {
+    sbuf     *b = &w->f[F_SFT_FILTER].b;
+    caprl_rng r;
+    caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_FILTER);
+    for (int32_t k = 0; k < n_q; k++) {
+        for (int32_t with_image = 1; with_image >= 0; with_image--) {
+            int32_t order[CAPRL_SYNTH_N_OPTIONS] = {0, 1, 2, 3};
+            for (int32_t i = CAPRL_SYNTH_N_OPTIONS - 1; i > 0; i--) {
+                int32_t j = (int32_t)caprl_rng_below(&r, (uint64_t)(i + 1));
+                int32_t t = order[i];
+                order[i] = order[j];
+                order[j] = t;
+            }
+            char letter = 0;
+            for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
+                letter = order[i] == q[k].gold ? (char)('A' + i) : letter;
+            }
+            char *qs = caprl_synth_question_string(&q[k], order, false);
+            char *user = caprl_xasprintf("%s%s. Answer the question with only the correct letter", qs,
+                                         with_image ? "\n   - E) None of the above" : "");
+            sb_printf(b, "{\"id\": \"%s-f%d%s\", ", id, (int)k, with_image ? "i" : "t");
+            if (with_image) {
+                sb_puts(b, "\"image\": ");
+                json_str(b, image);
+                sb_puts(b, ", ");
+            }
+            sb_puts(b, "\"messages\": [{\"role\": \"user\", \"content\": ");
+            json_str(b, user);
+            char answer[8];
+            snprintf(answer, sizeof answer, "%c", letter);
+            sb_puts(b, "}, {\"role\": \"assistant\", \"content\": ");
+            json_str(b, with_image || q[k].leaky ? answer : "None");
+            sb_puts(b, "}]}\n");
+            free(user);
+            free(qs);
+        }
     }
 }
 
@@ -512,6 +582,7 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
         json_str(c, shrt);
         sb_puts(c, "}]}\n");
         put_reader_records(w, i, id, &s, q, n_q, short_listed);
+        put_filter_records(w, i, id, image, q, n_q);
         for (int32_t k = 0; k < n_q; k++) {
             w->sum.n_train_questions++;
             w->sum.n_leaky += q[k].leaky ? 1 : 0;
@@ -519,7 +590,7 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
     } else {
         put_qa_record(&w->f[F_TEST_QA].b, id, image, q, n_q, false);
         for (int32_t k = 0; k < n_q; k++) {
-            char *bq = caprl_synth_question_bench(&q[k]);
+            char *bq = caprl_synth_question_bench(&q[k], NULL);
             sbuf *b = &w->f[F_BENCH].b;
             sb_printf(b, "{\"id\": \"%s-q%d\", \"image\": ", id, (int)k);
             json_str(b, image);
@@ -542,7 +613,7 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
 
 static caprl_status write_text(writer *w, caprl_error *err) {
     CAPRL_TRY(open_files(w, err));
-    corpus_header(&w->f[F_CORPUS].b);
+    corpus_header(&w->f[F_CORPUS].b, w->p->reader_template);
     sb_puts(&w->f[F_LEAKY].b, "{\"leaky\": [");
     for (int32_t split = 0; split < 2; split++) {
         int64_t n = split == CAPRL_SYNTH_SPLIT_TRAIN ? w->p->n_train : w->p->n_test;

@@ -31,7 +31,7 @@
 
 static char g_dir[1024];
 
-#define N_CAPS    4
+#define N_CAPS    3
 #define SEED      3
 #define N_ITEMS   6
 #define MISSING   4 /* the item whose image does not exist */
@@ -436,7 +436,7 @@ int main(void) {
     }
     snprintf(base, sizeof base,
              "%s eval prism --captioner %s/cap --reader %s/reader --bench %s/b/bench.jsonl --tag t --step 7 "
-             "-n %d --max-new-tokens 6 --reader-max-new-tokens 16 --seed %d --threads 1",
+             "-n %d --max-new-tokens 4 --reader-max-new-tokens 16 --seed %d --threads 1",
              CAPRL_CLI, tmp, tmp, tmp, N_CAPS, SEED);
 
     /* the reference (each run loads the tokenizer of each model it uses, about a second each, so the runs are

@@ -259,7 +259,8 @@ int main(void) {
     CHECK(stderr_has("tmpl_bad.txt") && stderr_has("two {} placeholders"));
 
     /* an unmatched caption: refused with file:line, the existing output untouched; --skip-bad skips it */
-    write_text("caps_bad.jsonl", "{\"id\": \"b\", \"caption\": \"x\"}\n{\"image\": \"imgs/zzz.png\", \"caption\": \"y\"}\n"
+    write_text("caps_bad.jsonl", "{\"id\": \"b\", \"caption\": \"x\"}\n"
+                                 "{\"image\": \"imgs/zzz.png\", \"caption\": \"y\"}\n"
                                  "{\"id\": \"b\", \"captions\": \"not an array\"}\n");
     write_text("keep.jsonl", "old\n");
     CHECK_EQ_I64(reward("keep.jsonl", "caps_bad.jsonl", ""), 2);

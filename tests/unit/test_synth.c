@@ -11,6 +11,8 @@
 #include <jansson.h>
 #include <sys/stat.h>
 
+#include "caprl/eval.h"
+#include "core/error_impl.h"
 #include "caprl/image.h"
 #include "caprl_test.h"
 #include "data/synth_impl.h"
@@ -346,7 +348,9 @@ static int color_at(const uint8_t *px, int size, int x, int y) {
             return c;
         }
     }
-    return memcmp(px + 3 * (y * size + x), caprl_synth_background, 3) == 0 ? -1 : -2;
+    uint8_t bg[3];
+    caprl_synth_background((y * CAPRL_SYNTH_GRID / size) * CAPRL_SYNTH_GRID + x * CAPRL_SYNTH_GRID / size, bg);
+    return memcmp(px + 3 * (y * size + x), bg, 3) == 0 ? -1 : -2;
 }
 
 /* Object geometry from the header's description, in float64: the cell centre and the half extent. */
@@ -550,7 +554,7 @@ static void test_questions(void) {
     tq      t;
     CHECK(parse_question(qs, &t, false) && t.has_f && t.n_opt == 4 && strcmp(t.opt[0], q[0].options[3]) == 0);
     free(qs);
-    char *bq = caprl_synth_question_bench(&q[0]);
+    char *bq = caprl_synth_question_bench(&q[0], NULL);
     CHECK(parse_question(bq, &t, true) && !t.has_f && t.n_opt == 4 && strcmp(t.opt[2], q[0].options[2]) == 0);
     free(bq);
 }
@@ -664,11 +668,48 @@ static void check_qa_file(json_t *qa, json_t *dense, bool allow_leaky, int *n_le
     }
 }
 
+/* A Prism-form record follows each CapRL-form one: the same caption and option order as `caprl eval prism` asks a
+ * simple-JSONL question, answered with the same letter (or a guess among A-D where the CapRL record says F). */
+static void check_prism_record(json_t *rec, json_t *prev) {
+    const char *prompt = jstr(rec, "prompt"), *completion = jstr(rec, "completion");
+    const char *pprompt = jstr(prev, "prompt"), *pcompletion = jstr(prev, "completion");
+    const char *cs = strstr(pprompt, "<Caption Start> ");
+    while (cs && strstr(cs + 16, "<Caption Start> ")) {
+        cs = strstr(cs + 16, "<Caption Start> ");
+    }
+    const char *ce = cs ? strstr(cs, " <Caption End>") : NULL;
+    CHECK(cs && ce);
+    if (!cs || !ce) {
+        return;
+    }
+    char *caption = strndup(cs + 16, (size_t)(ce - cs - 16));
+    char *head = caprl_xasprintf("%s%s%s", CAPRL_PRISM_CAPTION_PREFIX, caption, CAPRL_PRISM_CAPTION_SUFFIX);
+    CHECK(strncmp(prompt, head, strlen(head)) == 0);
+    size_t tail = strlen(CAPRL_PRISM_SIMPLE_PROMPT_TAIL);
+    CHECK(strlen(prompt) > tail && strcmp(prompt + strlen(prompt) - tail, CAPRL_PRISM_SIMPLE_PROMPT_TAIL) == 0);
+    char letter = 0;
+    CHECK(sscanf(completion, "<answer>\\boxed{%c}</answer>", &letter) == 1 && letter >= 'A' && letter <= 'D');
+    if (pcompletion[1] != 'F') {
+        CHECK(letter == pcompletion[1]);
+    }
+    free(head);
+    free(caption);
+}
+
 static void check_reader_records(json_t *reader, json_t *dense) {
-    int n_f = 0;
+    int    n_f = 0;
+    size_t n = 0;
     for (size_t i = 0; i < json_array_size(reader); i++) {
         json_t     *rec = json_array_get(reader, i);
         const char *prompt = jstr(rec, "prompt"), *completion = jstr(rec, "completion");
+        if (strncmp(jstr(rec, "kind"), "prism-", 6) == 0) {
+            CHECK(i > 0);
+            if (i > 0) {
+                check_prism_record(rec, json_array_get(reader, i - 1));
+            }
+            continue;
+        }
+        n++;
         /* the filled caption and question: after the template's last "<Caption Start> " */
         const char *cs = prompt, *next;
         while ((next = strstr(cs, "<Caption Start> "))) {
@@ -707,7 +748,6 @@ static void check_reader_records(json_t *reader, json_t *dense) {
         free(question);
     }
     /* both targets are well represented */
-    size_t n = json_array_size(reader);
     CHECK_MSG(n_f * 5 > (int)n && n_f * 5 < 4 * (int)n, "%d of %zu reader targets are F", n_f, n);
 }
 
@@ -832,7 +872,7 @@ static void check_world(const char *dir, const caprl_synth_params *p) {
         tcap c;
         CHECK(parse_caption(jstr(json_array_get(shrt, i), "caption"), &c) && c.n >= 1 && c.n <= 2 && c.count < 0);
     }
-    CHECK_EQ_I64(json_array_size(reader), (int64_t)p->n_train * p->qa_per_image);
+    CHECK_EQ_I64(json_array_size(reader), 2 * (int64_t)p->n_train * p->qa_per_image);
     check_reader_records(reader, dense);
 
     /* The corpus holds every caption. */

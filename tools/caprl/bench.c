@@ -403,16 +403,17 @@ static caprl_status reward_bench_run(caprl_reader *r, const caprl_reward_item *i
 static int bench_reward(int argc, char **argv) {
     static const cmd_info info = {
         "bench reward",
-        "caprl bench reward [--threads N] [--captions N] [--caption-tokens T] [--n-questions N] [--dtype f32|bf16]"
-        " [--tokenizer FILE] [--json] [--quick]",
+        "caprl bench reward [--threads N] [--captions N] [--caption-tokens T] [--n-questions N] [--repeat R]"
+        " [--dtype f32|bf16] [--tokenizer FILE] [--json] [--quick]",
         "The CapRL reward in expected mode with prefix-shared KV caches against a naive pass that runs every\n"
         "question's whole prompt, on a Qwen2.5-0.5B-shaped reader with random weights and the real Qwen tokenizer.",
         "Both runs score the same captions (English-like text of about --caption-tokens tokens) against the same\n"
         "draws of --n-questions questions (five four-option questions per image, shuffled, F appended). Reader\n"
-        "tokens are every token run through the model (the cached run includes its one-time fixed prefix); the\n"
-        "times include tokenization and, for the cached run, creating the KV cache. The largest difference of the\n"
-        "two runs' p(gold) is printed as a check. --quick: a 2-layer reader with the same vocabulary (smoke test)."};
-    int32_t     threads = 0, n_cap = 2, T = 300, nq = 8;
+        "tokens are every token run through the model (the cached run includes its one-time fixed prefix); times\n"
+        "include tokenization (and the first cached run creating the KV cache). The two runs alternate --repeat\n"
+        "times and each keeps its fastest time. The largest difference of the two runs' p(gold) is printed as a\n"
+        "check. --quick: a 2-layer reader with the same vocabulary (smoke test)."};
+    int32_t     threads = 0, n_cap = 2, T = 300, nq = 8, repeat = 2;
     bool        json = false, quick = false;
     const char *dtype_name = "bf16", *tok_path = "../shared/data/qwen-tokenizer/tokenizer.json";
     opt_spec    specs[] = {
@@ -420,6 +421,7 @@ static int bench_reward(int argc, char **argv) {
         {"captions", OPT_INT, &n_cap, "captions scored by each run", 1, 4096, "N", 0},
         {"caption-tokens", OPT_INT, &T, "caption length in tokens", 1, 8192, "T", 0},
         {"n-questions", OPT_INT, &nq, "questions per caption", 1, 64, "N", 0},
+        {"repeat", OPT_INT, &repeat, "alternating runs of each; the fastest counts", 1, 100, "R", 0},
         {"dtype", OPT_STRING, &dtype_name, "reader weights: f32 or bf16", 0, 0, "T", 0},
         {"tokenizer", OPT_STRING, &tok_path, "the Qwen tokenizer.json", 0, 0, "FILE", 0},
         {"json", OPT_FLAG, &json, "print the figures as one JSON object", 0, 0, NULL, 0},
@@ -430,7 +432,9 @@ static int bench_reward(int argc, char **argv) {
     if (rc) {
         return rc < 0 ? EXIT_OK : rc;
     }
-    int32_t dtype = strcmp(dtype_name, "f32") == 0 ? CAPRL_DTYPE_F32 : strcmp(dtype_name, "bf16") == 0 ? CAPRL_DTYPE_BF16 : -1;
+    int32_t dtype = strcmp(dtype_name, "f32") == 0    ? CAPRL_DTYPE_F32
+                    : strcmp(dtype_name, "bf16") == 0 ? CAPRL_DTYPE_BF16
+                                                      : -1;
     if (dtype < 0) {
         return tool_usage_error(info.name, "--dtype must be f32 or bf16");
     }
@@ -481,15 +485,30 @@ static int bench_reward(int argc, char **argv) {
     caprl_reward_params p = caprl_reward_default_params();
     p.mode = CAPRL_REWARD_EXPECTED;
     p.n_questions = nq;
-    reward_run cached = {0}, naive = {0};
-    if (st == CAPRL_OK) {
-        fprintf(stderr, "bench reward: expected mode, prefix-cached, %d captions x %d questions...\n", n_cap, nq);
-        st = reward_bench_run(r, items, n_cap, &p, res_c, &cached, &err);
-    }
-    if (st == CAPRL_OK) {
-        fprintf(stderr, "bench reward: expected mode, naive full prompts...\n");
+    /* the runs alternate and each keeps its fastest time: a shared machine's load then hits both alike */
+    reward_run cached = {1e30, 0}, naive = {1e30, 0};
+    for (int32_t rep = 0; rep < repeat && st == CAPRL_OK; rep++) {
+        reward_run run = {0};
+        fprintf(stderr, "bench reward: expected mode, prefix-cached, %d captions x %d questions (run %d of %d)...\n",
+                n_cap, nq, rep + 1, repeat);
+        p.prefix_cache = true;
+        for (int32_t i = 0; rep > 0 && i < n_cap; i++) {
+            caprl_reward_result_clear(&res_c[i]);
+        }
+        st = reward_bench_run(r, items, n_cap, &p, res_c, &run, &err);
+        cached.seconds = run.seconds < cached.seconds ? run.seconds : cached.seconds;
+        cached.tokens = rep == 0 ? run.tokens : cached.tokens; /* later runs reuse the fixed prefix */
+        if (st != CAPRL_OK) {
+            break;
+        }
+        fprintf(stderr, "bench reward: expected mode, naive full prompts (run %d of %d)...\n", rep + 1, repeat);
         p.prefix_cache = false;
-        st = reward_bench_run(r, items, n_cap, &p, res_n, &naive, &err);
+        for (int32_t i = 0; rep > 0 && i < n_cap; i++) {
+            caprl_reward_result_clear(&res_n[i]);
+        }
+        st = reward_bench_run(r, items, n_cap, &p, res_n, &run, &err);
+        naive.seconds = run.seconds < naive.seconds ? run.seconds : naive.seconds;
+        naive.tokens = run.tokens;
     }
     for (int32_t i = 0; st == CAPRL_OK && i < n_cap; i++) {
         for (int32_t k = 0; k < nq; k++) {
@@ -521,14 +540,17 @@ static int bench_reward(int argc, char **argv) {
     double nqs = (double)n_cap * nq;
     double qps_c = nqs / cached.seconds, qps_n = nqs / naive.seconds;
     double tok_ratio = (double)naive.tokens / (double)cached.tokens, speed = qps_c / qps_n;
+    /* in a long run the fixed prefix is spent once for thousands of captions */
+    double tok_ratio_amortized = (double)naive.tokens / (double)(cached.tokens - prefix);
     if (json) {
         printf("{\"dtype\": \"%s\", \"threads\": %d, \"captions\": %d, \"caption_tokens\": %.1f, \"n_questions\": %d, "
-               "\"prefix_tokens\": %d, \"cached_tokens\": %lld, \"naive_tokens\": %lld, \"token_ratio\": %.2f, "
-               "\"cached_seconds\": %.3f, \"naive_seconds\": %.3f, \"cached_questions_per_s\": %.3f, "
-               "\"naive_questions_per_s\": %.3f, \"speedup\": %.2f, \"max_p_gold_diff\": %.3g}\n",
-               caprl_dtype_name(dtype), n_threads, n_cap, mean_tokens, nq, prefix,
-               (long long)cached.tokens, (long long)naive.tokens, tok_ratio, cached.seconds, naive.seconds, qps_c,
-               qps_n, speed, max_diff);
+               "\"repeat\": %d, \"prefix_tokens\": %d, \"cached_tokens\": %lld, \"naive_tokens\": %lld, "
+               "\"token_ratio\": %.2f, \"token_ratio_prefix_amortized\": %.2f, \"cached_seconds\": %.3f, "
+               "\"naive_seconds\": %.3f, \"cached_questions_per_s\": %.3f, \"naive_questions_per_s\": %.3f, "
+               "\"speedup\": %.2f, \"max_p_gold_diff\": %.3g}\n",
+               caprl_dtype_name(dtype), n_threads, n_cap, mean_tokens, nq, repeat, prefix, (long long)cached.tokens,
+               (long long)naive.tokens, tok_ratio, tok_ratio_amortized, cached.seconds, naive.seconds, qps_c, qps_n,
+               speed, max_diff);
     } else {
         printf("reward, expected mode: %s reader (Qwen2.5-0.5B shape%s), %d captions of %.0f tokens x %d questions\n",
                caprl_dtype_name(dtype), quick ? ", --quick: 2 layers" : "", n_cap, mean_tokens, nq);
@@ -536,9 +558,9 @@ static int bench_reward(int argc, char **argv) {
                (long long)cached.tokens, prefix, cached.seconds, qps_c);
         printf("  naive          %8lld reader tokens                          %7.2f s  %7.3f questions/s\n",
                (long long)naive.tokens, naive.seconds, qps_n);
-        printf("  ratio          %8.2fx fewer tokens                           %7.2fx more questions/s"
+        printf("  ratio          %8.2fx fewer tokens (%.2fx with the prefix amortized)  %7.2fx more questions/s"
                "  (max |p_gold diff| %.2g)\n",
-               tok_ratio, speed, max_diff);
+               tok_ratio, tok_ratio_amortized, speed, max_diff);
     }
     return EXIT_OK;
 }

@@ -370,7 +370,8 @@ static json_t *caption_error_record(const image_entry *im, const char *msg) {
 }
 
 /* Captions the images us[0..count) (decoded in imgs, all with the same pixel bounds) and appends their records. */
-static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *imgs, int32_t count) {
+static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *imgs, int32_t count,
+                         const char *instruction) {
     caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
     int32_t           ns = count * p->n;
     int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
@@ -378,8 +379,8 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
     gen_buf_init(&g, ns, p->n, s->gp.max_new_tokens);
     for (int32_t i = 0; i < count; i++) {
         reqs[i].image = &imgs[i];
-        reqs[i].prompt = CAPTION_TEXT;
-        reqs[i].system = ""; /* raw ChatML with no system turn, as released */
+        reqs[i].prompt = instruction ? instruction : CAPTION_TEXT;
+        reqs[i].system = instruction ? NULL : ""; /* released: raw ChatML with no system turn */
         reqs[i].stream_id = (uint64_t)us[i];
     }
     caprl_preprocess_config pp = s->pp;
@@ -397,7 +398,7 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
         rc = tool_fail(CMD, st, err.msg); /* the machine's problem: no records, a rerun does them */
     } else if (st != CAPRL_OK && count > 1) {
         for (int32_t i = 0; i < count && rc == 0; i++) { /* one image may have sunk the batch */
-            rc = caption_batch(p, s, &us[i], &imgs[i], 1);
+            rc = caption_batch(p, s, &us[i], &imgs[i], 1, instruction);
         }
     } else {
         const caprl_tokenizer *tok = caprl_model_tokenizer(s->model);
@@ -447,6 +448,7 @@ static bool same_bounds(const image_entry *a, const image_entry *b) {
 
 typedef struct stage1_opts {
     const char *captioner;
+    const char *instruction; /* NULL: the released raw prompt; else this text in the chat template (default system) */
     int32_t     threads, batch, max_new;
     float       temperature, top_p;
     uint64_t    seed;
@@ -555,7 +557,7 @@ static int run_stage1(prism *p, const stage1_opts *o) {
                 us[count++] = u;
             }
             if (count > 0 && rc == 0) {
-                rc = caption_batch(p, &s, us, imgs, count);
+                rc = caption_batch(p, &s, us, imgs, count, o->instruction);
             }
             for (int32_t i = 0; i < count; i++) {
                 caprl_image_free(&imgs[i]);
@@ -769,11 +771,20 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
     if (rc == 0) {
         rc = scan_stage_files(p, "answers", own, fd, scan_answers);
     }
+    stage2 s;
+    memset(&s, 0, sizeof s);
+    if (rc == 0) {
+        s.out = fdopen(fd, "ab");
+        if (!s.out) {
+            fprintf(stderr, "caprl %s: error: %s: cannot open for appending: %s\n", CMD, own, strerror(errno));
+            rc = EXIT_DATA;
+        } else {
+            fd = -1; /* now closed with s.out */
+        }
+    }
     int64_t     *todo = calloc((size_t)(p->bench.n_items > 0 ? p->bench.n_items : 1), sizeof *todo);
     int64_t      n_todo = 0, n_shard = 0, n_missing = 0, n_uncaptioned = 0;
     const char  *first_missing = NULL;
-    stage2       s;
-    memset(&s, 0, sizeof s);
     for (int64_t i = 0; rc == 0 && i < p->bench.n_items; i++) {
         const image_entry *im = &p->images[p->item_image[i]];
         if (p->item_image[i] % p->shard_k != p->shard_i) {
@@ -793,14 +804,9 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
             json_object_set_new(rec, "id", json_string(p->bench.items[i].id));
             json_object_set_new(rec, "error", json_sprintf("no captions: %s",
                                                            json_string_value(json_object_get(im->caps, "error"))));
-            {
-                if (!s.out && (s.out = fdopen(fd, "ab")) != NULL) {
-                    fd = -1;
-                }
-                p->answers[i] = json_incref(rec);
-                rc = s.out ? tool_jsonl_write(CMD, s.out, rec) : EXIT_DATA;
-                n_uncaptioned++;
-            }
+            p->answers[i] = json_incref(rec);
+            rc = tool_jsonl_write(CMD, s.out, rec);
+            n_uncaptioned++;
         } else {
             todo[n_todo++] = i;
         }
@@ -829,15 +835,6 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
         if (rc == 0 && !caprl_model_tokenizer(s.model)) {
             fprintf(stderr, "caprl %s: error: %s: the reader has no tokenizer.json\n", CMD, o->reader);
             rc = EXIT_DATA;
-        }
-    }
-    if (rc == 0 && n_todo > 0 && !s.out) {
-        s.out = fdopen(fd, "ab");
-        if (!s.out) {
-            fprintf(stderr, "caprl %s: error: %s: cannot open for appending: %s\n", CMD, own, strerror(errno));
-            rc = EXIT_DATA;
-        } else {
-            fd = -1;
         }
     }
     if (rc == 0 && n_todo > 0) {
@@ -1032,7 +1029,7 @@ int cmd_eval_prism(int argc, char **argv) {
         "writes the results. Caption k of image u samples with random stream u*n+k, answer k of item i with i*n+k:\n"
         "results do not depend on batching, sharding or resuming."};
     const char *captioner = NULL, *reader = NULL, *bench_path = NULL, *tag = NULL, *out_dir = NULL, *shard = NULL;
-    const char *rule_name = NULL;
+    const char *rule_name = NULL, *instruction = NULL;
     int32_t     n = 4, stage = 0, max_new = 2048, reader_max_new = 2048, threads = 0, batch = 1, reader_batch = 8;
     float       temperature = 1.0f, top_p = 1.0f, reader_temperature = 1.0f, reader_top_p = 1.0f;
     int64_t     seed = 0, step = 0;
@@ -1046,6 +1043,9 @@ int cmd_eval_prism(int argc, char **argv) {
         {"n-captions", OPT_INT, &n, "captions per image (answers per question)", 1, 1024, "N", 'n'},
         {"stage", OPT_INT, &stage, "run only stage 1 (captions) or 2 (answers and results); 0 = both", 0, 2, "S", 0},
         {"step", OPT_I64, &step, "step number in the result file names", 0, 9.2e18, "N", 0},
+        {"instruction", OPT_STRING, &instruction, "stage 1: caption with this request in the captioner's chat template "
+                                                  "(default system turn) instead of the released raw prompt (for "
+                                                  "captioners trained with it, e.g. by caprl train)", 0, 0, "TEXT", 0},
         {"temperature", OPT_FLOAT, &temperature, "captioner sampling temperature (0 = greedy)", 0, 100, "T", 0},
         {"top-p", OPT_FLOAT, &top_p, "captioner nucleus mass in (0, 1]", 1e-6, 1, "P", 0},
         {"max-new-tokens", OPT_INT, &max_new, "caption length limit in tokens", 1, 1 << 20, "M", 0},
@@ -1107,14 +1107,15 @@ int cmd_eval_prism(int argc, char **argv) {
         snprintf(bench_abs, sizeof bench_abs, "%s", bench_path);
     }
     if (rc == 0 && stage != 2) {
-        json_t *mine = json_pack("{s:s, s:I, s:o, s:i, s:f, s:f, s:i, s:I}", "bench", bench_abs, "items",
+        json_t *mine = json_pack("{s:s, s:I, s:o, s:i, s:f, s:f, s:i, s:I, s:s?}", "bench", bench_abs, "items",
                                  (json_int_t)p.bench.n_items, "captioner", dir_json(captioner), "n_captions", (int)n,
                                  "temperature", tool_typed_float(temperature), "top_p", tool_typed_float(top_p),
-                                 "max_new_tokens", (int)max_new, "seed", (json_int_t)seed);
+                                 "max_new_tokens", (int)max_new, "seed", (json_int_t)seed, "instruction",
+                                 instruction);
         rc = check_settings(&p, "stage1", mine);
         json_decref(mine);
         if (rc == 0) {
-            stage1_opts o = {captioner, threads, batch, max_new, temperature, top_p, (uint64_t)seed};
+            stage1_opts o = {captioner, instruction, threads, batch, max_new, temperature, top_p, (uint64_t)seed};
             rc = run_stage1(&p, &o);
         }
     }

@@ -90,8 +90,8 @@ int cmd_init_model(int argc, char **argv) {
         {"out", OPT_STRING, &out, "output directory (created)", 0, 0, "DIR", 0},
         {"preset", OPT_STRING, &preset, "model shape: tiny, tiny-vl or qwen2.5-0.5b", 0, 0, "NAME", 0},
         {"layers", OPT_INT, &layers, "override the number of layers (0 = preset's)", 0, 1024, "N", 0},
-        {"vocab-size", OPT_INT, &vocab, "override the vocabulary size (0 = preset's, or the --tokenizer's size "
-                                        "rounded up to 64 when it is smaller)", 0, 1 << 24, "N", 0},
+        {"vocab-size", OPT_INT, &vocab, "override the vocabulary size (0 = preset's; -1 = the --tokenizer's size "
+                                        "rounded up to 64)", -1, 1 << 24, "N", 0},
         {"hidden", OPT_INT, &hidden, "override the hidden size", 0, 1 << 16, "N", 0},
         {"intermediate", OPT_INT, &inter, "override the MLP width", 0, 1 << 18, "N", 0},
         {"heads", OPT_INT, &heads, "override the attention heads", 0, 1024, "N", 0},
@@ -171,7 +171,7 @@ int cmd_init_model(int argc, char **argv) {
             return tool_fail(info.name, st, err.msg);
         }
         int32_t n_tok = caprl_tokenizer_n_tokens(tok);
-        if (vocab == 0 && n_tok < cfg.vocab_size) {
+        if (vocab < 0) {
             vocab = (n_tok + 63) / 64 * 64;
         }
         static const char *const names[] = {"<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>",
@@ -193,6 +193,9 @@ int cmd_init_model(int argc, char **argv) {
             cfg.vision_start_token_id = ids[3];
             cfg.vision_end_token_id = ids[4];
         }
+    }
+    if (vocab < 0) {
+        return tool_usage_error(info.name, "--vocab-size -1 needs --tokenizer");
     }
     if (vocab > 0) {
         cfg.vocab_size = vocab;

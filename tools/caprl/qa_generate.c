@@ -188,12 +188,13 @@ int cmd_qa_generate(int argc, char **argv) {
         "with the image and \"Here is the image\"; temperature 0.1, top-p 1, repetition penalty 1.05, at most 2048\n"
         "new tokens. LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, or JSON\n"
         "Lines with an \"image\" field (other fields are copied to the output); relative paths are relative to\n"
-        "LIST's folder. Output: {\"id\", \"image\", \"response\", \"tokens\", \"finish\"} (\"id\" is the list\n"
-        "record's own id, else the image as written), or {\"id\", \"image\", \"error\"} for an image that could not\n"
-        "be read; `caprl qa parse` turns the responses into QA records. Rerunning the same command resumes: images\n"
-        "already in the output are skipped and a torn last line from a killed run is removed; a second process on\n"
-        "the same output is refused. --shard i/k takes every k-th image starting at i. Image i (its position in\n"
-        "LIST) samples with random stream i: results do not depend on batching, sharding or resuming."};
+        "LIST's folder. Output: {\"id\", \"image\", \"response\", \"tokens\", \"finish\"}, or {\"id\", \"image\",\n"
+        "\"error\"} for an image that could not be read; \"id\" is the list record's own id, else the image as\n"
+        "listed; \"image\" is the listed path when the output sits in LIST's folder, else absolute, so that later\n"
+        "stages find it. `caprl qa parse` turns the responses into QA records. Rerunning the same command resumes:\n"
+        "images already in the output are skipped and a torn last line from a killed run is removed; a second\n"
+        "process on the same output is refused. --shard i/k takes every k-th image starting at i. Image i (its\n"
+        "position in LIST) samples with random stream i: results do not depend on batching, sharding or resuming."};
     const char *vlm_dir = NULL, *list = NULL, *out_path = NULL, *shard = NULL, *alpha = "white";
     int32_t     batch = 1, max_new = 2048, threads = 0;
     float       temperature = 0.1f, top_p = 1.0f, rep = 1.05f;

@@ -10,7 +10,7 @@ int cmd_synth(int argc, char **argv) {
     static const cmd_info info = {
         "synth",
         "caprl synth --out DIR [--train N] [--test M] [--seed S] [--size PX] [--min-objects A] [--max-objects B]\n"
-        "            [--leaky-per-image K] [--qa-per-image Q] [--threads T]",
+        "            [--leaky-per-image K] [--qa-per-image Q] [--reader-template FILE] [--threads T]",
         "Write a synthetic world of coloured shapes for the demo: PNG scenes, multiple-choice questions from their\n"
         "ground truth (with planted leaky ones), dense and short captions, SFT data for a captioner and a reader,\n"
         "a held-out Prism benchmark and a text corpus for a tokenizer.",
@@ -22,7 +22,7 @@ int cmd_synth(int argc, char **argv) {
         "(4 shapes, 6 colours, 2 sizes). The output is the same bytes for the same options at any --threads.\n"
         "Exit codes: 0 ok, 1 usage (including values out of range), 2 the directory cannot be written."};
     caprl_synth_params p = caprl_synth_default_params();
-    const char        *out = NULL;
+    const char        *out = NULL, *tmpl_path = NULL;
     int64_t            seed = 0;
     opt_spec           specs[] = {
         {"out", OPT_STRING, &out, "output directory (created)", 0, 0, "DIR", 0},
@@ -35,6 +35,8 @@ int cmd_synth(int argc, char **argv) {
         {"leaky-per-image", OPT_INT, &p.leaky_per_image, "leaky questions planted per training image", 0, 4, "K", 0},
         {"qa-per-image", OPT_INT, &p.qa_per_image, "valid questions per image", 1, 16, "Q", 0},
         {"threads", OPT_INT, &p.n_threads, THREADS_HELP, 0, 4096, "T", 0},
+        {"reader-template", OPT_STRING, &tmpl_path, "reader prompt template file (two {}) for sft_reader.jsonl; "
+                                                  "default: the CapRL prompt", 0, 0, "FILE", 0},
         {0},
     };
     int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
@@ -45,10 +47,20 @@ int cmd_synth(int argc, char **argv) {
         return tool_usage_error(info.name, "--out is required");
     }
     p.seed = (uint64_t)seed;
+    char *tmpl = NULL;
+    if (tmpl_path) {
+        size_t len = 0;
+        rc = tool_read_file(info.name, tmpl_path, 1 << 20, &tmpl, &len);
+        if (rc) {
+            return rc;
+        }
+        p.reader_template = tmpl;
+    }
     caprl_error         err = {0};
     caprl_synth_summary sum = {0};
     double              t0 = tool_now();
     caprl_status        st = caprl_synth_write(out, &p, &sum, &err);
+    free(tmpl);
     if (st != CAPRL_OK) {
         return tool_fail(info.name, st, err.msg);
     }
