@@ -34,8 +34,12 @@ VL_SHAPE=(--preset tiny-vl --hidden 128 --intermediate 384 --layers 2 --heads 4 
 
 "$C" init-model --out "$WORK/captioner0" "${VL_SHAPE[@]}" --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
   --dtype f32 --std 0.05
-"$C" sft --model "$WORK/captioner0" --data "$WORK/world2k/sft_captioner.jsonl" --out "$WORK/captioner-run" \
+"$C" sft --model "$WORK/captioner0" --data "$WORK/world2k/sft_captioner.jsonl" --out "$WORK/captioner-run1" \
   --lr 2e-3 --batch 32 --epochs 12 --warmup 20 --micro-batch-tokens 2048 --save-every 200
+# a second pass at a lower rate from the first one's final checkpoint: the vision tower is the slow learner
+"$C" sft --model "$WORK/captioner-run1/step-768" --data "$WORK/world2k/sft_captioner.jsonl" \
+  --out "$WORK/captioner-run" --lr 1e-3 --batch 32 --epochs 12 --warmup 10 --micro-batch-tokens 2048 \
+  --save-every 256 --seed 1
 
 "$C" init-model --out "$WORK/filter0" "${VL_SHAPE[@]}" --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
   --dtype f32 --std 0.05 --seed 3

@@ -53,7 +53,9 @@ typedef struct caprl_rl_config {
 } caprl_rl_config;
 
 CAPRL_API caprl_rl_config caprl_rl_config_default(void);
-/* Applies the keys of a JSON object (text) to cfg. Unknown keys and bad values are errors naming the key. */
+/* Applies the keys of a JSON object (text) to cfg. Unknown keys, values of the wrong type and bad values are
+ * CAPRL_ERR_INVALID_ARG naming the file and the key (as a wrong flag is); a text that is not a JSON object is
+ * CAPRL_ERR_FORMAT. */
 CAPRL_API caprl_status caprl_rl_config_from_json(caprl_rl_config *cfg, const char *json, size_t n, const char *name,
                                                  caprl_error *err);
 /* Sets one key from its text form (a command-line flag: --group-size 4 is key "group_size", value "4"; booleans

@@ -264,8 +264,15 @@ static bool apply_member(const char *key, const struct json_t *value, void *user
     json_apply     *a = user;
     const key_desc *k = find_key(key);
     if (!k) {
-        a->st = caprl_err_set(a->err, CAPRL_ERR_FORMAT, "%s: unknown key '%s'", a->name, key);
+        a->st = caprl_err_set(a->err, CAPRL_ERR_INVALID_ARG, "%s: unknown key '%s'", a->name, key);
         return false;
+    }
+    if (k->kind == K_STR && caprl_json_is_null(value)) {
+        /* null = unset, as the resolved config writes an optional string that has no value (reader_template) */
+        char **s = (char **)(void *)((char *)a->cfg + k->off);
+        free(*s);
+        *s = NULL;
+        return true;
     }
     char        text[64];
     const char *v = caprl_json_string_value(value);
@@ -284,15 +291,11 @@ static bool apply_member(const char *key, const struct json_t *value, void *user
     }
     if (!v || (k->kind == K_STR && !caprl_json_string_value(value))) {
         char desc[96];
-        a->st = caprl_err_set(a->err, CAPRL_ERR_FORMAT, "%s: key '%s' has the wrong type (%s)", a->name, key,
+        a->st = caprl_err_set(a->err, CAPRL_ERR_INVALID_ARG, "%s: key '%s' has the wrong type (%s)", a->name, key,
                               caprl_json_describe(value, desc, sizeof desc));
         return false;
     }
     a->st = set_from_text(a->cfg, k, v, a->name, a->err);
-    if (a->st != CAPRL_OK) {
-        a->st = CAPRL_ERR_FORMAT;
-        a->err->code = CAPRL_ERR_FORMAT;
-    }
     return a->st == CAPRL_OK;
 }
 

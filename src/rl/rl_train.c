@@ -44,6 +44,7 @@ typedef struct rl_seq {
     int32_t *resp;    /* sampled tokens, eos included when the caption ended on it */
     int32_t  n_resp;
     int32_t  finish;
+    bool     cut;     /* the caption sampled <|image_pad|> and ends before it (see on_token) */
     float    reward;
     float    adv;
     bool     keep;    /* takes part in the update */
@@ -165,22 +166,69 @@ static caprl_status load_policy(const caprl_rl_config *cfg, caprl_model **model,
     return caprl_vision_load(vision, cfg->policy, cfg->n_threads, err);
 }
 
+/* Every setting's range, checked before anything is loaded; the error names the setting as the flag / config key
+ * (a wrong reader_temperature is reported as that, not as the reward's own field name). */
 static caprl_status check_config(const caprl_rl_config *c, caprl_error *err) {
-    const char *missing = !c->policy ? "policy" : !c->reader ? "reader" : !c->data ? "data" : !c->out ? "out" : NULL;
+    const char *missing = !c->policy ? "policy"
+                          : !c->reader ? "reader"
+                          : !c->data   ? "data"
+                          : !c->out    ? "out"
+                          : !c->instruction ? "instruction"
+                                            : NULL;
     if (missing) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "the training setting '%s' is required", missing);
     }
-    if (c->rollout_batch < 1 || c->group_size < 1 || c->max_new_tokens < 1 || c->episodes < 1 ||
-        c->updates_per_rollout < 1 || c->updates_per_rollout > c->rollout_batch || c->micro_batch_tokens < 16 ||
-        !(c->temperature > 0.0f) || !(c->top_p > 0.0f && c->top_p <= 1.0f) || !(c->opt.lr >= 0.0f)) {
-        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
-                             "training settings out of range: rollout_batch, group_size, max_new_tokens, episodes >= 1; "
-                             "1 <= updates_per_rollout <= rollout_batch; micro_batch_tokens >= 16; temperature > 0; "
-                             "0 < top_p <= 1; lr >= 0");
-    }
-    if (c->rl.estimator != CAPRL_ADV_GRPO && c->group_size < 2) {
-        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "advantage '%s' needs group_size >= 2",
-                             c->rl.estimator == CAPRL_ADV_RLOO ? "rloo" : "dr_grpo");
+    const caprl_reward_params *w = &c->reward;
+    const caprl_adamw_params  *o = &c->opt;
+    const caprl_rl_params     *p = &c->rl;
+    const struct {
+        const char *key;
+        bool        ok;
+        double      value;
+        const char *rule;
+    } checks[] = {
+        {"rollout_batch", c->rollout_batch >= 1, c->rollout_batch, ">= 1"},
+        {"group_size", c->group_size >= (p->estimator == CAPRL_ADV_GRPO ? 1 : 2), c->group_size,
+         p->estimator == CAPRL_ADV_GRPO ? ">= 1" : ">= 2 (advantage rloo and dr_grpo compare a group's captions)"},
+        {"temperature", c->temperature > 0.0f && isfinite(c->temperature), c->temperature, "a number > 0"},
+        {"top_p", c->top_p > 0.0f && c->top_p <= 1.0f, c->top_p, "in (0, 1]"},
+        {"max_new_tokens", c->max_new_tokens >= 1, c->max_new_tokens, ">= 1"},
+        {"episodes", c->episodes >= 1, c->episodes, ">= 1"},
+        {"updates_per_rollout", c->updates_per_rollout >= 1 && c->updates_per_rollout <= c->rollout_batch,
+         c->updates_per_rollout, "in [1, rollout_batch]"},
+        {"micro_batch_tokens", c->micro_batch_tokens >= 16, c->micro_batch_tokens, ">= 16"},
+        {"adv_eps", p->adv_eps > 0.0f && isfinite(p->adv_eps), p->adv_eps, "a number > 0"},
+        {"clip_low", p->clip_low >= 0.0f && p->clip_low < 1.0f, p->clip_low, "in [0, 1)"},
+        {"clip_high", p->clip_high >= 0.0f && isfinite(p->clip_high), p->clip_high, "a number >= 0"},
+        {"dual_clip", p->dual_clip == 0.0f || (p->dual_clip > 1.0f && isfinite(p->dual_clip)), p->dual_clip,
+         "0 (off) or a number > 1"},
+        {"kl_coef", p->kl_coef >= 0.0f && isfinite(p->kl_coef), p->kl_coef, "a number >= 0"},
+        {"lr", o->lr >= 0.0f && isfinite(o->lr), o->lr, "a number >= 0"},
+        {"beta1", o->beta1 >= 0.0f && o->beta1 < 1.0f, o->beta1, "in [0, 1)"},
+        {"beta2", o->beta2 >= 0.0f && o->beta2 < 1.0f, o->beta2, "in [0, 1)"},
+        {"adam_eps", o->eps >= 0.0f && isfinite(o->eps), o->eps, "a number >= 0"},
+        {"weight_decay", o->weight_decay >= 0.0f && isfinite(o->weight_decay), o->weight_decay, "a number >= 0"},
+        {"max_grad_norm", isfinite(o->max_grad_norm), o->max_grad_norm, "a number (<= 0: no clipping)"},
+        {"warmup", o->warmup_steps >= 0, o->warmup_steps, ">= 0"},
+        {"min_lr_ratio", o->min_lr_ratio >= 0.0f && o->min_lr_ratio <= 1.0f, o->min_lr_ratio, "in [0, 1]"},
+        {"n_questions", w->n_questions >= 1 && w->n_questions < (1 << 20), w->n_questions, "in [1, 2^20)"},
+        {"tau", w->tau > 0.0f && isfinite(w->tau), w->tau, "a number > 0"},
+        {"reader_temperature", w->temperature > 0.0f && isfinite(w->temperature), w->temperature, "a number > 0"},
+        {"reader_max_tokens", w->max_new_tokens >= 1 && w->max_new_tokens <= 4096, w->max_new_tokens,
+         "in [1, 4096]"},
+        {"length_weight", w->length_weight >= 0.0f && isfinite(w->length_weight), w->length_weight, "a number >= 0"},
+        {"length_l1", w->length_l1 >= 0, w->length_l1, ">= 0"},
+        {"length_l2", w->length_l2 > w->length_l1, w->length_l2, "> length_l1"},
+        {"save_every", c->save_every >= 0, c->save_every, ">= 0 (0: only the last step)"},
+        {"save_total_limit", c->save_total_limit >= 0, c->save_total_limit, ">= 0 (0: keep all)"},
+        {"samples_every", c->samples_every >= 0, c->samples_every, ">= 0 (0: never)"},
+        {"threads", c->n_threads >= 0, c->n_threads, ">= 0 (0: all cores)"},
+    };
+    for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
+        if (!checks[i].ok) {
+            return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "training setting '%s' must be %s, got %.9g",
+                                 checks[i].key, checks[i].rule, checks[i].value);
+        }
     }
     return caprl_reward_params_check(&c->reward, err);
 }
@@ -307,10 +355,16 @@ typedef struct collect {
     rl_run *r;
 } collect;
 
+/* A sampled <|image_pad|> ends the caption without being recorded: the trainer reads every <|image_pad|> of a
+ * sequence as the slot of an image feature, so a caption holding one could not be trained on (a young policy
+ * samples it now and then). The rollout stops that sequence there (it is one of the stop ids) and the caption
+ * counts as truncated: its tokens before the pad carry the loss, the stop itself is not scored. */
 static bool on_token(int32_t prompt, int32_t sample, int32_t token, void *user) {
     rl_run *r = ((collect *)user)->r;
     rl_seq *s = &r->seqs[prompt * r->cfg->group_size + sample];
-    if (s->n_resp < r->cfg->max_new_tokens) {
+    if (token == caprl_model_config(r->policy)->image_token_id) {
+        s->cut = true;
+    } else if (!s->cut && s->n_resp < r->cfg->max_new_tokens) {
         s->resp[s->n_resp++] = token;
     }
     return true;
@@ -329,6 +383,7 @@ static caprl_status rollout(rl_run *r, caprl_error *err) {
     for (int32_t s = 0; s < B * G; s++) {
         r->seqs[s].image = s / G;
         r->seqs[s].n_resp = 0;
+        r->seqs[s].cut = false;
     }
     caprl_generate_params gp = caprl_generate_default_params();
     gp.n_samples = G;
@@ -339,12 +394,19 @@ static caprl_status rollout(rl_run *r, caprl_error *err) {
     gp.sampling.top_p = cfg->top_p;
     gp.sampling.top_k = 0;
     gp.sampling.seed = cfg->seed;
+    /* the model's own stop ids, plus <|image_pad|> (on_token) */
+    const caprl_generation_config *gc = caprl_model_generation_config(r->policy);
+    int32_t                        stop[CAPRL_MAX_EOS + 1];
+    memcpy(stop, gc->eos_ids, (size_t)gc->n_eos * sizeof(int32_t));
+    stop[gc->n_eos] = caprl_model_config(r->policy)->image_token_id;
+    gp.eos_ids = stop;
+    gp.n_eos = gc->n_eos + 1;
     int32_t *finish = caprl_xcalloc((size_t)B * G, sizeof(int32_t));
     collect  c = {.r = r};
     caprl_status st =
         caprl_vl_generate(r->policy, r->vision, &r->pp, reqs, B, &gp, &r->gen_ctx, on_token, &c, finish, NULL, err);
     for (int32_t s = 0; s < B * G && st == CAPRL_OK; s++) {
-        r->seqs[s].finish = finish[s];
+        r->seqs[s].finish = r->seqs[s].cut ? CAPRL_FINISH_LENGTH : finish[s];
     }
     free(finish);
     free(reqs);
@@ -376,13 +438,15 @@ static caprl_status score(rl_run *r, int64_t *reader_tokens, caprl_error *err) {
         items[s].caption_tokens = r->seqs[s].n_resp;
         caprl_reward_result_clear(&r->results[s]);
     }
-    int64_t before = caprl_reader_tokens_total(r->reader);
     caprl_status st = caprl_reward_score(r->reader, items, n, &r->cfg->reward, r->results, err);
     free(items);
     CAPRL_TRY(st);
-    *reader_tokens = caprl_reader_tokens_total(r->reader) - before;
+    /* the captions' own tokens: the reader's fixed prefix, run again whenever its context is (re)created (after a
+     * resume, or when captions grow), is left out so that the figure is a function of the step alone */
+    *reader_tokens = 0;
     for (int32_t s = 0; s < n; s++) {
         r->seqs[s].reward = r->results[s].reward;
+        *reader_tokens += r->results[s].reader_tokens;
     }
     return CAPRL_OK;
 }

@@ -1,16 +1,19 @@
 /* caprl bench: the machine's own ceilings (fp32 FMA peak, bf16 matrix-unit peak, memory bandwidth), then the
  * decoder's speed on a Qwen2.5-0.5B-shaped random model in f32 and bf16, each as a fraction of its ceiling, and
- * the tokenizer's throughput. `caprl bench reward` compares prefix-cached reward scoring with naive full prompts. */
+ * the tokenizer's throughput. `caprl bench reward` compares prefix-cached reward scoring with naive full prompts;
+ * `caprl bench train` measures training steps (forward, backward, AdamW) and their planned memory. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "caprl/bench.h"
 #include "caprl/model.h"
 #include "caprl/reward.h"
 #include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
+#include "caprl/train.h"
 #include "caprl/vision.h"
 #include "commands.h"
 #include "common.h"
@@ -565,6 +568,337 @@ static int bench_reward(int argc, char **argv) {
     return EXIT_OK;
 }
 
+/* ---- caprl bench train --------------------------------------------------------------------------------------- */
+
+typedef struct train_figures {
+    const char *precision;
+    double      best_s, mean_s, phase_s[3]; /* the fastest timed step, the mean, the fastest's forward/backward/AdamW */
+    double      tps, tps_mean, gflops, frac;
+    const char *ceiling;
+    double      ceiling_gflops;
+    double      loss, grad_norm; /* of the first step: a random model's loss is near ln(vocab) */
+    size_t      planned, optimizer, act_off, act_on; /* activations with recompute off and on */
+    int64_t     rss, rss_growth; /* resident bytes after the timed steps, and gained over them; -1 when unknown */
+} train_figures;
+
+/* Resident bytes (/proc/self/statm), or -1 where that file does not exist. */
+static int64_t resident_bytes(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    long  size = 0, resident = -1;
+    if (f) {
+        if (fscanf(f, "%ld %ld", &size, &resident) != 2) {
+            resident = -1;
+        }
+        fclose(f);
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    return resident < 0 || page <= 0 ? -1 : (int64_t)resident * page;
+}
+
+/* Matmul parameters: every projection of every layer and the lm_head (tied or not: it is a matmul either way). */
+static double matmul_params(const caprl_text_config *c) {
+    double C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, D = c->head_dim;
+    double qd = c->n_heads * D, kvd = c->n_kv_heads * D;
+    return c->n_layers * (C * qd + 2 * C * kvd + qd * C + 3 * C * F) + V * C;
+}
+
+/* One step's FLOPs for n_seqs sequences of T tokens: the forward (2 x matmul params x tokens + causal attention)
+ * and the backward (twice the forward), i.e. 6 x matmul params x tokens + 3 x the forward's attention.
+ * Recomputation is not counted: it is overhead, not the model's work. */
+static double train_step_flops(const caprl_text_config *c, int32_t T, int32_t n_seqs) {
+    return 3.0 * prefill_flops(c, T) * n_seqs;
+}
+
+typedef struct train_bench_batch {
+    int32_t          *tokens, *target, *seq_start;
+    float            *logp, *dlogp;
+    caprl_train_batch b;
+} train_bench_batch;
+
+/* n_seqs sequences of T pseudo-random tokens packed back to back. Every position is scored (the next token; at a
+ * sequence's end a token of its own) with the mean-loss coefficient, so the lm_head runs on every row. */
+static void train_bench_batch_init(train_bench_batch *tb, int32_t vocab, int32_t T, int32_t n_seqs) {
+    int32_t n = T * n_seqs;
+    tb->tokens = malloc((size_t)n * sizeof(int32_t));
+    tb->target = malloc((size_t)n * sizeof(int32_t));
+    tb->seq_start = malloc((size_t)(n_seqs + 1) * sizeof(int32_t));
+    tb->logp = malloc((size_t)n * sizeof(float));
+    tb->dlogp = malloc((size_t)n * sizeof(float));
+    uint32_t x = 2463534242u;
+    for (int32_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        tb->tokens[i] = (int32_t)(x % (uint32_t)vocab);
+        tb->dlogp[i] = -1.0f / (float)n;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        tb->target[i] = (i + 1) % T ? tb->tokens[i + 1] : (int32_t)(((int64_t)tb->tokens[i] * 7 + 3) % vocab);
+    }
+    for (int32_t s = 0; s <= n_seqs; s++) {
+        tb->seq_start[s] = s * T;
+    }
+    caprl_train_batch b = {.n_tokens = n, .tokens = tb->tokens, .n_seqs = n_seqs, .seq_start = tb->seq_start,
+                           .target = tb->target};
+    tb->b = b;
+}
+
+static void train_bench_batch_free(train_bench_batch *tb) {
+    free(tb->tokens);
+    free(tb->target);
+    free(tb->seq_start);
+    free(tb->logp);
+    free(tb->dlogp);
+}
+
+/* One optimizer step: forward, backward and AdamW, each phase timed into sec[0..3). */
+static caprl_status train_bench_step(caprl_trainer *tr, caprl_adamw *opt, train_bench_batch *tb, double sec[3],
+                                     double *loss, float *grad_norm, caprl_error *err) {
+    caprl_step_info info = {0};
+    double          t0 = tool_now();
+    caprl_status    st = caprl_trainer_forward(tr, &tb->b, 1.0f, tb->logp, NULL, err);
+    double          t1 = tool_now();
+    if (st == CAPRL_OK) {
+        st = caprl_trainer_backward(tr, tb->dlogp, err);
+    }
+    double t2 = tool_now();
+    if (st == CAPRL_OK) {
+        st = caprl_adamw_step(opt, 1.0f, &info, err);
+    }
+    sec[0] = t1 - t0;
+    sec[1] = t2 - t1;
+    sec[2] = tool_now() - t2;
+    double sum = 0.0;
+    for (int32_t i = 0; i < tb->b.n_tokens; i++) {
+        sum -= (double)tb->logp[i];
+    }
+    *loss = sum / tb->b.n_tokens;
+    *grad_norm = info.grad_norm;
+    return st;
+}
+
+/* The activation bytes a trainer on m plans with the given recompute setting (a trainer made only to be asked;
+ * the model keeps its weights, now in the freed trainer's block). */
+static caprl_status recompute_activation_bytes(caprl_model *m, const caprl_trainer_params *tp, bool recompute,
+                                               size_t *bytes, caprl_error *err) {
+    caprl_trainer_params p = *tp;
+    p.recompute = recompute;
+    caprl_trainer *tr = NULL;
+    caprl_status   st = caprl_trainer_init(&tr, m, NULL, &p, err);
+    *bytes = st == CAPRL_OK ? caprl_trainer_activation_bytes(tr) : 0;
+    caprl_trainer_free(tr);
+    return st;
+}
+
+/* Builds the random model in the precision's natural dtype (f32 weights, or bf16 as a bf16 checkpoint stores
+ * them), plans a trainer, runs one warm-up step (page faults, first touches) and `steps` timed ones. */
+static caprl_status bench_train_run(const caprl_text_config *cfg, int32_t precision, int32_t threads, int32_t T,
+                                    int32_t n_seqs, int32_t steps, bool recompute, const caprl_machine_peaks *peaks,
+                                    train_figures *f, caprl_error *err) {
+    const char *name = precision == CAPRL_PRECISION_BF16 ? "bf16" : "f32";
+    memset(f, 0, sizeof *f);
+    f->precision = name;
+    caprl_model_params mp = caprl_model_default_params();
+    mp.n_threads = threads;
+    caprl_model *m = NULL;
+    fprintf(stderr, "bench train: building the %s model with random weights...\n", name);
+    caprl_status st = caprl_model_init_random(
+        &m, cfg, precision == CAPRL_PRECISION_BF16 ? CAPRL_DTYPE_BF16 : CAPRL_DTYPE_F32, 1, 0.02f, &mp, err);
+    if (st != CAPRL_OK) {
+        return st;
+    }
+    caprl_trainer_params tp = caprl_trainer_default_params();
+    tp.max_tokens = T * n_seqs;
+    tp.max_seqs = n_seqs;
+    tp.precision = precision;
+    tp.recompute = recompute;
+    size_t other = 0;
+    st = recompute_activation_bytes(m, &tp, !recompute, &other, err);
+    caprl_trainer *tr = NULL;
+    caprl_adamw   *opt = NULL;
+    if (st == CAPRL_OK) {
+        st = caprl_trainer_init(&tr, m, NULL, &tp, err);
+    }
+    caprl_adamw_params ap = caprl_adamw_default_params();
+    ap.total_steps = steps + 1;
+    if (st == CAPRL_OK) {
+        st = caprl_adamw_init(&opt, tr, &ap, err);
+    }
+    train_bench_batch tb;
+    train_bench_batch_init(&tb, cfg->vocab_size, T, n_seqs);
+    if (st == CAPRL_OK) {
+        f->planned = caprl_trainer_bytes(tr);
+        f->act_off = recompute ? other : caprl_trainer_activation_bytes(tr);
+        f->act_on = recompute ? caprl_trainer_activation_bytes(tr) : other;
+        for (int32_t i = 0; i < caprl_trainer_n_tensors(tr); i++) {
+            f->optimizer += 2 * sizeof(float) * (size_t)caprl_trainer_tensor(tr, i)->numel; /* AdamW m and v */
+        }
+        fprintf(stderr, "bench train: %s, %d x %d tokens, %.2f GB planned + %.2f GB AdamW moments; warm-up step...\n",
+                name, n_seqs, T, (double)f->planned / 1e9, (double)f->optimizer / 1e9);
+    }
+    double sec[3];
+    float  gn = 0.0f;
+    if (st == CAPRL_OK) {
+        st = train_bench_step(tr, opt, &tb, sec, &f->loss, &gn, err);
+        f->grad_norm = gn;
+    }
+    int64_t rss0 = resident_bytes();
+    f->best_s = 1e30;
+    for (int32_t s = 0; s < steps && st == CAPRL_OK; s++) {
+        fprintf(stderr, "bench train: %s step %d of %d...\n", name, s + 1, steps);
+        double loss = 0.0;
+        st = train_bench_step(tr, opt, &tb, sec, &loss, &gn, err);
+        double dt = sec[0] + sec[1] + sec[2];
+        f->mean_s += dt / steps;
+        if (dt < f->best_s) {
+            f->best_s = dt;
+            memcpy(f->phase_s, sec, sizeof sec);
+        }
+    }
+    int64_t rss1 = resident_bytes();
+    f->rss = rss1;
+    f->rss_growth = rss0 < 0 || rss1 < 0 ? -1 : rss1 - rss0;
+    int32_t n_tokens = T * n_seqs;
+    bool    use_matrix_unit = precision == CAPRL_PRECISION_BF16 && peaks->bf16_matrix_gflops > 0;
+    f->ceiling = use_matrix_unit ? peaks->bf16_unit : "fp32-fma";
+    f->ceiling_gflops = use_matrix_unit ? peaks->bf16_matrix_gflops : peaks->fp32_fma_gflops;
+    f->tps = n_tokens / f->best_s;
+    f->tps_mean = n_tokens / f->mean_s;
+    f->gflops = train_step_flops(cfg, T, n_seqs) / f->best_s / 1e9;
+    f->frac = f->gflops / f->ceiling_gflops;
+    train_bench_batch_free(&tb);
+    caprl_adamw_free(opt);
+    caprl_trainer_free(tr);
+    caprl_model_free(m);
+    return st;
+}
+
+static void print_train_json(const caprl_machine_peaks *p, const caprl_text_config *c, int32_t T, int32_t n_seqs,
+                             int32_t steps, bool recompute, const train_figures *f, int nf) {
+    printf("{\"threads\": %d, \"cpu\": \"%s\", \"fp32_fma_gflops\": %.1f, \"bf16_matrix_gflops\": %.1f, "
+           "\"bf16_unit\": \"%s\", \"mem_bw_gbs\": %.2f, \"hidden\": %d, \"layers\": %d, \"vocab\": %d, "
+           "\"matmul_params\": %.0f, \"seq_len\": %d, \"seqs\": %d, \"tokens_per_step\": %d, \"steps\": %d, "
+           "\"recompute\": %s, \"flops_per_step\": %.10g, \"runs\": [",
+           p->n_threads, p->cpu_features, p->fp32_fma_gflops, p->bf16_matrix_gflops, p->bf16_unit, p->mem_bw_gbs,
+           c->hidden_size, c->n_layers, c->vocab_size, matmul_params(c), T, n_seqs, T * n_seqs, steps,
+           recompute ? "true" : "false", train_step_flops(c, T, n_seqs));
+    for (int i = 0; i < nf; i++) {
+        printf("%s{\"precision\": \"%s\", \"tokens_per_s\": %.6g, \"tokens_per_s_mean\": %.6g, \"step_seconds\": %.6f, "
+               "\"forward_seconds\": %.6f, \"backward_seconds\": %.6f, \"optimizer_seconds\": %.6f, \"gflops\": %.6g, "
+               "\"ceiling\": \"%s\", \"ceiling_gflops\": %.6g, \"fraction\": %.6g, \"loss\": %.6f, "
+               "\"grad_norm\": %.4g, \"planned_bytes\": %zu, \"optimizer_bytes\": %zu, \"step_peak_bytes\": %zu, "
+               "\"activation_bytes\": %zu, \"activation_bytes_recompute\": %zu, \"recompute_saved_bytes\": %zu, "
+               "\"resident_bytes\": %lld, \"rss_growth_bytes\": %lld}",
+               i ? ", " : "", f[i].precision, f[i].tps, f[i].tps_mean, f[i].best_s, f[i].phase_s[0], f[i].phase_s[1],
+               f[i].phase_s[2], f[i].gflops, f[i].ceiling, f[i].ceiling_gflops, f[i].frac, f[i].loss, f[i].grad_norm,
+               f[i].planned, f[i].optimizer, f[i].planned + f[i].optimizer, f[i].act_off, f[i].act_on,
+               f[i].act_off - f[i].act_on, (long long)f[i].rss, (long long)f[i].rss_growth);
+    }
+    printf("]}\n");
+}
+
+static void print_train_table(const caprl_machine_peaks *p, const caprl_text_config *c, int32_t T, int32_t n_seqs,
+                              int32_t steps, bool recompute, const train_figures *f, int nf) {
+    printf("machine (%d threads; %s)\n", p->n_threads, p->cpu_features);
+    printf("  fp32 FMA peak        %8.1f GFLOP/s\n", p->fp32_fma_gflops);
+    printf("  bf16 matrix peak     %8.1f GFLOP/s (%s)\n", p->bf16_matrix_gflops, p->bf16_unit);
+    printf("model: hidden %d, %d layers, vocab %d, %.1fM matmul parameters; %d x %d tokens per step, recompute %s\n",
+           c->hidden_size, c->n_layers, c->vocab_size, matmul_params(c) / 1e6, n_seqs, T, recompute ? "on" : "off");
+    for (int i = 0; i < nf; i++) {
+        printf("%s training (fastest of %d steps after a warm-up)\n", f[i].precision, steps);
+        printf("  step                 %8.1f tok/s  %7.1f GFLOP/s = %5.1f%% of %s peak (mean %.1f tok/s)\n", f[i].tps,
+               f[i].gflops, 100 * f[i].frac, f[i].ceiling, f[i].tps_mean);
+        printf("  phases               forward %.2f s, backward %.2f s, AdamW %.2f s\n", f[i].phase_s[0],
+               f[i].phase_s[1], f[i].phase_s[2]);
+        printf("  memory               %.2f GB planned (params, grads%s, activations %.2f GB) + %.2f GB AdamW"
+               " = %.2f GB\n",
+               (double)f[i].planned / 1e9, strcmp(f[i].precision, "bf16") == 0 ? ", bf16 shadow" : "",
+               (double)(recompute ? f[i].act_on : f[i].act_off) / 1e9, (double)f[i].optimizer / 1e9,
+               (double)(f[i].planned + f[i].optimizer) / 1e9);
+        printf("  recompute            activations %.3f GB -> %.3f GB (saves %.3f GB)\n", (double)f[i].act_off / 1e9,
+               (double)f[i].act_on / 1e9, (double)(f[i].act_off - f[i].act_on) / 1e9);
+        if (f[i].rss >= 0) {
+            printf("  resident             %.2f GB after the timed steps, %+.1f MB over them\n", (double)f[i].rss / 1e9,
+                   (double)f[i].rss_growth / 1e6);
+        }
+    }
+    if (p->bf16_matrix_gflops <= 0 && strcmp(f[nf - 1].precision, "bf16") == 0) {
+        printf("note: no bf16 matrix unit here: bf16 operands are widened to f32, so bf16 is measured against the fp32 "
+               "FMA peak\n");
+    }
+}
+
+static int bench_train(int argc, char **argv) {
+    static const cmd_info info = {
+        "bench train",
+        "caprl bench train [--threads N] [--precision f32|bf16|both] [--seq-len T] [--seqs N] [--steps N]"
+        " [--recompute] [--json] [--quick]",
+        "Training speed: forward + backward + AdamW steps of a Qwen2.5-0.5B-shaped model with random weights, in f32\n"
+        "and in bf16 mixed precision, as a fraction of the machine's ceilings, with the step's planned memory.",
+        "Each step trains on --seqs packed sequences of --seq-len random tokens, every position scored. FLOPs per\n"
+        "step = 6 x matmul parameters (lm_head included) x tokens + 3 x the forward's causal attention (forward and\n"
+        "backward; recomputation is not counted). f32 is measured against the fp32 FMA peak; bf16 against the bf16\n"
+        "matrix unit where the CPU has one, else against the fp32 FMA peak (its operands are widened to f32). One\n"
+        "warm-up step, then the fastest of --steps counts. Memory: everything the trainer plans at init (parameters,\n"
+        "gradients, bf16 shadow, activations) plus the AdamW moments; nothing is allocated inside a step. The\n"
+        "activations are also planned with recompute the other way, for the memory it saves.\n"
+        "--quick: a 2-layer model with an 8192 vocabulary, 2 x 64 tokens, one timed step (a smoke test, not a\n"
+        "measurement)."};
+    int32_t     threads = 0, T = 512, n_seqs = 0, steps = 2;
+    bool        json = false, quick = false, recompute = false;
+    const char *precisions = "both";
+    opt_spec    specs[] = {
+        {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
+        {"precision", OPT_STRING, &precisions, "f32, bf16 or both", 0, 0, "P", 0},
+        {"seq-len", OPT_INT, &T, "tokens per sequence", 2, 32768, "T", 0},
+        {"seqs", OPT_INT, &n_seqs, "sequences per step, one micro-batch (0: 1, with --quick 2)", 0, 64, "N", 0},
+        {"steps", OPT_INT, &steps, "timed steps after the warm-up", 1, 1000, "N", 0},
+        {"recompute", OPT_FLAG, &recompute, "time the steps with activation recomputation", 0, 0, NULL, 0},
+        {"json", OPT_FLAG, &json, "print the figures as one JSON object", 0, 0, NULL, 0},
+        {"quick", OPT_FLAG, &quick, "tiny model, short sequences (smoke test)", 0, 0, NULL, 0},
+        {0},
+    };
+    int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
+    if (rc) {
+        return rc < 0 ? EXIT_OK : rc;
+    }
+    bool do_f32 = strcmp(precisions, "f32") == 0 || strcmp(precisions, "both") == 0;
+    bool do_bf16 = strcmp(precisions, "bf16") == 0 || strcmp(precisions, "both") == 0;
+    if (!do_f32 && !do_bf16) {
+        return tool_usage_error(info.name, "--precision must be f32, bf16 or both, got '%s'", precisions);
+    }
+    if (quick) {
+        T = T > 64 ? 64 : T;
+        steps = steps > 1 ? 1 : steps;
+    }
+    /* one 512-token sequence keeps a full step near a minute on 2 cores; the smoke test packs two */
+    n_seqs = n_seqs > 0 ? n_seqs : quick ? 2 : 1;
+    caprl_text_config cfg = bench_config(quick);
+    caprl_machine_peaks peaks;
+    caprl_error         err = {0};
+    fprintf(stderr, "bench train: measuring the machine's ceilings...\n");
+    caprl_status  st = caprl_measure_peaks(threads, &peaks, &err);
+    train_figures figs[2];
+    int           nf = 0;
+    if (st == CAPRL_OK && do_f32) {
+        st = bench_train_run(&cfg, CAPRL_PRECISION_F32, threads, T, n_seqs, steps, recompute, &peaks, &figs[nf++],
+                             &err);
+    }
+    if (st == CAPRL_OK && do_bf16) {
+        st = bench_train_run(&cfg, CAPRL_PRECISION_BF16, threads, T, n_seqs, steps, recompute, &peaks, &figs[nf++],
+                             &err);
+    }
+    if (st != CAPRL_OK) {
+        return tool_fail(info.name, st, err.msg);
+    }
+    if (json) {
+        print_train_json(&peaks, &cfg, T, n_seqs, steps, recompute, figs, nf);
+    } else {
+        print_train_table(&peaks, &cfg, T, n_seqs, steps, recompute, figs, nf);
+    }
+    return EXIT_OK;
+}
+
 int cmd_bench(int argc, char **argv) {
     static const cmd_info info = {
         "bench", "caprl bench [--threads N] [--json] [--quick] [--dtype f32|bf16|both] [--tokenizer FILE]",
@@ -576,7 +910,9 @@ int cmd_bench(int argc, char **argv) {
         "Qwen2.5-VL-3B-shaped tower (32 blocks, width 1280, 16 heads, window 112); --no-vision skips it.\n"
         "--quick uses tiny models (a smoke test, not a measurement).\n"
         "caprl bench reward [options]: the CapRL reward with prefix-shared KV caches against naive full-prompt\n"
-        "scoring (caprl bench reward --help)."};
+        "scoring (caprl bench reward --help).\n"
+        "caprl bench train [options]: forward + backward + AdamW training speed in f32 and bf16 mixed precision, with\n"
+        "the step's planned memory (caprl bench train --help)."};
     int32_t     threads = 0, T = 512, steps = 16;
     bool        json = false, quick = false, vision = true;
     const char *dtypes = "both", *tok_path = NULL;
@@ -593,6 +929,9 @@ int cmd_bench(int argc, char **argv) {
     };
     if (argc >= 2 && strcmp(argv[1], "reward") == 0) {
         return bench_reward(argc - 1, argv + 1);
+    }
+    if (argc >= 2 && strcmp(argv[1], "train") == 0) {
+        return bench_train(argc - 1, argv + 1);
     }
     int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
     if (rc) {
