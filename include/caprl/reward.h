@@ -104,9 +104,11 @@ typedef struct caprl_reader_params {
 
 CAPRL_API caprl_reader_params caprl_reader_default_params(void);
 
-/* A reader over a loaded text model with a tokenizer (not owned: it must outlive the reader). Resolves the ids of
- * " A" ... " I" (each must be one token: CAPRL_ERR_UNSUPPORTED otherwise) and runs the template's fixed prefix
- * once. Errors: a VL model or no tokenizer (CAPRL_ERR_INVALID_ARG), a bad template (CAPRL_ERR_FORMAT). */
+/* A reader over a loaded model with a tokenizer (not owned: it must outlive the reader; a Qwen2.5-VL checkpoint's
+ * text part works too, with ordinary positions). Resolves the ids of " A" ... " I" (each must be one token inside
+ * the vocabulary: CAPRL_ERR_UNSUPPORTED otherwise) and finds the template's fixed prefix, which the first scoring
+ * call runs once. Errors: no tokenizer or limits out of range (CAPRL_ERR_INVALID_ARG), a bad template
+ * (CAPRL_ERR_FORMAT). */
 CAPRL_API caprl_status caprl_reader_init(caprl_reader **out, caprl_model *model, const caprl_reader_params *params,
                                          caprl_error *err);
 /* caprl_model_load(dir) (with n_threads) + caprl_reader_init; the reader then owns the model. */

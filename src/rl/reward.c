@@ -9,7 +9,7 @@
  * prompt in its own sequence (the naive reference).
  *
  * Randomness, all keyed by the item's stream id: question draws Philox(seed, id, 0); the shuffle of question k
- * Philox(seed, id, 1 + k); reader samples caprl_sampler(seed ^ SAMPLE_KEY, stream (id << 20) | k, step).
+ * Philox(seed, id, 1 + k); reader samples caprl_sampler(seed ^ (SAMPLE_KEY << 48), stream (id << 20) | k, step).
  * Nothing depends on chunking, batching, item order or the thread count. */
 #include <math.h>
 #include <stdlib.h>

@@ -224,6 +224,11 @@ static void test_run(void) {
     CHECK_MSG(json_array_size(keys) >= 19, "docs/train.md documents %zu metrics", json_array_size(keys));
     json_t *m = load_lines(run_dir, "metrics.jsonl");
     CHECK_EQ_I64(json_array_size(m), 3);
+    /* With these seeds a caption of step 1 samples <|image_pad|>: it must end there (shorter than 8 tokens, counted
+     * as truncated) rather than reach the update, which reads every <|image_pad|> as an image feature slot. */
+    CHECK_MSG(json_number_value(json_object_get(json_array_get(m, 0), "caption_len_mean")) < 8 &&
+                  json_number_value(json_object_get(json_array_get(m, 0), "truncated_frac")) == 1,
+              "step 1 was expected to cut a caption at a sampled <|image_pad|>");
     for (size_t i = 0; i < json_array_size(m); i++) {
         json_t *line = json_array_get(m, i);
         for (size_t k = 0; k < json_array_size(keys); k++) {
