@@ -4,7 +4,9 @@ BUILD_ASAN ?= build-asan
 BUILD_FUZZ ?= build-fuzz
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
-CTEST_LABELS ?= unit|ops|golden|tools|fuzz-replay
+CTEST_LABELS ?= unit|ops|golden|tools|fuzz-replay|demo
+# the sanitizer run leaves out the demo-asset checks (minutes of training at -O0)
+CTEST_LABELS_ASAN ?= unit|ops|golden|tools|fuzz-replay
 
 DEB_PACKAGES = build-essential cmake pkg-config libjansson-dev libutf8proc-dev libpcre2-dev \
                libpng-dev libjpeg62-turbo-dev libwebp-dev
@@ -38,7 +40,7 @@ test-asan: deps
 	cmake -S . -B $(BUILD_ASAN) -DCMAKE_BUILD_TYPE=Debug -DCAPRL_SANITIZE=ON $(CMAKE_ARGS)
 	cmake --build $(BUILD_ASAN) -j $(JOBS)
 	cd $(BUILD_ASAN) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-	  ctest -L "$(CTEST_LABELS)" --output-on-failure -j $(JOBS)
+	  ctest -L "$(CTEST_LABELS_ASAN)" --output-on-failure -j $(JOBS)
 
 # libFuzzer targets (clang); `make fuzz` builds them and runs each briefly.
 fuzz: deps deps-fuzz

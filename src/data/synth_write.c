@@ -160,13 +160,14 @@ enum {
     F_BENCH,
     F_CORPUS,
     F_SFT_FILTER,
+    F_TRAIN_VALID,
     N_FILES
 };
 
 static const char *const k_file_names[N_FILES] = {
     "scenes.jsonl",        "train.jsonl",       "test_qa.jsonl",      "leaky_ids.json", "captions_dense.jsonl",
     "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",    "corpus.txt",
-    "sft_filter.jsonl",
+    "sft_filter.jsonl", "train_valid.jsonl",
 };
 
 typedef struct out_file {
@@ -570,6 +571,7 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
     }
     if (train) {
         put_qa_record(&w->f[F_TRAIN].b, id, image, q, n_q, true);
+        put_qa_record(&w->f[F_TRAIN_VALID].b, id, image, q, n_q, false);
         put_leaky_entries(w, id, q, n_q);
         sbuf *c = &w->f[F_SFT_CAPTIONER].b;
         sb_puts(c, "{\"id\": ");

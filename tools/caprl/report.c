@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include "commands.h"
@@ -720,6 +721,7 @@ typedef struct filter_ctx {
     tool_keyset kept;  /* questions of filtered.jsonl */
     tool_keyset leaky; /* "id\x1f<index>" of leaky_ids.json */
     tool_keyset found; /* leaky entries met in train.jsonl */
+    tool_keyset input; /* record ids the filter was given (its report's decisions); empty: all of train.jsonl */
 } filter_ctx;
 
 static int train_qa_record(json_t *rec, const char *path, long line, void *ud) {
@@ -728,6 +730,12 @@ static int train_qa_record(json_t *rec, const char *path, long line, void *ud) {
     json_t     *qa = json_object_get(rec, "qa");
     if (!id || !json_is_array(qa)) {
         return data_error(path, line, "expected a QA record {\"id\", \"image\", \"qa\": [...]}");
+    }
+    if (c->input.n > 0 && !tool_keyset_has(&c->input, id)) {
+        return 0; /* not given to the filter */
+    }
+    if (c->input.n > 0 && !tool_keyset_has(&c->input, id)) {
+        return 0; /* not given to the filter */
     }
     for (size_t i = 0; i < json_array_size(qa); i++) {
         const char *q = json_string_value(json_object_get(json_array_get(qa, i), "question"));
@@ -760,9 +768,23 @@ static int filter_load(filter *f, const char *run, const world *w) {
     }
     char      *kept_path = str_printf("%s/filtered.jsonl", dir), *leaky_path = str_printf("%s/leaky_ids.json", w->dir),
          *train_path = str_printf("%s/train.jsonl", w->dir);
-    filter_ctx c = {f, {0}, {0}, {0}};
-    json_t    *leaky = NULL;
+    filter_ctx c = {f, {0}, {0}, {0}, {0}};
+    json_t    *leaky = NULL, *freport = NULL;
     int        rc = read_jsonl(kept_path, "the output of `caprl qa filter`", kept_record, &c.kept);
+    /* the filter may have been run on part of the training questions: its --report lists what it was given */
+    char *report_path = str_printf("%s/report.json", dir);
+    if (rc == 0 && access(report_path, F_OK) == 0) {
+        rc = read_json(report_path, "the report of `caprl qa filter`", &freport);
+        json_t *dec = json_object_get(freport, "decisions");
+        for (size_t i = 0; rc == 0 && i < json_array_size(dec); i++) {
+            const char *id = json_string_value(json_object_get(json_array_get(dec, i), "id"));
+            if (id) {
+                tool_keyset_add(&c.input, id);
+            }
+        }
+    }
+    json_decref(freport);
+    free(report_path);
     rc = rc ? rc : read_json(leaky_path, "the planted leaky questions of `caprl synth`", &leaky);
     json_t *list = json_object_get(leaky, "leaky");
     if (rc == 0 && !json_is_array(list)) {
@@ -774,6 +796,9 @@ static int filter_load(filter *f, const char *run, const world *w) {
         if (!id || !json_is_integer(idx) || json_integer_value(idx) < 0) {
             rc = data_error(leaky_path, 0, "leaky[%zu]: expected {\"id\": string, \"index\": integer >= 0}", i);
             break;
+        }
+        if (c.input.n > 0 && !tool_keyset_has(&c.input, id)) {
+            continue;
         }
         char *k = str_printf("%s\x1f%lld", id, (long long)json_integer_value(idx));
         tool_keyset_add(&c.leaky, k);
@@ -788,6 +813,7 @@ static int filter_load(filter *f, const char *run, const world *w) {
     tool_keyset_free(&c.kept);
     tool_keyset_free(&c.leaky);
     tool_keyset_free(&c.found);
+    tool_keyset_free(&c.input);
     free(kept_path);
     free(leaky_path);
     free(train_path);
