@@ -28,26 +28,26 @@ t0=$(date +%s)
 stage() { echo; echo "== [$(( $(date +%s) - t0 )) s] $* =="; }
 
 stage "1/6 caprl synth: a synthetic world of procedurally drawn scenes"
-"$C" synth --out "$RUN/world" --train 512 --test 64 --seed 0 --reader-template "$T"
+"$C" synth --out "$RUN/world" --train 512 --test 32 --seed 0 --reader-template "$T"
 
 stage "2/6 caprl qa filter: keep questions answerable with the image and not without it"
-# on the first 48 training images (432 questions, 48 of them planted leaky ones): 3,456 queries to the curation
+# on the first 24 training images (216 questions, 24 of them planted leaky ones): 1,728 queries to the curation
 # model; the figures go into the report. Training below uses train_valid.jsonl, the questions a perfect filter keeps,
 # so that the demo's training does not hinge on how well the tiny curation model learnt.
 mkdir -p "$RUN/filter"
-head -n 48 "$RUN/world/train.jsonl" > "$RUN/world/curation.jsonl"
+head -n 24 "$RUN/world/train.jsonl" > "$RUN/world/curation.jsonl"
 "$C" qa filter --vlm "$A/filter" --qa "$RUN/world/curation.jsonl" --out "$RUN/filter/filtered.jsonl" \
   --report "$RUN/filter/report.json" --seed 0
 
 PRISM=(--reader "$A/reader" --bench "$RUN/world/bench.jsonl" --n-captions 4 --max-new-tokens 128
-       --reader-max-new-tokens 16 --instruction "$INSTRUCTION" --batch 16 --reader-batch 64 --seed 0)
+       --reader-max-new-tokens 32 --instruction "$INSTRUCTION" --batch 16 --reader-batch 64 --seed 0)
 stage "3/6 caprl eval prism: the SFT captioner"
 "$C" eval prism --captioner "$A/captioner" --tag sft --out "$RUN/prism_before" "${PRISM[@]}"
 
 stage "4/6 caprl train: GRPO with the CapRL reward ($STEPS steps)"
 "$C" train --policy "$A/captioner" --reader "$A/reader" --data "$RUN/world/train_valid.jsonl" --out "$RUN/train" \
   --reader-template "$T" --reward-mode expected --rollout-batch 16 --group-size 8 --max-new-tokens 128 \
-  --max-steps "$STEPS" --episodes 1 --lr 5e-5 --warmup 3 --min-lr-ratio 1 --save-every "$STEPS" --samples-every 5 \
+  --max-steps "$STEPS" --episodes 1 --lr 1e-4 --warmup 3 --min-lr-ratio 1 --save-every "$STEPS" --samples-every 5 \
   --seed 0
 
 stage "5/6 caprl eval prism: the GRPO captioner"

@@ -470,7 +470,8 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         char  guess = letter == 'F' ? (char)('A' + caprl_rng_below(&r, CAPRL_SYNTH_N_OPTIONS)) : letter;
         sb_printf(b, "{\"id\": \"%s-p%d\", \"kind\": \"prism-%s\", \"prompt\": ", id, (int)k, kinds[kind]);
         json_str(b, pprompt);
-        sb_printf(b, ", \"completion\": \"<answer>\\\\boxed{%c}</answer>\"}\n", guess);
+        /* the answer ends the turn: generation stops at <|im_end|> */
+        sb_printf(b, ", \"completion\": \"<answer>\\\\boxed{%c}</answer><|im_end|>\"}\n", guess);
         free(pprompt);
         free(cap_part);
         free(bq);

@@ -96,6 +96,12 @@ int main(void) {
     if (json_is_object(top)) {
         CHECK_EQ_I64(num(top, "threads"), 2);
         CHECK(num(top, "fp32_fma_gflops") > 0 && num(top, "bf16_matrix_gflops") >= 0 && num(top, "mem_bw_gbs") > 0);
+        /* the FMA ceiling is the larger of the two probes */
+        const json_t *probes = json_object_get(top, "fp32_fma_gflops_probes");
+        CHECK_MSG(json_is_array(probes) && json_array_size(probes) == 2, "fp32_fma_gflops_probes: two numbers");
+        double p0 = json_number_value(json_array_get(probes, 0)), p1 = json_number_value(json_array_get(probes, 1));
+        CHECK_MSG(p0 > 0 && p1 > 0, "probes %g %g", p0, p1);
+        CHECK_NEAR(num(top, "fp32_fma_gflops"), p0 > p1 ? p0 : p1, 0, 1e-9);
         const char *unit = str(top, "bf16_unit");
         CHECK_MSG(strcmp(unit, "amx-bf16") == 0 || strcmp(unit, "avx512-bf16") == 0 || strcmp(unit, "none") == 0,
                   "bf16_unit '%s'", unit);
