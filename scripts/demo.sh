@@ -40,7 +40,7 @@ head -n 24 "$RUN/world/train.jsonl" > "$RUN/world/curation.jsonl"
   --report "$RUN/filter/report.json" --seed 0
 
 PRISM=(--reader "$A/reader" --bench "$RUN/world/bench.jsonl" --n-captions 4 --max-new-tokens 128
-       --reader-max-new-tokens 32 --instruction "$INSTRUCTION" --batch 16 --reader-batch 64 --seed 0)
+       --reader-max-new-tokens 32 --reader-temperature 0 --instruction "$INSTRUCTION" --batch 16 --reader-batch 64 --seed 0)
 stage "3/6 caprl eval prism: the SFT captioner"
 "$C" eval prism --captioner "$A/captioner" --tag sft --out "$RUN/prism_before" "${PRISM[@]}"
 

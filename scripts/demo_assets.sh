@@ -32,7 +32,7 @@ VL_SHAPE=(--preset tiny-vl --hidden 128 --intermediate 384 --layers 2 --heads 4 
 "$C" sft --model "$WORK/reader0" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-run1" \
   --lr 2e-3 --batch 64 --epochs 4 --warmup 20 --micro-batch-tokens 4096 --save-every 100
 # a short second pass at a lower rate. (The shipped reader's first pass saw an earlier version of these records whose
-# Prism answers lacked the closing <|im_end|>; this pass taught it to end the turn. Rerunning the recipe trains both
+# Prism answers lacked the <think></think> and the closing <|im_end|>; this pass taught it both. Rerunning the recipe trains both
 # passes on the current records, so its reader can differ slightly from the shipped one.)
 "$C" sft --model "$WORK/reader-run1/step-512" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-run" \
   --lr 5e-4 --batch 64 --max-steps 60 --warmup 5 --micro-batch-tokens 4096 --seed 2 --save-every 60

@@ -470,8 +470,8 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         char  guess = letter == 'F' ? (char)('A' + caprl_rng_below(&r, CAPRL_SYNTH_N_OPTIONS)) : letter;
         sb_printf(b, "{\"id\": \"%s-p%d\", \"kind\": \"prism-%s\", \"prompt\": ", id, (int)k, kinds[kind]);
         json_str(b, pprompt);
-        /* the answer ends the turn: generation stops at <|im_end|> */
-        sb_printf(b, ", \"completion\": \"<answer>\\\\boxed{%c}</answer><|im_end|>\"}\n", guess);
+        /* the released scoring reads the box after </think>; the answer ends the turn (generation stops there) */
+        sb_printf(b, ", \"completion\": \"<think></think><answer>\\\\boxed{%c}</answer><|im_end|>\"}\n", guess);
         free(pprompt);
         free(cap_part);
         free(bq);

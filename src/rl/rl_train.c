@@ -827,6 +827,9 @@ static caprl_status prepare_run_dir(const caprl_rl_config *cfg, bool resume, int
                                     caprl_error *err) {
     *start_step = 0;
     int64_t latest = caprl_checkpoint_latest(cfg->out);
+    if (resume) {
+        caprl_checkpoint_clean(cfg->out); /* what a killed run left: half-written or half-pruned checkpoints */
+    }
     if (!resume) {
         char *metrics = caprl_path_join(cfg->out, "metrics.jsonl");
         bool  used = latest >= 0 || caprl_path_exists(metrics);

@@ -7,8 +7,10 @@
  *     key) exit 1 naming the setting; a used RUN without --resume is refused, a complete one with it left alone;
  *   - bit-exact resume: SIGKILLs during start-up, during checkpoint writes and at pseudo-random moments after a
  *     step's metrics line, each followed by --resume, end with the uninterrupted run's step-4/ weights and
- *     optimizer state, samples.jsonl and metrics.jsonl byte for byte (bar the seconds_* wall times);
+ *     optimizer state, samples.jsonl and metrics.jsonl byte for byte (bar the seconds_* wall times), with
+ *     --save-total-limit pruning and no checkpoint temporaries left;
  *   - 1 and 2 threads give the same weights, metrics and samples. */
+#include <dirent.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -541,7 +543,7 @@ static void test_resume_and_threads(void) {
     char killed[4200], err_path[4400];
     snprintf(killed, sizeof killed, "%s/killed", g_dir);
     snprintf(err_path, sizeof err_path, "%s/killed.stderr", g_dir);
-    base_args(args, sizeof args, killed, "--max-steps 4 --threads 1 --resume");
+    base_args(args, sizeof args, killed, "--max-steps 4 --threads 1 --resume --save-total-limit 2");
     static const struct {
         kill_when when;
         double    arg;
@@ -573,6 +575,19 @@ static void test_resume_and_threads(void) {
     rc = train(args, err, sizeof err);
     CHECK_MSG(rc == 0, "final --resume: %d: %s", rc, err);
     check_same_run(ref, killed, 4, "SIGKILLs + --resume");
+    /* --save-total-limit 2 kept steps 3 and 4, and the resumes cleared what the kills left (.step-N.tmp / .del) */
+    for (int k = 1; k <= 4; k++) {
+        char p[4400];
+        snprintf(p, sizeof p, "%s/step-%d", killed, k);
+        CHECK_MSG(exists(p) == (k >= 3), "%s: %s", p, k >= 3 ? "missing" : "not pruned");
+    }
+    DIR *d = opendir(killed);
+    for (struct dirent *e; d && (e = readdir(d)) != NULL;) {
+        CHECK_MSG(strncmp(e->d_name, ".step-", 6) != 0, "%s/%s left behind", killed, e->d_name);
+    }
+    if (d) {
+        closedir(d);
+    }
 
     /* two threads: the same run */
     char two[4200];

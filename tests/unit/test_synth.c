@@ -688,7 +688,7 @@ static void check_prism_record(json_t *rec, json_t *prev) {
     size_t tail = strlen(CAPRL_PRISM_SIMPLE_PROMPT_TAIL);
     CHECK(strlen(prompt) > tail && strcmp(prompt + strlen(prompt) - tail, CAPRL_PRISM_SIMPLE_PROMPT_TAIL) == 0);
     char letter = 0;
-    CHECK(sscanf(completion, "<answer>\\boxed{%c}</answer>", &letter) == 1 && letter >= 'A' && letter <= 'D');
+    CHECK(sscanf(completion, "<think></think><answer>\\boxed{%c}</answer>", &letter) == 1 && letter >= 'A' && letter <= 'D');
     if (pcompletion[1] != 'F') {
         CHECK(letter == pcompletion[1]);
     }
