@@ -9,9 +9,9 @@
 #include "caprl_test.h"
 #include "cli_util.h"
 
-#define STEPS 10
+#define STEPS 20
 #define WINDOW 3
-#define CAPTIONS (8 * 8)
+#define CAPTIONS (16 * 8)
 
 static int read_metrics(const char *path, double *mean, double *std) {
     FILE *f = fopen(path, "r");
@@ -43,13 +43,13 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", g_dir, g_dir);
     CHECK(system(cmd) == 0);
 
-    snprintf(cmd, sizeof cmd, "synth --out '%s/world' --train 64 --test 0 --seed 0 --reader-template '%s'", g_dir,
+    snprintf(cmd, sizeof cmd, "synth --out '%s/world' --train 512 --test 0 --seed 0 --reader-template '%s'", g_dir,
              CAPRL_SOURCE_DIR "/demo/reader_template.txt");
     CHECK(run_cli(cmd, NULL, 0) == 0);
     snprintf(cmd, sizeof cmd,
              "train --policy '%s/captioner' --reader '%s/reader' --data '%s/world/train.jsonl' --out '%s/run' "
-             "--reader-template '%s' --reward-mode expected --rollout-batch 8 --group-size 8 --max-new-tokens 96 "
-             "--max-steps %d --episodes 1 --lr 1e-4 --warmup 2 --min-lr-ratio 1 --save-every %d --seed 0 "
+             "--reader-template '%s' --reward-mode expected --rollout-batch 16 --group-size 8 --max-new-tokens 96 "
+             "--max-steps %d --episodes 1 --lr 1e-4 --warmup 3 --min-lr-ratio 1 --save-every %d --seed 0 "
              "--threads 2",
              assets, assets, g_dir, g_dir, CAPRL_SOURCE_DIR "/demo/reader_template.txt", STEPS, STEPS);
     int rc = run_cli(cmd, NULL, 0);
