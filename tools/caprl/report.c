@@ -572,7 +572,9 @@ static int read_captions(side *s, const world *w) {
                 whole, s->tag);
         rc = EXIT_DATA;
     }
-    qsort(names, n, sizeof *names, cmp_str);
+    if (n > 1) {
+        qsort(names, n, sizeof *names, cmp_str);
+    }
     caps_ctx c = {s, w, {0}};
     s->caps = json_array();
     for (size_t i = 0; i < n && rc == 0; i++) {
