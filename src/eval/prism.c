@@ -45,7 +45,7 @@ void caprl_prism_aggregate(const caprl_prism_record *recs, int64_t n, caprl_pris
         double mx = r->scores[0];
         for (int32_t j = 1; j < r->n; j++) {
             if (isnan(r->scores[j]) || isnan(mx)) {
-                mx = NAN;
+                mx = (double)NAN;
             } else if (r->scores[j] > mx) {
                 mx = r->scores[j];
             }
