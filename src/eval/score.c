@@ -222,11 +222,11 @@ bool caprl_py_float(const char *s, size_t n, double *out) {
     const char *w = s + i;
     size_t      m = n - i;
     if ((m == 3 && strncasecmp(w, "inf", 3) == 0) || (m == 8 && strncasecmp(w, "infinity", 8) == 0)) {
-        *out = neg ? -INFINITY : INFINITY;
+        *out = neg ? -(double)INFINITY : (double)INFINITY;
         return true;
     }
     if (m == 3 && strncasecmp(w, "nan", 3) == 0) {
-        *out = neg ? -NAN : NAN;
+        *out = neg ? -(double)NAN : (double)NAN;
         return true;
     }
     /* digitpart ("_" digit)*, an optional fraction, an optional exponent; underscores only between digits. */
@@ -519,7 +519,7 @@ double caprl_eval_verify_chart(const char *content, const char *answer, bool use
         free(pred);
     }
     if (use_anls) {
-        double dmin = INFINITY;
+        double dmin = (double)INFINITY;
         for (int32_t g = 0; g < n_gold; g++) {
             double d = caprl_anls_distance(golds[g], student);
             dmin = d < dmin ? d : dmin;

@@ -125,12 +125,12 @@ void caprl_rl_token_loss(const caprl_rl_params *p, int64_t n, const float *logp,
                          caprl_rl_stats *stats) {
     bool kl_in_loss = p->kl != CAPRL_KL_OFF && !p->kl_in_reward && p->kl_coef != 0.0f && ref_logp;
     for (int64_t t = 0; t < n; t++) {
-        double w = weight[t];
+        double w = (double)weight[t];
         if (w == 0.0) {
             dlogp[t] = 0.0f;
             continue;
         }
-        double a = adv[t], lp = logp[t];
+        double a = (double)adv[t], lp = (double)logp[t];
         double pg, dpg;
         if (p->ppo_clip) {
             double d = lp - (double)old_logp[t];

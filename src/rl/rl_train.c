@@ -181,6 +181,9 @@ static caprl_status check_config(const caprl_rl_config *c, caprl_error *err) {
     const caprl_reward_params *w = &c->reward;
     const caprl_adamw_params  *o = &c->opt;
     const caprl_rl_params     *p = &c->rl;
+    /* float settings widen exactly into the table's double column */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdouble-promotion"
     const struct {
         const char *key;
         bool        ok;
@@ -224,6 +227,7 @@ static caprl_status check_config(const caprl_rl_config *c, caprl_error *err) {
         {"samples_every", c->samples_every >= 0, c->samples_every, ">= 0 (0: never)"},
         {"threads", c->n_threads >= 0, c->n_threads, ">= 0 (0: all cores)"},
     };
+#pragma GCC diagnostic pop
     for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
         if (!checks[i].ok) {
             return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "training setting '%s' must be %s, got %.9g",
@@ -598,8 +602,8 @@ static caprl_status update(rl_run *r, const int32_t *list, int32_t n, bool use_o
     CAPRL_TRY(st);
     caprl_step_info info;
     CAPRL_TRY(caprl_adamw_step(r->opt, 1.0f, &info, err));
-    us->grad_norm = info.grad_norm;
-    us->lr = info.lr;
+    us->grad_norm = (double)info.grad_norm;
+    us->lr = (double)info.lr;
     us->skipped = us->skipped || info.skipped;
     return CAPRL_OK;
 }

@@ -905,7 +905,8 @@ static caprl_status build_json(trainer *t, json_t **out, caprl_error *err) {
                               byte_level_object());
     bool ok = model != NULL && vocab != NULL && merges != NULL;
     if (ok) {
-        ok = put(model, "vocab", json_incref(vocab)) & put(model, "merges", json_incref(merges));
+        bool vocab_ok = put(model, "vocab", json_incref(vocab)); /* both run: each takes its reference */
+        ok = put(model, "merges", json_incref(merges)) && vocab_ok;
     }
     ok = put(root, "version", json_string("1.0")) & ok;
     ok = put(root, "truncation", json_null()) & ok;

@@ -741,7 +741,7 @@ static caprl_status bench_train_run(const caprl_text_config *cfg, int32_t precis
     float  gn = 0.0f;
     if (st == CAPRL_OK) {
         st = train_bench_step(tr, opt, &tb, sec, &f->loss, &gn, err);
-        f->grad_norm = gn;
+        f->grad_norm = (double)gn;
     }
     int64_t rss0 = resident_bytes();
     f->best_s = 1e30;

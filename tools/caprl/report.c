@@ -54,7 +54,7 @@ static void sb_puts(sbuf *b, const char *s) {
     sb_put(b, s, strlen(s));
 }
 
-static void sb_vprintf(sbuf *b, const char *fmt, va_list ap) {
+__attribute__((format(printf, 2, 0))) static void sb_vprintf(sbuf *b, const char *fmt, va_list ap) {
     va_list ap2;
     va_copy(ap2, ap);
     int n = vsnprintf(NULL, 0, fmt, ap2);
@@ -1035,7 +1035,7 @@ static void svg_chart(sbuf *b, const char *title, const char *ylabel, const trai
                       const char *color) {
     const double W = 560, H = 320, L = 64, R = 16, T = 34, B = 50;
     double       x0 = (double)t->steps[0].step, x1 = (double)t->steps[t->n - 1].step;
-    double       y0 = INFINITY, y1 = -INFINITY;
+    double       y0 = (double)INFINITY, y1 = -(double)INFINITY;
     for (size_t i = 0; i < t->n; i++) {
         double y = reward ? t->steps[i].reward : t->steps[i].len;
         y0 = y < y0 ? y : y0;

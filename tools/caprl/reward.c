@@ -321,15 +321,15 @@ static void add_record(out_buf *o, const job *j, const caprl_reward_result *r, c
         json_object_set_new(rec, "image", json_string(j->image));
     }
     json_object_set_new(rec, "caption_index", json_integer(j->index));
-    json_object_set_new(rec, "reward", json_real(r->reward));
-    json_object_set_new(rec, "accuracy", json_real(r->accuracy));
+    json_object_set_new(rec, "reward", json_real((double)r->reward));
+    json_object_set_new(rec, "accuracy", json_real((double)r->accuracy));
     if (p->length_weight > 0) {
-        json_object_set_new(rec, "length_term", json_real(r->length));
+        json_object_set_new(rec, "length_term", json_real((double)r->length));
         json_object_set_new(rec, "caption_tokens", json_integer(j->tokens));
     }
     json_object_set_new(rec, "mode", json_string(caprl_reward_mode_name(p->mode)));
     json_object_set_new(rec, p->mode == CAPRL_REWARD_EXPECTED ? "tau" : "temperature",
-                        json_real(p->mode == CAPRL_REWARD_EXPECTED ? p->tau : p->temperature));
+                        json_real((double)(p->mode == CAPRL_REWARD_EXPECTED ? p->tau : p->temperature)));
     json_object_set_new(rec, "reader_tokens", json_integer(r->reader_tokens));
     json_t *qs = json_array();
     for (int32_t k = 0; k < r->n_questions; k++) {
@@ -340,12 +340,12 @@ static void add_record(out_buf *o, const job *j, const caprl_reward_result *r, c
         json_object_set_new(jq, "gold", letter_json(q->gold));
         json_object_set_new(jq, "shuffled", json_boolean(q->shuffled));
         if (p->mode == CAPRL_REWARD_EXPECTED) {
-            json_object_set_new(jq, "p_gold", json_real(q->p_gold));
+            json_object_set_new(jq, "p_gold", json_real((double)q->p_gold));
         } else {
             json_object_set_new(jq, "continuation", json_string(q->continuation ? q->continuation : ""));
             json_object_set_new(jq, "answer", letter_json(q->answer));
         }
-        json_object_set_new(jq, "score", json_real(q->score));
+        json_object_set_new(jq, "score", json_real((double)q->score));
         json_array_append_new(qs, jq);
     }
     json_object_set_new(rec, "questions", qs);
