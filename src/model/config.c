@@ -450,6 +450,21 @@ static caprl_status parse_vl(const caprl_json_obj *root, const text_src *s, capr
     CAPRL_TRY(caprl_json_opt_i32(root, "image_token_id", 0, hi, 151655, &cfg->image_token_id, err));
     CAPRL_TRY(caprl_json_opt_i32(root, "vision_start_token_id", 0, hi, 151652, &cfg->vision_start_token_id, err));
     CAPRL_TRY(caprl_json_opt_i32(root, "vision_end_token_id", 0, hi, 151653, &cfg->vision_end_token_id, err));
+    /* an absent id takes Qwen2.5-VL's value, which a smaller vocabulary cannot hold: say so instead of writing a
+     * config that would not load back */
+    const struct {
+        const char *key;
+        int32_t     value;
+    } ids[] = {{"image_token_id", cfg->image_token_id},
+               {"vision_start_token_id", cfg->vision_start_token_id},
+               {"vision_end_token_id", cfg->vision_end_token_id}};
+    for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) {
+        if (ids[i].value > hi) {
+            return caprl_json_field_error(root, ids[i].key, CAPRL_ERR_FORMAT, err,
+                                          "absent, and the Qwen2.5-VL default %d is not below vocab_size %d",
+                                          (int)ids[i].value, (int)cfg->vocab_size);
+        }
+    }
     return CAPRL_OK;
 }
 
