@@ -355,16 +355,12 @@ static caprl_status prepare_images(rl_run *r, int64_t step, caprl_error *err) {
     return CAPRL_OK;
 }
 
-typedef struct collect {
-    rl_run *r;
-} collect;
-
 /* A sampled <|image_pad|> ends the caption without being recorded: the trainer reads every <|image_pad|> of a
  * sequence as the slot of an image feature, so a caption holding one could not be trained on (a young policy
  * samples it now and then). The rollout stops that sequence there (it is one of the stop ids) and the caption
  * counts as truncated: its tokens before the pad carry the loss, the stop itself is not scored. */
 static bool on_token(int32_t prompt, int32_t sample, int32_t token, void *user) {
-    rl_run *r = ((collect *)user)->r;
+    rl_run *r = user;
     rl_seq *s = &r->seqs[prompt * r->cfg->group_size + sample];
     if (token == caprl_model_config(r->policy)->image_token_id) {
         s->cut = true;
@@ -406,9 +402,8 @@ static caprl_status rollout(rl_run *r, caprl_error *err) {
     gp.eos_ids = stop;
     gp.n_eos = gc->n_eos + 1;
     int32_t *finish = caprl_xcalloc((size_t)B * G, sizeof(int32_t));
-    collect  c = {.r = r};
     caprl_status st =
-        caprl_vl_generate(r->policy, r->vision, &r->pp, reqs, B, &gp, &r->gen_ctx, on_token, &c, finish, NULL, err);
+        caprl_vl_generate(r->policy, r->vision, &r->pp, reqs, B, &gp, &r->gen_ctx, on_token, r, finish, NULL, err);
     for (int32_t s = 0; s < B * G && st == CAPRL_OK; s++) {
         r->seqs[s].finish = r->seqs[s].cut ? CAPRL_FINISH_LENGTH : finish[s];
     }
