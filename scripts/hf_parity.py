@@ -105,6 +105,91 @@ def vl_parity(work):
     return res
 
 
+def read_safetensors(path):
+    """Minimal reader (the safetensors package may differ between machines): {name: float32 array}."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            assert info["dtype"] == "F32", name
+            a, b = info["data_offsets"]
+            f.seek(base + a)
+            out[name] = np.frombuffer(f.read(b - a), dtype="<f4").reshape(info["shape"])
+        return out
+
+
+def checkpoint_name(hf_name, names):
+    """transformers 5 renames Qwen2.5-VL's tensors (model.language_model.*, model.visual.*); map back."""
+    for cand in (hf_name, hf_name.replace("model.language_model.", "model."),
+                 hf_name.replace("model.visual.", "visual.")):
+        if cand in names:
+            return cand
+    return None
+
+
+def vl_inputs(work, ckpt, ids):
+    """caprl's pixel_values of the parity image (every tiny-vl checkpoint here has the same preprocessor config),
+    its grid, and the image-token mask transformers 5 needs for M-RoPE."""
+    meta = json.load(open(os.path.join(work, "vl_meta.json")))
+    t, h, w = meta["grid_thw"]
+    pv = np.fromfile(os.path.join(work, "vl_pixels.f32"), dtype="<f4").reshape(t * h * w, -1)
+    image_token_id = json.load(open(os.path.join(ckpt, "config.json")))["image_token_id"]
+    return {"pixel_values": torch.from_numpy(pv.copy()), "image_grid_thw": torch.tensor([[t, h, w]]),
+            "mm_token_type_ids": (ids == image_token_id).int()}
+
+
+def grads_parity(work, name, vl):
+    """torch autograd of HF's causal-LM loss with labels[:K] = -100 against `caprl forward --dump-grads`."""
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+    ckpt = os.path.join(work, name)
+    summary = json.load(open(os.path.join(work, name + "_summary.json")))
+    ours = read_safetensors(os.path.join(work, name + "_grads.safetensors"))
+    model = load_hf(Qwen2_5_VLForConditionalGeneration if vl else AutoModelForCausalLM, ckpt)
+    model.train()
+    ids = torch.tensor([summary["ids"]])
+    labels = ids.clone()
+    labels[0, :summary["loss_from"]] = -100
+    kwargs = vl_inputs(work, ckpt, ids) if vl else {}
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    res = {"loss_hf": float(out.loss), "loss_caprl": summary["loss"], "tensors": 0, "unmatched": [],
+           "max_rel_diff": 0.0, "worst": None}
+    for hf_name, prm in model.named_parameters():
+        cn = checkpoint_name(hf_name, ours)
+        if cn is None or prm.grad is None:
+            res["unmatched"].append(hf_name)
+            continue
+        g = prm.grad.detach().float().numpy()
+        scale = max(float(np.abs(g).max()), 1e-30)
+        d = float(np.abs(g - ours[cn]).max()) / scale
+        res["tensors"] += 1
+        if d > res["max_rel_diff"]:
+            res["max_rel_diff"], res["worst"] = d, cn
+    res["caprl_tensors"] = len(ours)
+    return res
+
+
+def sft_checkpoint_parity(work, name, vl):
+    """A checkpoint written by `caprl sft` (step-2, bf16 text or f32 VL) loads in transformers and gives caprl's
+    logits."""
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+    ckpt = os.path.join(work, name + "_ckpt")
+    summary = json.load(open(os.path.join(work, name + "_summary.json")))
+    model = load_hf(Qwen2_5_VLForConditionalGeneration if vl else AutoModelForCausalLM, ckpt)
+    model.eval()
+    ids = torch.tensor([summary["ids"]])
+    kwargs = vl_inputs(work, ckpt, ids) if vl else {}
+    with torch.no_grad():
+        logits = model(input_ids=ids, **kwargs).logits[0].float().numpy()
+    ours = np.fromfile(os.path.join(work, name + "_logits.f32"), dtype="<f4").reshape(logits.shape)
+    return {"logits_max_abs_diff": float(np.abs(logits - ours).max()), "max_abs_logit": float(np.abs(logits).max()),
+            "dtype": json.load(open(os.path.join(ckpt, "config.json"))).get("torch_dtype")}
+
+
 def main():
     shared = sys.argv[1]
     result = {}
@@ -119,6 +204,16 @@ def main():
         except Exception as e:
             import traceback
             result["vl"] = {"exception": traceback.format_exc()[-3000:]}
+        checks = (("grads_text", lambda w: grads_parity(w, "gt", False)),
+                  ("grads_vl", lambda w: grads_parity(w, "gv", True)),
+                  ("sft_ckpt_text_bf16", lambda w: sft_checkpoint_parity(w, "st", False)),
+                  ("sft_ckpt_vl_f32", lambda w: sft_checkpoint_parity(w, "sv", True)))
+        for name, fn in checks:
+            try:
+                result[name] = fn(sys.argv[2])
+            except Exception:
+                import traceback
+                result[name] = {"exception": traceback.format_exc()[-3000:]}
     print(json.dumps(result, indent=1))
 
 

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/gemm_impl.h"
 #include "caprl/model.h"
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
@@ -35,6 +36,27 @@ typedef struct ref_param {
 static const ref_param *g_ref_params;
 static int              g_ref_n_params;
 static const double    *g_ref_embd;
+
+/* Set while checking a bf16 model on a CPU whose backend runs bf16 matmuls on AMX: there the activations entering
+ * every weight matmul are rounded to bf16 (nearest even, from their f32 value) before the product, and the
+ * reference does the same so that it keeps testing the arithmetic rather than the rounding. */
+static bool g_ref_bf16_operands;
+
+/* Whether caprl's default CPU backend on this machine runs bf16 matmuls on AMX. */
+static inline bool ref_default_backend_uses_amx(void) {
+    caprl_backend *be = NULL;
+    caprl_error    err = {0};
+    if (caprl_backend_cpu_init(&be, 1, &err) != CAPRL_OK) {
+        return false;
+    }
+    bool amx = caprl_backend_cpu_amx(be);
+    caprl_backend_free(be);
+    return amx;
+}
+
+static double ref_operand(double x) {
+    return g_ref_bf16_operands ? (double)caprl_bf16_to_f32(caprl_f32_to_bf16((float)x)) : x;
+}
 
 static double *tensor_f64(const ref_model *r, const char *name) {
     for (int i = 0; i < g_ref_n_params; i++) {
@@ -86,7 +108,7 @@ static void ref_linear(double *y, const double *x, const double *W, const double
     for (int n = 0; n < N; n++) {
         double s = b ? b[n] : 0.0;
         for (int k = 0; k < K; k++) {
-            s += x[k] * W[(size_t)n * K + k];
+            s += ref_operand(x[k]) * W[(size_t)n * K + k];
         }
         y[n] = s;
     }

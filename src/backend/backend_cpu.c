@@ -244,8 +244,15 @@ caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, 
     return CAPRL_OK;
 }
 
+/* CAPRL_AMX=0 in the environment keeps bf16 matmuls off the AMX units (f32 operands on the FMA units): for
+ * comparing numerics with f32-arithmetic references, as ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA do. */
+static bool amx_allowed_by_env(void) {
+    const char *v = getenv("CAPRL_AMX");
+    return !(v && v[0] == '0' && v[1] == '\0');
+}
+
 caprl_status caprl_backend_cpu_init(caprl_backend **out, int32_t n_threads, caprl_error *err) {
-    return caprl_backend_cpu_init_isa(out, n_threads, CAPRL_ISA_AVX512, true, err);
+    return caprl_backend_cpu_init_isa(out, n_threads, CAPRL_ISA_AVX512, amx_allowed_by_env(), err);
 }
 
 int32_t caprl_backend_cpu_isa(const caprl_backend *be) {
