@@ -650,7 +650,7 @@ void caprl_gemm_release(caprl_weight *w) {
 #if CAPRL_X86
 #    define CAPRL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-enum { AMX_MBLK = 64, AMX_NALIGN = 32 };
+enum { AMX_NALIGN = 32 };
 
 typedef struct amx_task {
     float          *out;  /* (M, N) */
@@ -659,7 +659,8 @@ typedef struct amx_task {
     const amx_pack *p;
     const float    *bias; /* (N) or NULL */
     int64_t         M, N, K;
-    int64_t         nblk, n_mblocks;
+    int64_t         mblk, nblk;  /* rows and columns of one job */
+    int64_t         n_nblocks;   /* jobs per row block: job j covers rows of block j / n_nblocks */
 } amx_task;
 
 typedef struct amx_cfg {
@@ -751,9 +752,9 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
     __asm__ volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
     for (int64_t j = j0; j < j1; j++) {
-        int64_t nb = j / t->n_mblocks, mb = j % t->n_mblocks;
+        int64_t mb = j / t->n_nblocks, nb = j % t->n_nblocks;
         int64_t n0 = nb * t->nblk, n1 = n0 + t->nblk < t->N ? n0 + t->nblk : t->N;
-        int64_t m0 = mb * AMX_MBLK, m1 = m0 + AMX_MBLK < t->M ? m0 + AMX_MBLK : t->M;
+        int64_t m0 = mb * t->mblk, m1 = m0 + t->mblk < t->M ? m0 + t->mblk : t->M;
         for (int64_t n = n0; n < n1; n += 32) {
             const uint16_t *b0 = b + (n / 16) * kt * 512, *b1 = b0 + kt * 512;
             for (int64_t m = m0; m < m1; m += 32) {
@@ -798,7 +799,15 @@ static bool gemm_amx(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     if (!a) {
         return false;
     }
-    int64_t nt = c->n_threads, n_mblocks = ceil_div(M, AMX_MBLK);
+    int64_t nt = c->n_threads;
+    /* Jobs are row blocks x column ranges, row-block major, and each thread takes a contiguous run of them: a
+     * thread keeps its row block of A (bf16) in L2 while the B panels stream past it, so B is read once per row
+     * block and A once in all. Row blocks fill half of L2 (multiples of the 32-row step); large images (M in the
+     * thousands) would otherwise stream all of A from L3 once per column range. */
+    int64_t mblk = (c->l2_bytes / 2) / (p->k_pad * 2) / 32 * 32;
+    mblk = mblk < 32 ? 32 : mblk;
+    mblk = mblk < round_up(M, 32) ? mblk : round_up(M, 32);
+    int64_t n_mblocks = ceil_div(M, mblk);
     /* A 32-column B panel is k_pad * 128 bytes; give a job a few hundred KB of them, fewer for balance. */
     int64_t nblk = round_up(256 * 1024 / (p->k_pad * 128) * 32, AMX_NALIGN);
     if (nblk < AMX_NALIGN) {
@@ -811,10 +820,10 @@ static bool gemm_amx(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     amx_task t = {
         .out = out, .a = a, .in = in, .p = p, .bias = bias,
         .M = M, .N = w->rows, .K = w->cols,
-        .nblk = nblk, .n_mblocks = n_mblocks,
+        .mblk = mblk, .nblk = nblk, .n_nblocks = ceil_div(w->rows, nblk),
     };
     caprl_parallel_for(c->pool, m_pad, amx_convert_rows, &t);
-    caprl_parallel_for_grain(c->pool, ceil_div(w->rows, nblk) * n_mblocks, 1, amx_range, &t);
+    caprl_parallel_for_grain(c->pool, t.n_nblocks * n_mblocks, 1, amx_range, &t);
     return true;
 }
 #endif /* CAPRL_X86 */
