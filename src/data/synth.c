@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "caprl/reward.h"
 #include "core/error_impl.h"
 #include "data/synth_impl.h"
 
@@ -733,70 +734,13 @@ char *caprl_synth_question_bench(const caprl_synth_question *q, const int32_t *o
 
 /* ---- the reader prompt ------------------------------------------------------------------------------------ */
 
-/* spec/caprl.md §6.3, split at its two "{}" placeholders. Trailing double spaces are part of it. */
-static const char k_reader_head[] =
-    "<|im_start|>user\n"
-    "You will be given an image caption describing the visual content.  \n"
-    "Your task is to answer the multiple-choice question **strictly based on the caption**, even if the answer "
-    "may seem obvious from prior knowledge or question wording.\n"
-    "\n"
-    "Ignore any external knowledge. Do not make assumptions beyond what the caption explicitly or implicitly "
-    "states.\n"
-    "\n"
-    "Example 1:\n"
-    "Caption: <Caption Start> A woman in a red coat is walking a black dog across a snowy park. <Caption End>  \n"
-    "Question: What color is the dog?\n"
-    "- A) Brown  \n"
-    "- B) White  \n"
-    "- C) Black  \n"
-    "- D) Gray\n"
-    "- E) Can not answer based on the caption\n"
-    "\n"
-    "The answer is C.\n"
-    "\n"
-    "Example 2:\n"
-    "Caption: <Caption Start> A child is waving a British flag during a parade. <Caption End>  \n"
-    "Question: What color is the flag?\n"
-    "- A) Red  \n"
-    "- B) Blue  \n"
-    "- C) Red, white, and blue  \n"
-    "- D) White\n"
-    "- E) Can not answer based on the caption\n"
-    "\n"
-    "The answer is E.\n"
-    "\n"
-    "Now, answer the question based on the following caption:\n"
-    "\n"
-    "Caption: <Caption Start> ";
-static const char k_reader_mid[] = " <Caption End>  \nQuestion: ";
-static const char k_reader_tail[] = "  <|im_end|>\n<|im_start|>assistant\nThe answer is";
-
-char *caprl_synth_reader_prompt_with(const char *tmpl, const char *caption, const char *question) {
-    if (!tmpl) {
-        return caprl_synth_reader_prompt(caption, question);
+char *caprl_synth_reader_prompt(const char *tmpl, const char *caption, const char *question) {
+    char       *out = NULL;
+    caprl_error err = {0};
+    /* a replacement template was checked for its two placeholders when the world's parameters were */
+    if (caprl_reader_prompt(tmpl ? tmpl : caprl_reader_template_default(), caption, question, &out, &err) !=
+        CAPRL_OK) {
+        caprl_abort(__FILE__, __LINE__, "%s", err.msg);
     }
-    /* the first "{}" takes the caption, the second the question (the reward fills templates the same way) */
-    str         b = {0};
-    const char *args[2] = {caption, question};
-    int32_t     used = 0;
-    for (const char *c = tmpl; *c;) {
-        if (c[0] == '{' && c[1] == '}' && used < 2) {
-            str_add(&b, args[used++]);
-            c += 2;
-        } else {
-            char one[2] = {*c++, 0};
-            str_add(&b, one);
-        }
-    }
-    return b.p;
-}
-
-char *caprl_synth_reader_prompt(const char *caption, const char *question) {
-    str b = {0};
-    str_add(&b, k_reader_head);
-    str_add(&b, caption);
-    str_add(&b, k_reader_mid);
-    str_add(&b, question);
-    str_add(&b, k_reader_tail);
-    return b.p;
+    return out;
 }

@@ -151,11 +151,9 @@ char *caprl_synth_question_bench(const caprl_synth_question *q, const int32_t *o
 
 /* ---- the reader prompt ------------------------------------------------------------------------------------ */
 
-/* The CapRL image reader prompt (spec/caprl.md §6.3, 1,044 bytes with both "{}" placeholders unfilled) filled
- * with caption and question; it ends with the pre-filled assistant text "The answer is". caprl_xmalloc'd.
- * caprl_synth_reader_prompt("{}", "{}") gives the template itself. */
-char *caprl_synth_reader_prompt(const char *caption, const char *question);
-/* The same with a replacement template (two "{}": caption, then question); NULL tmpl: the CapRL template. */
-char *caprl_synth_reader_prompt_with(const char *tmpl, const char *caption, const char *question);
+/* The reader prompt: tmpl (two "{}": caption, then question; NULL: the CapRL image reader prompt of spec/caprl.md
+ * §6.3, caprl_reader_template_default) filled with caption and question. caprl_synth_reader_prompt(tmpl, "{}", "{}")
+ * gives the template itself. Heap-allocated (free). */
+char *caprl_synth_reader_prompt(const char *tmpl, const char *caption, const char *question);
 
 #endif /* CAPRL_SYNTH_IMPL_H */

@@ -355,7 +355,7 @@ static caprl_status write_images(writer *w, caprl_pool *pool, int32_t split, int
 
 /* Fixed texts first: prompts and the answer forms, which no per-image text contains. */
 static void corpus_header(sbuf *b, const char *reader_template) {
-    char *tpl = caprl_synth_reader_prompt_with(reader_template, "{}", "{}");
+    char *tpl = caprl_synth_reader_prompt(reader_template, "{}", "{}");
     sb_puts(b, k_caption_instruction);
     sb_puts(b, "\nPlease describe this image in detail\n");
     sb_puts(b, tpl);
@@ -456,7 +456,7 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         }
         char *caption = caprl_synth_caption(s, listed, kind == 0);
         char *qs = caprl_synth_question_string(&q[k], order, true);
-        char *prompt = caprl_synth_reader_prompt_with(w->p->reader_template, caption, qs);
+        char *prompt = caprl_synth_reader_prompt(w->p->reader_template, caption, qs);
         sb_puts(b, "{\"id\": ");
         sb_printf(b, "\"%s-r%d\", \"kind\": \"%s\", \"prompt\": ", id, (int)k, kinds[kind]);
         json_str(b, prompt);

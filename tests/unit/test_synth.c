@@ -273,7 +273,7 @@ static int oracle(const tq *q, const tcap *c) {
 /* ---- the reader prompt ------------------------------------------------------------------------------------ */
 
 static void test_reader_template(void) {
-    char *tpl = caprl_synth_reader_prompt("{}", "{}");
+    char *tpl = caprl_synth_reader_prompt(NULL, "{}", "{}");
     CHECK_EQ_I64(strlen(tpl), 1044);
     FILE *f = fopen(CAPRL_SHARED_DIR "/spec/caprl.md", "rb");
     if (!f) {
@@ -298,7 +298,7 @@ static void test_reader_template(void) {
         }
     }
     free(tpl);
-    char *filled = caprl_synth_reader_prompt("CAP", "Q?");
+    char *filled = caprl_synth_reader_prompt(NULL, "CAP", "Q?");
     CHECK(strstr(filled, "Caption: <Caption Start> CAP <Caption End>  \nQuestion: Q?  <|im_end|>\n") != NULL);
     CHECK(strlen(filled) > 13 && strcmp(filled + strlen(filled) - 13, "The answer is") == 0);
     free(filled);
@@ -723,7 +723,7 @@ static void check_reader_records(json_t *reader, json_t *dense) {
         }
         char *caption = strndup(cs, (size_t)(ce - cs));
         char *question = strndup(ce + 27, (size_t)(qe - ce - 27));
-        char *rebuilt = caprl_synth_reader_prompt(caption, question);
+        char *rebuilt = caprl_synth_reader_prompt(NULL, caption, question);
         CHECK(strcmp(rebuilt, prompt) == 0);
         tcap c;
         tq   t;
