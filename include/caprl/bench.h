@@ -14,7 +14,7 @@ typedef struct caprl_machine_peaks {
     double  fp32_fma_gflops;    /* independent FMA chains on the widest vector unit, all threads */
     double  bf16_matrix_gflops; /* AMX tile dot-products where available, else AVX512-BF16, else 0 */
     char    bf16_unit[32];      /* "amx-bf16", "avx512-bf16" or "none" */
-    double  mem_bw_gbs;         /* STREAM triad a[i] = b[i] + s*c[i], counting 3 streams (24 B / element) */
+    double  mem_bw_gbs;         /* STREAM triad a[i] = b[i] + s*c[i], counting 3 float streams (12 B / element) */
     double  mem_read_gbs;       /* read-only streaming of the same arrays (sum of b and c, 8 B / element): the
                                    ceiling of a kernel that only reads, like decode reading the weights */
     char    cpu_features[160];

@@ -324,9 +324,9 @@ static int64_t l3_bytes(void) {
     return v > 0 ? v : 32 << 20;
 }
 
-/* Triad a[i] = b[i] + s c[i] over three arrays whose total is at least 4x the LLC (64 MB each at least).
- * Counts 24 bytes per element (three streams); the write-allocate read of a[] is real traffic but not counted,
- * as in STREAM. Best of TRIAD_REPS. */
+/* Triad a[i] = b[i] + s c[i] over three float arrays whose total is at least 4x the LLC (64 MB each at least).
+ * Counts 12 bytes per element (three float streams; STREAM's 24 are for doubles); the write-allocate read of a[]
+ * is real traffic but not counted, as in STREAM. Best of TRIAD_REPS. */
 static caprl_status run_triad(caprl_pool *pool, double *gbs, double *read_gbs, caprl_error *err) {
     int64_t each = l3_bytes() * 4 / 3;
     if (each < (64 << 20)) {
@@ -354,7 +354,7 @@ static caprl_status run_triad(caprl_pool *pool, double *gbs, double *read_gbs, c
         double t0 = now_s();
         caprl_parallel_for(pool, n, triad_range, &t);
         double dt = now_s() - t0;
-        double rate = dt > 0 ? 24.0 * (double)n / dt * 1e-9 : 0;
+        double rate = dt > 0 ? 12.0 * (double)n / dt * 1e-9 : 0;
         best = rate > best ? rate : best;
     }
     g_probe_sink = t.a[n / 2];
