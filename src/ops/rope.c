@@ -1,5 +1,6 @@
-/* Rotary forward (rotate_half convention), plain RoPE and the sectioned form, in place on rows of x: row m holds
- * H heads of D floats at x + m * x_stride. Pair (j, j + D/2) belongs to section s(j) (consecutive runs of sections[s] pairs) and turns
+/* Rotary forward and backward (rotate_half convention), plain RoPE and the sectioned form, in place on rows of x:
+ * row m holds H heads of D floats at x + m * x_stride. Pair (j, j + D/2) belongs to section s(j) (consecutive runs
+ * of sections[s] pairs) and turns
  * by angle = (float)pos[s(j) * M + m] * inv_freq[j] (an f32 product), c = cosf(angle), s = sinf(angle):
  *   x'[j] = x[j] * c - x[j + D/2] * s,   x'[j + D/2] = x[j + D/2] * c + x[j] * s
  * with separate multiplies and adds, exactly as rope.c, so one section reproduces rope_fwd bit for bit.
@@ -20,6 +21,7 @@ typedef struct sect_task {
     int64_t        end[SECT_MAX]; /* end[s] = first pair index after section s */
     int32_t        n_sections;
     int32_t        isa;
+    bool           inverse; /* rotate by -angle: the backward, R(a)^T = R(-a) */
 } sect_task;
 
 static void rotate_scalar(float *x1, float *x2, const float *cs, const float *sn, int64_t n) {
@@ -58,7 +60,7 @@ static void sect_rows(void *ctx, int64_t m0, int64_t m1, int32_t tid) {
                 }
                 float angle = (float)t->pos[s * t->M + m] * t->inv_freq[j0 + j];
                 cs[j] = cosf(angle);
-                sn[j] = sinf(angle);
+                sn[j] = t->inverse ? -sinf(angle) : sinf(angle);
             }
             for (int64_t h = 0; h < t->H; h++) {
                 float *x1 = t->x + m * t->x_stride + h * t->D + j0;
@@ -74,12 +76,12 @@ static void sect_rows(void *ctx, int64_t m0, int64_t m1, int32_t tid) {
     }
 }
 
-void caprl_op_rope_sect(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
-                        const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D) {
+static void rope_sect_run(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
+                          const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D, bool inverse) {
     CAPRL_ASSERT(M >= 0 && H > 0 && D > 0 && D % 2 == 0 && x_stride >= H * D);
     CAPRL_ASSERT(n_sections >= 1 && n_sections <= SECT_MAX);
     sect_task t = {.x = x, .pos = pos, .inv_freq = inv_freq, .x_stride = x_stride, .M = M, .H = H, .D = D,
-                   .n_sections = n_sections, .isa = c->isa};
+                   .n_sections = n_sections, .isa = c->isa, .inverse = inverse};
     int64_t   acc = 0;
     for (int32_t s = 0; s < n_sections; s++) {
         CAPRL_ASSERT(sections[s] >= 0);
@@ -88,6 +90,19 @@ void caprl_op_rope_sect(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int3
     }
     CAPRL_ASSERT(acc == D / 2);
     caprl_parallel_for_grain(c->pool, M, SECT_GRAIN_ELEMS / (H * D) + 1, sect_rows, &t);
+}
+
+void caprl_op_rope_sect(caprl_cpu_ctx *c, float *x, int64_t x_stride, const int32_t *pos, const float *inv_freq,
+                        const int32_t *sections, int32_t n_sections, int64_t M, int64_t H, int64_t D) {
+    rope_sect_run(c, x, x_stride, pos, inv_freq, sections, n_sections, M, H, D, false);
+}
+
+/* The backward, in place on the gradient rows: the transpose of each pair's rotation, R(a)^T = R(-a), with the
+ * forward's own angles and cos/sin (sin negated exactly, so a * c - b * (-s) is a * c + b * s bit for bit). */
+void caprl_op_rope_sect_bwd(caprl_cpu_ctx *c, float *dx, int64_t x_stride, const int32_t *pos,
+                            const float *inv_freq, const int32_t *sections, int32_t n_sections, int64_t M, int64_t H,
+                            int64_t D) {
+    rope_sect_run(c, dx, x_stride, pos, inv_freq, sections, n_sections, M, H, D, true);
 }
 
 /* Plain RoPE (spec/qwen.md §2.5): one section covering every pair, positions pos (M). */
