@@ -10,6 +10,7 @@
 #include "caprl/rl.h"
 #include "core/error_impl.h"
 #include "fmt/json_impl.h"
+#include "rl/rl_impl.h"
 
 typedef enum { K_STR, K_I32, K_U64, K_F32, K_BOOL, K_ENUM, K_GROUPS } key_kind;
 
@@ -313,6 +314,51 @@ caprl_status caprl_rl_config_from_json(caprl_rl_config *cfg, const char *json, s
     return a.st;
 }
 
+/* A float as the shortest decimal that reads back as the same float ("0.001", not 0.00100000005): config.json stays
+ * readable and a value read back compares equal. */
+static void format_float(float f, char *buf, size_t cap) {
+    for (int prec = 6; prec <= 9; prec++) {
+        snprintf(buf, cap, "%.*g", prec, (double)f);
+        if ((float)strtod(buf, NULL) == f) {
+            return;
+        }
+    }
+}
+
+/* One key's value as its JSON text (strings quoted); caller frees. */
+static char *value_json(const caprl_rl_config *cfg, const key_desc *k) {
+    const void *field = (const char *)cfg + k->off;
+    char        value[256];
+    switch (k->kind) {
+    case K_STR: {
+        const char *s = *(char *const *)field;
+        return s ? caprl_json_quote(s) : strdup("null");
+    }
+    case K_I32: snprintf(value, sizeof value, "%d", *(const int32_t *)field); break;
+    case K_U64: snprintf(value, sizeof value, "%llu", (unsigned long long)*(const uint64_t *)field); break;
+    case K_F32: format_float(*(const float *)field, value, sizeof value); break;
+    case K_BOOL: snprintf(value, sizeof value, "%s", *(const bool *)field ? "true" : "false"); break;
+    case K_ENUM: {
+        int32_t e = *(const int32_t *)field;
+        snprintf(value, sizeof value, "\"%s\"", e >= 0 && e < k->n_names ? k->names[e] : "?");
+        break;
+    }
+    case K_GROUPS: {
+        int32_t bits = *(const int32_t *)field;
+        char    list[64] = "";
+        for (size_t g = 0; g < sizeof k_groups / sizeof k_groups[0]; g++) {
+            if (bits & k_groups[g].bit) {
+                strncat(list, list[0] ? "," : "", sizeof list - strlen(list) - 1);
+                strncat(list, k_groups[g].name, sizeof list - strlen(list) - 1);
+            }
+        }
+        snprintf(value, sizeof value, "\"%s\"", list[0] ? list : "none");
+        break;
+    }
+    }
+    return strdup(value);
+}
+
 caprl_status caprl_rl_config_to_json(const caprl_rl_config *cfg, char **out, caprl_error *err) {
     size_t cap = 4096, len = 0;
     char  *buf = malloc(cap);
@@ -322,54 +368,87 @@ caprl_status caprl_rl_config_to_json(const caprl_rl_config *cfg, char **out, cap
     len += (size_t)snprintf(buf, cap, "{\n");
     for (int32_t i = 0; i < N_KEYS; i++) {
         const key_desc *k = &k_keys[i];
-        const void     *field = (const char *)cfg + k->off;
-        char            value[256];
-        char           *quoted = NULL;
-        switch (k->kind) {
-        case K_STR: {
-            const char *s = *(char *const *)field;
-            quoted = s ? caprl_json_quote(s) : NULL;
-            snprintf(value, sizeof value, "%s", s ? "" : "null");
-            break;
-        }
-        case K_I32: snprintf(value, sizeof value, "%d", *(const int32_t *)field); break;
-        case K_U64: snprintf(value, sizeof value, "%llu", (unsigned long long)*(const uint64_t *)field); break;
-        case K_F32: snprintf(value, sizeof value, "%.9g", (double)*(const float *)field); break;
-        case K_BOOL: snprintf(value, sizeof value, "%s", *(const bool *)field ? "true" : "false"); break;
-        case K_ENUM: {
-            int32_t e = *(const int32_t *)field;
-            snprintf(value, sizeof value, "\"%s\"", e >= 0 && e < k->n_names ? k->names[e] : "?");
-            break;
-        }
-        case K_GROUPS: {
-            int32_t bits = *(const int32_t *)field;
-            char    list[64] = "";
-            for (size_t g = 0; g < sizeof k_groups / sizeof k_groups[0]; g++) {
-                if (bits & k_groups[g].bit) {
-                    strncat(list, list[0] ? "," : "", sizeof list - strlen(list) - 1);
-                    strncat(list, k_groups[g].name, sizeof list - strlen(list) - 1);
-                }
-            }
-            snprintf(value, sizeof value, "\"%s\"", list[0] ? list : "none");
-            break;
-        }
-        }
-        const char *v = quoted ? quoted : value;
-        size_t      need = strlen(k->name) + strlen(v) + 16;
-        if (len + need >= cap) {
+        char           *v = value_json(cfg, k);
+        size_t          need = strlen(k->name) + (v ? strlen(v) : 0) + 16;
+        if (v && len + need >= cap) {
             cap = 2 * (len + need);
             char *nb = realloc(buf, cap);
             if (!nb) {
-                free(buf);
-                free(quoted);
-                return caprl_err_set(err, CAPRL_ERR_OOM, "out of memory writing the config");
+                free(v);
+                v = NULL;
+            } else {
+                buf = nb;
             }
-            buf = nb;
+        }
+        if (!v) {
+            free(buf);
+            return caprl_err_set(err, CAPRL_ERR_OOM, "out of memory writing the config");
         }
         len += (size_t)snprintf(buf + len, cap - len, "  \"%s\": %s%s\n", k->name, v, i + 1 < N_KEYS ? "," : "");
-        free(quoted);
+        free(v);
     }
     snprintf(buf + len, cap - len, "}\n");
     *out = buf;
     return CAPRL_OK;
+}
+
+/* ---- resume ------------------------------------------------------------------------------------------------- */
+
+/* What a resumed run may change: where the run goes, how often it records, how far it goes and how it computes,
+ * none of which changes a step's weights, metrics or captions (max_steps only says where to stop: the learning-rate
+ * horizon comes from episodes; results are bit-identical at any thread count and with or without recompute). The
+ * input files are compared by content (rl_impl.h), not by path, so a moved data file or checkpoint is fine. Every
+ * other setting decides what the steps compute and must stay as the run started. */
+static const char *const k_free_on_resume[] = {"out",           "max_steps", "save_every", "save_total_limit",
+                                               "samples_every", "threads",   "recompute"};
+static const char *const k_by_content[] = {"policy", "reader", "data", "reader_template"};
+
+static bool in_list(const char *name, const char *const *list, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(list[i], name) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* "out, max_steps, ... and recompute" */
+static void free_list_text(char *buf, size_t cap) {
+    size_t n = sizeof k_free_on_resume / sizeof k_free_on_resume[0];
+    buf[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        strncat(buf, i == 0 ? "" : i + 1 == n ? " and " : ", ", cap - strlen(buf) - 1);
+        strncat(buf, k_free_on_resume[i], cap - strlen(buf) - 1);
+    }
+}
+
+caprl_status caprl_rl_config_check_resume(const caprl_rl_config *now, const char *stored, size_t n,
+                                          const char *name, caprl_error *err) {
+    caprl_rl_config old = caprl_rl_config_default();
+    caprl_status    st = caprl_rl_config_from_json(&old, stored, n, name, err);
+    if (st == CAPRL_ERR_INVALID_ARG) {
+        st = CAPRL_ERR_FORMAT; /* a damaged record of the run, not a wrong flag */
+    }
+    for (int32_t i = 0; i < N_KEYS && st == CAPRL_OK; i++) {
+        const key_desc *k = &k_keys[i];
+        if (in_list(k->name, k_free_on_resume, sizeof k_free_on_resume / sizeof k_free_on_resume[0]) ||
+            in_list(k->name, k_by_content, sizeof k_by_content / sizeof k_by_content[0])) {
+            continue;
+        }
+        char *a = value_json(&old, k), *b = value_json(now, k);
+        if (!a || !b) {
+            st = caprl_err_set(err, CAPRL_ERR_OOM, "out of memory comparing the settings");
+        } else if (strcmp(a, b) != 0) {
+            char free_list[160];
+            free_list_text(free_list, sizeof free_list);
+            st = caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                               "resume: setting '%s' is %s in %s but %s now; a resumed run must keep the settings it "
+                               "started with (only %s may change)",
+                               k->name, a, name, b, free_list);
+        }
+        free(a);
+        free(b);
+    }
+    caprl_rl_config_free(&old);
+    return st;
 }

@@ -26,6 +26,7 @@
 #include "core/log_impl.h"
 #include "core/rng_impl.h"
 #include "fmt/json_impl.h"
+#include "rl/rl_impl.h"
 
 #define RL_STREAM_DATA 0x64617461u /* "data": the epoch permutations */
 
@@ -822,24 +823,67 @@ static caprl_status run_step(rl_run *r, int64_t step, caprl_rl_step_metrics *m, 
     return st;
 }
 
-static caprl_status prepare_run_dir(const caprl_rl_config *cfg, bool resume, int64_t *start_step, rl_run *r,
-                                    caprl_error *err) {
-    *start_step = 0;
-    int64_t latest = caprl_checkpoint_latest(cfg->out);
-    if (resume) {
-        caprl_checkpoint_clean(cfg->out); /* what a killed run left: half-written or half-pruned checkpoints */
+/* Writes text to RUN/name atomically. */
+static caprl_status write_run_file(const char *dir, const char *name, const char *text, caprl_error *err) {
+    char             *path = caprl_path_join(dir, name);
+    caprl_atomic_file af;
+    caprl_status      st = caprl_atomic_open(&af, path, err);
+    if (st == CAPRL_OK) {
+        st = caprl_atomic_write(&af, text, strlen(text), err);
     }
+    st = st == CAPRL_OK ? caprl_atomic_commit(&af, err) : (caprl_atomic_abort(&af), st);
+    free(path);
+    return st;
+}
+
+/* Checks this call against RUN/name when the run has one: RUN/config.json (fp NULL) or RUN/fingerprints.json. */
+static caprl_status check_run_file(const caprl_rl_config *cfg, const char *name, const caprl_rl_fingerprints *fp,
+                                   caprl_error *err) {
+    char *path = caprl_path_join(cfg->out, name);
+    if (!caprl_path_exists(path)) {
+        free(path);
+        return CAPRL_OK;
+    }
+    uint8_t     *text = NULL;
+    size_t       n = 0;
+    caprl_status st = caprl_file_read_all(path, 1 << 20, &text, &n, err);
+    if (st == CAPRL_OK) {
+        st = fp ? caprl_rl_check_fingerprints(cfg, fp, (const char *)text, n, path, err)
+                : caprl_rl_config_check_resume(cfg, (const char *)text, n, path, err);
+    }
+    free(text);
+    free(path);
+    return st;
+}
+
+/* Before anything in RUN changes: a RUN that holds a run is refused without resume, and with it the run's recorded
+ * settings and inputs must be this call's (rl_impl.h). */
+static caprl_status check_run_dir(const caprl_rl_config *cfg, bool resume, const caprl_rl_fingerprints *fp,
+                                  caprl_error *err) {
     if (!resume) {
         char *metrics = caprl_path_join(cfg->out, "metrics.jsonl");
-        bool  used = latest >= 0 || caprl_path_exists(metrics);
+        bool  used = caprl_checkpoint_latest(cfg->out) >= 0 || caprl_path_exists(metrics);
         free(metrics);
         if (used) {
             return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
                                  "%s already holds a run; pass --resume to continue it or choose another --out",
                                  cfg->out);
         }
-        CAPRL_TRY(caprl_mkdir_p(cfg->out, err));
-    } else if (latest >= 0) {
+        return CAPRL_OK;
+    }
+    CAPRL_TRY(check_run_file(cfg, "config.json", NULL, err));
+    return fp ? check_run_file(cfg, "fingerprints.json", fp, err) : CAPRL_OK;
+}
+
+static caprl_status prepare_run_dir(const caprl_rl_config *cfg, bool resume, const caprl_rl_fingerprints *fp,
+                                    int64_t *start_step, rl_run *r, caprl_error *err) {
+    *start_step = 0;
+    CAPRL_TRY(check_run_dir(cfg, resume, fp, err));
+    if (resume) {
+        caprl_checkpoint_clean(cfg->out); /* what a killed run left: half-written or half-pruned checkpoints */
+    }
+    int64_t latest = caprl_checkpoint_latest(cfg->out);
+    if (resume && latest >= 0) {
         char *extra = NULL;
         CAPRL_TRY(caprl_checkpoint_load(cfg->out, latest, r->tr, r->opt, &extra, err));
         caprl_free(extra);
@@ -850,27 +894,37 @@ static caprl_status prepare_run_dir(const caprl_rl_config *cfg, bool resume, int
     }
     CAPRL_TRY(truncate_after(cfg->out, "metrics.jsonl", *start_step, err));
     CAPRL_TRY(truncate_after(cfg->out, "samples.jsonl", *start_step, err));
-    char *json = NULL;
-    CAPRL_TRY(caprl_rl_config_to_json(cfg, &json, err));
-    char             *path = caprl_path_join(cfg->out, "config.json");
-    caprl_atomic_file af;
-    caprl_status      st = caprl_atomic_open(&af, path, err);
+    /* the inputs, then the settings: a run killed between the two resumes with its inputs checked, and a RUN of an
+     * older caprl (config.json alone) with its settings checked */
+    char *json = caprl_rl_fingerprints_json(cfg, fp);
+    caprl_status st = write_run_file(cfg->out, "fingerprints.json", json, err);
+    free(json);
+    json = NULL;
     if (st == CAPRL_OK) {
-        st = caprl_atomic_write(&af, json, strlen(json), err);
+        st = caprl_rl_config_to_json(cfg, &json, err);
     }
-    st = st == CAPRL_OK ? caprl_atomic_commit(&af, err) : (caprl_atomic_abort(&af), st);
-    free(path);
+    if (st == CAPRL_OK) {
+        st = write_run_file(cfg->out, "config.json", json, err);
+    }
     free(json);
     return st;
 }
 
 caprl_status caprl_rl_train(const caprl_rl_config *cfg, bool resume, caprl_rl_step_fn on_step, void *user_data,
                             caprl_error *err) {
+    /* the settings are checked before anything is loaded (a refusal is quick), the inputs once the loads have
+     * vouched for them (so a missing file is reported as the loader reports it), both before RUN changes */
+    CAPRL_TRY(check_config(cfg, err));
+    CAPRL_TRY(check_run_dir(cfg, resume, NULL, err));
     rl_run       r;
     caprl_status st = run_init(&r, cfg, err);
     int64_t      step = 0;
+    caprl_rl_fingerprints fp;
     if (st == CAPRL_OK) {
-        st = prepare_run_dir(cfg, resume, &step, &r, err);
+        st = caprl_rl_fingerprints_compute(cfg, &fp, err);
+    }
+    if (st == CAPRL_OK) {
+        st = prepare_run_dir(cfg, resume, &fp, &step, &r, err);
     }
     bool stop = false;
     while (st == CAPRL_OK && step < r.total_steps && !stop) {

@@ -5,6 +5,10 @@
  *     accepted back as --config and reproduces the run, step-N/ checkpoints that caprl generate loads;
  *   - flags override --config values wherever --config appears; unknown settings and bad values (flag or config
  *     key) exit 1 naming the setting; a used RUN without --resume is refused, a complete one with it left alone;
+ *   - --resume refuses changed settings (lr, group_size, seed, whiten), another data file and another reader
+ *     (same config, other weights) with exit 1 and one line naming the setting with its recorded and new values,
+ *     and leaves RUN byte for byte as it was; other threads, checkpoint and sample periods, a larger max_steps and
+ *     a byte-identical copy of the data under another name are accepted, and the run ends as the uninterrupted one;
  *   - bit-exact resume: SIGKILLs during start-up, during checkpoint writes and at pseudo-random moments after a
  *     step's metrics line, each followed by --resume, end with the uninterrupted run's step-4/ weights and
  *     optimizer state, samples.jsonl and metrics.jsonl byte for byte (bar the seconds_* wall times), with
@@ -449,6 +453,79 @@ static void test_bad_settings(void) {
     CHECK_MSG(rc == 1 && strstr(err, "policy"), "no --policy: %d: %s", rc, err);
 }
 
+/* --resume refuses a run whose settings or inputs changed, and changes nothing in RUN then; settings that only say
+ * where the run goes, how often it records, how far it goes or how it computes (threads) may change, and the data
+ * file may move. */
+static void test_resume_checks(void) {
+    char run_dir[4200], before[4300], args[16384], err[8192], cmd[16384], other[4300], same[4300];
+    snprintf(run_dir, sizeof run_dir, "%s/res", g_dir);
+    snprintf(before, sizeof before, "%s/res.before", g_dir);
+    base_args(args, sizeof args, run_dir, "--max-steps 1 --threads 1");
+    int rc = train(args, err, sizeof err);
+    CHECK_MSG(rc == 0, "1-step run: %d: %s", rc, err);
+    snprintf(cmd, sizeof cmd, "cp -a '%s' '%s'", run_dir, before);
+    CHECK(run(cmd, NULL, 0) == 0);
+    /* another data file (the first three of the four records) and a byte-identical copy of the run's own */
+    snprintf(other, sizeof other, "%s/syn/other.jsonl", g_dir);
+    snprintf(same, sizeof same, "%s/syn/same.jsonl", g_dir);
+    snprintf(cmd, sizeof cmd, "head -n 3 '%s' > '%s' && cp '%s' '%s'", g_data, other, g_data, same);
+    CHECK(run(cmd, NULL, 0) == 0);
+
+    /* another reader: the same shape, tokenizer and config.json, other weights */
+    char reader2[4300], reader_flag[4400], data_flag[4400];
+    snprintf(reader2, sizeof reader2, "%s/reader2", g_dir);
+    snprintf(cmd, sizeof cmd, "init-model --out '%s' --preset tiny --tokenizer '%s/tok.json' --vocab-size -1 "
+             "--hidden 32 --heads 2 --kv-heads 1 --intermediate 64 --dtype f32 --seed 3", reader2, g_dir);
+    rc = run_cli(cmd, NULL, 0);
+    CHECK_MSG(rc == 0, "init-model reader2: %d", rc);
+    snprintf(reader_flag, sizeof reader_flag, "--reader '%s'", reader2);
+    snprintf(data_flag, sizeof data_flag, "--data '%s'", other);
+    const struct {
+        const char *extra, *needle1, *needle2;
+    } refused[] = {
+        {"--lr 2e-3", "setting 'lr' is 0.001 in", "but 0.002 now"},
+        {"--group-size 3", "setting 'group_size' is 4 in", "but 3 now"},
+        {"--seed 5", "setting 'seed' is 0 in", "but 5 now"},
+        {"--no-whiten", "setting 'whiten' is true in", "but false now"},
+        {data_flag, "'data' (now", "other.jsonl"},
+        {reader_flag, "'reader' (now", "reader2"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        char more[4600];
+        snprintf(more, sizeof more, "--max-steps 3 --threads 1 --resume %s", refused[i].extra);
+        base_args(args, sizeof args, run_dir, more);
+        rc = train(args, err, sizeof err);
+        CHECK_MSG(rc == 1 && strstr(err, refused[i].needle1) && strstr(err, refused[i].needle2),
+                  "--resume %s: exit %d (expected 1), stderr lacks '%s' / '%s': %s", refused[i].extra, rc,
+                  refused[i].needle1, refused[i].needle2, err);
+        CHECK_MSG(strchr(err, '\n') == strrchr(err, '\n'), "one line of error expected: %s", err);
+        snprintf(cmd, sizeof cmd, "diff -r '%s' '%s' >/dev/null", before, run_dir);
+        CHECK_MSG(run(cmd, NULL, 0) == 0, "--resume %s changed %s", refused[i].extra, run_dir);
+    }
+
+    /* other threads, checkpoint and sample periods, a longer run and the data under another name: the run goes on
+     * as if it had run the 3 steps at once */
+    snprintf(cmd, sizeof cmd, "--max-steps 3 --threads 2 --save-every 2 --save-total-limit 3 --samples-every 7 "
+             "--resume --data '%s'", same);
+    base_args(args, sizeof args, run_dir, cmd);
+    rc = train(args, err, sizeof err);
+    CHECK_MSG(rc == 0, "--resume with other threads and periods: %d: %s", rc, err);
+    char ref[4200];
+    snprintf(ref, sizeof ref, "%s/run3", g_dir);
+    check_same_run(ref, run_dir, 3, "--resume with other threads and periods");
+    /* RUN/config.json records the settings of the run's latest invocation */
+    char p[4400];
+    snprintf(p, sizeof p, "%s/config.json", run_dir);
+    json_error_t jerr;
+    json_t      *cfg = json_load_file(p, 0, &jerr);
+    CHECK_MSG(json_is_object(cfg), "%s: %s", p, jerr.text);
+    CHECK_EQ_I64(json_integer_value(json_object_get(cfg, "threads")), 2);
+    CHECK_EQ_I64(json_integer_value(json_object_get(cfg, "save_every")), 2);
+    CHECK_EQ_I64(json_integer_value(json_object_get(cfg, "max_steps")), 3);
+    CHECK_STR_EQ(json_string_value(json_object_get(cfg, "data")), same);
+    json_decref(cfg);
+}
+
 /* Starts `caprl train args` in the background, stderr appended to err_path; returns caprl's pid. */
 static pid_t spawn_train(const char *args, const char *err_path) {
     char cmd[20000];
@@ -608,6 +685,7 @@ int main(void) {
     test_run();
     test_config_override();
     test_bad_settings();
+    test_resume_checks();
     test_resume_and_threads();
     return test_finish("test_train_cli");
 }

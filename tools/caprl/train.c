@@ -18,10 +18,12 @@ static const char k_usage[] =
     "Trains a Qwen2.5-VL captioner with the CapRL reward: per step, group_size captions for each of rollout_batch\n"
     "images, each scored by the reader answering n_questions of the image's multiple-choice questions from the\n"
     "caption alone; advantages, policy-gradient loss and one AdamW step per rollout batch. Writes RUN/config.json\n"
-    "(the resolved settings), RUN/metrics.jsonl (one line per step), RUN/samples.jsonl (captions with their\n"
-    "rewards every samples_every steps) and RUN/step-N/ checkpoints; --resume continues from the newest one,\n"
-    "bit-identically. Settings (--name-with-dashes VALUE or config key name_with_underscores) and their defaults,\n"
-    "the released CapRL recipe (docs/train.md explains each):\n";
+    "(the resolved settings), RUN/fingerprints.json (the input files' content), RUN/metrics.jsonl (one line per\n"
+    "step), RUN/samples.jsonl (captions with their rewards every samples_every steps) and RUN/step-N/ checkpoints;\n"
+    "--resume continues from the newest one, bit-identically, and refuses settings or inputs other than the run's\n"
+    "own (out, max_steps, save_every, save_total_limit, samples_every, threads and recompute may change).\n"
+    "Settings (--name-with-dashes VALUE or config key name_with_underscores) and their defaults, the released\n"
+    "CapRL recipe (docs/train.md explains each):\n";
 
 typedef struct progress {
     bool   tty;
