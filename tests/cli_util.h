@@ -1,5 +1,6 @@
 /* Helpers for tests that run the caprl program: a shell command line with stderr captured to g_dir/stderr.txt.
- * g_dir is the test's scratch directory, set by the test before the first run. */
+ * g_dir is the test's scratch directory, set by the test before the first run. proc_util.h adds file helpers,
+ * the last run's stderr as a string and background runs to kill. */
 #ifndef CAPRL_CLI_UTIL_H
 #define CAPRL_CLI_UTIL_H
 
@@ -9,9 +10,10 @@
 
 static char g_dir[4096];
 
-/* Runs cmdline; returns its exit status (or -1) and captures stdout into out (may be NULL, cap bytes). */
-static int run(const char *cmdline, char *out, size_t cap) {
-    char full[16384];
+/* Runs cmdline; returns its exit status (or -1) and captures stdout into out (may be NULL, cap bytes; with NULL the
+ * output is read and dropped). */
+static inline int run(const char *cmdline, char *out, size_t cap) {
+    char full[32768];
     snprintf(full, sizeof full, "%s 2>'%s/stderr.txt'", cmdline, g_dir);
     FILE *p = popen(full, "r");
     if (!p) {

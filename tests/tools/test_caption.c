@@ -5,82 +5,21 @@
  * touching anything; the non-terminal progress line. */
 #include <errno.h>
 #include <jansson.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 
 #include "caprl_test.h"
+#include "proc_util.h"
 
 #define N_SAMPLES 2
 #define MAX_NEW   24
 /* the sampling settings of every run; captions are compared across runs, so they must match */
 #define GEN_ARGS "-n 2 --max-new-tokens 24 --temperature 1 --seed 11 --threads 1"
 
-static char g_dir[1024];
-
 /* The folder's images in the order caprl lists them (sorted names); notes.txt must be ignored. */
 static const char *const k_images[] = {"cmyk.jpg",         "corrupt.png", "gray16.png", "interlaced_rgb.png",
                                        "lossy_alpha.webp", "pal4.png",    "progressive.jpg", "rgba8.png"};
 #define N_IMAGES ((int)(sizeof k_images / sizeof k_images[0]))
-
-/* Runs a shell command line with stderr captured in g_dir/stderr.txt; returns the exit status or -1. */
-static int run(const char *cmdline) {
-    char full[32768];
-    snprintf(full, sizeof full, "%s 2>%s/stderr.txt >/dev/null", cmdline, g_dir);
-    int st = system(full);
-    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-/* Whole file as a NUL-terminated string (NULL if it cannot be read). */
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    size_t cap = 4096, n = 0, got;
-    char  *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len) {
-        *len = n;
-    }
-    return buf;
-}
-
-static char *read_stderr(void) {
-    char path[2048];
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    char *s = read_all(path, NULL);
-    return s ? s : calloc(1, 1);
-}
-
-static void write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    CHECK_MSG(f != NULL, "cannot create %s", path);
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
-}
-
-static long count_lines(const char *path) {
-    char *s = read_all(path, NULL);
-    long  n = 0;
-    for (const char *p = s; p && *p; p++) {
-        n += *p == '\n';
-    }
-    free(s);
-    return n;
-}
 
 /* A caption output as {image: record}. Every line must be a complete JSON object ending in '\n' whose "image"
  * appears only once: a torn or duplicated record fails the test. NULL if the file does not exist. */
@@ -178,24 +117,6 @@ static void expect_same_captions(const json_t *want, const json_t *got, const ch
     }
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Starts "exec cmdline" in the background (stderr to err_path); returns the pid of caprl itself. */
-static pid_t spawn(const char *cmdline, const char *err_path) {
-    char full[32768];
-    snprintf(full, sizeof full, "exec %s 2>%s >/dev/null", cmdline, err_path);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl("/bin/sh", "sh", "-c", full, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
 /* A real kill -9 of a run once it has written two records, a torn partial record on top, then the same command
  * again: the result must be the uninterrupted run's, record for record. */
 static void check_kill_and_resume(const char *base_cmd, const json_t *ref) {
@@ -203,51 +124,34 @@ static void check_kill_and_resume(const char *base_cmd, const json_t *ref) {
     snprintf(out, sizeof out, "%s/killed.jsonl", g_dir);
     snprintf(err_path, sizeof err_path, "%s/killed.stderr", g_dir);
     snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s", base_cmd, out);
-    pid_t pid = spawn(cmd, err_path);
-    CHECK(pid > 0);
-    if (pid <= 0) {
+    child c;
+    if (!child_start(&c, cmd, err_path)) {
         return;
     }
-    bool   finished = false;
-    int    wst = 0;
-    double t0 = now_s();
-    while (!finished && count_lines(out) < 2 && now_s() - t0 < 300.0) {
-        finished = waitpid(pid, &wst, WNOHANG) == pid;
-        struct timespec ms = {0, 2000000};
-        nanosleep(&ms, NULL);
-    }
-    CHECK_MSG(finished || count_lines(out) >= 2, "the background run wrote fewer than 2 records in 300 s");
-    if (!finished) {
+    child_wait_lines(&c, out, 2, 300.0, 2e-3);
+    CHECK_MSG(c.done || count_file_lines(out) >= 2, "the background run wrote fewer than 2 records in 300 s");
+    if (!c.done) {
         /* while it runs, a second process on the same output must be refused (no image captioned twice) */
-        int   rc = run(cmd);
-        char *msg = read_stderr();
-        finished = waitpid(pid, &wst, WNOHANG) == pid;
-        CHECK_MSG(rc == 2 ? strstr(msg, "another caprl caption") != NULL : finished,
+        int   rc = run(cmd, NULL, 0);
+        char *msg = last_stderr();
+        child_poll(&c);
+        CHECK_MSG(rc == 2 ? strstr(msg, "another caprl caption") != NULL : c.done,
                   "a concurrent run on the same output exited %d: %s", rc, msg);
         free(msg);
     }
-    if (!finished) {
-        CHECK(kill(pid, SIGKILL) == 0);
-        CHECK(waitpid(pid, &wst, 0) == pid);
-        finished = WIFEXITED(wst); /* it may have exited just before the signal */
-    }
-    long written = count_lines(out);
+    bool finished = c.done || !child_kill(&c); /* it may have exited just before the signal */
+    long written = count_file_lines(out);
     if (finished || written >= N_IMAGES) {
         fprintf(stderr, "test_caption: note: the run finished before the kill came (%ld records); checking the "
                         "resume anyway\n", written);
     } else {
-        CHECK(WIFSIGNALED(wst) && WTERMSIG(wst) == SIGKILL);
+        CHECK(WIFSIGNALED(c.status) && WTERMSIG(c.status) == SIGKILL);
         fprintf(stderr, "test_caption: killed after %ld of %d records\n", written, N_IMAGES);
     }
     /* a kill in the middle of a write leaves half a record without its newline */
-    FILE *f = fopen(out, "ab");
-    CHECK(f != NULL);
-    if (f) {
-        fputs("{\"image\": \"rgba8.png\", \"captions\": [\"half a capt", f);
-        fclose(f);
-    }
-    CHECK_EQ_I64(run(cmd), 0);
-    char *msg = read_stderr();
+    append_text(out, "{\"image\": \"rgba8.png\", \"captions\": [\"half a capt");
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    char *msg = last_stderr();
     CHECK_MSG(strstr(msg, "torn last record") != NULL, "the rerun did not report the torn line: %s", msg);
     free(msg);
     json_t *got = load_records(out);
@@ -257,8 +161,8 @@ static void check_kill_and_resume(const char *base_cmd, const json_t *ref) {
 }
 
 static void expect_fail(const char *cmdline, int code, const char *needle) {
-    int   rc = run(cmdline);
-    char *msg = read_stderr();
+    int   rc = run(cmdline, NULL, 0);
+    char *msg = last_stderr();
     CHECK_MSG(rc == code, "'%s' exited %d, expected %d; stderr: %s", cmdline, rc, code, msg);
     CHECK_MSG(strstr(msg, needle) != NULL, "'%s': stderr lacks '%s': %s", cmdline, needle, msg);
     free(msg);
@@ -273,7 +177,7 @@ int main(void) {
              "%s init-model --preset tiny-vl --dtype f32 --seed 3 --out %s/m --tokenizer "
              "%s/data/qwen-tokenizer/tokenizer.json",
              CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "mkdir %s/imgs && echo 'not an image' > %s/imgs/notes.txt", tmp, tmp);
     CHECK(system(cmd) == 0);
     for (int i = 0; i < N_IMAGES; i++) {
@@ -290,8 +194,8 @@ int main(void) {
 
     /* the uninterrupted reference run */
     snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s/ref.jsonl", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
-    char *msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    char *msg = last_stderr();
     /* stderr is a file here: plain periodic lines, no carriage-return bar */
     CHECK_MSG(strstr(msg, "caprl caption: 8/8 images") && strstr(msg, "img/s") && !strchr(msg, '\r'),
               "no plain progress line on stderr: %s", msg);
@@ -304,18 +208,18 @@ int main(void) {
     }
     check_reference(ref);
     /* the same command again has nothing left to do and leaves the file as it is */
-    long ref_lines = count_lines(path);
-    CHECK_EQ_I64(run(cmd), 0);
-    msg = read_stderr();
+    long ref_lines = count_file_lines(path);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    msg = last_stderr();
     CHECK_MSG(strstr(msg, "8 already in") && strstr(msg, "0 to caption"), "%s", msg);
     free(msg);
-    CHECK_EQ_I64(count_lines(path), ref_lines);
+    CHECK_EQ_I64(count_file_lines(path), ref_lines);
 
     check_kill_and_resume(base, ref);
 
     /* batching does not change a single token */
     snprintf(cmd, sizeof cmd, "%s --batch 3 --out %s/b3.jsonl", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/b3.jsonl", tmp);
     json_t *got = load_records(path);
     CHECK_EQ_I64(json_object_size(got), N_IMAGES);
@@ -326,7 +230,7 @@ int main(void) {
     json_t *shards[2];
     for (int s = 0; s < 2; s++) {
         snprintf(cmd, sizeof cmd, "%s --batch 2 --shard %d/2 --out %s/shard%d.jsonl", base, s, tmp, s);
-        CHECK_EQ_I64(run(cmd), 0);
+        CHECK_EQ_I64(run(cmd, NULL, 0), 0);
         snprintf(path, sizeof path, "%s/shard%d.jsonl", tmp, s);
         shards[s] = load_records(path);
         CHECK_EQ_I64(json_object_size(shards[s]), N_IMAGES / 2);
@@ -346,7 +250,7 @@ int main(void) {
     write_text(path, "imgs/cmyk.jpg\r\n\nimgs/corrupt.png\n");
     snprintf(cmd, sizeof cmd, "%s caption --model %s/m --images %s --out %s/paths.jsonl " GEN_ARGS, CAPRL_CLI, tmp,
              path, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/paths.jsonl", tmp);
     got = load_records(path);
     CHECK_EQ_I64(json_object_size(got), 2);
@@ -364,7 +268,7 @@ int main(void) {
                      "{\"id\": 8, \"image\": \"../imgs/corrupt.png\", \"tags\": [\"a\", \"b\"]}\n");
     snprintf(cmd, sizeof cmd, "%s caption --model %s/m --images %s --out %s/items.out.jsonl " GEN_ARGS, CAPRL_CLI,
              tmp, path, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/items.out.jsonl", tmp);
     got = load_records(path);
     CHECK_EQ_I64(json_object_size(got), 2);
@@ -439,14 +343,14 @@ int main(void) {
              "%s init-model --preset tiny --dtype f32 --out %s/text-only --tokenizer "
              "%s/data/qwen-tokenizer/tokenizer.json",
              CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "%s caption --model %s/text-only --images %s/imgs --out %s/x.jsonl", CAPRL_CLI, tmp,
              tmp, tmp);
     expect_fail(cmd, 2, "Qwen2.5-VL");
     snprintf(path, sizeof path, "%s/x.jsonl", tmp);
-    CHECK_MSG(count_lines(path) == 0, "a refused run wrote records");
+    CHECK_MSG(count_file_lines(path) == 0, "a refused run wrote records");
     snprintf(cmd, sizeof cmd, "%s caption --help", CAPRL_CLI);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
 
     json_decref(ref);
     free(tmp);

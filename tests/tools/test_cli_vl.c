@@ -16,7 +16,7 @@
 #include "caprl/vision.h"
 #include "caprl/vlm.h"
 #include "caprl_test.h"
-#include "cli_util.h"
+#include "proc_util.h"
 
 enum { VOCAB = 151936, IMAGE_PAD = 151655 };
 
@@ -33,22 +33,6 @@ static void expect_fail(const char *cmdline, int code, const char *needle) {
     CHECK_MSG(rc == code, "'%s' exited %d, expected %d; stderr: %s", cmdline, rc, code, err);
     CHECK_MSG(strstr(err, needle) != NULL, "'%s' stderr lacks '%s': %s", cmdline, needle, err);
     CHECK_MSG(lines == 1 && strstr(err, "caprl ") == err, "'%s': expected one error line, got: %s", cmdline, err);
-}
-
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        *len = 0;
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    *len = fread(buf, 1, (size_t)n, f);
-    buf[*len] = '\0';
-    fclose(f);
-    return buf;
 }
 
 static void ids_to_text(const int32_t *ids, int64_t n, char *out, size_t cap) {

@@ -19,17 +19,13 @@
  * torn line added and rerun with other batch sizes, give the result files of a --shard 0/2 + 1/2 run byte for byte; a
  * rerun with other settings and stage 2 without captions are refused. */
 #include <jansson.h>
-#include <signal.h>
 #include <stdbool.h>
-#include <sys/wait.h>
-#include <time.h>
 
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
 #include "caprl_test.h"
-
-static char g_dir[1024];
+#include "proc_util.h"
 
 #define N_CAPS    3
 #define SEED      3
@@ -40,52 +36,6 @@ static char g_dir[1024];
 /* Item i: image, gold. Items 0 and 1 share an image. */
 static const char *const k_items[N_ITEMS][2] = {{"rgb8.png", "A"},    {"rgb8.png", "B"},        {"pal4.png", "B"},
                                                 {"baseline.jpg", "A"}, {"missing.png", "A"}, {"progressive.jpg", "B"}};
-
-static int run(const char *cmdline) {
-    char full[32768];
-    snprintf(full, sizeof full, "%s 2>%s/stderr.txt >/dev/null", cmdline, g_dir);
-    int st = system(full);
-    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    size_t cap = 4096, n = 0, got;
-    char  *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len) {
-        *len = n;
-    }
-    return buf;
-}
-
-static char *read_stderr(void) {
-    char path[2048];
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    char *s = read_all(path, NULL);
-    return s ? s : calloc(1, 1);
-}
-
-static long count_lines(const char *path) {
-    char *s = read_all(path, NULL);
-    long  n = 0;
-    for (const char *p = s; p && *p; p++) {
-        n += *p == '\n';
-    }
-    free(s);
-    return n;
-}
 
 /* JSON Lines as {key: record}, key the string or integer field `key` (as text); every line complete, keys unique. */
 static json_t *load_jsonl(const char *path, const char *key) {
@@ -357,47 +307,20 @@ static void same_results(const char *dir_a, const char *dir_b, const char *what)
     }
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Runs cmdline in the background, kills it with SIGKILL once `file` has `lines` lines, appends a torn half record to
  * it; reports whether the kill came before the end. */
 static void kill_midway(const char *cmdline, const char *file, long lines, const char *torn) {
-    char full[32768];
-    snprintf(full, sizeof full, "exec %s 2>%s/killed.stderr >/dev/null", cmdline, g_dir);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl("/bin/sh", "sh", "-c", full, (char *)NULL);
-        _exit(127);
-    }
-    CHECK(pid > 0);
-    if (pid <= 0) {
+    char err_path[4200];
+    snprintf(err_path, sizeof err_path, "%s/killed.stderr", g_dir);
+    child c;
+    if (!child_start(&c, cmdline, err_path)) {
         return;
     }
-    bool   finished = false;
-    int    wst = 0;
-    double t0 = now_s();
-    while (!finished && count_lines(file) < lines && now_s() - t0 < 300.0) {
-        finished = waitpid(pid, &wst, WNOHANG) == pid;
-        struct timespec ms = {0, 1000000};
-        nanosleep(&ms, NULL);
-    }
-    if (!finished) {
-        CHECK(kill(pid, SIGKILL) == 0);
-        CHECK(waitpid(pid, &wst, 0) == pid);
-        finished = WIFEXITED(wst);
-    }
+    child_wait_lines(&c, file, lines, 300.0, 1e-3);
+    bool finished = c.done || !child_kill(&c);
     fprintf(stderr, "test_eval_prism_cli: %s after %ld records of %s\n",
-            finished ? "note: the run finished before the kill," : "killed", count_lines(file), file);
-    FILE *f = fopen(file, "ab");
-    CHECK(f != NULL);
-    if (f) {
-        fputs(torn, f);
-        fclose(f);
-    }
+            finished ? "note: the run finished before the kill," : "killed", count_file_lines(file), file);
+    append_text(file, torn);
 }
 
 int main(void) {
@@ -414,7 +337,7 @@ int main(void) {
              "&& %s init-model --preset tiny --seed 4 --out %s/reader --tokenizer "
              "%s/data/qwen-tokenizer/tokenizer.json)",
              CAPRL_CLI, tmp, CAPRL_SHARED_DIR, CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/reader", tmp);
     make_reader(path, &au, 64);
 
@@ -442,13 +365,13 @@ int main(void) {
     /* the reference (each run loads the tokenizer of each model it uses, about a second each, so the runs are
      * few): two shards, both stages in each run; the first cannot finish the set, the second writes the results */
     snprintf(cmd, sizeof cmd, "%s --out %s/ref --shard 0/2", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
-    char *msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    char *msg = last_stderr();
     CHECK_MSG(strstr(msg, "items answered; the result files are written once"), "shard 0/2: %s", msg);
     free(msg);
     snprintf(cmd, sizeof cmd, "%s --out %s/ref --shard 1/2", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
-    msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    msg = last_stderr();
     CHECK_MSG(strstr(msg, "BoN: ") && strstr(msg, "Mean: ") && strstr(msg, "Prism_t_step_eval_7_final.json"),
               "no summary: %s", msg);
     free(msg);
@@ -462,16 +385,16 @@ int main(void) {
     snprintf(path, sizeof path, "%s/staged/captions_t.jsonl", tmp);
     kill_midway(cmd, path, 1, "{\"image\": \"pal4.png\", \"captions\": [\"half");
     snprintf(cmd, sizeof cmd, "%s --out %s/staged --stage 1 --batch 3", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
-    msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    msg = last_stderr();
     CHECK_MSG(strstr(msg, "torn last record"), "stage 1 rerun: no repair note: %s", msg);
     free(msg);
     snprintf(cmd, sizeof cmd, "%s --out %s/staged --stage 2 --reader-batch 4", base, tmp);
     snprintf(path, sizeof path, "%s/staged/answers_t.jsonl", tmp);
     kill_midway(cmd, path, 3, "{\"index\": 5, \"id\": \"5\", \"outputs\": [\"</thi");
     snprintf(cmd, sizeof cmd, "%s --out %s/staged --stage 2 --reader-batch 16", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
-    msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    msg = last_stderr();
     CHECK_MSG(strstr(msg, "torn last record"), "stage 2 rerun: no repair note: %s", msg);
     free(msg);
     snprintf(other, sizeof other, "%s/staged", tmp);
@@ -480,14 +403,14 @@ int main(void) {
 
     /* other settings on the same tag are refused, nothing touched */
     snprintf(cmd, sizeof cmd, "%s --out %s/ref -n 2", base, tmp);
-    CHECK_EQ_I64(run(cmd), 2);
-    msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
+    msg = last_stderr();
     CHECK_MSG(strstr(msg, "n_captions"), "a rerun with -n 2 must be refused naming n_captions: %s", msg);
     free(msg);
     /* stage 2 before stage 1 */
     snprintf(cmd, sizeof cmd, "%s --out %s/early --stage 2", base, tmp);
-    CHECK_EQ_I64(run(cmd), 2);
-    msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
+    msg = last_stderr();
     CHECK_MSG(strstr(msg, "run stage 1"), "stage 2 without captions: %s", msg);
     free(msg);
 

@@ -27,53 +27,16 @@
 #include <jansson.h>
 #include <math.h>
 #include <stdbool.h>
-#include <sys/wait.h>
 
 #include "caprl/reward.h"
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
 #include "caprl_test.h"
-
-static char g_dir[1024];
+#include "proc_util.h"
 
 #define ROT  4
 #define SEED 11
-
-static int run(const char *cmdline) {
-    char full[32768];
-    snprintf(full, sizeof full, "%s 2>%s/stderr.txt >/dev/null", cmdline, g_dir);
-    int st = system(full);
-    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static char *read_all(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    size_t cap = 4096, n = 0, got;
-    char  *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    buf[n] = '\0';
-    return buf;
-}
-
-static void write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    CHECK_MSG(f != NULL, "cannot create %s", path);
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
-}
 
 /* ---- the forcing checkpoint -------------------------------------------------------------------------------- */
 
@@ -253,11 +216,10 @@ static json_t *filter(const char *model, const char *extra, const char *out_name
              "%s qa filter --vlm %s/%s --qa %s/qa.jsonl --out %s/%s.jsonl --report %s/%s.report.json --seed %d "
              "--threads 1 %s",
              CAPRL_CLI, g_dir, model, g_dir, g_dir, out_name, g_dir, out_name, SEED, extra);
-    int rc = run(cmd);
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    char *msg = read_all(path);
-    CHECK_MSG(rc == 0, "%s exited %d: %s", cmd, rc, msg ? msg : "");
-    CHECK_MSG(msg && strstr(msg, "imgs/missing.png"), "no warning about the missing image: %s", msg ? msg : "");
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
+    CHECK_MSG(rc == 0, "%s exited %d: %s", cmd, rc, msg);
+    CHECK_MSG(strstr(msg, "imgs/missing.png"), "no warning about the missing image: %s", msg);
     free(msg);
     snprintf(path, sizeof path, "%s/%s.report.json", g_dir, out_name);
     json_error_t jerr;
@@ -285,7 +247,7 @@ static void expect_all(const json_t *rep, const char *want, const char *what) {
 static json_t *load_output(const char *name) {
     char path[2048];
     snprintf(path, sizeof path, "%s/%s.jsonl", g_dir, name);
-    char *text = read_all(path);
+    char *text = read_all(path, NULL);
     CHECK_MSG(text != NULL, "no output %s", path);
     json_t *map = json_object();
     for (char *line = text, *nl; line && *line; line = nl + 1) {
@@ -334,7 +296,7 @@ int main(void) {
     snprintf(cmd, sizeof cmd,
              "%s init-model --preset tiny-vl --seed 3 --out %s/base --tokenizer %s/data/qwen-tokenizer/tokenizer.json",
              CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
 
     /* oracle: every question kept, the output is the input minus the missing image, strings untouched */
     build_model("oracle", abcde, xyz, vstart);

@@ -5,18 +5,14 @@
  * records exactly; --shard 1/2 gives its half of them; relative image paths stay relative only when the output sits
  * beside the list. Every run loads the tokenizer (about a second), so the runs are few. */
 #include <jansson.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 
 #include "caprl/reward.h"
 #include "caprl_test.h"
+#include "proc_util.h"
 
 #define GEN_ARGS "--max-new-tokens 12 --temperature 1 --seed 5 --threads 1"
-
-static char g_dir[1024];
 
 static const char *const k_images[] = {"baseline.jpg", "corrupt.png", "pal4.png", "progressive.jpg", "rgb8.png",
                                        "rgba8.png"};
@@ -25,52 +21,6 @@ static const char *const k_images[] = {"baseline.jpg", "corrupt.png", "pal4.png"
 /* spec/caprl.md §7.2: the QA-generation system prompt. */
 #define SYSTEM_BYTES  722
 #define SYSTEM_SHA256 "4e275e96ae0126609f8e7bfa1f03f56a2f015179ebd0c6c9d70dc598d1258fcf"
-
-static int run(const char *cmdline) {
-    char full[32768];
-    snprintf(full, sizeof full, "%s 2>%s/stderr.txt >/dev/null", cmdline, g_dir);
-    int st = system(full);
-    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    size_t cap = 4096, n = 0, got;
-    char  *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len) {
-        *len = n;
-    }
-    return buf;
-}
-
-static char *read_stderr(void) {
-    char path[2048];
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    char *s = read_all(path, NULL);
-    return s ? s : calloc(1, 1);
-}
-
-static long count_lines(const char *path) {
-    char *s = read_all(path, NULL);
-    long  n = 0;
-    for (const char *p = s; p && *p; p++) {
-        n += *p == '\n';
-    }
-    free(s);
-    return n;
-}
 
 /* An output as {image: record}; every line complete, every image once. */
 static json_t *load_records(const char *path) {
@@ -143,23 +93,6 @@ static void check_prompt(void) {
     free(p);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static pid_t spawn(const char *cmdline, const char *err_path) {
-    char full[32768];
-    snprintf(full, sizeof full, "exec %s 2>%s >/dev/null", cmdline, err_path);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl("/bin/sh", "sh", "-c", full, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
 /* kill -9 after two records, a torn half line on top, then the same command with another batch size: the
  * reference's records exactly (batching changes no token). */
 static void check_kill_and_resume(const char *base, const json_t *ref) {
@@ -167,40 +100,23 @@ static void check_kill_and_resume(const char *base, const json_t *ref) {
     snprintf(out, sizeof out, "%s/killed.jsonl", g_dir);
     snprintf(err_path, sizeof err_path, "%s/killed.stderr", g_dir);
     snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s", base, out);
-    pid_t pid = spawn(cmd, err_path);
-    CHECK(pid > 0);
-    if (pid <= 0) {
+    child c;
+    if (!child_start(&c, cmd, err_path)) {
         return;
     }
-    bool   finished = false;
-    int    wst = 0;
-    double t0 = now_s();
-    while (!finished && count_lines(out) < 2 && now_s() - t0 < 300.0) {
-        finished = waitpid(pid, &wst, WNOHANG) == pid;
-        struct timespec ms = {0, 1000000};
-        nanosleep(&ms, NULL);
-    }
-    if (!finished) {
-        CHECK(kill(pid, SIGKILL) == 0);
-        CHECK(waitpid(pid, &wst, 0) == pid);
-        finished = WIFEXITED(wst);
-    }
-    long written = count_lines(out);
+    child_wait_lines(&c, out, 2, 300.0, 1e-3);
+    bool finished = c.done || !child_kill(&c);
+    long written = count_file_lines(out);
     if (finished || written >= N_IMAGES) {
         fprintf(stderr, "test_qa_generate: note: the run finished before the kill (%ld records)\n", written);
     } else {
-        CHECK(WIFSIGNALED(wst) && WTERMSIG(wst) == SIGKILL);
+        CHECK(WIFSIGNALED(c.status) && WTERMSIG(c.status) == SIGKILL);
         fprintf(stderr, "test_qa_generate: killed after %ld of %d records\n", written, N_IMAGES);
     }
-    FILE *f = fopen(out, "ab");
-    CHECK(f != NULL);
-    if (f) {
-        fputs("{\"id\": \"rgba8.png\", \"image\": \"rgba8.png\", \"response\": \"#### 1. **Half", f);
-        fclose(f);
-    }
+    append_text(out, "{\"id\": \"rgba8.png\", \"image\": \"rgba8.png\", \"response\": \"#### 1. **Half");
     snprintf(cmd, sizeof cmd, "%s --batch 3 --out %s", base, out);
-    CHECK_EQ_I64(run(cmd), 0);
-    char *msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    char *msg = last_stderr();
     CHECK_MSG(strstr(msg, "torn last record") != NULL, "the rerun did not report the torn line: %s", msg);
     free(msg);
     json_t *got = load_records(out);
@@ -218,7 +134,7 @@ int main(void) {
     snprintf(cmd, sizeof cmd,
              "%s init-model --preset tiny-vl --seed 7 --out %s/vl --tokenizer %s/data/qwen-tokenizer/tokenizer.json",
              CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "mkdir %s/imgs %s/out", tmp, tmp);
     CHECK(system(cmd) == 0);
     for (int i = 0; i < N_IMAGES; i++) {
@@ -234,7 +150,7 @@ int main(void) {
 
     /* the reference run: the output lives elsewhere, so image paths are absolute */
     snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s/out/ref.jsonl", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/out/ref.jsonl", tmp);
     json_t *ref = load_records(path);
     CHECK(ref != NULL);
@@ -262,18 +178,18 @@ int main(void) {
         CHECK(fin && (strcmp(fin, "eos") == 0 || (strcmp(fin, "length") == 0 && json_integer_value(tok) == 12)));
     }
     /* the same command again has nothing to do */
-    long lines = count_lines(path);
+    long lines = count_file_lines(path);
     snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s/out/ref.jsonl", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
-    char *msg = read_stderr();
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    char *msg = last_stderr();
     CHECK_MSG(strstr(msg, "6 already in") && strstr(msg, "0 to do"), "%s", msg);
     free(msg);
-    CHECK_EQ_I64(count_lines(path), lines);
+    CHECK_EQ_I64(count_file_lines(path), lines);
 
     /* `caprl qa parse` reads the records (the corrupt image's error record is a bad record for it) */
     snprintf(cmd, sizeof cmd, "%s qa parse %s --out %s/out/qa.jsonl --skip-bad", CAPRL_CLI, path, tmp);
-    int prc = run(cmd);
-    msg = read_stderr();
+    int prc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(prc == 0 && strstr(msg, "5 responses"), "qa parse on the output exited %d: %s", prc, msg);
     free(msg);
 
@@ -281,7 +197,7 @@ int main(void) {
 
     /* shard 1/2: list positions 1, 3, 5, each with the reference's record */
     snprintf(cmd, sizeof cmd, "%s --batch 2 --shard 1/2 --out %s/out/shard1.jsonl", base, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/out/shard1.jsonl", tmp);
     json_t *got = load_records(path);
     CHECK_EQ_I64(json_object_size(got), N_IMAGES / 2);
@@ -297,15 +213,10 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "mkdir -p %s/lst && cp %s/imgs/pal4.png %s/lst/", tmp, tmp, tmp);
     CHECK(system(cmd) == 0);
     snprintf(path, sizeof path, "%s/lst/list.jsonl", tmp);
-    FILE *f = fopen(path, "wb");
-    CHECK(f != NULL);
-    if (f) {
-        fputs("{\"image\": \"pal4.png\", \"id\": \"p-4\", \"source\": \"web\"}\n", f);
-        fclose(f);
-    }
+    write_text(path, "{\"image\": \"pal4.png\", \"id\": \"p-4\", \"source\": \"web\"}\n");
     snprintf(cmd, sizeof cmd, "%s qa generate --vlm %s/vl --images %s --out %s/lst/raw.jsonl " GEN_ARGS, CAPRL_CLI,
              tmp, path, tmp);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/lst/raw.jsonl", tmp);
     got = load_records(path);
     const json_t *r = json_object_get(got, "pal4.png");

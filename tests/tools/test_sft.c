@@ -9,12 +9,10 @@
  * (the tower trains, --freeze vision keeps it bit-identical, threads agree). The slow variant adds kill soaks. */
 #include <errno.h>
 #include <jansson.h>
-#include <signal.h>
 #include <stdbool.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
-#include <time.h>
 
+#include "byte_tokenizer.h"
 #include "caprl/model.h"
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
@@ -22,59 +20,16 @@
 #include "caprl/vision.h"
 #include "caprl/vlm.h"
 #include "caprl_test.h"
+#include "proc_util.h"
 
 /* tests/slow/test_sft_long.c builds this file with SFT_LONG 1 */
 #ifndef SFT_LONG
 #    define SFT_LONG 0
 #endif
 
-static char g_dir[2048];
 static char g_model[2300]; /* the small byte-level model most runs train */
 
 /* ---- helpers ------------------------------------------------------------------------------------------------- */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Runs a shell command line with stderr captured in g_dir/stderr.txt; returns the exit status or -1. */
-static int run(const char *cmdline) {
-    char full[32768];
-    snprintf(full, sizeof full, "%s 2>%s/stderr.txt >/dev/null", cmdline, g_dir);
-    int st = system(full);
-    return st != -1 && WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    size_t cap = 4096, n = 0, got;
-    char  *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (cap - n - 1 == 0) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len) {
-        *len = n;
-    }
-    return buf;
-}
-
-static char *read_stderr(void) {
-    char path[2100];
-    snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    char *s = read_all(path, NULL);
-    return s ? s : calloc(1, 1);
-}
 
 static bool exists(const char *path) {
     struct stat st;
@@ -121,60 +76,6 @@ static double metric(const json_t *metrics, size_t i, const char *key) {
 }
 
 /* ---- fixtures ------------------------------------------------------------------------------------------------ */
-
-/* GPT-2's bytes_to_unicode: printable bytes keep their value, the others take 256, 257, ... in byte order. */
-static const char *byte_symbol(int b) {
-    static char sym[256][4];
-    static bool done;
-    if (!done) {
-        int n = 0;
-        for (int x = 0; x < 256; x++) {
-            bool printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF);
-            int  cp = printable ? x : 256 + n++;
-            if (cp < 0x80) {
-                sym[x][0] = (char)cp;
-            } else {
-                sym[x][0] = (char)(0xC0 | (cp >> 6));
-                sym[x][1] = (char)(0x80 | (cp & 0x3F));
-            }
-        }
-        done = true;
-    }
-    return sym[b];
-}
-
-/* A byte-level tokenizer.json in Qwen2's layout without merges: ids 0..255 are the bytes, then <|endoftext|>,
- * <|im_start|>, <|im_end|>, <|vision_start|>, <|image_pad|>, <|vision_end|> (256..261). Every character is a
- * token, so the vocabulary and the model stay small: checkpoints of a few hundred KB keep the many runs fast. */
-static void write_byte_tokenizer(const char *path) {
-    json_t *vocab = json_object();
-    for (int b = 0; b < 256; b++) {
-        json_object_set_new(vocab, byte_symbol(b), json_integer(b));
-    }
-    static const char *const specials[] = {"<|endoftext|>",    "<|im_start|>",  "<|im_end|>",
-                                           "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"};
-    json_t                  *added = json_array();
-    for (int i = 0; i < 6; i++) {
-        json_array_append_new(added, json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", 256 + i, "content",
-                                               specials[i], "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized",
-                                               0, "special", 1));
-    }
-    static const char regex[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
-                                "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-    json_t *bl = json_pack("{s:s, s:b, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 0,
-                           "use_regex", 0);
-    json_t *pre = json_pack("{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, O]}", "type", "Sequence", "pretokenizers", "type",
-                            "Split", "pattern", "Regex", regex, "behavior", "Isolated", "invert", 0, bl);
-    json_t *model = json_pack("{s:s, s:n, s:n, s:s, s:s, s:b, s:b, s:b, s:o, s:[]}", "type", "BPE", "dropout",
-                              "unk_token", "continuing_subword_prefix", "", "end_of_word_suffix", "", "fuse_unk", 0,
-                              "byte_fallback", 0, "ignore_merges", 0, "vocab", vocab, "merges");
-    json_t *tok = json_pack("{s:s, s:n, s:n, s:o, s:{s:s}, s:o, s:O, s:O, s:o}", "version", "1.0", "truncation",
-                            "padding", "added_tokens", added, "normalizer", "type", "NFC", "pre_tokenizer", pre,
-                            "post_processor", bl, "decoder", bl, "model", model);
-    CHECK(tok != NULL && json_dump_file(tok, path, JSON_COMPACT) == 0);
-    json_decref(tok);
-    json_decref(bl);
-}
 
 /* The small model: hidden 32, 2 layers, a 272-row vocabulary over the byte tokenizer; f32, saved in HF layout.
  * With vl, a Qwen2.5-VL one: M-RoPE text model plus a 2-block vision tower of width 16. */
@@ -282,9 +183,9 @@ static void test_reference_run(void) {
     snprintf(extra, sizeof extra, "--eval-every 2 --eval %s/eval.jsonl --save-every 2 --threads 2", g_dir);
     sft_cmd(cmd, sizeof cmd, run_dir, extra);
     double t0 = now_s();
-    int    rc = run(cmd);
+    int    rc = run(cmd, NULL, 0);
     g_run_seconds = now_s() - t0;
-    char *msg = read_stderr();
+    char *msg = last_stderr();
     CHECK_MSG(rc == 0, "reference run exited %d: %s", rc, msg);
     free(msg);
     fprintf(stderr, "test_sft: reference run: %.2f s\n", g_run_seconds);
@@ -333,26 +234,26 @@ static void test_reference_run(void) {
     /* the checkpoint is a model directory caprl generate loads */
     snprintf(cmd, sizeof cmd, "'%s' generate --model %s/step-6 --prompt 'What color is the sky?' --chat --greedy "
              "--max-new-tokens 4", CAPRL_CLI, run_dir);
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 0, "generate on the checkpoint exited %d: %s", rc, msg);
     free(msg);
 
     /* RUN is not empty: refused without --resume; with it, a complete run is left alone */
     sft_cmd(cmd, sizeof cmd, run_dir, "");
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 1 && strstr(msg, "not empty"), "rerun without --resume: %d: %s", rc, msg);
     free(msg);
     sft_cmd(cmd, sizeof cmd, run_dir, "--resume");
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 0 && strstr(msg, "complete"), "--resume of a complete run: %d: %s", rc, msg);
     free(msg);
     /* settings the weights depend on must not change under --resume */
     sft_cmd(cmd, sizeof cmd, run_dir, "--resume --lr 1e-3");
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 1 && strstr(msg, "lr"), "--resume with another --lr: %d: %s", rc, msg);
     free(msg);
 }
@@ -393,7 +294,7 @@ static void test_threads(void) {
     char cmd[16384], run_dir[2300];
     snprintf(run_dir, sizeof run_dir, "%s/one_thread", g_dir);
     sft_cmd(cmd, sizeof cmd, run_dir, "--threads 1 --save-every 3 --save-total-limit 1");
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     check_same_run(run_dir, "--threads 1");
     char p[2600];
     snprintf(p, sizeof p, "%s/step-3", run_dir); /* pruned by --save-total-limit 1 */
@@ -401,20 +302,8 @@ static void test_threads(void) {
     /* recomputing activations in the backward gives the same gradients, bit for bit */
     snprintf(run_dir, sizeof run_dir, "%s/recompute", g_dir);
     sft_cmd(cmd, sizeof cmd, run_dir, "--threads 2 --recompute");
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     check_same_run(run_dir, "--recompute");
-}
-
-/* Starts "exec cmdline" in the background (stderr to err_path); returns the pid of caprl itself. */
-static pid_t spawn(const char *cmdline, const char *err_path) {
-    char full[32768];
-    snprintf(full, sizeof full, "exec %s 2>>%s >/dev/null", cmdline, err_path);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl("/bin/sh", "sh", "-c", full, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
 }
 
 /* When a kill comes: a delay after the start, once metrics.jsonl has some lines (a step just finished), or as soon
@@ -422,24 +311,20 @@ static pid_t spawn(const char *cmdline, const char *err_path) {
  * land at these moments however fast or loaded the machine is. */
 typedef enum { KILL_AFTER, KILL_AT_LINES, KILL_IN_SAVE } kill_when;
 
-static long count_lines(const char *path) {
-    char *s = read_all(path, NULL);
-    long  n = 0;
-    for (const char *c = s; c && *c; c++) {
-        n += *c == '\n';
-    }
-    free(s);
-    return n;
-}
-
 /* A checkpoint temporary created after `since` (realtime): a leftover of an earlier kill does not count. */
-static bool saving_since(const char *run_dir, const struct timespec *since) {
-    char p[2600];
+typedef struct save_watch {
+    const char     *run_dir;
+    struct timespec since;
+} save_watch;
+
+static bool saving_since(const void *arg) {
+    const save_watch *w = arg;
+    char              p[2600];
     for (int s = 1; s <= 6; s++) {
         struct stat st;
-        snprintf(p, sizeof p, "%s/.step-%d.tmp", run_dir, s);
-        if (stat(p, &st) == 0 && (st.st_mtim.tv_sec > since->tv_sec ||
-                                  (st.st_mtim.tv_sec == since->tv_sec && st.st_mtim.tv_nsec >= since->tv_nsec))) {
+        snprintf(p, sizeof p, "%s/.step-%d.tmp", w->run_dir, s);
+        if (stat(p, &st) == 0 && (st.st_mtim.tv_sec > w->since.tv_sec ||
+                                  (st.st_mtim.tv_sec == w->since.tv_sec && st.st_mtim.tv_nsec >= w->since.tv_nsec))) {
             return true;
         }
     }
@@ -451,38 +336,26 @@ static bool run_and_kill(const char *cmd, const char *run_dir, const char *err_p
                          double jitter) {
     char metrics[2600];
     snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", run_dir);
-    struct timespec since;
-    clock_gettime(CLOCK_REALTIME, &since);
-    pid_t pid = spawn(cmd, err_path);
-    CHECK(pid > 0);
-    if (pid <= 0) {
+    save_watch watch = {run_dir, {0, 0}};
+    clock_gettime(CLOCK_REALTIME, &watch.since);
+    child c;
+    if (!child_start(&c, cmd, err_path)) {
         return false;
     }
-    double t0 = now_s();
-    int    wst = 0;
-    bool   done = false, fire = false;
-    while (!done && !fire && now_s() - t0 < 120) {
-        done = waitpid(pid, &wst, WNOHANG) == pid;
-        fire = when == KILL_AFTER      ? now_s() - t0 >= arg
-               : when == KILL_AT_LINES ? count_lines(metrics) >= (long)arg
-                                       : saving_since(run_dir, &since);
-        if (!done && !fire) {
-            struct timespec ts = {0, 100000};
-            nanosleep(&ts, NULL);
-        }
+    const double poll = 1e-4;
+    if (when == KILL_AFTER) {
+        child_wait_until(&c, NULL, NULL, arg, poll);
+    } else if (when == KILL_AT_LINES) {
+        child_wait_lines(&c, metrics, (long)arg, 120, poll);
+    } else {
+        child_wait_until(&c, saving_since, &watch, 120, poll);
     }
-    for (double t1 = now_s(); !done && now_s() - t1 < jitter;) {
-        done = waitpid(pid, &wst, WNOHANG) == pid;
-        struct timespec ts = {0, 100000};
-        nanosleep(&ts, NULL);
-    }
-    if (done) {
-        CHECK_MSG(WIFEXITED(wst) && WEXITSTATUS(wst) == 0, "a resumed run failed (see %s)", err_path);
+    child_wait_until(&c, NULL, NULL, jitter, poll);
+    if (c.done) {
+        CHECK_MSG(WIFEXITED(c.status) && WEXITSTATUS(c.status) == 0, "a resumed run failed (see %s)", err_path);
         return false;
     }
-    kill(pid, SIGKILL);
-    CHECK(waitpid(pid, &wst, 0) == pid);
-    return WIFSIGNALED(wst);
+    return child_kill(&c);
 }
 
 static void test_kill_resume(void) {
@@ -524,8 +397,8 @@ static void test_kill_resume(void) {
             during_save, where);
     CHECK(kills >= 5 && during_save >= 2);
     /* whatever state the kills left, --resume finishes the run */
-    int   rc = run(cmd);
-    char *msg = read_stderr();
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
     CHECK_MSG(rc == 0, "final --resume exited %d: %s", rc, msg);
     free(msg);
     check_same_run(run_dir, "kill -9 + --resume");
@@ -544,8 +417,8 @@ static void test_overfit(void) {
     snprintf(cmd, sizeof cmd,
              "'%s' sft --model %s --data %s/train.jsonl --out %s --batch 8 --max-steps 30 --lr 1e-2 --warmup 2 "
              "--schedule constant --threads 1", CAPRL_CLI, g_model, g_dir, run_dir);
-    int   rc = run(cmd);
-    char *msg = read_stderr();
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
     CHECK_MSG(rc == 0, "overfit run exited %d: %s", rc, msg);
     free(msg);
     json_t *m = load_metrics(run_dir);
@@ -576,8 +449,8 @@ static void expect_bad(const char *name, const char *bad_line, const char *needl
     fclose(f);
     snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s --out %s --max-steps 1 --max-seq-len 60 "
              "--micro-batch-tokens 64 --system S --threads 1", CAPRL_CLI, g_model, path, run_dir);
-    int   rc = run(cmd);
-    char *msg = read_stderr();
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
     char  where[2400];
     snprintf(where, sizeof where, "%s:3: ", path);
     CHECK_MSG(rc == 2 && strstr(msg, where) && strstr(msg, needle), "%s: exit %d, stderr: %s", name, rc, msg);
@@ -591,8 +464,8 @@ static void expect_bad(const char *name, const char *bad_line, const char *needl
     /* --skip-bad: the good record trains, the bad one is named and skipped */
     snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s --out %s_skip --max-steps 1 --max-seq-len 60 "
              "--micro-batch-tokens 64 --system S --skip-bad --threads 1", CAPRL_CLI, g_model, path, run_dir);
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 0 && strstr(msg, where) && strstr(msg, "skipped") && strstr(msg, "1 records (1 skipped)"),
               "%s --skip-bad: exit %d, stderr: %s", name, rc, msg);
     free(msg);
@@ -638,8 +511,8 @@ static void test_vl(void) {
         snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s --out %s/%s --batch 4 --max-steps 3 --lr 1e-2 "
                  "--system S --micro-batch-tokens 256 %s", CAPRL_CLI, model, data, g_dir, variants[k][0],
                  variants[k][1]);
-        int   rc = run(cmd);
-        char *msg = read_stderr();
+        int   rc = run(cmd, NULL, 0);
+        char *msg = last_stderr();
         CHECK_MSG(rc == 0, "VL sft %s exited %d: %s", variants[k][1], rc, msg);
         free(msg);
     }
@@ -687,9 +560,9 @@ static void soak(const char *name, const char *base, int steps, int n_kills) {
     snprintf(err_path, sizeof err_path, "%s/%s_killed.stderr", g_dir, name);
     snprintf(cmd, sizeof cmd, "%s --out %s --save-every 3", base, ref);
     double t0 = now_s();
-    int    rc = run(cmd);
+    int    rc = run(cmd, NULL, 0);
     double seconds = now_s() - t0;
-    char  *msg = read_stderr();
+    char  *msg = last_stderr();
     CHECK_MSG(rc == 0, "%s reference run exited %d: %s", name, rc, msg);
     free(msg);
     snprintf(cmd, sizeof cmd, "%s --out %s --save-every 1 --save-total-limit 3 --resume", base, run_dir);
@@ -718,8 +591,8 @@ static void soak(const char *name, const char *base, int steps, int n_kills) {
                 kills += run_and_kill(cmd, run_dir, err_path, KILL_AT_LINES, latest + 1, u * step_time);
         }
     }
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 0, "%s final --resume exited %d: %s", name, rc, msg);
     free(msg);
     fprintf(stderr, "test_sft: %s soak: %d kills over a %.2f s run\n", name, kills, seconds);
@@ -745,11 +618,11 @@ static void test_qwen_tiny(const char *tok) {
     snprintf(run_dir, sizeof run_dir, "%s/qwen_run", g_dir);
     snprintf(cmd, sizeof cmd, "'%s' init-model --out %s --preset tiny --dtype bf16 --seed 3 --tokenizer %s", CAPRL_CLI,
              model, tok);
-    CHECK_EQ_I64(run(cmd), 0);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s/train.jsonl --out %s --batch 2 --max-steps 1 --lr 1e-3 "
              "--freeze embed --precision bf16 --threads 2", CAPRL_CLI, model, g_dir, run_dir);
-    int   rc = run(cmd);
-    char *msg = read_stderr();
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
     CHECK_MSG(rc == 0, "sft on the init-model preset exited %d: %s", rc, msg);
     free(msg);
     json_t *m = load_metrics(run_dir);
@@ -759,8 +632,8 @@ static void test_qwen_tiny(const char *tok) {
     json_decref(m);
     snprintf(cmd, sizeof cmd, "'%s' generate --model %s/step-1 --prompt 'What color is the sky?' --chat --greedy "
              "--max-new-tokens 4", CAPRL_CLI, run_dir);
-    rc = run(cmd);
-    msg = read_stderr();
+    rc = run(cmd, NULL, 0);
+    msg = last_stderr();
     CHECK_MSG(rc == 0, "generate on the checkpoint exited %d: %s", rc, msg);
     free(msg);
 }

@@ -4,7 +4,7 @@
  * and no output file left behind. */
 #include "caprl/tokenizer.h"
 #include "caprl_test.h"
-#include "cli_util.h"
+#include "proc_util.h"
 
 static void expect_fail(const char *args, int code, const char *needle) {
     char err[8192];
@@ -21,21 +21,6 @@ static void write_file(const char *path, const char *data, size_t n) {
         fprintf(stderr, "cannot write %s\n", path);
         exit(1);
     }
-}
-
-static char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *p = malloc((size_t)size + 1);
-    *n      = fread(p, 1, (size_t)size, f);
-    p[*n]   = '\0';
-    fclose(f);
-    return p;
 }
 
 int main(void) {
