@@ -60,19 +60,11 @@ static json_t *base_record(const item *it) {
     return rec;
 }
 
-/* An error record for it; the message names the file (decoder messages already do, size checks do not). */
+/* An error record for it. */
 static json_t *error_record(const item *it, const char *msg) {
     json_t *rec = base_record(it);
-    json_t *text = strstr(msg, it->path) ? json_string(msg) : json_sprintf("%s: %s", it->path, msg);
-    if (!text) { /* the folder part of the path is not UTF-8: JSON cannot carry it */
-        text = json_sprintf("%s: %s", it->image, strstr(msg, it->path) ? "cannot read the image" : msg);
-    }
-    json_object_set_new(rec, "error", text ? text : json_string("cannot read the image"));
+    json_object_set_new(rec, "error", tool_image_error_text(it->path, it->image, msg));
     return rec;
-}
-
-static const char *finish_str(int32_t f) {
-    return f == CAPRL_FINISH_EOS ? "eos" : f == CAPRL_FINISH_LENGTH ? "length" : "aborted";
 }
 
 typedef struct run_ctx {
@@ -89,22 +81,6 @@ typedef struct run_ctx {
     char                    *text;
     size_t                   text_cap;
 } run_ctx;
-
-/* Text of one sample, special tokens skipped (ids without a token, which a sampling model can draw from the padding
- * rows of its vocabulary, decode to nothing). Returns false only when out of memory. */
-static bool sample_text(run_ctx *r, const int32_t *ids, int32_t n, size_t *len, caprl_error *err) {
-    const caprl_tokenizer *tok = caprl_model_tokenizer(r->model);
-    for (;;) {
-        if (caprl_tokenizer_decode(tok, ids, n, true, r->text, r->text_cap, len, err) != CAPRL_OK) {
-            return false;
-        }
-        if (r->text && *len < r->text_cap) {
-            return true;
-        }
-        r->text_cap = 2 * *len + 64;
-        r->text = realloc(r->text, r->text_cap);
-    }
-}
 
 /* Captions `count` decoded images and writes their records. Returns an exit code. */
 static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t count) {
@@ -148,13 +124,14 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
                     int32_t s = i * r->gp.n_samples + k;
                     size_t  len = 0;
                     int32_t n_text = col.n[s] - (finish[s] == CAPRL_FINISH_EOS ? 1 : 0);
-                    if (!sample_text(r, col.tokens[s], n_text, &len, &err)) {
+                    if (tool_decode_text(caprl_model_tokenizer(r->model), col.tokens[s], n_text, &r->text,
+                                         &r->text_cap, &len, &err) != CAPRL_OK) {
                         rc = tool_fail("caption", err.code, err.msg);
                         break;
                     }
                     json_array_append_new(caps, json_stringn(r->text, len));
                     json_array_append_new(ntok, json_integer(n_text));
-                    json_array_append_new(fin, json_string(finish_str(finish[s])));
+                    json_array_append_new(fin, json_string(tool_finish_name(finish[s])));
                 }
                 json_object_set_new(rec, "captions", caps);
                 json_object_set_new(rec, "tokens", ntok);

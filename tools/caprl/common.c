@@ -605,3 +605,35 @@ void tool_progress_show(tool_progress *p, bool final) {
                 (long long)p->total, p->unit, rate, p->rate_unit, eta, (long long)p->failed);
     }
 }
+
+const char *tool_finish_name(int32_t finish) {
+    return finish == CAPRL_FINISH_EOS ? "eos" : finish == CAPRL_FINISH_LENGTH ? "length" : "aborted";
+}
+
+caprl_status tool_decode_text(const caprl_tokenizer *tok, const int32_t *ids, int32_t n, char **buf, size_t *cap,
+                              size_t *len, caprl_error *err) {
+    for (;;) {
+        caprl_status st = caprl_tokenizer_decode(tok, ids, n, true, *buf, *cap, len, err);
+        if (st != CAPRL_OK) {
+            return st;
+        }
+        if (*buf && *len < *cap) {
+            return CAPRL_OK;
+        }
+        char *grown = realloc(*buf, 2 * *len + 64);
+        if (!grown) {
+            return tool_set_error(err, CAPRL_ERR_OOM, "out of memory decoding %d tokens", n);
+        }
+        *buf = grown;
+        *cap = 2 * *len + 64;
+    }
+}
+
+json_t *tool_image_error_text(const char *path, const char *image, const char *msg) {
+    bool    named = strstr(msg, path) != NULL;
+    json_t *text = named ? json_string(msg) : json_sprintf("%s: %s", path, msg);
+    if (!text) {
+        text = json_sprintf("%s: %s", image, named ? "cannot read the image" : msg);
+    }
+    return text ? text : json_string("cannot read the image");
+}

@@ -9,6 +9,7 @@
 #include <jansson.h>
 #include <stdio.h>
 
+#include "caprl/generate.h"
 #include "caprl/image.h"
 #include "caprl/model.h"
 #include "caprl/vision.h"
@@ -49,6 +50,19 @@ char *tool_folder_of(const char *path);
 
 /* path made absolute: realpath when it exists, else joined to the working directory. malloc'd. */
 char *tool_absolute(const char *path);
+
+/* "eos", "length" or "aborted": a generation's finish code (CAPRL_FINISH_*) as the output files spell it. */
+const char *tool_finish_name(int32_t finish);
+
+/* The text of ids, special tokens skipped (ids without a token, which a sampling model can draw from the padding rows
+ * of its vocabulary, decode to nothing), into *buf (malloc'd, grown to *cap bytes as needed); *len its length. */
+caprl_status tool_decode_text(const caprl_tokenizer *tok, const int32_t *ids, int32_t n, char **buf, size_t *cap,
+                              size_t *len, caprl_error *err);
+
+/* The "error" string of an image's output record: msg as it is when it names path already (decoder messages do),
+ * else "path: msg"; when the folder part of path is not UTF-8 (JSON cannot carry it), the image as the list wrote
+ * it instead of path. Never NULL. */
+json_t *tool_image_error_text(const char *path, const char *image, const char *msg);
 
 /* mkdir -p. Returns 0 or prints "caprl <cmd>: error: ..." and returns an exit code. */
 int tool_mkdir_p(const char *cmd, const char *dir);

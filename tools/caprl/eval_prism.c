@@ -346,10 +346,6 @@ static json_t *decode_json(const caprl_tokenizer *tok, const int32_t *ids, int32
     return j;
 }
 
-static const char *finish_str(int32_t f) {
-    return f == CAPRL_FINISH_EOS ? "eos" : f == CAPRL_FINISH_LENGTH ? "length" : "aborted";
-}
-
 typedef struct stage1 {
     caprl_model              *model;
     caprl_vision             *vision;
@@ -364,8 +360,7 @@ typedef struct stage1 {
 static json_t *caption_error_record(const image_entry *im, const char *msg) {
     json_t *rec = json_object();
     json_object_set_new(rec, "image", json_string(im->raw));
-    json_t *text = strstr(msg, im->path) ? json_string(msg) : json_sprintf("%s: %s", im->path, msg);
-    json_object_set_new(rec, "error", text ? text : json_string("cannot read the image"));
+    json_object_set_new(rec, "error", tool_image_error_text(im->path, im->raw, msg));
     return rec;
 }
 
@@ -421,7 +416,7 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
                     }
                     json_array_append_new(caps, text);
                     json_array_append_new(ntok, json_integer(n_text));
-                    json_array_append_new(fin, json_string(finish_str(finish[q])));
+                    json_array_append_new(fin, json_string(tool_finish_name(finish[q])));
                 }
                 json_object_set_new(rec, "captions", caps);
                 json_object_set_new(rec, "tokens", ntok);
@@ -734,7 +729,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
             }
             json_array_append_new(outs, text);
             json_array_append_new(ntok, json_integer(n_text));
-            json_array_append_new(fin, json_string(finish_str(finish[q])));
+            json_array_append_new(fin, json_string(tool_finish_name(finish[q])));
         }
         json_object_set_new(rec, "outputs", outs);
         json_object_set_new(rec, "tokens", ntok);

@@ -61,10 +61,6 @@ static bool on_token(int32_t prompt, int32_t sample, int32_t token, void *ud) {
     return true;
 }
 
-static const char *finish_name(int32_t f) {
-    return f == CAPRL_FINISH_EOS ? "eos" : f == CAPRL_FINISH_LENGTH ? "length" : "aborted";
-}
-
 static void stream_init(stream_state *ss, const caprl_tokenizer *tok, int32_t n, int32_t max_new) {
     ss->tok = tok;
     ss->n_seq = n;
@@ -98,7 +94,7 @@ static void print_samples(stream_state *ss, const int32_t *finish) {
             fwrite(ss->text + ss->printed[i], 1, len - ss->printed[i], stdout);
             fputc('\n', stdout);
         } else {
-            printf("--- sample %d (%s, %d tokens) ---\n", i, finish_name(finish[i]), ss->n_ids[i]);
+            printf("--- sample %d (%s, %d tokens) ---\n", i, tool_finish_name(finish[i]), ss->n_ids[i]);
             fwrite(ss->text, 1, len, stdout);
             fputc('\n', stdout);
         }

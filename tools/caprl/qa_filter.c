@@ -103,19 +103,8 @@ static caprl_status ensure_context(run_ctx *r, int32_t n_seq, int64_t n_ctx, cap
 
 /* The decoded output (special tokens skipped) into r->text. */
 static caprl_status output_text(run_ctx *r, const int32_t *ids, int32_t n, caprl_error *err) {
-    const caprl_tokenizer *tok = caprl_model_tokenizer(r->model);
-    for (;;) {
-        size_t len = 0;
-        caprl_status st = caprl_tokenizer_decode(tok, ids, n, true, r->text, r->text_cap, &len, err);
-        if (st != CAPRL_OK) {
-            return st;
-        }
-        if (r->text && len < r->text_cap) {
-            return CAPRL_OK;
-        }
-        r->text_cap = 2 * len + 64;
-        r->text = realloc(r->text, r->text_cap);
-    }
+    size_t len = 0;
+    return tool_decode_text(caprl_model_tokenizer(r->model), ids, n, &r->text, &r->text_cap, &len, err);
 }
 
 /* The tokens of one query's prompt: the Qwen2.5-VL chat template with its default system turn (the released script

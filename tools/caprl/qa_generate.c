@@ -105,27 +105,8 @@ static json_t *base_record(const run_ctx *r, const tool_image_item *it) {
 
 static json_t *error_record(const run_ctx *r, const tool_image_item *it, const char *msg) {
     json_t *rec = base_record(r, it);
-    json_t *text = strstr(msg, it->path) ? json_string(msg) : json_sprintf("%s: %s", it->path, msg);
-    if (!text) { /* the folder part of the path is not UTF-8: JSON cannot carry it */
-        text = json_sprintf("%s: %s", it->image, strstr(msg, it->path) ? "cannot read the image" : msg);
-    }
-    json_object_set_new(rec, "error", text ? text : json_string("cannot read the image"));
+    json_object_set_new(rec, "error", tool_image_error_text(it->path, it->image, msg));
     return rec;
-}
-
-/* The response text, special tokens skipped. Returns false only on a decoder error. */
-static bool response_text(run_ctx *r, const int32_t *ids, int32_t n, size_t *len, caprl_error *err) {
-    const caprl_tokenizer *tok = caprl_model_tokenizer(r->model);
-    for (;;) {
-        if (caprl_tokenizer_decode(tok, ids, n, true, r->text, r->text_cap, len, err) != CAPRL_OK) {
-            return false;
-        }
-        if (r->text && *len < r->text_cap) {
-            return true;
-        }
-        r->text_cap = 2 * *len + 64;
-        r->text = realloc(r->text, r->text_cap);
-    }
 }
 
 /* Generates for `count` decoded images and writes their records. Returns an exit code. */
@@ -160,7 +141,8 @@ static int generate_batch(run_ctx *r, tool_image_item **its, caprl_image *imgs, 
             } else {
                 int32_t n_text = r->n_tok[i] - (finish[i] == CAPRL_FINISH_EOS ? 1 : 0);
                 size_t  len = 0;
-                if (!response_text(r, r->tokens[i], n_text, &len, &err)) {
+                if (tool_decode_text(caprl_model_tokenizer(r->model), r->tokens[i], n_text, &r->text, &r->text_cap,
+                                     &len, &err) != CAPRL_OK) {
                     rc = tool_fail(CMD, err.code, err.msg);
                     break;
                 }
