@@ -13,8 +13,9 @@
  *                            the assistant tokens; the RL losses pass their own per-token coefficients, so one
  *                            fused, vocabulary-chunked log-softmax serves both and no [tokens, vocab] tensor
  *                            exists for a whole batch.
- *   caprl_adamw_step         updates the flat parameters (frozen groups skipped), then caprl_trainer_sync
- *                            refreshes whatever the forward reads (bf16 shadows, packed copies).
+ *   caprl_adamw_step         updates the flat parameters (frozen groups skipped) and, in mixed precision, their
+ *                            bf16 shadows in the same pass, then refreshes the packed copies the forward reads.
+ *                            After changing the f32 parameters by other means, call caprl_trainer_sync.
  * Memory is planned at init from caprl_trainer_params; forward / backward / step never allocate.
  * Everything is bit-identical at any thread count. */
 #ifndef CAPRL_TRAIN_H

@@ -703,6 +703,10 @@ caprl_status model_train_sync(caprl_model *m, caprl_error *err) {
         caprl_parallel_for(m->be->pool, full / ROUND_BLOCK, round_range, &t);
         caprl_f32_to_bf16_row(m->train_bf16 + full, m->train_flat + full, (size_t)(n - full));
     }
+    return model_train_refresh_packed(m, err);
+}
+
+caprl_status model_train_refresh_packed(caprl_model *m, caprl_error *err) {
     release_packed(m);
     if (m->be->ops->weight_prepare) {
         for (int32_t i = 0; i < m->n_params; i++) {

@@ -116,5 +116,8 @@ int64_t      model_train_layout(const caprl_model *m, int64_t *offsets);
 caprl_status model_train_bind(caprl_model *m, float *flat, uint16_t *bf16, caprl_error *err);
 /* After the flat values changed: rounds the bf16 copies (nearest even) and re-prepares packed weights. */
 caprl_status model_train_sync(caprl_model *m, caprl_error *err);
+/* The second half of model_train_sync alone, for callers that wrote the bf16 copies themselves (the optimizer
+ * step): re-prepares the packed weights from the current storage. */
+caprl_status model_train_refresh_packed(caprl_model *m, caprl_error *err);
 
 #endif /* CAPRL_MODEL_IMPL_H */

@@ -114,6 +114,10 @@ enum {
     LAYER_TENSORS
 };
 
+/* caprl_trainer_sync after an optimizer step that wrote the bf16 copy of every element it changed into the shadow
+ * itself (adamw.c): the packed weight copies are refreshed, the rounding pass over the whole buffer is skipped. */
+caprl_status trainer_sync_packed(caprl_trainer *tr, caprl_error *err);
+
 /* The decoder's activations for tr->p and the model (trainer_decoder.c), in one fixed order: with plan != NULL
  * their sizes are added to plan; with plan NULL they are carved from tr->arena (reserved from that plan). */
 void trainer_layout_activations(caprl_trainer *tr, caprl_arena_plan *plan);

@@ -231,6 +231,14 @@ caprl_status caprl_trainer_sync(caprl_trainer *tr, caprl_error *err) {
     return CAPRL_OK;
 }
 
+caprl_status trainer_sync_packed(caprl_trainer *tr, caprl_error *err) {
+    CAPRL_TRY(model_train_refresh_packed(tr->m, err));
+    if (tr->vision) {
+        vision_train_sync_packed(tr->vision);
+    }
+    return CAPRL_OK;
+}
+
 size_t caprl_trainer_activation_bytes(const caprl_trainer *tr) {
     return tr->arena.cap + (tr->vt ? vision_train_bytes(tr->vt) : 0);
 }

@@ -209,6 +209,10 @@ void vision_train_sync(caprl_vision *v, const float *flat, uint16_t *bf16_shadow
     if (bf16_shadow) {
         fill_shadow(v, bf16_shadow, flat, caprl_vision_n_params(v));
     }
+    vision_train_sync_packed(v);
+}
+
+void vision_train_sync_packed(caprl_vision *v) {
     release_packed(v);
     prepare_packed(v);
 }

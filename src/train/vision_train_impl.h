@@ -40,6 +40,9 @@ void vision_train_bind(caprl_vision *v, float *flat, uint16_t *bf16_shadow);
 /* After flat changed (optimizer step, checkpoint restore): rounds flat into the shadow and refreshes the
  * backend's packed weight copies. flat and bf16_shadow must be the buffers of the bind. */
 void vision_train_sync(caprl_vision *v, const float *flat, uint16_t *bf16_shadow);
+/* vision_train_sync when the shadow already holds the rounded values (the optimizer writes the bf16 copy of each
+ * element it updates): refreshes the backend's packed weight copies only. */
+void vision_train_sync_packed(caprl_vision *v);
 
 /* Plans and reserves the activations for up to max_patches patches per forward (CAPRL_ERR_OOM names the size).
  * recompute keeps only each block's input and recomputes the block in the backward. v must be bound and must

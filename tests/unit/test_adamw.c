@@ -3,7 +3,10 @@
  * Qwen2 model under a trainer, gradients set by hand, several steps with warmup + cosine, weight decay, clipping that
  * is active on some steps and not on others, and a grad_scale != 1. Also: frozen groups get no moments and are left
  * bit-for-bit alone (and stay out of the norm), a non-finite norm skips the update and zeroes the gradients, and
- * 1 vs 2 threads give bit-identical parameters. */
+ * 1 vs 2 threads give bit-identical parameters. The vector kernels (AVX2, AVX-512 where the machine has them) give
+ * the scalar kernels' bytes: the update (parameters, moments, bf16 shadow) and the per-chunk sums of squares on odd
+ * lengths, and whole optimizer steps in mixed precision, whose shadow must also equal a fresh rounding of the
+ * masters (what caprl_trainer_sync writes). */
 #include <float.h>
 
 #include "caprl/model.h"
@@ -11,7 +14,9 @@
 #include "caprl/train.h"
 #include "caprl_test.h"
 #include "core/rng_impl.h"
+#include "ops/ops_impl.h"
 #include "train/adamw_impl.h"
+#include "train/train_impl.h"
 
 static caprl_text_config tiny_config(bool tied) {
     caprl_text_config c;
@@ -39,23 +44,29 @@ typedef struct setup {
     caprl_adamw   *opt;
 } setup;
 
-static setup make(int32_t threads, int32_t frozen, bool tied, const caprl_adamw_params *ap) {
+static setup make_with(const caprl_text_config *cfg, int32_t threads, int32_t frozen, int32_t precision,
+                       const caprl_adamw_params *ap) {
     setup              s = {0};
-    caprl_text_config  cfg = tiny_config(tied);
     caprl_model_params mp = caprl_model_default_params();
     mp.n_threads = threads;
     caprl_error err = {0};
-    CHECK_OK(caprl_model_init_random(&s.m, &cfg, CAPRL_DTYPE_F32, 7, 0.3f, &mp, &err), &err);
+    CHECK_OK(caprl_model_init_random(&s.m, cfg, CAPRL_DTYPE_F32, 7, 0.3f, &mp, &err), &err);
     caprl_trainer_params tp = caprl_trainer_default_params();
     tp.max_tokens = 32;
     tp.max_seqs = 4;
     tp.frozen_groups = frozen;
+    tp.precision = precision;
     CHECK_OK(caprl_trainer_init(&s.tr, s.m, NULL, &tp, &err), &err);
     CHECK_OK(caprl_adamw_init(&s.opt, s.tr, ap, &err), &err);
     if (!s.opt) {
         exit(test_finish("test_adamw"));
     }
     return s;
+}
+
+static setup make(int32_t threads, int32_t frozen, bool tied, const caprl_adamw_params *ap) {
+    caprl_text_config cfg = tiny_config(tied);
+    return make_with(&cfg, threads, frozen, CAPRL_PRECISION_F32, ap);
 }
 
 static void drop(setup *s) {
@@ -320,6 +331,198 @@ static void test_threads_bitwise(void) {
     drop(&s2);
 }
 
+/* ---- vector kernels against the scalar ones ------------------------------------------------------------------ */
+
+/* The levels this machine runs above scalar (AVX2, AVX-512), as far as the machine has them. */
+static int32_t n_vector_levels(void) {
+    return adamw_best_isa() - CAPRL_ISA_SCALAR;
+}
+
+static float uniform(caprl_rng *r, float lo, float hi) {
+    return lo + (hi - lo) * caprl_rng_uniform(r);
+}
+
+/* Random inputs of one update of n elements. Every fifth parameter is a special value with g = m = 0, so that
+ * without weight decay the update leaves it as it is (p - step * 0) and every branch of the bf16 rounding runs in
+ * the vector lanes too: NaNs with payloads (whose rounding would carry into the exponent), infinities, ties to
+ * even both ways, just below and above a tie, the largest float (rounds to infinity), a subnormal tie. */
+static void fill_update_inputs(float *p, float *g, float *m, float *v, int64_t n, uint64_t seed) {
+    caprl_rng r;
+    caprl_rng_init(&r, seed, 0, 5);
+    for (int64_t j = 0; j < n; j++) {
+        p[j] = uniform(&r, -2.0f, 2.0f);
+        g[j] = uniform(&r, -0.5f, 0.5f);
+        m[j] = uniform(&r, -0.1f, 0.1f);
+        v[j] = uniform(&r, 0.0f, 0.01f);
+    }
+    static const uint32_t special[12] = {0x7FC00001u, 0xFFC1FFFFu, 0x7FFFFFFFu, 0x7F800000u,
+                                         0xFF800000u, 0x3F808000u, 0x3F818000u, 0xBF808000u,
+                                         0x3F807FFFu, 0x3F808001u, 0x7F7FFFFFu, 0x00018000u};
+    for (int64_t j = 0; j < n; j += 5) {
+        uint32_t u = special[(j / 5) % 12];
+        memcpy(&p[j], &u, sizeof u);
+        g[j] = m[j] = 0.0f;
+    }
+    if (n > 3) { /* 0 / 0 in the update: m = v = g = 0 with eps = 0 (the second constant set) */
+        m[3] = v[3] = g[3] = 0.0f;
+    }
+}
+
+/* Constants of a third step with lr 1e-3; weight decay 0.1 with clipping, none without. */
+static adamw_consts update_consts(bool clip, float grad_scale, float eps) {
+    adamw_consts k;
+    memset(&k, 0, sizeof k);
+    k.grad_scale = grad_scale;
+    k.do_clip = clip;
+    k.clip = clip ? 0.3f : 1.0f;
+    k.decay = clip ? (float)(1.0 - 1e-3 * 0.1) : 1.0f;
+    k.one_m_b1 = (float)(1.0 - 0.9);
+    k.beta2 = 0.95f;
+    k.one_m_b2 = (float)(1.0 - 0.95);
+    k.step_size = (float)(1e-3 / (1.0 - pow(0.9, 3.0)));
+    k.bc2_sqrt = (float)sqrt(1.0 - pow(0.95, 3.0));
+    k.eps = eps;
+    return k;
+}
+
+static void test_update_kernels(void) {
+    static const int64_t lengths[5] = {1, 7, 15, 17, 1000003};
+    for (int32_t li = 0; li < 5; li++) {
+        int64_t   n = lengths[li];
+        size_t    fb = (size_t)n * sizeof(float), hb = (size_t)n * sizeof(uint16_t);
+        float    *in[4], *out[2][4];
+        uint16_t *sh[2];
+        for (int32_t a = 0; a < 4; a++) {
+            in[a] = malloc(fb);
+            out[0][a] = malloc(fb);
+            out[1][a] = malloc(fb);
+        }
+        sh[0] = malloc(hb);
+        sh[1] = malloc(hb);
+        fill_update_inputs(in[0], in[1], in[2], in[3], n, 11 + (uint64_t)li);
+        for (int32_t variant = 0; variant < 8; variant++) {
+            bool         clip = variant & 1, with_shadow = variant & 2;
+            adamw_consts k = update_consts(clip, (variant & 4) ? 0.37f : 1.0f, n > 3 && li % 2 ? 0.0f : 1e-8f);
+            for (int32_t level = 0; level <= n_vector_levels(); level++) {
+                int32_t side = level == 0 ? 0 : 1;
+                for (int32_t a = 0; a < 4; a++) {
+                    memcpy(out[side][a], in[a], fb);
+                }
+                memset(sh[side], 0xAB, hb);
+                adamw_update(CAPRL_ISA_SCALAR + level, &k, out[side][0], out[side][1], out[side][2], out[side][3],
+                             with_shadow ? sh[side] : NULL, n);
+                if (level == 0) {
+                    /* the scalar shadow is caprl_f32_to_bf16 of the new parameters; g is never written */
+                    bool ok = memcmp(out[0][1], in[1], fb) == 0;
+                    for (int64_t j = 0; with_shadow && j < n; j++) {
+                        ok = ok && sh[0][j] == caprl_f32_to_bf16(out[0][0][j]);
+                    }
+                    CHECK_MSG(ok, "n %lld variant %d: scalar shadow or gradients", (long long)n, variant);
+                    continue;
+                }
+                bool same = memcmp(out[0][0], out[1][0], fb) == 0 && memcmp(out[0][2], out[1][2], fb) == 0 &&
+                            memcmp(out[0][3], out[1][3], fb) == 0 && memcmp(out[1][1], in[1], fb) == 0 &&
+                            memcmp(sh[0], sh[1], hb) == 0;
+                CHECK_MSG(same, "n %lld clip %d shadow %d grad_scale %s: level %d differs from scalar", (long long)n,
+                          clip, with_shadow, (variant & 4) ? "0.37" : "1", level);
+            }
+        }
+        for (int32_t a = 0; a < 4; a++) {
+            free(in[a]);
+            free(out[0][a]);
+            free(out[1][a]);
+        }
+        free(sh[0]);
+        free(sh[1]);
+    }
+}
+
+/* Sums of squares: every level against the definition (element order, double), on chunks of mixed odd lengths in
+ * counts around the vector kernel's group of 8: the first group long (the vector loop runs up to its shortest
+ * chunk, then each chain goes on alone), the second with short chunks, a ninth, seventeenth chunk alone. */
+static void test_sumsq_kernels(void) {
+    static const int64_t lengths[17] = {16384, 1000003, 16385, 16383, 16384, 20001, 16387, 16390, 17,
+                                        16384, 15,      7,     16384, 1,     16384, 16384, 33};
+    static const int32_t counts[6] = {1, 7, 8, 9, 16, 17};
+    int64_t              total = 0;
+    for (int32_t c = 0; c < 17; c++) {
+        total += lengths[c];
+    }
+    float    *data = malloc((size_t)total * sizeof(float));
+    caprl_rng r;
+    caprl_rng_init(&r, 5, 1, 2);
+    for (int64_t j = 0; j < total; j++) {
+        data[j] = caprl_rng_normal(&r) * (j % 3 ? 1e-3f : 7.0f);
+    }
+    const float *g[17];
+    int64_t      n[17];
+    for (int32_t c = 0, off = 0; c < 17; off += (int32_t)lengths[c], c++) {
+        n[c] = lengths[c];
+        g[c] = data + off;
+    }
+    for (int32_t ci = 0; ci < 6; ci++) {
+        for (int32_t si = 0; si < 2; si++) {
+            float  scale = si ? 0.37f : 1.0f;
+            double want[17], got[17];
+            for (int32_t c = 0; c < counts[ci]; c++) {
+                double acc = 0.0;
+                for (int64_t j = 0; j < n[c]; j++) {
+                    double x = (double)(si ? g[c][j] * scale : g[c][j]);
+                    acc += x * x;
+                }
+                want[c] = acc;
+            }
+            for (int32_t level = 0; level <= n_vector_levels(); level++) {
+                adamw_sumsq(CAPRL_ISA_SCALAR + level, scale, g, n, counts[ci], got);
+                CHECK_MSG(memcmp(want, got, (size_t)counts[ci] * sizeof(double)) == 0,
+                          "sumsq level %d, %d chunks, grad_scale %g: not the element-order sums", level, counts[ci],
+                          (double)scale);
+            }
+        }
+    }
+    free(data);
+}
+
+/* Whole steps in mixed precision, scalar kernels against the machine's widest, on a model with enough chunks for
+ * the vector sum of squares (two 131k-element tensors): masters, moments, norms and shadow bit for bit, clipping
+ * on and off, grad_scale != 1, one tensor group frozen or none. */
+static void test_step_levels_bitwise(int32_t frozen) {
+    caprl_adamw_params a = test_params();
+    caprl_text_config  cfg = tiny_config(false);
+    cfg.vocab_size = 8209; /* 131344 elements: 8 full chunks and a tail, for embed_tokens and lm_head each */
+    setup   s1 = make_with(&cfg, 1, frozen, CAPRL_PRECISION_BF16, &a);
+    setup   s2 = make_with(&cfg, 1, frozen, CAPRL_PRECISION_BF16, &a);
+    int64_t n = caprl_trainer_n_params(s1.tr);
+    s1.opt->isa = CAPRL_ISA_SCALAR;
+    static const float mag[4] = {0.05f, 0.0005f, 0.02f, 0.0002f}; /* clipped, not, clipped, not */
+    int                clipped = 0;
+    for (int k = 0; k < 4; k++) {
+        caprl_step_info i1, i2;
+        caprl_error     err = {0};
+        set_grads(&s1, k, mag[k]);
+        set_grads(&s2, k, mag[k]);
+        CHECK_OK(caprl_adamw_step(s1.opt, k_scale, &i1, &err), &err);
+        CHECK_OK(caprl_adamw_step(s2.opt, k_scale, &i2, &err), &err);
+        CHECK(memcmp(&i1.grad_norm, &i2.grad_norm, sizeof(float)) == 0);
+        clipped += i1.grad_norm > a.max_grad_norm;
+    }
+    CHECK(clipped == 2);
+    CHECK(memcmp(caprl_trainer_params_f32(s1.tr), caprl_trainer_params_f32(s2.tr), (size_t)n * sizeof(float)) == 0);
+    CHECK(memcmp(s1.opt->m, s2.opt->m, (size_t)s1.opt->n_moments * sizeof(float)) == 0);
+    CHECK(memcmp(s1.opt->v, s2.opt->v, (size_t)s1.opt->n_moments * sizeof(float)) == 0);
+    CHECK(memcmp(s1.tr->bf16, s2.tr->bf16, (size_t)n * sizeof(uint16_t)) == 0);
+    /* the step rounded what it changed; the rest was already the rounding of the masters: a full sync rewrites
+     * the same bytes */
+    uint16_t *before = malloc((size_t)n * sizeof(uint16_t));
+    memcpy(before, s2.tr->bf16, (size_t)n * sizeof(uint16_t));
+    caprl_error err = {0};
+    CHECK_OK(caprl_trainer_sync(s2.tr, &err), &err);
+    CHECK(memcmp(before, s2.tr->bf16, (size_t)n * sizeof(uint16_t)) == 0);
+    free(before);
+    drop(&s1);
+    drop(&s2);
+}
+
 static void test_bad_params(void) {
     caprl_adamw_params a = test_params();
     setup              s = make(1, 0, true, &a);
@@ -346,6 +549,10 @@ int main(void) {
     test_against_reference(true, CAPRL_GROUP_TEXT);
     test_non_finite();
     test_threads_bitwise();
+    test_update_kernels();
+    test_sumsq_kernels();
+    test_step_levels_bitwise(0);
+    test_step_levels_bitwise(CAPRL_GROUP_TEXT);
     test_bad_params();
     return test_finish("test_adamw");
 }
