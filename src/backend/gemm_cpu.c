@@ -650,7 +650,10 @@ void caprl_gemm_release(caprl_weight *w) {
 #if CAPRL_X86
 #    define CAPRL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-enum { AMX_NALIGN = 32 };
+enum {
+    AMX_NALIGN = 32,   /* columns per job are a multiple of this (two 16-column B panels per block) */
+    AMX_KC_TILES = 16, /* k tiles (32 wide) per reduction chunk: the two B panels' chunk is 32 KB, in L1 */
+};
 
 typedef struct amx_task {
     float          *out;  /* (M, N) */
@@ -735,10 +738,68 @@ static CAPRL_AMX void amx_store(const amx_task *t, float *cbuf, int64_t m, int64
     }
 }
 
+/* The 32 x 32 block of C at (m, n) over the k tiles [k0, k1): tiles 0..3 start from zero (first chunk) or from
+ * the partial sums parked in out (later chunks, full blocks only), and are parked there again unless this is the
+ * last chunk. Storing and reloading f32 tiles is exact, so the chain of tile products per element is the same for
+ * every chunking. */
+static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
+                                int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols) {
+    int64_t         kp = t->p->k_pad;
+    const uint16_t *a0 = t->a + m * kp, *a1 = a0 + 16 * kp;
+    bool            two = m + 16 < t->M; /* a second 16-row tile holds real rows */
+    bool            first = k0 == 0, last = k1 == kp / 32;
+    float          *park = t->out + m * t->N + n;
+    int64_t         ld = t->N * 4;
+    if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    } else {
+        _tile_loadd(0, park, ld);
+        _tile_loadd(1, park + 16, ld);
+        _tile_loadd(2, park + 16 * t->N, ld);
+        _tile_loadd(3, park + 16 * t->N + 16, ld);
+    }
+    if (two) {
+        for (int64_t tk = k0; tk < k1; tk++) {
+            _tile_loadd(4, a0 + tk * 32, kp * 2);
+            _tile_loadd(5, a1 + tk * 32, kp * 2);
+            _tile_loadd(6, b0 + tk * 512, 64);
+            _tile_loadd(7, b1 + tk * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    } else {
+        for (int64_t tk = k0; tk < k1; tk++) {
+            _tile_loadd(4, a0 + tk * 32, kp * 2);
+            _tile_loadd(6, b0 + tk * 512, 64);
+            _tile_loadd(7, b1 + tk * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+    }
+    if (last) {
+        amx_store(t, cbuf, m, n, rows, cols, two);
+    } else {
+        _tile_stored(0, park, ld);
+        _tile_stored(1, park + 16, ld);
+        _tile_stored(2, park + 16 * t->N, ld);
+        _tile_stored(3, park + 16 * t->N + 16, ld);
+    }
+}
+
+/* Jobs [j0, j1). Within a job the reduction runs in chunks of AMX_KC_TILES k tiles: a chunk of the two B panels
+ * (2 KB per k tile) stays in L1 while every 32-row block of the job's rows streams its A tiles from L2 against it;
+ * without chunks both operands would come from L2 for each block (the whole K of a panel does not fit in L1). Jobs
+ * holding a partial 32 x 32 block run their whole K in one chunk (partial sums are parked in out only for full
+ * blocks). */
 static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
     (void)tid;
     const amx_task *t = ctx;
-    int64_t         kt = t->p->k_pad / 32, kp = t->p->k_pad;
+    int64_t         kt = t->p->k_pad / 32;
     const uint16_t *b = amx_data(t->p);
     _Alignas(64) float cbuf[32 * 32];
     amx_cfg cfg;
@@ -751,40 +812,20 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
     /* ldtilecfg's asm operand names only the first 8 bytes of cfg: make the other stores happen first. */
     __asm__ volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
+    int64_t n_chunks = ceil_div(kt, AMX_KC_TILES), chunk = ceil_div(kt, n_chunks);
     for (int64_t j = j0; j < j1; j++) {
         int64_t mb = j / t->n_nblocks, nb = j % t->n_nblocks;
         int64_t n0 = nb * t->nblk, n1 = n0 + t->nblk < t->N ? n0 + t->nblk : t->N;
         int64_t m0 = mb * t->mblk, m1 = m0 + t->mblk < t->M ? m0 + t->mblk : t->M;
-        for (int64_t n = n0; n < n1; n += 32) {
-            const uint16_t *b0 = b + (n / 16) * kt * 512, *b1 = b0 + kt * 512;
-            for (int64_t m = m0; m < m1; m += 32) {
-                const uint16_t *a0 = t->a + m * kp, *a1 = a0 + 16 * kp;
-                bool            two = m + 16 < t->M; /* a second 16-row tile holds real rows */
-                _tile_zero(0);
-                _tile_zero(1);
-                if (two) {
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (int64_t tk = 0; tk < kt; tk++) {
-                        _tile_loadd(4, a0 + tk * 32, kp * 2);
-                        _tile_loadd(5, a1 + tk * 32, kp * 2);
-                        _tile_loadd(6, b0 + tk * 512, 64);
-                        _tile_loadd(7, b1 + tk * 512, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                } else {
-                    for (int64_t tk = 0; tk < kt; tk++) {
-                        _tile_loadd(4, a0 + tk * 32, kp * 2);
-                        _tile_loadd(6, b0 + tk * 512, 64);
-                        _tile_loadd(7, b1 + tk * 512, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                    }
+        bool    full = (m1 - m0) % 32 == 0 && (n1 - n0) % 32 == 0;
+        int64_t kc = full ? chunk : kt;
+        for (int64_t k0 = 0; k0 < kt; k0 += kc) {
+            int64_t k1 = k0 + kc < kt ? k0 + kc : kt;
+            for (int64_t n = n0; n < n1; n += 32) {
+                const uint16_t *b0 = b + (n / 16) * kt * 512, *b1 = b0 + kt * 512;
+                for (int64_t m = m0; m < m1; m += 32) {
+                    amx_block(t, cbuf, b0, b1, m, n, k0, k1, m1 - m < 32 ? m1 - m : 32, n1 - n < 32 ? n1 - n : 32);
                 }
-                amx_store(t, cbuf, m, n, m1 - m < 32 ? m1 - m : 32, n1 - n < 32 ? n1 - n : 32, two);
             }
         }
     }
