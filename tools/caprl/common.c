@@ -637,3 +637,11 @@ json_t *tool_image_error_text(const char *path, const char *image, const char *m
     }
     return text ? text : json_string("cannot read the image");
 }
+
+int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha) {
+    if (strcmp(name, "white") == 0 || strcmp(name, "drop") == 0) {
+        *alpha = name[0] == 'w' ? CAPRL_ALPHA_WHITE : CAPRL_ALPHA_DROP;
+        return 0;
+    }
+    return tool_usage_error(cmd, "--alpha must be white or drop, got '%s'", name);
+}

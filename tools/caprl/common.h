@@ -51,6 +51,9 @@ char *tool_folder_of(const char *path);
 /* path made absolute: realpath when it exists, else joined to the working directory. malloc'd. */
 char *tool_absolute(const char *path);
 
+/* --alpha white|drop as CAPRL_ALPHA_WHITE / CAPRL_ALPHA_DROP: 0, or the exit code of the usage error it printed. */
+int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha);
+
 /* "eos", "length" or "aborted": a generation's finish code (CAPRL_FINISH_*) as the output files spell it. */
 const char *tool_finish_name(int32_t finish);
 

@@ -280,10 +280,9 @@ int cmd_generate(int argc, char **argv) {
         return tool_usage_error(info.name, "--image given more than once: one image per prompt");
     }
     int32_t alpha = CAPRL_ALPHA_WHITE;
-    if (strcmp(alpha_name, "drop") == 0) {
-        alpha = CAPRL_ALPHA_DROP;
-    } else if (strcmp(alpha_name, "white") != 0) {
-        return tool_usage_error(info.name, "--alpha must be white or drop, got '%s'", alpha_name);
+    int     alpha_rc = tool_parse_alpha(info.name, alpha_name, &alpha);
+    if (alpha_rc) {
+        return alpha_rc;
     }
     if (f.top_p == 0.0f) {
         return tool_usage_error(info.name, "--top-p must be in (0, 1]");

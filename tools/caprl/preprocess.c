@@ -53,16 +53,11 @@ int cmd_preprocess(int argc, char **argv) {
         return tool_usage_error(info.name, "--model, --image and --dump-pixels are required");
     }
     caprl_image_decode_params dp = caprl_image_decode_default_params();
-    int32_t                   variant;
-    if (strcmp(alpha, "white") == 0) {
-        dp.alpha = CAPRL_ALPHA_WHITE;
-        variant = CAPRL_RESIZE_QWEN_VL_UTILS;
-    } else if (strcmp(alpha, "drop") == 0) {
-        dp.alpha = CAPRL_ALPHA_DROP;
-        variant = CAPRL_RESIZE_HF;
-    } else {
-        return tool_usage_error(info.name, "--alpha must be 'white' or 'drop', not '%s'", alpha);
+    int                       alpha_rc = tool_parse_alpha(info.name, alpha, &dp.alpha);
+    if (alpha_rc) {
+        return alpha_rc;
     }
+    int32_t variant = dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
     struct stat st_out;
     if (stat(out_path, &st_out) == 0 && !S_ISREG(st_out.st_mode)) {
         /* the output is replaced by rename(): never do that to a device or a directory */

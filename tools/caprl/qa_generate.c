@@ -228,12 +228,9 @@ int cmd_qa_generate(int argc, char **argv) {
     memset(&r, 0, sizeof r);
     r.dp = caprl_image_decode_default_params();
     r.dp.max_pixels = max_image_pixels;
-    if (strcmp(alpha, "white") == 0) {
-        r.dp.alpha = CAPRL_ALPHA_WHITE;
-    } else if (strcmp(alpha, "drop") == 0) {
-        r.dp.alpha = CAPRL_ALPHA_DROP;
-    } else {
-        return tool_usage_error(info.name, "--alpha must be white or drop, got '%s'", alpha);
+    rc = tool_parse_alpha(info.name, alpha, &r.dp.alpha);
+    if (rc) {
+        return rc;
     }
     tool_image_list items = {0};
     rc = tool_image_list_load(info.name, list, k_output_fields, &items);
