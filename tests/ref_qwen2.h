@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "backend/gemm_impl.h"
+#include "amx_util.h"
 #include "caprl/model.h"
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
@@ -41,18 +41,6 @@ static const double    *g_ref_embd;
  * every weight matmul are rounded to bf16 (nearest even, from their f32 value) before the product, and the
  * reference does the same so that it keeps testing the arithmetic rather than the rounding. */
 static bool g_ref_bf16_operands;
-
-/* Whether caprl's default CPU backend on this machine runs bf16 matmuls on AMX. */
-static inline bool ref_default_backend_uses_amx(void) {
-    caprl_backend *be = NULL;
-    caprl_error    err = {0};
-    if (caprl_backend_cpu_init(&be, 1, &err) != CAPRL_OK) {
-        return false;
-    }
-    bool amx = caprl_backend_cpu_amx(be);
-    caprl_backend_free(be);
-    return amx;
-}
 
 static double ref_operand(double x) {
     return g_ref_bf16_operands ? (double)caprl_bf16_to_f32(caprl_f32_to_bf16((float)x)) : x;

@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "caprl/tokenizer.h"
+#include "byte_tokenizer.h"
 #include "caprl_test.h"
 #include "core/error_impl.h"
 #include "text/tokenizer_impl.h"
@@ -370,28 +371,6 @@ static void test_replacement(const caprl_tokenizer *tok) {
 
 static const char k_regex[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
                               "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-
-/* GPT-2's bytes_to_unicode, written as in its reference: printable bytes keep their value, the rest take 256, 257,
- * ... in byte order. Returns the UTF-8 string of byte b's symbol. */
-static const char *byte_symbol(int b) {
-    static char sym[256][4];
-    static bool done;
-    if (!done) {
-        int n = 0;
-        for (int x = 0; x < 256; x++) {
-            bool printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF);
-            int  cp        = printable ? x : 256 + n++;
-            if (cp < 0x80) {
-                sym[x][0] = (char)cp;
-            } else {
-                sym[x][0] = (char)(0xC0 | (cp >> 6));
-                sym[x][1] = (char)(0x80 | (cp & 0x3F));
-            }
-        }
-        done = true;
-    }
-    return sym[b];
-}
 
 static json_t *byte_level(void) {
     return json_pack("{s:s, s:b, s:b, s:b}", "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 0,

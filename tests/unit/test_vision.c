@@ -14,7 +14,7 @@
  *   naming, bad vision_config fields (each error names the field or tensor). */
 #include <float.h>
 
-#include "backend/gemm_impl.h"
+#include "amx_util.h"
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
 #include "caprl/vision.h"
@@ -338,17 +338,6 @@ static void ref_rmsnorm(double *y, const double *x, const double *w, int C) {
 /* Set while checking bf16 weights on a CPU whose backend runs bf16 matmuls on AMX: the activations entering each
  * weight matmul are then rounded to bf16 (nearest even, from f32), in caprl and in this reference alike. */
 static bool g_bf16_operands;
-
-static bool default_backend_uses_amx(void) {
-    caprl_backend *be = NULL;
-    caprl_error    err = {0};
-    if (caprl_backend_cpu_init(&be, 1, &err) != CAPRL_OK) {
-        return false;
-    }
-    bool amx = caprl_backend_cpu_amx(be);
-    caprl_backend_free(be);
-    return amx;
-}
 
 static void ref_linear(double *y, const double *x, const double *W, const double *b, int N, int K) {
     for (int n = 0; n < N; n++) {
