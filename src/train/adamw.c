@@ -7,7 +7,7 @@
  * any thread count. Nothing is allocated after init.
  *
  * The step is memory-bound (it reads parameters, gradients and both moments and writes three of them back, plus
- * the bf16 shadow in mixed precision), so the kernels are vectorised (AVX2, AVX-512) to run at memory speed, and
+ * the bf16 shadow in mixed precision), so the kernels are vectorised (AVX2) to run at memory speed, and
  * the update writes the bf16 copy of each new parameter itself instead of a second pass over the buffer. They do
  * exactly the scalar arithmetic, lane by lane: IEEE mul, add, sub, div and sqrt, never contracted into fused
  * multiply-adds (this file is compiled with -ffp-contract=off, and the target attributes do not enable FMA), and
@@ -151,13 +151,11 @@ int64_t caprl_adamw_steps(const caprl_adamw *opt) {
 
 /* ---- kernels ------------------------------------------------------------------------------------------------ */
 
+/* AVX2 at most: both kernels run at memory speed with 8 lanes (an AVX-512 update measured no faster on a Xeon),
+ * so wider lanes would only add code. */
 int32_t adamw_best_isa(void) {
 #if CAPRL_X86
-    const caprl_cpu_features *f = caprl_cpu();
-    if (f->avx512f && f->avx2) {
-        return CAPRL_ISA_AVX512;
-    }
-    if (f->avx2) {
+    if (caprl_cpu()->avx2) {
         return CAPRL_ISA_AVX2;
     }
 #endif
@@ -200,7 +198,6 @@ static void update_scalar(const adamw_consts *k, float *p, const float *g, float
 /* No "fma" in the targets: the compiler cannot contract what it cannot emit (and -ffp-contract=off besides). */
 #    define ADAMW_AVX2 __attribute__((target("avx2")))
 #    define ADAMW_AVX2_INLINE __attribute__((target("avx2"), always_inline)) inline
-#    define ADAMW_AVX512 __attribute__((target("avx512f,avx2")))
 
 /* (double)x * (double)x per lane: exact (a float's square fits a double's mantissa). */
 static ADAMW_AVX2_INLINE __m256d square_pd(__m128 x) {
@@ -307,42 +304,6 @@ ADAMW_AVX2 static void update_avx2(const adamw_consts *k, float *p, const float 
     update_scalar(k, p, g, m, v, shadow, j, n);
 }
 
-/* AVX-512: the same per-element sequence, 16 lanes. */
-ADAMW_AVX512 static void update_avx512(const adamw_consts *k, float *p, const float *g, float *m, float *v,
-                                       uint16_t *shadow, int64_t n) {
-    const __m512 gs = _mm512_set1_ps(k->grad_scale), clip = _mm512_set1_ps(k->clip);
-    const __m512 decay = _mm512_set1_ps(k->decay), omb1 = _mm512_set1_ps(k->one_m_b1);
-    const __m512 b2 = _mm512_set1_ps(k->beta2), omb2 = _mm512_set1_ps(k->one_m_b2);
-    const __m512 step = _mm512_set1_ps(k->step_size), bc2 = _mm512_set1_ps(k->bc2_sqrt);
-    const __m512 eps = _mm512_set1_ps(k->eps);
-    const bool   scaled = k->grad_scale != 1.0f, clipped = k->do_clip;
-    int64_t      j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512 gj = _mm512_loadu_ps(g + j);
-        gj = scaled ? _mm512_mul_ps(gj, gs) : gj;
-        gj = clipped ? _mm512_mul_ps(gj, clip) : gj;
-        __m512 mo = _mm512_loadu_ps(m + j), vo = _mm512_loadu_ps(v + j);
-        __m512 pj = _mm512_mul_ps(_mm512_loadu_ps(p + j), decay);
-        __m512 mj = _mm512_add_ps(mo, _mm512_mul_ps(omb1, _mm512_sub_ps(gj, mo)));
-        __m512 vj = _mm512_add_ps(_mm512_mul_ps(vo, b2), _mm512_mul_ps(_mm512_mul_ps(omb2, gj), gj));
-        __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vj), bc2), eps);
-        __m512 pn = _mm512_sub_ps(pj, _mm512_mul_ps(step, _mm512_div_ps(mj, denom)));
-        _mm512_storeu_ps(p + j, pn);
-        _mm512_storeu_ps(m + j, mj);
-        _mm512_storeu_ps(v + j, vj);
-        if (shadow) {
-            __m512i u = _mm512_castps_si512(pn);
-            __m512i hi = _mm512_srli_epi32(u, 16);
-            __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-            __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)),
-                                                    _mm512_set1_epi32(0x7F800000));
-            r = _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x0040));
-            _mm256_storeu_si256((__m256i *)(void *)(shadow + j), _mm512_cvtepi32_epi16(r));
-        }
-    }
-    update_scalar(k, p, g, m, v, shadow, j, n);
-}
 #endif /* CAPRL_X86 */
 
 /* A level the machine lacks falls back to the widest it has (all give the same bytes). */
@@ -354,7 +315,6 @@ static int32_t usable_isa(int32_t isa) {
 void adamw_sumsq(int32_t isa, float grad_scale, const float *const *g, const int64_t *n, int32_t count,
                  double *out) {
 #if CAPRL_X86
-    /* AVX-512 as AVX2: the loop already keeps up with memory, wider lanes would not make it faster */
     if (usable_isa(isa) >= CAPRL_ISA_AVX2) {
         sumsq_avx2(grad_scale, g, n, count, out);
         return;
@@ -369,15 +329,9 @@ void adamw_sumsq(int32_t isa, float grad_scale, const float *const *g, const int
 void adamw_update(int32_t isa, const adamw_consts *k, float *p, const float *g, float *m, float *v, uint16_t *shadow,
                   int64_t n) {
 #if CAPRL_X86
-    switch (usable_isa(isa)) {
-    case CAPRL_ISA_AVX512:
-        update_avx512(k, p, g, m, v, shadow, n);
-        return;
-    case CAPRL_ISA_AVX2:
+    if (usable_isa(isa) >= CAPRL_ISA_AVX2) {
         update_avx2(k, p, g, m, v, shadow, n);
         return;
-    default:
-        break;
     }
 #endif
     (void)isa;

@@ -32,7 +32,7 @@ struct caprl_adamw {
 bool adamw_tensor_trained(const caprl_adamw *opt, int32_t i);
 
 /* ---- the step's kernels ----------------------------------------------------------------------------------- *
- * Every ISA level (CAPRL_ISA_SCALAR, _AVX2, _AVX512 of ops/ops_impl.h) computes each element with the same IEEE
+ * Every ISA level (CAPRL_ISA_SCALAR and _AVX2 of ops/ops_impl.h) computes each element with the same IEEE
  * operations in the same order (no fused multiply-adds: adamw.c is compiled with -ffp-contract=off), and each sum of
  * squares in element order, so every level, like every thread count, gives the same bytes. */
 

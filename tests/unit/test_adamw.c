@@ -3,7 +3,7 @@
  * Qwen2 model under a trainer, gradients set by hand, several steps with warmup + cosine, weight decay, clipping that
  * is active on some steps and not on others, and a grad_scale != 1. Also: frozen groups get no moments and are left
  * bit-for-bit alone (and stay out of the norm), a non-finite norm skips the update and zeroes the gradients, and
- * 1 vs 2 threads give bit-identical parameters. The vector kernels (AVX2, AVX-512 where the machine has them) give
+ * 1 vs 2 threads give bit-identical parameters. The vector kernels (AVX2 where the machine has it) give
  * the scalar kernels' bytes: the update (parameters, moments, bf16 shadow) and the per-chunk sums of squares on odd
  * lengths, and whole optimizer steps in mixed precision, whose shadow must also equal a fresh rounding of the
  * masters (what caprl_trainer_sync writes). */
@@ -333,7 +333,7 @@ static void test_threads_bitwise(void) {
 
 /* ---- vector kernels against the scalar ones ------------------------------------------------------------------ */
 
-/* The levels this machine runs above scalar (AVX2, AVX-512), as far as the machine has them. */
+/* The levels this machine runs above scalar (AVX2), as far as the machine has them. */
 static int32_t n_vector_levels(void) {
     return adamw_best_isa() - CAPRL_ISA_SCALAR;
 }
