@@ -53,6 +53,26 @@ static inline char *read_all(const char *path, size_t *len) {
     return buf;
 }
 
+/* read_all, or "" (malloc'd) when the file cannot be read. */
+static inline char *read_text(const char *path) {
+    char *s = read_all(path, NULL);
+    return s ? s : calloc(1, 1);
+}
+
+static inline bool file_exists(const char *path) {
+    return access(path, F_OK) == 0;
+}
+
+/* Byte equality of two files (false if either cannot be read). */
+static inline bool same_file(const char *a, const char *b) {
+    size_t na = 0, nb = 0;
+    char  *x = read_all(a, &na), *y = read_all(b, &nb);
+    bool   same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
 /* The number of '\n' in the file: the complete lines (records) written so far; 0 if it does not exist. */
 static inline long count_file_lines(const char *path) {
     char *s = read_all(path, NULL);
@@ -88,8 +108,7 @@ static inline void append_text(const char *path, const char *text) {
 static inline char *last_stderr(void) {
     char path[4200];
     snprintf(path, sizeof path, "%s/stderr.txt", g_dir);
-    char *s = read_all(path, NULL);
-    return s ? s : calloc(1, 1);
+    return read_text(path);
 }
 
 /* ---- background runs ------------------------------------------------------------------------------------------- */

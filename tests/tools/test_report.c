@@ -8,45 +8,21 @@
 #include <sys/stat.h>
 
 #include "caprl_test.h"
-#include "cli_util.h"
+#include "proc_util.h"
 
 static char g_run[4400];
 
-static void write_text(const char *rel, const char *text) {
+/* Writes RUN/rel. */
+static void write_run(const char *rel, const char *text) {
     char path[4600];
     snprintf(path, sizeof path, "%s/%s", g_run, rel);
-    FILE *f = fopen(path, "wb");
-    CHECK_MSG(f != NULL, "cannot write %s", path);
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
-}
-
-/* The whole file, malloc'd ("" when unreadable). */
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    char *buf = calloc(1, 1);
-    size_t n = 0;
-    if (!f) {
-        return buf;
-    }
-    char   tmp[65536];
-    size_t got;
-    while ((got = fread(tmp, 1, sizeof tmp, f)) > 0) {
-        buf = realloc(buf, n + got + 1);
-        memcpy(buf + n, tmp, got);
-        n += got;
-        buf[n] = '\0';
-    }
-    fclose(f);
-    return buf;
+    write_text(path, text);
 }
 
 static json_t *load_jsonl(const char *rel) {
     char path[4600];
     snprintf(path, sizeof path, "%s/%s", g_run, rel);
-    char   *text = slurp(path);
+    char   *text = read_text(path);
     json_t *arr = json_array();
     for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
         json_t *rec = json_loads(line, 0, NULL);
@@ -149,8 +125,8 @@ int main(void) {
     }
     fclose(f);
 
-    write_text("prism_before/Prism_sft_step_eval_0_final.json", "[\"BoN: 0.5 Mean: 0.375\"]");
-    write_text("prism_after/Prism_grpo_step_eval_0_final.json", "[\"BoN: 0.875 Mean: 0.6875\"]");
+    write_run("prism_before/Prism_sft_step_eval_0_final.json", "[\"BoN: 0.5 Mean: 0.375\"]");
+    write_run("prism_after/Prism_grpo_step_eval_0_final.json", "[\"BoN: 0.875 Mean: 0.6875\"]");
 
     /* captions. Before, per test image: its first object, then the same plus a phrase outside the grammar.
      * After: every object, one absent object, and the first object again at a wrong position. */
@@ -306,7 +282,7 @@ int main(void) {
     json_decref(sum);
 
     snprintf(path, sizeof path, "%s/report.html", g_run);
-    char *html = slurp(path);
+    char *html = read_text(path);
     int   n_svg = 0, n_png = 0;
     for (const char *p = html; (p = strstr(p, "<svg")); p++) {
         n_svg++;
@@ -341,10 +317,10 @@ int main(void) {
 
     /* errors name the file: a malformed result, a missing captions file, a missing metrics file */
     snprintf(path, sizeof path, "%s/prism_after/Prism_grpo_step_eval_0_final.json", g_run);
-    char *good_eval = slurp(path);
-    write_text("prism_after/Prism_grpo_step_eval_0_final.json", "[\"BoN: 0.875\"]");
+    char *good_eval = read_text(path);
+    write_run("prism_after/Prism_grpo_step_eval_0_final.json", "[\"BoN: 0.875\"]");
     check_error(run_report("", NULL, 0), "Prism_grpo_step_eval_0_final.json", "BoN");
-    write_text("prism_after/Prism_grpo_step_eval_0_final.json", good_eval);
+    write_run("prism_after/Prism_grpo_step_eval_0_final.json", good_eval);
     free(good_eval);
     snprintf(path, sizeof path, "%s/prism_after/captions_grpo.jsonl", g_run);
     snprintf(moved, sizeof moved, "%s/captions.off", dir);

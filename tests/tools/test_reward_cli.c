@@ -8,7 +8,7 @@
 #include <stdbool.h>
 
 #include "caprl_test.h"
-#include "cli_util.h"
+#include "proc_util.h"
 
 #define QWEN_TOKENIZER CAPRL_SHARED_DIR "/data/qwen-tokenizer/tokenizer.json"
 #define NQ             4
@@ -32,32 +32,19 @@ static const char *const k_caption_lines =
     "{\"id\": \"b\", \"caption\": \"A sunny day in the park.\", \"tokens\": 10}\n"
     "{\"id\": 7, \"caption\": \"A phone lies on a wooden table.\", \"tokens\": 3500}\n";
 
-static void write_text(const char *name, const char *text) {
-    char path[4200];
+/* g_dir/name, in a static buffer (one at a time). */
+static const char *in_dir(const char *name) {
+    static char path[4200];
     snprintf(path, sizeof path, "%s/%s", g_dir, name);
-    FILE *f = fopen(path, "wb");
-    CHECK_MSG(f != NULL, "cannot create %s", path);
-    if (f) {
-        fputs(text, f);
-        fclose(f);
-    }
+    return path;
+}
+
+static void write_file(const char *name, const char *text) {
+    write_text(in_dir(name), text);
 }
 
 static char *read_file(const char *name) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/%s", g_dir, name);
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    size_t got = fread(s, 1, (size_t)n, f);
-    s[got] = '\0';
-    fclose(f);
-    return s;
+    return read_all(in_dir(name), NULL);
 }
 
 /* Runs caprl reward in g_dir with the common inputs and extra arguments. */
@@ -162,8 +149,8 @@ int main(void) {
     char args[8192];
     snprintf(args, sizeof args, "init-model --out '%s/reader' --preset tiny --tokenizer '%s'", g_dir, QWEN_TOKENIZER);
     CHECK_EQ_I64(run_cli(args, NULL, 0), 0);
-    write_text("qa.jsonl", k_qa_lines);
-    write_text("caps.jsonl", k_caption_lines);
+    write_file("qa.jsonl", k_qa_lines);
+    write_file("caps.jsonl", k_caption_lines);
 
     /* sample mode: one line per caption, in file order */
     CHECK_EQ_I64(reward("out.jsonl", "caps.jsonl", "--seed 5 --threads 1"), 0);
@@ -190,7 +177,7 @@ int main(void) {
     char *again = read_file("out2.jsonl");
     CHECK(base && again && strcmp(base, again) == 0);
     free(again);
-    write_text("caps_rev.jsonl",
+    write_file("caps_rev.jsonl",
                "{\"id\": 7, \"caption\": \"A phone lies on a wooden table.\", \"tokens\": 3500}\n"
                "{\"id\": \"b\", \"caption\": \"A sunny day in the park.\", \"tokens\": 10}\n"
                "{\"image\": \"imgs/a.png\", \"captions\": [\"A blue car and two dogs.\", \"Nothing to see.\"]}\n");
@@ -250,8 +237,8 @@ int main(void) {
     free_records(recs, n);
 
     /* a custom template; a template without two {} is refused */
-    write_text("tmpl_ok.txt", "Caption: {}\nQuestion: {}\nThe answer is");
-    write_text("tmpl_bad.txt", "Caption: {}\nThe answer is");
+    write_file("tmpl_ok.txt", "Caption: {}\nQuestion: {}\nThe answer is");
+    write_file("tmpl_bad.txt", "Caption: {}\nThe answer is");
     snprintf(args, sizeof args, "--mode expected --reader-template '%s/tmpl_ok.txt'", g_dir);
     CHECK_EQ_I64(reward("t.jsonl", "caps.jsonl", args), 0);
     snprintf(args, sizeof args, "--reader-template '%s/tmpl_bad.txt'", g_dir);
@@ -259,10 +246,10 @@ int main(void) {
     CHECK(stderr_has("tmpl_bad.txt") && stderr_has("two {} placeholders"));
 
     /* an unmatched caption: refused with file:line, the existing output untouched; --skip-bad skips it */
-    write_text("caps_bad.jsonl", "{\"id\": \"b\", \"caption\": \"x\"}\n"
+    write_file("caps_bad.jsonl", "{\"id\": \"b\", \"caption\": \"x\"}\n"
                                  "{\"image\": \"imgs/zzz.png\", \"caption\": \"y\"}\n"
                                  "{\"id\": \"b\", \"captions\": \"not an array\"}\n");
-    write_text("keep.jsonl", "old\n");
+    write_file("keep.jsonl", "old\n");
     CHECK_EQ_I64(reward("keep.jsonl", "caps_bad.jsonl", ""), 2);
     CHECK(stderr_has("caps_bad.jsonl:2:") && stderr_has("imgs/zzz.png"));
     char *kept = read_file("keep.jsonl");
@@ -275,7 +262,7 @@ int main(void) {
     free_records(recs, n);
 
     /* a malformed QA record: refused naming the QA file and line, unless --skip-bad */
-    write_text("qa_bad.jsonl", "{\"id\": \"b\", \"image\": \"b.png\", \"qa\": [{\"question\": \"Q?\\n   - A) x\", "
+    write_file("qa_bad.jsonl", "{\"id\": \"b\", \"image\": \"b.png\", \"qa\": [{\"question\": \"Q?\\n   - A) x\", "
                                "\"answer\": \"A\"}]}\n{\"id\": \"c\", \"qa\": 5}\n");
     snprintf(args, sizeof args,
              "reward --reader '%s/reader' --qa '%s/qa_bad.jsonl' --captions '%s/caps_bad.jsonl' --out '%s/q.jsonl'",
@@ -285,7 +272,7 @@ int main(void) {
 
     /* flags */
     CHECK_EQ_I64(reward("f.jsonl", "caps.jsonl", "--mode greedy"), 1);
-    write_text("caps_notok.jsonl", "{\"id\": \"b\", \"caption\": \"no token count\"}\n");
+    write_file("caps_notok.jsonl", "{\"id\": \"b\", \"caption\": \"no token count\"}\n");
     CHECK_EQ_I64(reward("f.jsonl", "caps_notok.jsonl", "--length-weight 0.2"), 1);
     CHECK(stderr_has("caps_notok.jsonl:1") && stderr_has("--tokenizer"));
     snprintf(args, sizeof args, "--mode expected --length-weight 0.2 --tokenizer '%s'", QWEN_TOKENIZER);

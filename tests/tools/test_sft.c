@@ -31,21 +31,6 @@ static char g_model[2300]; /* the small byte-level model most runs train */
 
 /* ---- helpers ------------------------------------------------------------------------------------------------- */
 
-static bool exists(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-/* Byte equality of two files (both must exist). */
-static bool same_file(const char *a, const char *b) {
-    size_t na = 0, nb = 0;
-    char  *x = read_all(a, &na), *y = read_all(b, &nb);
-    bool   same = x && y && na == nb && memcmp(x, y, na) == 0;
-    free(x);
-    free(y);
-    return same;
-}
-
 /* RUN/metrics.jsonl as an array of objects; every line must be complete JSON. */
 static json_t *load_metrics(const char *run_dir) {
     char path[2300];
@@ -219,10 +204,10 @@ static void test_reference_run(void) {
                                         "step-6/tokenizer.json", "step-6/training_state.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", run_dir, files[i]);
-        CHECK_MSG(exists(p), "%s missing", p);
+        CHECK_MSG(file_exists(p), "%s missing", p);
     }
     snprintf(p, sizeof p, "%s/step-1", run_dir);
-    CHECK(!exists(p));
+    CHECK(!file_exists(p));
     snprintf(p, sizeof p, "%s/config.json", run_dir);
     json_error_t jerr;
     json_t      *cfg = json_load_file(p, 0, &jerr);
@@ -298,7 +283,7 @@ static void test_threads(void) {
     check_same_run(run_dir, "--threads 1");
     char p[2600];
     snprintf(p, sizeof p, "%s/step-3", run_dir); /* pruned by --save-total-limit 1 */
-    CHECK(!exists(p));
+    CHECK(!file_exists(p));
     /* recomputing activations in the backward gives the same gradients, bit for bit */
     snprintf(run_dir, sizeof run_dir, "%s/recompute", g_dir);
     sft_cmd(cmd, sizeof cmd, run_dir, "--threads 2 --recompute");
@@ -387,7 +372,7 @@ static void test_kill_resume(void) {
             for (int k = 1; k <= 6; k++) {
                 char p[2600];
                 snprintf(p, sizeof p, "%s/step-%d/training_state.json", run_dir, k);
-                latest = exists(p) ? k : latest;
+                latest = file_exists(p) ? k : latest;
             }
             snprintf(where + strlen(where), sizeof where - strlen(where), " %d%s", latest,
                      plan[i].when == KILL_IN_SAVE ? "s" : "");
@@ -404,7 +389,7 @@ static void test_kill_resume(void) {
     check_same_run(run_dir, "kill -9 + --resume");
     char p[2600];
     snprintf(p, sizeof p, "%s/step-4", run_dir); /* --save-total-limit 2 keeps steps 5 and 6 */
-    CHECK(!exists(p));
+    CHECK(!file_exists(p));
 }
 
 /* Overfitting: 8 answers of a few characters, a model of ~27k parameters and 30 full-batch steps. The loss starts
@@ -457,7 +442,7 @@ static void expect_bad(const char *name, const char *bad_line, const char *needl
     free(msg);
     char p[2600];
     snprintf(p, sizeof p, "%s/step-1", run_dir);
-    CHECK(!exists(p));
+    CHECK(!file_exists(p));
     if (!try_skip) {
         return;
     }
@@ -579,7 +564,7 @@ static void soak(const char *name, const char *base, int steps, int n_kills) {
         for (int k = 1; k <= steps; k++) {
             char p[2600];
             snprintf(p, sizeof p, "%s/step-%d/training_state.json", run_dir, k);
-            latest = exists(p) ? k : latest;
+            latest = file_exists(p) ? k : latest;
         }
         if (latest == steps) {
             break;
@@ -665,7 +650,7 @@ int main(void) {
     }
     char tok[2300];
     snprintf(tok, sizeof tok, "%s/data/qwen-tokenizer/tokenizer.json", CAPRL_SHARED_DIR);
-    if (exists(tok)) {
+    if (file_exists(tok)) {
         test_qwen_tiny(tok);
     } else {
         fprintf(stderr, "test_sft: note: %s not found; the init-model preset run is skipped\n", tok);

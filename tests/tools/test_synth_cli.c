@@ -5,7 +5,7 @@
 #include <sys/stat.h>
 
 #include "caprl_test.h"
-#include "cli_util.h"
+#include "proc_util.h"
 
 static const char *const k_files[] = {
     "synth.json",         "scenes.jsonl",         "train.jsonl",         "test_qa.jsonl",    "leaky_ids.json",
@@ -13,25 +13,6 @@ static const char *const k_files[] = {
     "corpus.txt",         "images/train/00000.png", "images/train/00009.png", "images/test/00000.png",
     "images/test/00002.png",
 };
-
-static bool same_file(const char *a, const char *b) {
-    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-    bool  same = fa && fb;
-    while (same) {
-        int ca = fgetc(fa), cb = fgetc(fb);
-        same = ca == cb;
-        if (ca == EOF || cb == EOF) {
-            break;
-        }
-    }
-    if (fa) {
-        fclose(fa);
-    }
-    if (fb) {
-        fclose(fb);
-    }
-    return same;
-}
 
 static void check_same_world(const char *d1, const char *d2) {
     for (size_t k = 0; k < sizeof k_files / sizeof *k_files; k++) {

@@ -23,53 +23,11 @@
 #include <time.h>
 
 #include "caprl_test.h"
-#include "cli_util.h"
+#include "proc_util.h"
 
 static char g_policy[4200], g_reader[4200], g_data[4200];
 
 /* ---- helpers ------------------------------------------------------------------------------------------------- */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0, got;
-    char  *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-        }
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len) {
-        *len = n;
-    }
-    return buf;
-}
-
-static bool exists(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-static bool same_bytes(const char *a, const char *b) {
-    size_t na = 0, nb = 0;
-    char  *x = slurp(a, &na), *y = slurp(b, &nb);
-    bool   same = x && y && na == nb && memcmp(x, y, na) == 0;
-    free(x);
-    free(y);
-    return same;
-}
 
 /* Runs `caprl train` with the given arguments; returns the exit status, stderr in err. */
 static int train(const char *args, char *err, size_t cap) {
@@ -93,7 +51,7 @@ static void base_args(char *buf, size_t cap, const char *run_dir, const char *ex
 static json_t *doc_table_names(const char *section) {
     char path[4200];
     snprintf(path, sizeof path, "%s/docs/train.md", CAPRL_SOURCE_DIR);
-    char   *doc = slurp(path, NULL);
+    char   *doc = read_all(path, NULL);
     json_t *names = json_array();
     char   *p = doc ? strstr(doc, section) : NULL;
     CHECK_MSG(p != NULL, "docs/train.md has no section '%s'", section);
@@ -117,7 +75,7 @@ static json_t *load_lines(const char *run_dir, const char *name) {
     char path[4400];
     snprintf(path, sizeof path, "%s/%s", run_dir, name);
     size_t  len = 0;
-    char   *data = slurp(path, &len);
+    char   *data = read_all(path, &len);
     json_t *arr = json_array();
     CHECK_MSG(data != NULL, "%s missing", path);
     for (char *line = data; data && line < data + len;) {
@@ -142,7 +100,7 @@ static json_t *load_lines(const char *run_dir, const char *name) {
 static char *metrics_without_seconds(const char *run_dir) {
     char path[4400];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
-    char *s = slurp(path, NULL);
+    char *s = read_all(path, NULL);
     for (char *p; s && (p = strstr(s, "\"seconds_")) != NULL;) {
         char *e = p + strcspn(p, ",}"); /* the values are numbers: no comma or brace inside */
         if (*e == ',') {
@@ -163,11 +121,11 @@ static void check_same_run(const char *ref_dir, const char *run_dir, int steps, 
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         snprintf(a, sizeof a, "%s/step-%d/%s", ref_dir, steps, files[i]);
         snprintf(b, sizeof b, "%s/step-%d/%s", run_dir, steps, files[i]);
-        CHECK_MSG(same_bytes(a, b), "%s: step-%d/%s differs from the reference run's", what, steps, files[i]);
+        CHECK_MSG(same_file(a, b), "%s: step-%d/%s differs from the reference run's", what, steps, files[i]);
     }
     snprintf(a, sizeof a, "%s/samples.jsonl", ref_dir);
     snprintf(b, sizeof b, "%s/samples.jsonl", run_dir);
-    CHECK_MSG(same_bytes(a, b), "%s: samples.jsonl differs from the reference run's", what);
+    CHECK_MSG(same_file(a, b), "%s: samples.jsonl differs from the reference run's", what);
     char *m1 = metrics_without_seconds(ref_dir), *m2 = metrics_without_seconds(run_dir);
     CHECK_MSG(m1 && m2 && strcmp(m1, m2) == 0, "%s: metrics.jsonl differs from the reference run's:\n%s\nvs\n%s", what,
               m1 ? m1 : "(none)", m2 ? m2 : "(none)");
@@ -305,13 +263,13 @@ static void test_run(void) {
                                         "step-3/training_state.safetensors"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", run_dir, files[i]);
-        CHECK_MSG(exists(p), "%s missing", p);
+        CHECK_MSG(file_exists(p), "%s missing", p);
     }
     /* the weights move every step */
     char a[4400], b[4400];
     snprintf(a, sizeof a, "%s/step-2/model.safetensors", run_dir);
     snprintf(b, sizeof b, "%s/step-3/model.safetensors", run_dir);
-    CHECK(!same_bytes(a, b));
+    CHECK(!same_file(a, b));
 
     /* the checkpoint is a Qwen2.5-VL model directory that caprl generate loads */
     char cmd[16384], out[4096];
@@ -333,7 +291,7 @@ static void test_run(void) {
     free(before);
     free(after);
     snprintf(p, sizeof p, "%s/step-4", run_dir);
-    CHECK(!exists(p));
+    CHECK(!file_exists(p));
 
     /* RUN/config.json is a --config file: with another --out it repeats the run (its first step here) exactly */
     char again[4200];
@@ -343,7 +301,7 @@ static void test_run(void) {
     CHECK_MSG(rc == 0, "--config RUN/config.json: %d: %s", rc, err);
     snprintf(a, sizeof a, "%s/step-1/model.safetensors", run_dir);
     snprintf(b, sizeof b, "%s/step-1/model.safetensors", again);
-    CHECK_MSG(same_bytes(a, b), "--config RUN/config.json: step-1 differs");
+    CHECK_MSG(same_file(a, b), "--config RUN/config.json: step-1 differs");
     char *m1 = metrics_without_seconds(run_dir), *m2 = metrics_without_seconds(again);
     CHECK_MSG(m1 && m2 && strncmp(m1, m2, strlen(m2)) == 0 && strlen(m2) > 0, "--config RUN/config.json: step 1's "
               "metrics differ:\n%s\nvs\n%s", m1 ? m1 : "", m2 ? m2 : "");
@@ -351,7 +309,7 @@ static void test_run(void) {
     free(m2);
     snprintf(a, sizeof a, "%s/config.json", run_dir);
     snprintf(b, sizeof b, "%s/config.json", again);
-    char *c1 = slurp(a, NULL), *c2 = slurp(b, NULL);
+    char *c1 = read_all(a, NULL), *c2 = read_all(b, NULL);
     char *o1 = c1 ? strstr(c1, "\n  \"out\": ") : NULL, *o2 = c2 ? strstr(c2, "\n  \"out\": ") : NULL;
     CHECK(o1 && o2);
     if (o1 && o2) { /* the same text up to the "out" line, and after it but for max_steps */
@@ -399,7 +357,7 @@ static void test_config_override(void) {
     CHECK_EQ_I64(json_integer_value(json_object_get(cfg, "rollout_batch")), 128); /* the default */
     json_decref(cfg);
     snprintf(p, sizeof p, "%s/step-0", run_dir);
-    CHECK(!exists(p));
+    CHECK(!file_exists(p));
 }
 
 /* One bad setting: exit code and the setting's name in the one-line error. */
@@ -424,7 +382,7 @@ static void expect_bad(const char *extra, const char *config, int code, const ch
               "one line of error expected: %s", err);
     char p[4400];
     snprintf(p, sizeof p, "%s/metrics.jsonl", run_dir);
-    CHECK_MSG(!exists(p), "'%s': a refused run trained", extra);
+    CHECK_MSG(!file_exists(p), "'%s': a refused run trained", extra);
 }
 
 static void test_bad_settings(void) {
@@ -526,28 +484,6 @@ static void test_resume_checks(void) {
     json_decref(cfg);
 }
 
-/* Starts `caprl train args` in the background, stderr appended to err_path; returns caprl's pid. */
-static pid_t spawn_train(const char *args, const char *err_path) {
-    char cmd[20000];
-    snprintf(cmd, sizeof cmd, "exec '%s' train %s 2>>'%s' >/dev/null", CAPRL_CLI, args, err_path);
-    pid_t pid = fork();
-    if (pid == 0) {
-        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
-        _exit(127);
-    }
-    return pid;
-}
-
-static long lines_of(const char *path) {
-    char *s = slurp(path, NULL);
-    long  n = 0;
-    for (const char *c = s; c && *c; c++) {
-        n += *c == '\n';
-    }
-    free(s);
-    return n;
-}
-
 /* A checkpoint temporary RUN/.step-N.tmp that appeared after `since`: this process is writing a checkpoint. */
 static bool saving(const char *run_dir, const struct timespec *since) {
     char p[4400];
@@ -567,42 +503,40 @@ static bool saving(const char *run_dir, const struct timespec *since) {
  * process (false: it finished first, which must have been a success). */
 typedef enum { AFTER_SECONDS, AFTER_LINES, IN_SAVE } kill_when;
 
+/* The condition of run_and_kill: the chosen kind of progress. */
+typedef struct kill_goal {
+    kill_when              when;
+    double                 arg, t0;
+    const char            *metrics, *run_dir;
+    const struct timespec *since;
+} kill_goal;
+
+static bool kill_now(const void *goal) {
+    const kill_goal *g = goal;
+    return g->when == AFTER_SECONDS ? now_s() - g->t0 >= g->arg
+           : g->when == AFTER_LINES ? count_file_lines(g->metrics) >= (long)g->arg
+                                    : saving(g->run_dir, g->since);
+}
+
 static bool run_and_kill(const char *args, const char *run_dir, const char *err_path, kill_when when, double arg,
                          double delay) {
-    char metrics[4400];
+    char metrics[4400], cmd[20000];
     snprintf(metrics, sizeof metrics, "%s/metrics.jsonl", run_dir);
+    snprintf(cmd, sizeof cmd, "'%s' train %s", CAPRL_CLI, args);
     struct timespec since;
     clock_gettime(CLOCK_REALTIME, &since);
-    pid_t pid = spawn_train(args, err_path);
-    CHECK(pid > 0);
-    if (pid <= 0) {
+    child c;
+    if (!child_start(&c, cmd, err_path)) {
         return false;
     }
-    double t0 = now_s();
-    int    wst = 0;
-    bool   done = false, fire = false;
-    while (!done && !fire && now_s() - t0 < 120) {
-        done = waitpid(pid, &wst, WNOHANG) == pid;
-        fire = when == AFTER_SECONDS ? now_s() - t0 >= arg
-               : when == AFTER_LINES ? lines_of(metrics) >= (long)arg
-                                     : saving(run_dir, &since);
-        if (!done && !fire) {
-            struct timespec ts = {0, 100000};
-            nanosleep(&ts, NULL);
-        }
-    }
-    for (double t1 = now_s(); !done && now_s() - t1 < delay;) {
-        done = waitpid(pid, &wst, WNOHANG) == pid;
-        struct timespec ts = {0, 100000};
-        nanosleep(&ts, NULL);
-    }
-    if (done) {
-        CHECK_MSG(WIFEXITED(wst) && WEXITSTATUS(wst) == 0, "a resumed run failed (see %s)", err_path);
+    kill_goal g = {when, arg, now_s(), metrics, run_dir, &since};
+    child_wait_until(&c, kill_now, &g, 120, 1e-4);
+    child_wait_until(&c, NULL, NULL, delay, 1e-4);
+    if (c.done) {
+        CHECK_MSG(WIFEXITED(c.status) && WEXITSTATUS(c.status) == 0, "a resumed run failed (see %s)", err_path);
         return false;
     }
-    kill(pid, SIGKILL);
-    CHECK(waitpid(pid, &wst, 0) == pid);
-    return WIFSIGNALED(wst) && WTERMSIG(wst) == SIGKILL;
+    return child_kill(&c) && WTERMSIG(c.status) == SIGKILL;
 }
 
 static void test_resume_and_threads(void) {
@@ -640,7 +574,7 @@ static void test_resume_and_threads(void) {
             for (int k = 1; k <= 4; k++) {
                 char p[4400];
                 snprintf(p, sizeof p, "%s/step-%d/training_state.json", killed, k);
-                latest = exists(p) ? k : latest;
+                latest = file_exists(p) ? k : latest;
             }
             snprintf(where + strlen(where), sizeof where - strlen(where), " %d%s", latest,
                      plan[i].when == IN_SAVE ? " (in a save)" : "");
@@ -656,7 +590,7 @@ static void test_resume_and_threads(void) {
     for (int k = 1; k <= 4; k++) {
         char p[4400];
         snprintf(p, sizeof p, "%s/step-%d", killed, k);
-        CHECK_MSG(exists(p) == (k >= 3), "%s: %s", p, k >= 3 ? "missing" : "not pruned");
+        CHECK_MSG(file_exists(p) == (k >= 3), "%s: %s", p, k >= 3 ? "missing" : "not pruned");
     }
     DIR *d = opendir(killed);
     for (struct dirent *e; d && (e = readdir(d)) != NULL;) {
