@@ -48,6 +48,8 @@ typedef struct caprl_synth_summary {
     int64_t n_test_questions;  /* in test_qa.jsonl and bench.jsonl */
     int64_t n_reader_records;  /* in sft_reader.jsonl */
     int64_t n_reader_cannot;   /* of those, with target F (the caption does not state the answer) */
+    int64_t n_reader_free;     /* answer-in-words records in sft_reader.jsonl (besides the n_reader_records) */
+    int64_t n_reader_bind;     /* letter-binding records in sft_reader_bind.jsonl */
     int64_t bytes_written;     /* all files together */
 } caprl_synth_summary;
 

@@ -34,6 +34,7 @@ enum {
     CAPRL_SYNTH_PURPOSE_CAPTION = 4, /* which objects the short caption names */
     CAPRL_SYNTH_PURPOSE_READER = 5,  /* the reader's SFT records: captions and option shuffles */
     CAPRL_SYNTH_PURPOSE_FILTER = 6,  /* the curation model's SFT records: option shuffles */
+    CAPRL_SYNTH_PURPOSE_BIND = 7,    /* the reader's letter-binding records */
 };
 void caprl_synth_rng(caprl_rng *r, uint64_t seed, int32_t split, int64_t index, int32_t purpose);
 

@@ -31,8 +31,12 @@
 #define IMAGE_CHUNK 256
 #define FLUSH_BYTES ((size_t)1 << 20)
 #define MAX_QUESTIONS 20 /* qa_per_image (16) + leaky_per_image (4) */
+#define BIND_PER_IMAGE 24
 
 static const char k_caption_instruction[] = "Please describe this image in detail.";
+/* The instruction of the perception records (sft_describe.jsonl), deliberately not the captioning one: they stand
+ * for the vision-language pretraining a real base model had before its short-caption SFT. */
+static const char k_describe_instruction[] = "List every object in this image.";
 
 caprl_synth_params caprl_synth_default_params(void) {
     caprl_synth_params p;
@@ -161,13 +165,15 @@ enum {
     F_CORPUS,
     F_SFT_FILTER,
     F_TRAIN_VALID,
+    F_SFT_READER_BIND,
+    F_SFT_DESCRIBE,
     N_FILES
 };
 
 static const char *const k_file_names[N_FILES] = {
     "scenes.jsonl",        "train.jsonl",       "test_qa.jsonl",      "leaky_ids.json", "captions_dense.jsonl",
     "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",    "corpus.txt",
-    "sft_filter.jsonl", "train_valid.jsonl",
+    "sft_filter.jsonl", "train_valid.jsonl", "sft_reader_bind.jsonl", "sft_describe.jsonl",
 };
 
 typedef struct out_file {
@@ -475,9 +481,77 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         free(pprompt);
         free(cap_part);
         free(bq);
+        /* the answer in words, without options: the skill of finding the fact in the caption, learnt apart
+         * from choosing its letter (questions that name their options, "which of these", have no such form) */
+        bool names_options = q[k].type == CAPRL_SYNTH_Q_SIZE || q[k].type == CAPRL_SYNTH_Q_EXISTS ||
+                             q[k].type == CAPRL_SYNTH_Q_NOT_EXISTS;
+        if (letter != 'F' && !names_options) {
+            char *fprompt = caprl_synth_reader_prompt(w->p->reader_template, caption, q[k].text);
+            sb_printf(b, "{\"id\": \"%s-a%d\", \"kind\": \"free-%s\", \"prompt\": ", id, (int)k, kinds[kind]);
+            json_str(b, fprompt);
+            char *answer = caprl_xasprintf(" %s.", q[k].options[q[k].gold]);
+            sb_puts(b, ", \"completion\": ");
+            json_str(b, answer);
+            sb_puts(b, "}\n");
+            free(answer);
+            free(fprompt);
+            w->sum.n_reader_free++;
+        }
         free(qs);
         free(caption);
         w->sum.n_reader_records++;
+    }
+}
+
+/* One option of a binding record: a colour, a shape, a position, a count or an object, as options read. */
+static void bind_option(caprl_rng *r, char *out, size_t cap) {
+    int32_t color = (int32_t)caprl_rng_below(r, CAPRL_SYNTH_N_COLORS);
+    int32_t shape = (int32_t)caprl_rng_below(r, CAPRL_SYNTH_N_SHAPES);
+    switch (caprl_rng_below(r, 6)) {
+    case 0: snprintf(out, cap, "%s", caprl_synth_color_name(color)); break;
+    case 1: snprintf(out, cap, "%s", caprl_synth_shape_name(shape)); break;
+    case 2: snprintf(out, cap, "%s", caprl_synth_cell_name((int32_t)caprl_rng_below(r, CAPRL_SYNTH_N_CELLS))); break;
+    case 3: snprintf(out, cap, "%d", (int)caprl_rng_below(r, 10)); break;
+    case 4: snprintf(out, cap, "the %s %s", caprl_synth_color_name(color), caprl_synth_shape_name(shape)); break;
+    default: snprintf(out, cap, "a %s %s", caprl_synth_color_name(color), caprl_synth_shape_name(shape)); break;
+    }
+}
+
+/* The reader's letter-binding records of one training image (sft_reader_bind.jsonl): the caption is one option's
+ * text, the question has no words, and the target is that option's letter. A small reader trained from scratch
+ * on the full reader records stays at chance on the letter; this first stage teaches it to find the option that
+ * matches and answer with its letter, before it has to find the fact in a caption. */
+static void put_bind_records(writer *w, int64_t index, const char *id) {
+    sbuf     *b = &w->f[F_SFT_READER_BIND].b;
+    caprl_rng r;
+    caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_BIND);
+    for (int32_t k = 0; k < BIND_PER_IMAGE; k++) {
+        char options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
+        for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
+            bool distinct;
+            do {
+                bind_option(&r, options[i], sizeof options[i]);
+                distinct = true;
+                for (int32_t j = 0; j < i; j++) {
+                    distinct = distinct && strcmp(options[i], options[j]) != 0;
+                }
+            } while (!distinct);
+        }
+        int32_t gold = (int32_t)caprl_rng_below(&r, CAPRL_SYNTH_N_OPTIONS);
+        sbuf    question = {0};
+        sb_puts(&question, "?");
+        for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
+            sb_printf(&question, "\n   - %c) %s", 'A' + i, options[i]);
+        }
+        char *caption = caprl_xasprintf("%s.", options[gold]);
+        char *prompt = caprl_synth_reader_prompt(w->p->reader_template, caption, question.p);
+        sb_printf(b, "{\"id\": \"%s-b%d\", \"prompt\": ", id, (int)k);
+        json_str(b, prompt);
+        sb_printf(b, ", \"completion\": \" %c.\"}\n", 'A' + gold);
+        free(prompt);
+        free(caption);
+        free(question.p);
+        w->sum.n_reader_bind++;
     }
 }
 
@@ -585,6 +659,17 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
         json_str(c, shrt);
         sb_puts(c, "}]}\n");
         put_reader_records(w, i, id, &s, q, n_q, short_listed);
+        put_bind_records(w, i, id);
+        sbuf *d = &w->f[F_SFT_DESCRIBE].b;
+        sb_puts(d, "{\"id\": ");
+        json_str(d, id);
+        sb_puts(d, ", \"image\": ");
+        json_str(d, image);
+        sb_puts(d, ", \"messages\": [{\"role\": \"user\", \"content\": ");
+        json_str(d, k_describe_instruction);
+        sb_puts(d, "}, {\"role\": \"assistant\", \"content\": ");
+        json_str(d, dense);
+        sb_puts(d, "}]}\n");
         put_filter_records(w, i, id, image, q, n_q);
         for (int32_t k = 0; k < n_q; k++) {
             w->sum.n_train_questions++;
@@ -640,9 +725,11 @@ static caprl_status write_manifest(writer *w, caprl_error *err) {
               (int)p->max_objects, (int)p->leaky_per_image, (int)p->qa_per_image);
     sb_printf(&b,
               "  \"train_questions\": %lld,\n  \"leaky_questions\": %lld,\n  \"test_questions\": %lld,\n"
-              "  \"reader_records\": %lld,\n  \"reader_cannot_answer\": %lld,\n",
+              "  \"reader_records\": %lld,\n  \"reader_cannot_answer\": %lld,\n  \"reader_free_records\": %lld,\n"
+              "  \"reader_bind_records\": %lld,\n",
               (long long)w->sum.n_train_questions, (long long)w->sum.n_leaky, (long long)w->sum.n_test_questions,
-              (long long)w->sum.n_reader_records, (long long)w->sum.n_reader_cannot);
+              (long long)w->sum.n_reader_records, (long long)w->sum.n_reader_cannot, (long long)w->sum.n_reader_free,
+              (long long)w->sum.n_reader_bind);
     sb_puts(&b, "  \"caption_instruction\": ");
     json_str(&b, k_caption_instruction);
     struct {

@@ -6,7 +6,9 @@
  *   one decode); its summary names the expanded length and grid_thw;
  * - bad inputs: --image on a text-only checkpoint, a missing or non-image file, pads that do not match the image,
  *   repeated --image, --prompt without --image: the right exit code and one line naming the problem, and no
- *   output file from a failed forward. */
+ *   output file from a failed forward;
+ * - init-model --language-model: a VL model built on a text model gives that text model's logits on text (M-RoPE
+ *   with equal components is RoPE), and refuses a non-VL preset, shape overrides, a VL source and another dtype. */
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -229,6 +231,52 @@ static void check_forward(const char *tmp, const char *img, vl_lib *l) {
     caprl_free(expanded);
 }
 
+static void check_language_model(const char *tmp) {
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/lm --preset tiny --seed 11 --layers 3 --tokenizer "
+                              "%s/data/qwen-tokenizer/tokenizer.json", CAPRL_CLI, tmp, CAPRL_SHARED_DIR);
+    CHECK(run(cmd, NULL, 0) == 0);
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/lmvl --preset tiny-vl --seed 3 --language-model %s/lm", CAPRL_CLI,
+             tmp, tmp);
+    CHECK(run(cmd, NULL, 0) == 0);
+    const char *ids = "9707,11,1879,0,576,374,264,1273,315,279,3837,13,151645,198,42";
+    for (int k = 0; k < 2; k++) {
+        snprintf(cmd, sizeof cmd, "%s forward --model %s/%s --ids %s --dump-logits %s/lm%d.bin", CAPRL_CLI, tmp,
+                 k ? "lmvl" : "lm", ids, tmp, k);
+        CHECK(run(cmd, NULL, 0) == 0);
+    }
+    char   pa[4200], pb[4200];
+    size_t na = 0, nb = 0;
+    snprintf(pa, sizeof pa, "%s/lm0.bin", tmp);
+    snprintf(pb, sizeof pb, "%s/lm1.bin", tmp);
+    char *a = read_all(pa, &na), *b = read_all(pb, &nb);
+    CHECK(a && b && na == nb && na == 15 * (size_t)VOCAB * sizeof(float));
+    if (a && b && na == nb) {
+        const float *x = (const float *)(const void *)a, *y = (const float *)(const void *)b;
+        double       worst = 0, scale = 0;
+        for (size_t i = 0; i < na / sizeof(float); i++) {
+            worst = fmax(worst, fabs((double)x[i] - y[i]));
+            scale = fmax(scale, fabs((double)x[i]));
+        }
+        /* the same weights and the same rotation angles: equal up to the order of a few f32 operations */
+        CHECK_MSG(worst <= 1e-5 * scale && scale > 0, "text logits differ by %g (scale %g)", worst, scale);
+    }
+    free(a);
+    free(b);
+    snprintf(cmd, sizeof cmd, "rm -f %s %s", pa, pb);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/x --preset tiny --language-model %s/lm", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 1, "--language-model needs --preset tiny-vl");
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/x --preset tiny-vl --hidden 32 --language-model %s/lm", CAPRL_CLI,
+             tmp, tmp);
+    expect_fail(cmd, 1, "--language-model gives the text shape");
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/x --preset tiny-vl --language-model %s/lmvl", CAPRL_CLI, tmp, tmp);
+    expect_fail(cmd, 1, "is already a vision-language model");
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/x --preset tiny-vl --dtype f32 --language-model %s/lm", CAPRL_CLI,
+             tmp, tmp);
+    expect_fail(cmd, 2, "differs in dtype or shape");
+}
+
 int main(void) {
     char *tmp = test_tmpdir("cli_vl");
     snprintf(g_dir, sizeof g_dir, "%s", tmp);
@@ -245,6 +293,7 @@ int main(void) {
         check_forward(tmp, img, &l);
     }
     lib_close(&l);
+    check_language_model(tmp);
     /* the dumps are tens of MB: keep them only when something failed */
     if (g_test_failures == 0) {
         snprintf(cmd, sizeof cmd, "rm -f %s/a.bin %s/b.bin %s/c.bin", tmp, tmp, tmp);

@@ -10,8 +10,8 @@
 static const char *const k_files[] = {
     "synth.json",         "scenes.jsonl",         "train.jsonl",         "test_qa.jsonl",    "leaky_ids.json",
     "captions_dense.jsonl", "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",
-    "corpus.txt",         "images/train/00000.png", "images/train/00009.png", "images/test/00000.png",
-    "images/test/00002.png",
+    "corpus.txt",         "sft_reader_bind.jsonl", "sft_describe.jsonl", "sft_filter.jsonl",
+    "images/train/00000.png", "images/train/00009.png", "images/test/00000.png", "images/test/00002.png",
 };
 
 static void check_same_world(const char *d1, const char *d2) {

@@ -696,8 +696,92 @@ static void check_prism_record(json_t *rec, json_t *prev) {
     free(caption);
 }
 
+/* The caption and question a reader prompt (the CapRL template) was filled with; false if it has not that form. */
+static bool split_reader_prompt(const char *prompt, char **caption, char **question) {
+    const char *cs = prompt, *next;
+    while ((next = strstr(cs, "<Caption Start> "))) {
+        cs = next + 16;
+    }
+    const char *ce = strstr(cs, " <Caption End>  \nQuestion: ");
+    const char *qe = ce ? strstr(ce, "  <|im_end|>\n<|im_start|>assistant\nThe answer is") : NULL;
+    if (!ce || !qe) {
+        return false;
+    }
+    *caption = strndup(cs, (size_t)(ce - cs));
+    *question = strndup(ce + 27, (size_t)(qe - ce - 27));
+    return true;
+}
+
+/* An answer-in-words record follows the CapRL-form and Prism-form records of the same question: the same caption,
+ * the question line without options, and the text of the option the oracle picks from the caption. */
+static void check_free_record(json_t *rec, json_t *reader_rec) {
+    char *caption = NULL, *question = NULL, *rcaption = NULL, *rquestion = NULL;
+    CHECK(split_reader_prompt(jstr(rec, "prompt"), &caption, &question));
+    CHECK(split_reader_prompt(jstr(reader_rec, "prompt"), &rcaption, &rquestion));
+    if (!caption || !rcaption) {
+        return;
+    }
+    CHECK(strcmp(caption, rcaption) == 0);
+    CHECK(strchr(question, '\n') == NULL && strncmp(rquestion, question, strlen(question)) == 0 &&
+          rquestion[strlen(question)] == '\n');
+    tcap c;
+    tq   t;
+    CHECK(parse_caption(caption, &c) && parse_question(rquestion, &t, false));
+    int o = oracle(&t, &c);
+    CHECK_MSG(o >= 0, "%s: an answer in words for a question the caption does not answer", jstr(rec, "id"));
+    if (o >= 0) {
+        char want[64];
+        snprintf(want, sizeof want, " %s.", t.opt[o]);
+        CHECK_MSG(strcmp(jstr(rec, "completion"), want) == 0, "%s: '%s' instead of '%s'", jstr(rec, "id"),
+                  jstr(rec, "completion"), want);
+    }
+    CHECK(strstr(question, "these") == NULL); /* questions that name their options have no such form */
+    free(caption);
+    free(question);
+    free(rcaption);
+    free(rquestion);
+}
+
+/* Letter-binding records: the caption is one of four distinct options, the target its letter. */
+static void check_bind_records(json_t *bind) {
+    int per_letter[4] = {0};
+    for (size_t i = 0; i < json_array_size(bind); i++) {
+        json_t *rec = json_array_get(bind, i);
+        char   *caption = NULL, *question = NULL;
+        CHECK(split_reader_prompt(jstr(rec, "prompt"), &caption, &question));
+        if (!caption) {
+            continue;
+        }
+        char opts[4][64];
+        CHECK(sscanf(question, "?\n   - A) %63[^\n]\n   - B) %63[^\n]\n   - C) %63[^\n]\n   - D) %63[^\n]", opts[0],
+                     opts[1], opts[2], opts[3]) == 4);
+        char *rebuilt = caprl_synth_reader_prompt(NULL, caption, question);
+        CHECK(strcmp(rebuilt, jstr(rec, "prompt")) == 0);
+        const char *completion = jstr(rec, "completion");
+        CHECK(strlen(completion) == 3 && completion[0] == ' ' && completion[2] == '.');
+        int gold = completion[1] - 'A';
+        CHECK(gold >= 0 && gold < 4);
+        if (gold >= 0 && gold < 4) {
+            per_letter[gold]++;
+            CHECK(strlen(caption) == strlen(opts[gold]) + 1 && strncmp(caption, opts[gold], strlen(opts[gold])) == 0);
+        }
+        for (int a = 0; a < 4; a++) {
+            for (int b = a + 1; b < 4; b++) {
+                CHECK(strcmp(opts[a], opts[b]) != 0);
+            }
+        }
+        free(rebuilt);
+        free(caption);
+        free(question);
+    }
+    for (int l = 0; l < 4; l++) {
+        CHECK_MSG(per_letter[l] * 8 > (int)json_array_size(bind), "letter %c is the target of %d of %zu", 'A' + l,
+                  per_letter[l], json_array_size(bind));
+    }
+}
+
 static void check_reader_records(json_t *reader, json_t *dense) {
-    int    n_f = 0;
+    int    n_f = 0, n_free = 0;
     size_t n = 0;
     for (size_t i = 0; i < json_array_size(reader); i++) {
         json_t     *rec = json_array_get(reader, i);
@@ -709,20 +793,21 @@ static void check_reader_records(json_t *reader, json_t *dense) {
             }
             continue;
         }
-        n++;
-        /* the filled caption and question: after the template's last "<Caption Start> " */
-        const char *cs = prompt, *next;
-        while ((next = strstr(cs, "<Caption Start> "))) {
-            cs = next + 16;
-        }
-        const char *ce = strstr(cs, " <Caption End>  \nQuestion: ");
-        const char *qe = ce ? strstr(ce, "  <|im_end|>\n<|im_start|>assistant\nThe answer is") : NULL;
-        CHECK(ce && qe);
-        if (!ce || !qe) {
+        if (strncmp(jstr(rec, "kind"), "free-", 5) == 0) {
+            CHECK(i > 1);
+            if (i > 1) {
+                check_free_record(rec, json_array_get(reader, i - 2));
+                n_free++;
+            }
             continue;
         }
-        char *caption = strndup(cs, (size_t)(ce - cs));
-        char *question = strndup(ce + 27, (size_t)(qe - ce - 27));
+        n++;
+        /* the filled caption and question: after the template's last "<Caption Start> " */
+        char *caption = NULL, *question = NULL;
+        CHECK(split_reader_prompt(prompt, &caption, &question));
+        if (!caption) {
+            continue;
+        }
         char *rebuilt = caprl_synth_reader_prompt(NULL, caption, question);
         CHECK(strcmp(rebuilt, prompt) == 0);
         tcap c;
@@ -747,8 +832,10 @@ static void check_reader_records(json_t *reader, json_t *dense) {
         free(caption);
         free(question);
     }
-    /* both targets are well represented */
+    /* both targets are well represented, and a fair share of the answerable questions have a free-form record */
     CHECK_MSG(n_f * 5 > (int)n && n_f * 5 < 4 * (int)n, "%d of %zu reader targets are F", n_f, n);
+    CHECK_MSG(n_free * 3 > (int)n - n_f && n_free <= (int)n - n_f, "%d free-form records for %zu answerable", n_free,
+              n - (size_t)n_f);
 }
 
 static const char *const k_files[] = {
@@ -872,8 +959,26 @@ static void check_world(const char *dir, const caprl_synth_params *p) {
         tcap c;
         CHECK(parse_caption(jstr(json_array_get(shrt, i), "caption"), &c) && c.n >= 1 && c.n <= 2 && c.count < 0);
     }
-    CHECK_EQ_I64(json_array_size(reader), 2 * (int64_t)p->n_train * p->qa_per_image);
+    size_t n_free = 0;
+    for (size_t i = 0; i < json_array_size(reader); i++) {
+        n_free += strncmp(jstr(json_array_get(reader, i), "kind"), "free-", 5) == 0;
+    }
+    CHECK_EQ_I64(json_array_size(reader) - n_free, 2 * (int64_t)p->n_train * p->qa_per_image);
     check_reader_records(reader, dense);
+    json_t *bind = load_jsonl(dir, "sft_reader_bind.jsonl");
+    CHECK_EQ_I64(json_array_size(bind), 24 * (int64_t)p->n_train);
+    check_bind_records(bind);
+    json_decref(bind);
+    /* perception records: every training image with its dense caption, under an instruction of their own */
+    json_t *describe = load_jsonl(dir, "sft_describe.jsonl");
+    CHECK_EQ_I64(json_array_size(describe), p->n_train);
+    for (size_t i = 0; i < json_array_size(describe); i++) {
+        json_t *rec = json_array_get(describe, i), *msgs = json_object_get(rec, "messages");
+        CHECK(!strcmp(jstr(rec, "image"), jstr(json_array_get(dense, i), "image")));
+        CHECK(!strcmp(jstr(json_array_get(msgs, 0), "content"), "List every object in this image."));
+        CHECK(!strcmp(jstr(json_array_get(msgs, 1), "content"), jstr(json_array_get(dense, i), "caption")));
+    }
+    json_decref(describe);
 
     /* The corpus holds every caption. */
     char  *cp = path2(dir, "corpus.txt");

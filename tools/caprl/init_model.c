@@ -1,9 +1,11 @@
 /* caprl init-model: write a Qwen2 checkpoint with random weights in exact Hugging Face layout (for tests,
  * benchmarks and the demo: no weights can be downloaded here). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "caprl/model.h"
+#include "caprl/safetensors.h"
 #include "caprl/tensor.h"
 #include "caprl/tokenizer.h"
 #include "caprl/vision.h"
@@ -73,6 +75,53 @@ static caprl_text_config preset_tiny_vl(caprl_vision_config *vc) {
     return c;
 }
 
+/* Replaces, in the checkpoint just written to out, every tensor that the language model in lm_dir also has (the
+ * whole text stack: both use the Qwen2 names) by lm_dir's, so only the vision tower keeps its random weights. */
+static caprl_status take_language_model(const char *out, const char *lm_dir, caprl_error *err) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/model.safetensors", out);
+    caprl_safetensors *fresh = NULL, *lm = NULL;
+    caprl_status       st = caprl_safetensors_open(&fresh, path, err);
+    if (st == CAPRL_OK) {
+        st = caprl_safetensors_open_dir(&lm, lm_dir, err);
+    }
+    caprl_st_writer *w = caprl_st_writer_init();
+    int64_t          n_taken = 0;
+    for (int64_t i = 0; st == CAPRL_OK && i < caprl_safetensors_n_tensors(fresh); i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(fresh, i);
+        const caprl_st_tensor *src = caprl_safetensors_find(lm, t->name);
+        if (src) {
+            bool same = src->dtype == t->dtype && src->n_dims == t->n_dims;
+            for (int32_t d = 0; same && d < t->n_dims; d++) {
+                same = src->shape[d] == t->shape[d];
+            }
+            if (!same) {
+                snprintf(err->msg, sizeof err->msg, "%s: tensor '%s' differs in dtype or shape from the one the new "
+                         "model needs (give --dtype as the language model's)", lm_dir, t->name);
+                st = err->code = CAPRL_ERR_FORMAT;
+                break;
+            }
+            n_taken++;
+        }
+        const caprl_st_tensor *use = src ? src : t;
+        st = caprl_st_writer_add(w, use->name, (int32_t)use->dtype, use->n_dims, use->shape, use->data, err);
+    }
+    if (st == CAPRL_OK && n_taken == 0) {
+        snprintf(err->msg, sizeof err->msg, "%s: no tensor of the language model matches the new model's names", lm_dir);
+        st = err->code = CAPRL_ERR_FORMAT;
+    }
+    if (st == CAPRL_OK) {
+        st = caprl_st_writer_set_metadata(w, "format", "pt", err);
+    }
+    if (st == CAPRL_OK) {
+        st = caprl_st_writer_save(w, path, err);
+    }
+    caprl_st_writer_free(w);
+    caprl_safetensors_free(lm);
+    caprl_safetensors_free(fresh);
+    return st;
+}
+
 int cmd_init_model(int argc, char **argv) {
     static const cmd_info info = {
         "init-model", "caprl init-model --out DIR [--preset tiny|qwen2.5-0.5b] [--dtype f32|bf16] [--tokenizer FILE]",
@@ -80,8 +129,11 @@ int cmd_init_model(int argc, char **argv) {
         "with --tokenizer, tokenizer.json) that caprl and Hugging Face transformers both load.",
         "Presets: 'tiny' (hidden 64, 2 layers, Qwen vocabulary), 'tiny-vl' (the same text part as a Qwen2.5-VL\n"
         "model with a 2-block vision tower) and 'qwen2.5-0.5b' (the real model's shape).\n"
-        "Weights are uniform with the given standard deviation; norm weights near 1. Deterministic in --seed."};
-    const char *out = NULL, *preset = "tiny", *dtype_name = "bf16", *tok_path = NULL;
+        "Weights are uniform with the given standard deviation; norm weights near 1. Deterministic in --seed.\n"
+        "With --preset tiny-vl --language-model DIR the text part is DIR's Qwen2 model, shape and weights (and its\n"
+        "tokenizer unless --tokenizer is given): a vision-language model built from a trained language model and a\n"
+        "new vision tower, as Qwen2.5-VL was. M-RoPE on text alone is DIR's RoPE, so its text behaviour is kept."};
+    const char *out = NULL, *preset = "tiny", *dtype_name = "bf16", *tok_path = NULL, *lm_dir = NULL;
     int64_t     seed = 1;
     float       stddev = 0.02f;
     int32_t     layers = 0, vocab = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0;
@@ -104,6 +156,8 @@ int cmd_init_model(int argc, char **argv) {
         {"window-size", OPT_INT, &v_window, "tiny-vl: attention window in pixels", 0, 1 << 16, "PX", 0},
         {"dtype", OPT_STRING, &dtype_name, "weight dtype: f32 or bf16", 0, 0, "T", 0},
         {"tokenizer", OPT_STRING, &tok_path, "tokenizer.json to include", 0, 0, "FILE", 0},
+        {"language-model", OPT_STRING, &lm_dir, "tiny-vl: take the text part (shape and weights) from this Qwen2 "
+                                                "checkpoint", 0, 0, "DIR", 0},
         {"seed", OPT_I64, &seed, "random seed", 0, 9.2e18, "S", 0},
         {"std", OPT_FLOAT, &stddev, "standard deviation of matrix weights", 1e-6, 10, "X", 0},
         {0},
@@ -127,6 +181,39 @@ int cmd_init_model(int argc, char **argv) {
         cfg = preset_qwen25_05b();
     } else {
         return tool_usage_error(info.name, "unknown --preset '%s' (tiny, tiny-vl, qwen2.5-0.5b)", preset);
+    }
+    char lm_tokenizer[4096];
+    if (lm_dir) {
+        if (!vl) {
+            return tool_usage_error(info.name, "--language-model needs --preset tiny-vl");
+        }
+        if (layers || vocab || hidden || inter || heads || kv_heads || head_dim) {
+            return tool_usage_error(info.name, "--language-model gives the text shape: drop --layers, --hidden, "
+                                               "--intermediate, --heads, --kv-heads, --head-dim and --vocab-size");
+        }
+        char        path[4096];
+        caprl_error lerr = {0};
+        snprintf(path, sizeof path, "%s/config.json", lm_dir);
+        caprl_text_config lm;
+        if (caprl_text_config_load(&lm, path, &lerr) != CAPRL_OK) {
+            return tool_fail(info.name, CAPRL_ERR_FORMAT, lerr.msg);
+        }
+        if (lm.is_vl) {
+            return tool_usage_error(info.name, "%s is already a vision-language model", lm_dir);
+        }
+        caprl_text_config text = lm;
+        text.is_vl = true;
+        text.n_mrope_sections = 3;
+        text.image_token_id = cfg.image_token_id;
+        text.vision_start_token_id = cfg.vision_start_token_id;
+        text.vision_end_token_id = cfg.vision_end_token_id;
+        text.torch_dtype = cfg.torch_dtype;
+        cfg = text;
+        vocab = cfg.vocab_size;
+        if (!tok_path) {
+            snprintf(lm_tokenizer, sizeof lm_tokenizer, "%s/tokenizer.json", lm_dir);
+            tok_path = lm_tokenizer;
+        }
     }
     if (layers > 0) {
         cfg.n_layers = layers;
@@ -213,6 +300,9 @@ int cmd_init_model(int argc, char **argv) {
     }
     if (st == CAPRL_OK) {
         st = vl ? caprl_vl_model_save(model, vision, out, &err) : caprl_model_save(model, out, &err);
+    }
+    if (st == CAPRL_OK && lm_dir) {
+        st = take_language_model(out, lm_dir, &err);
     }
     if (st == CAPRL_OK) {
         fprintf(stderr, "caprl init-model: wrote %s (%lld parameters, %s)\n", out,
