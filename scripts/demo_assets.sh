@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # make demo-assets: builds the demo's three tiny models from nothing, with caprl alone, deterministically, into
-# demo/assets/ (shipped in the repository so that `make demo` does not retrain them). About an hour on 2 cores.
+# demo/assets/ (shipped in the repository so that `make demo` does not retrain them). Hours on 2 cores.
 #   tokenizer.json  byte-level BPE fitted to the synthetic world's text (caprl tokenizer train)
-#   reader/         Qwen2 text model, SFT on the world's reader records: the (short) reader prompt filled with a
-#                   dense, short or partial caption and a shuffled question -> " X." or " F." when the caption does
-#                   not say; plus the same in the Prism stage-2 form -> <answer>\boxed{X}</answer>
-#   captioner/      Qwen2.5-VL model (2-block vision tower), SFT on the SHORT captions: the SFT baseline
-#   filter/         Qwen2.5-VL model, SFT on the curation queries of `caprl qa filter`: with the image it answers
-#                   the letter; without it, "None" unless the wording gives the answer away
+#   reader/         Qwen2 text model (4 layers, hidden 128), SFT in two stages:
+#                     1. letter binding (sft_reader_bind.jsonl): the caption is one option's text, the target its
+#                        letter. Trained from scratch on the full task a model this small stays at chance on the
+#                        letter; this stage forms the "find the matching option, answer its letter" circuit first.
+#                     2. the reader records (sft_reader.jsonl): the reader prompt filled with a dense, short or
+#                        partial caption and a shuffled question -> " X." or " F." when the caption does not say;
+#                        the same in the Prism stage-2 form -> <answer>\boxed{X}</answer>; and the answer in words
+#                        for questions without options (finding the fact apart from choosing its letter)
+#   base            Qwen2.5-VL: the stage-1 reader's decoder (init-model --language-model) under a new 2-block
+#                   vision tower, SFT on dense object lists under its own instruction (sft_describe.jsonl): the
+#                   stand-in for the vision-language pretraining a real base model has
+#   captioner/      base, SFT on the SHORT captions (one or two objects): the SFT baseline that GRPO starts from
+#   filter/         base, SFT on the queries `caprl qa filter` makes: with the image it answers the letter; without
+#                   it, "None" unless the wording gives the answer away
 # Every step is a pure function of its inputs and seeds, and caprl's results do not depend on the thread count.
 set -euo pipefail
 BUILD=${1:-build}
@@ -18,38 +26,34 @@ T=demo/reader_template.txt
 rm -rf "$WORK"
 mkdir -p "$WORK" "$OUT"
 
-# The text world (512 training images) fits the tokenizer and trains the reader; the larger one (2048, the same
-# first 512 scenes) trains the two vision-language models, whose towers need more images.
-"$C" synth --out "$WORK/world" --train 512 --test 64 --seed 0 --reader-template "$T"
-"$C" synth --out "$WORK/world2k" --train 2048 --test 64 --seed 0 --reader-template "$T"
-"$C" tokenizer train --corpus "$WORK/world/corpus.txt" --vocab-size 1024 --out "$WORK/tokenizer.json"
-
-VL_SHAPE=(--preset tiny-vl --hidden 128 --intermediate 384 --layers 2 --heads 4 --kv-heads 2 --vision-depth 2
-          --vision-hidden 64 --vision-heads 4 --vision-intermediate 128 --window-size 84)
+# The tokenizer is fitted on a 512-image world's text; everything is trained on the 8,192-image world (whose first
+# 512 scenes are the same).
+"$C" synth --out "$WORK/world512" --train 512 --test 64 --seed 0 --reader-template "$T"
+"$C" synth --out "$WORK/world" --train 8192 --test 64 --seed 0 --reader-template "$T"
+"$C" tokenizer train --corpus "$WORK/world512/corpus.txt" --vocab-size 1024 --out "$WORK/tokenizer.json"
 
 "$C" init-model --out "$WORK/reader0" --preset tiny --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
   --hidden 128 --intermediate 384 --layers 4 --heads 4 --kv-heads 2 --dtype f32 --std 0.05
-"$C" sft --model "$WORK/reader0" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-run1" \
-  --lr 2e-3 --batch 64 --epochs 4 --warmup 20 --micro-batch-tokens 4096 --save-every 100
-# a short second pass at a lower rate. (The shipped reader's first pass saw an earlier version of these records whose
-# Prism answers lacked the <think></think> and the closing <|im_end|>; this pass taught it both. Rerunning the recipe trains both
-# passes on the current records, so its reader can differ slightly from the shipped one.)
-"$C" sft --model "$WORK/reader-run1/step-512" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-run" \
-  --lr 5e-4 --batch 64 --max-steps 60 --warmup 5 --micro-batch-tokens 4096 --seed 2 --save-every 60
+# constant 5e-4: at 2e-3 the binding never leaves chance
+"$C" sft --model "$WORK/reader0" --data "$WORK/world/sft_reader_bind.jsonl" --out "$WORK/reader-bind" \
+  --lr 5e-4 --batch 128 --micro-batch-tokens 8192 --max-steps 700 --warmup 50 --schedule constant --seed 0 \
+  --save-every 700
+"$C" sft --model "$WORK/reader-bind/step-700" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-run" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 3000 --warmup 20 --schedule constant --seed 4 \
+  --save-every 500
 
-"$C" init-model --out "$WORK/captioner0" "${VL_SHAPE[@]}" --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
+VISION=(--vision-depth 2 --vision-hidden 64 --vision-heads 4 --vision-intermediate 128 --window-size 84)
+"$C" init-model --out "$WORK/vl0" --preset tiny-vl --language-model "$WORK/reader-bind/step-700" "${VISION[@]}" \
   --dtype f32 --std 0.05
-"$C" sft --model "$WORK/captioner0" --data "$WORK/world2k/sft_captioner.jsonl" --out "$WORK/captioner-run1" \
-  --lr 2e-3 --batch 32 --epochs 12 --warmup 20 --micro-batch-tokens 2048 --save-every 200
-# a second pass at a lower rate from the first one's final checkpoint: the vision tower is the slow learner
-"$C" sft --model "$WORK/captioner-run1/step-768" --data "$WORK/world2k/sft_captioner.jsonl" \
-  --out "$WORK/captioner-run" --lr 1e-3 --batch 32 --epochs 12 --warmup 10 --micro-batch-tokens 2048 \
-  --save-every 256 --seed 1
-
-"$C" init-model --out "$WORK/filter0" "${VL_SHAPE[@]}" --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
-  --dtype f32 --std 0.05 --seed 3
-"$C" sft --model "$WORK/filter0" --data "$WORK/world2k/sft_filter.jsonl" --out "$WORK/filter-run" \
-  --lr 2e-3 --batch 64 --max-steps 600 --warmup 20 --micro-batch-tokens 4096 --save-every 200
+"$C" sft --model "$WORK/vl0" --data "$WORK/world/sft_describe.jsonl" --out "$WORK/base" \
+  --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps 768 --warmup 20 --schedule constant --seed 0 \
+  --save-every 256
+"$C" sft --model "$WORK/base/step-768" --data "$WORK/world/sft_captioner.jsonl" --out "$WORK/captioner-run" \
+  --lr 5e-4 --batch 32 --micro-batch-tokens 4096 --max-steps 192 --warmup 10 --schedule constant --seed 1 \
+  --save-every 64
+"$C" sft --model "$WORK/base/step-768" --data "$WORK/world/sft_filter.jsonl" --out "$WORK/filter-run" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps FILTER_STEPS --warmup 10 --schedule constant --seed 3 \
+  --save-every 200
 
 # The final checkpoint of each run, without its training state.
 for m in reader captioner filter; do

@@ -409,6 +409,19 @@ static void put_caption(sbuf *b, const char *id, const char *image, const char *
     sb_puts(b, "}\n");
 }
 
+/* A one-turn SFT record with the image: the instruction, answered with `answer`. */
+static void put_image_chat(sbuf *b, const char *id, const char *image, const char *instruction, const char *answer) {
+    sb_puts(b, "{\"id\": ");
+    json_str(b, id);
+    sb_puts(b, ", \"image\": ");
+    json_str(b, image);
+    sb_puts(b, ", \"messages\": [{\"role\": \"user\", \"content\": ");
+    json_str(b, instruction);
+    sb_puts(b, "}, {\"role\": \"assistant\", \"content\": ");
+    json_str(b, answer);
+    sb_puts(b, "}]}\n");
+}
+
 static void put_scene(sbuf *b, const char *id, const char *image, int32_t split, const caprl_synth_scene *s) {
     sb_puts(b, "{\"id\": ");
     json_str(b, id);
@@ -648,28 +661,10 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
         put_qa_record(&w->f[F_TRAIN].b, id, image, q, n_q, true);
         put_qa_record(&w->f[F_TRAIN_VALID].b, id, image, q, n_q, false);
         put_leaky_entries(w, id, q, n_q);
-        sbuf *c = &w->f[F_SFT_CAPTIONER].b;
-        sb_puts(c, "{\"id\": ");
-        json_str(c, id);
-        sb_puts(c, ", \"image\": ");
-        json_str(c, image);
-        sb_puts(c, ", \"messages\": [{\"role\": \"user\", \"content\": ");
-        json_str(c, k_caption_instruction);
-        sb_puts(c, "}, {\"role\": \"assistant\", \"content\": ");
-        json_str(c, shrt);
-        sb_puts(c, "}]}\n");
+        put_image_chat(&w->f[F_SFT_CAPTIONER].b, id, image, k_caption_instruction, shrt);
+        put_image_chat(&w->f[F_SFT_DESCRIBE].b, id, image, k_describe_instruction, dense);
         put_reader_records(w, i, id, &s, q, n_q, short_listed);
         put_bind_records(w, i, id);
-        sbuf *d = &w->f[F_SFT_DESCRIBE].b;
-        sb_puts(d, "{\"id\": ");
-        json_str(d, id);
-        sb_puts(d, ", \"image\": ");
-        json_str(d, image);
-        sb_puts(d, ", \"messages\": [{\"role\": \"user\", \"content\": ");
-        json_str(d, k_describe_instruction);
-        sb_puts(d, "}, {\"role\": \"assistant\", \"content\": ");
-        json_str(d, dense);
-        sb_puts(d, "}]}\n");
         put_filter_records(w, i, id, image, q, n_q);
         for (int32_t k = 0; k < n_q; k++) {
             w->sum.n_train_questions++;
