@@ -52,7 +52,7 @@ VISION=(--vision-depth 2 --vision-hidden 64 --vision-heads 4 --vision-intermedia
   --lr 5e-4 --batch 32 --micro-batch-tokens 4096 --max-steps 192 --warmup 10 --schedule constant --seed 1 \
   --save-every 64
 "$C" sft --model "$WORK/base/step-768" --data "$WORK/world/sft_filter.jsonl" --out "$WORK/filter-run" \
-  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps FILTER_STEPS --warmup 10 --schedule constant --seed 3 \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 1000 --warmup 10 --schedule constant --seed 3 \
   --save-every 200
 
 # The final checkpoint of each run, without its training state.
