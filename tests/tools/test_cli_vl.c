@@ -274,7 +274,13 @@ static void check_language_model(const char *tmp) {
     expect_fail(cmd, 1, "is already a vision-language model");
     snprintf(cmd, sizeof cmd, "%s init-model --out %s/x --preset tiny-vl --dtype f32 --language-model %s/lm", CAPRL_CLI,
              tmp, tmp);
-    expect_fail(cmd, 2, "differs in dtype or shape");
+    expect_fail(cmd, 2, "the weights are BF16: give --dtype bf16");
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s/x --preset tiny-vl --language-model %s/no-such-model", CAPRL_CLI,
+             tmp, tmp);
+    expect_fail(cmd, 2, "no-such-model/config.json");
+    char x[4200];
+    snprintf(x, sizeof x, "%s/x", tmp);
+    CHECK_MSG(!file_exists(x), "a refused init-model left %s behind", x);
 }
 
 int main(void) {

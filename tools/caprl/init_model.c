@@ -195,20 +195,20 @@ int cmd_init_model(int argc, char **argv) {
         caprl_error lerr = {0};
         snprintf(path, sizeof path, "%s/config.json", lm_dir);
         caprl_text_config lm;
-        if (caprl_text_config_load(&lm, path, &lerr) != CAPRL_OK) {
-            return tool_fail(info.name, CAPRL_ERR_FORMAT, lerr.msg);
+        caprl_status      lst = caprl_text_config_load(&lm, path, &lerr);
+        if (lst != CAPRL_OK) {
+            return tool_fail(info.name, lst, lerr.msg);
         }
         if (lm.is_vl) {
             return tool_usage_error(info.name, "%s is already a vision-language model", lm_dir);
         }
-        caprl_text_config text = lm;
-        text.is_vl = true;
-        text.n_mrope_sections = 3;
-        text.image_token_id = cfg.image_token_id;
-        text.vision_start_token_id = cfg.vision_start_token_id;
-        text.vision_end_token_id = cfg.vision_end_token_id;
-        text.torch_dtype = cfg.torch_dtype;
-        cfg = text;
+        lm.is_vl = true;
+        lm.n_mrope_sections = 3;
+        lm.image_token_id = cfg.image_token_id;
+        lm.vision_start_token_id = cfg.vision_start_token_id;
+        lm.vision_end_token_id = cfg.vision_end_token_id;
+        lm.torch_dtype = cfg.torch_dtype;
+        cfg = lm;
         vocab = cfg.vocab_size;
         if (!tok_path) {
             snprintf(lm_tokenizer, sizeof lm_tokenizer, "%s/tokenizer.json", lm_dir);
@@ -250,6 +250,26 @@ int cmd_init_model(int argc, char **argv) {
     }
     caprl_error  err = {0};
     caprl_status st = CAPRL_OK;
+    if (lm_dir) {
+        /* checked before anything is written: a failed run must not leave a random model behind */
+        caprl_safetensors *lm = NULL;
+        st = caprl_safetensors_open_dir(&lm, lm_dir, &err);
+        const caprl_st_tensor *embed = lm ? caprl_safetensors_find(lm, "model.embed_tokens.weight") : NULL;
+        int32_t                lm_dtype = embed ? (int32_t)embed->dtype : -1;
+        caprl_safetensors_free(lm);
+        if (st != CAPRL_OK) {
+            return tool_fail(info.name, st, err.msg);
+        }
+        if (lm_dtype != dtype) {
+            char msg[4400];
+            snprintf(msg, sizeof msg, "%s: %s", lm_dir,
+                     !embed                             ? "no tensor 'model.embed_tokens.weight'"
+                     : lm_dtype == CAPRL_DTYPE_F32      ? "the weights are F32: give --dtype f32"
+                     : lm_dtype == CAPRL_DTYPE_BF16     ? "the weights are BF16: give --dtype bf16"
+                                                        : "the weights are neither F32 nor BF16");
+            return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
+        }
+    }
     if (tok_path) {
         /* a tokenizer of its own (e.g. from `caprl tokenizer train`): the vocabulary and every special id follow it */
         caprl_tokenizer *tok = NULL;
