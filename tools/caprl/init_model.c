@@ -77,14 +77,12 @@ static caprl_text_config preset_tiny_vl(caprl_vision_config *vc) {
 
 /* Replaces, in the checkpoint just written to out, every tensor that the language model in lm_dir also has (the
  * whole text stack: both use the Qwen2 names) by lm_dir's, so only the vision tower keeps its random weights. */
-static caprl_status take_language_model(const char *out, const char *lm_dir, caprl_error *err) {
+static caprl_status take_language_model(const char *out, const char *lm_dir, const caprl_safetensors *lm,
+                                        caprl_error *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/model.safetensors", out);
-    caprl_safetensors *fresh = NULL, *lm = NULL;
+    caprl_safetensors *fresh = NULL;
     caprl_status       st = caprl_safetensors_open(&fresh, path, err);
-    if (st == CAPRL_OK) {
-        st = caprl_safetensors_open_dir(&lm, lm_dir, err);
-    }
     caprl_st_writer *w = caprl_st_writer_init();
     int64_t          n_taken = 0;
     for (int64_t i = 0; st == CAPRL_OK && i < caprl_safetensors_n_tensors(fresh); i++) {
@@ -117,7 +115,6 @@ static caprl_status take_language_model(const char *out, const char *lm_dir, cap
         st = caprl_st_writer_save(w, path, err);
     }
     caprl_st_writer_free(w);
-    caprl_safetensors_free(lm);
     caprl_safetensors_free(fresh);
     return st;
 }
@@ -250,26 +247,6 @@ int cmd_init_model(int argc, char **argv) {
     }
     caprl_error  err = {0};
     caprl_status st = CAPRL_OK;
-    if (lm_dir) {
-        /* checked before anything is written: a failed run must not leave a random model behind */
-        caprl_safetensors *lm = NULL;
-        st = caprl_safetensors_open_dir(&lm, lm_dir, &err);
-        const caprl_st_tensor *embed = lm ? caprl_safetensors_find(lm, "model.embed_tokens.weight") : NULL;
-        int32_t                lm_dtype = embed ? (int32_t)embed->dtype : -1;
-        caprl_safetensors_free(lm);
-        if (st != CAPRL_OK) {
-            return tool_fail(info.name, st, err.msg);
-        }
-        if (lm_dtype != dtype) {
-            char msg[4400];
-            snprintf(msg, sizeof msg, "%s: %s", lm_dir,
-                     !embed                             ? "no tensor 'model.embed_tokens.weight'"
-                     : lm_dtype == CAPRL_DTYPE_F32      ? "the weights are F32: give --dtype f32"
-                     : lm_dtype == CAPRL_DTYPE_BF16     ? "the weights are BF16: give --dtype bf16"
-                                                        : "the weights are neither F32 nor BF16");
-            return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
-        }
-    }
     if (tok_path) {
         /* a tokenizer of its own (e.g. from `caprl tokenizer train`): the vocabulary and every special id follow it */
         caprl_tokenizer *tok = NULL;
@@ -307,6 +284,25 @@ int cmd_init_model(int argc, char **argv) {
     if (vocab > 0) {
         cfg.vocab_size = vocab;
     }
+    caprl_safetensors *lm_weights = NULL;
+    if (lm_dir) {
+        /* checked before anything is written: a failed run must not leave a random model behind */
+        st = caprl_safetensors_open_dir(&lm_weights, lm_dir, &err);
+        if (st != CAPRL_OK) {
+            return tool_fail(info.name, st, err.msg);
+        }
+        const caprl_st_tensor *embed = caprl_safetensors_find(lm_weights, "model.embed_tokens.weight");
+        if (!embed || (int32_t)embed->dtype != dtype) {
+            char msg[4400];
+            snprintf(msg, sizeof msg, "%s: %s", lm_dir,
+                     !embed                                ? "no tensor 'model.embed_tokens.weight'"
+                     : embed->dtype == CAPRL_DTYPE_F32     ? "the weights are F32: give --dtype f32"
+                     : embed->dtype == CAPRL_DTYPE_BF16    ? "the weights are BF16: give --dtype bf16"
+                                                           : "the weights are neither F32 nor BF16");
+            caprl_safetensors_free(lm_weights);
+            return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
+        }
+    }
     caprl_model_params mp = caprl_model_default_params();
     mp.load_tokenizer = false;
     caprl_model *model = NULL;
@@ -322,12 +318,13 @@ int cmd_init_model(int argc, char **argv) {
         st = vl ? caprl_vl_model_save(model, vision, out, &err) : caprl_model_save(model, out, &err);
     }
     if (st == CAPRL_OK && lm_dir) {
-        st = take_language_model(out, lm_dir, &err);
+        st = take_language_model(out, lm_dir, lm_weights, &err);
     }
     if (st == CAPRL_OK) {
         fprintf(stderr, "caprl init-model: wrote %s (%lld parameters, %s)\n", out,
                 (long long)caprl_model_n_params(model), caprl_dtype_name(dtype));
     }
+    caprl_safetensors_free(lm_weights);
     caprl_vision_free(vision);
     caprl_model_free(model);
     return st == CAPRL_OK ? EXIT_OK : tool_fail(info.name, st, err.msg);
