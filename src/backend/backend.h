@@ -11,7 +11,7 @@
 #include "caprl/caprl.h"
 #include "core/pool_impl.h"
 
-#define CAPRL_BACKEND_ABI 2
+#define CAPRL_BACKEND_ABI 3
 
 /* A linear weight (N, K) = (out, in) in its stored dtype, plus an optional backend-private packed copy. */
 typedef struct caprl_weight {
@@ -20,6 +20,7 @@ typedef struct caprl_weight {
     int64_t     cols;  /* K (in features) */
     const void *data;  /* rows * cols elements, row-major */
     void       *packed; /* owned by the backend (weight_prepare / weight_release), NULL if unused */
+    bool        backward; /* trained: weight_prepare also packs what the backward products need */
 } caprl_weight;
 
 typedef struct caprl_backend caprl_backend;
@@ -92,11 +93,13 @@ typedef struct caprl_backend_ops {
      * "+=" outputs accumulate into what the caller holds (parameter gradients over micro-batches); the others
      * overwrite. Gradients are f32. */
 
-    /* dx (M, K) = dy (M, N) @ w (N, K), w as stored (f32 or bf16). Overwrites dx. */
+    /* dx (M, K) = dy (M, N) @ w (N, K), w as stored (f32 or bf16). Overwrites dx. A bf16 weight prepared with
+     * w->backward may run with bf16 operands (mixed precision, f32 accumulation), as matmul_fwd does. */
     void (*matmul_bwd_data)(caprl_backend *be, float *dx, const float *dy, const caprl_weight *w, int64_t M);
-    /* dw (N, K) += dy^T (N, M) @ x (M, K); dbias (N) += column sums of dy when dbias is not NULL. */
-    void (*matmul_bwd_weight)(caprl_backend *be, float *dw, float *dbias, const float *dy, const float *x, int64_t M,
-                              int64_t N, int64_t K);
+    /* dw (N, K) += dy^T (N, M) @ x (M, K), (N, K) the shape of w (whose packing picks the precision as for
+     * matmul_bwd_data; its values are not read); dbias (N) += column sums of dy when dbias is not NULL. */
+    void (*matmul_bwd_weight)(caprl_backend *be, float *dw, float *dbias, const float *dy, const float *x,
+                              const caprl_weight *w, int64_t M);
     /* dtable (V, C) += dy rows scattered by ids (M): row ids[m] of dtable gets dy row m. Deterministic: each
      * dtable row sums its contributions in increasing m. */
     void (*embed_bwd)(caprl_backend *be, float *dtable, const int32_t *ids, const float *dy, int64_t M, int64_t C);

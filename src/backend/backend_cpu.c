@@ -104,8 +104,8 @@ static void cpu_matmul_bwd_data(caprl_backend *be, float *dx, const float *dy, c
 }
 
 static void cpu_matmul_bwd_weight(caprl_backend *be, float *dw, float *dbias, const float *dy, const float *x,
-                                  int64_t M, int64_t N, int64_t K) {
-    caprl_gemm_bwd_weight(ctx_of(be), dw, dbias, dy, x, M, N, K);
+                                  const caprl_weight *w, int64_t M) {
+    caprl_gemm_bwd_weight(ctx_of(be), dw, dbias, dy, x, w, M);
 }
 
 static void cpu_embed_bwd(caprl_backend *be, float *dtable, const int32_t *ids, const float *dy, int64_t M,

@@ -16,6 +16,9 @@
  * for bit; the scalar kernel (machines without FMA) uses a separate multiply and add. dbias (weight) is one chain
  * per column over m in order, starting from its old value.
  *
+ * Weights prepared for training on a machine with AMX-BF16 take the tile unit instead (gemm_amx.c); the bias
+ * gradient keeps the chains described above on both paths.
+ *
  * Blocking (BLIS-like): A is packed once per call into groups of MR rows interleaved along p (shared scratch). A
  * job owns a range of column panels (PW columns each) over a range of rows (all of R unless more jobs are needed
  * for balance). Per reduction chunk of KC steps it packs its B chunk once (thread scratch, bf16 widened exactly),
@@ -394,6 +397,17 @@ static void bw_run(caprl_cpu_ctx *c, bw_task *t) {
     caprl_parallel_for(c->pool, t->n_rjobs * t->n_cjobs, bw_range, t);
 }
 
+/* w prepared for training on a context that runs AMX: the backward products run on the tile unit. */
+static bool amx_backward(const caprl_cpu_ctx *c, const caprl_weight *w) {
+    return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed &&
+           ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
+}
+
+static void out_of_scratch(int64_t M, const caprl_weight *w) {
+    caprl_abort(__FILE__, __LINE__, "out of memory for the bf16 operands of a %lld-row backward of a %lld x %lld matmul",
+                (long long)M, (long long)w->rows, (long long)w->cols);
+}
+
 void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const caprl_weight *w, int64_t M) {
     CAPRL_ASSERT(w->dtype == CAPRL_DTYPE_F32 || w->dtype == CAPRL_DTYPE_BF16);
     CAPRL_ASSERT(M >= 0 && w->rows >= 0 && w->cols >= 0);
@@ -401,6 +415,14 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
     if (M == 0 || K == 0) {
         return;
     }
+#if CAPRL_X86
+    if (amx_backward(c, w)) {
+        if (!caprl_gemm_amx_bwd_data(c, dx, dy, w, M)) {
+            out_of_scratch(M, w);
+        }
+        return;
+    }
+#endif
     size_t bytes = (size_t)(round_up(M, BW_MR) * (N > 0 ? N : 1)) * sizeof(float);
     float *apack = caprl_cpu_shared_reserve(c, bytes);
     if (!apack) {
@@ -419,12 +441,45 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
     bw_run(c, &t);
 }
 
-void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const float *dy, const float *x, int64_t M,
-                           int64_t N, int64_t K) {
+typedef struct bias_task {
+    float       *dbias;
+    const float *dy;
+    int64_t      M, N;
+} bias_task;
+
+/* dbias[n] = (dbias[n] + dy[0][n]) + dy[1][n] ... for the columns of blocks [b0, b1) (the chains of
+ * pack_a_weight, so both paths give the same bias gradient). */
+static void bias_range(void *ctx, int64_t b0, int64_t b1, int32_t tid) {
+    (void)tid;
+    const bias_task *t = ctx;
+    int64_t          n0 = b0 * 64, n1 = b1 * 64 < t->N ? b1 * 64 : t->N;
+    for (int64_t m = 0; m < t->M; m++) {
+        const float *row = t->dy + m * t->N;
+        for (int64_t n = n0; n < n1; n++) {
+            t->dbias[n] += row[n];
+        }
+    }
+}
+
+void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const float *dy, const float *x,
+                           const caprl_weight *w, int64_t M) {
+    int64_t N = w->rows, K = w->cols;
     CAPRL_ASSERT(M >= 0 && N >= 0 && K >= 0);
     if (M == 0 || N == 0) {
         return; /* empty chains: dw and dbias keep their values */
     }
+#if CAPRL_X86
+    if (amx_backward(c, w)) {
+        if (dbias) {
+            bias_task bt = {.dbias = dbias, .dy = dy, .M = M, .N = N};
+            caprl_parallel_for(c->pool, ceil_div(N, 64), bias_range, &bt);
+        }
+        if (K > 0 && !caprl_gemm_amx_bwd_weight(c, dw, dy, x, M, N, K)) {
+            out_of_scratch(M, w);
+        }
+        return;
+    }
+#endif
     int64_t n_groups = ceil_div(N, BW_MR);
     size_t  bytes = (size_t)(n_groups * BW_MR * M) * sizeof(float);
     float  *apack = caprl_cpu_shared_reserve(c, bytes);

@@ -17,19 +17,57 @@ void caprl_gemm(caprl_cpu_ctx *c,
                 const float *bias,     /* (N) or NULL */
                 int64_t M);
 
-/* Matmul backward (gemm_bwd.c), f32 kernels of c->isa (never AMX). Every output element is one FMA chain over the
- * reduction index in order, so results do not depend on the thread count, on M (data: dx row m is a function of
- * dy row m) or on the blocking, and the AVX2 and AVX-512 kernels agree bit for bit.
+/* Matmul backward (gemm_bwd.c). With AMX enabled and w prepared for training (w->backward, packed), both products
+ * run on the tile unit with bf16 operands (dy, x rounded to nearest even; f32 accumulation; gemm_amx.c); otherwise
+ * on the f32 kernels of c->isa, where every output element is one FMA chain over the reduction index in order, so
+ * the AVX2 and AVX-512 kernels agree bit for bit. Either way results do not depend on the thread count, and dx row
+ * m is a function of dy row m alone (not of M).
  * dx (M, K) = dy (M, N) @ w (N, K), w f32 or bf16 (widened exactly); overwrites dx. */
 void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const caprl_weight *w, int64_t M);
-/* dw (N, K) += dy^T (N, M) @ x (M, K): each element's chain starts from its old value; dbias (N) += column sums of
- * dy (chains over m in order) when not NULL. */
-void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const float *dy, const float *x, int64_t M,
-                           int64_t N, int64_t K);
+/* dw (N, K) += dy^T (N, M) @ x (M, K) for the weight w (N, K) (its shape and packing; its values are not read):
+ * each element's chain starts from its old value; dbias (N) += column sums of dy (one f32 chain over m in order,
+ * on every path) when not NULL. */
+void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const float *dy, const float *x,
+                           const caprl_weight *w, int64_t M);
 
-/* Packs a bf16 weight into AMX tile panels when c->amx (sets w->packed); a no-op otherwise. */
+/* Packs a bf16 weight into AMX tile panels when c->amx (sets w->packed; also the backward panels when
+ * w->backward); packing a weight that already has them repacks in place (after an optimizer step). A no-op
+ * without AMX or for f32 weights. */
 caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *err);
 void         caprl_gemm_release(caprl_weight *w);
+
+/* ---- AMX (gemm_amx.c) ----------------------------------------------------------------------------------
+ * B operand of C (R, n) = A (R, k) @ B (k, n) in tile panels: panel p holds columns [16 p, 16 p + 16) of C as
+ * k_pad / 32 tiles of 16 rows x 32 bf16 in the VNNI order tile[r][2 c + e] = B[32 t + 2 r + e][16 p + c]
+ * (tile t of panel p at data + (p k_pad / 32 + t) 512), zero beyond n and k. */
+typedef struct caprl_amx_panels {
+    int64_t   n, k;         /* columns of C, reduction length */
+    int64_t   n_pad, k_pad; /* both rounded up to 32 */
+    uint16_t *data;         /* n_pad * k_pad */
+} caprl_amx_panels;
+
+/* caprl_weight.packed on the CPU backend: fwd holds B = W^T (out = in @ W^T), bwd holds B = W (dx = dy @ W;
+ * data NULL unless the weight was prepared for training). */
+typedef struct caprl_amx_weight {
+    caprl_amx_panels fwd, bwd;
+} caprl_amx_weight;
+
+/* The packing steps (plain C and AVX2: they run without AMX, so tests check them everywhere).
+ * p's shape must be W^T's (backward false: n = W rows, k = W cols) or W's (backward true: n = W cols, k = W rows). */
+void caprl_amx_pack_weight(caprl_cpu_ctx *c, const caprl_amx_panels *p, const uint16_t *w, bool backward);
+/* B = bf16(x), x (p->k, p->n) f32 row-major. */
+void caprl_amx_pack_f32(caprl_cpu_ctx *c, const caprl_amx_panels *p, const float *x);
+/* A = bf16(dy^T): a[n lda + m] = bf16(dy[m N + n]) for n < round_up(N, 16), m < lda (lda even, >= M), zero
+ * beyond N and M. */
+void caprl_amx_pack_dy_t(caprl_cpu_ctx *c, uint16_t *a, int64_t lda, const float *dy, int64_t M, int64_t N);
+
+/* The products on the tile unit (w prepared; bwd_data needs its backward panels). false when the scratch for the
+ * bf16 activations cannot be had. */
+bool caprl_gemm_amx_fwd(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,
+                        int64_t M);
+bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const caprl_weight *w, int64_t M);
+bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, const float *x, int64_t M, int64_t N,
+                               int64_t K);
 
 /* caprl_backend_cpu_init with the kernels limited to max_isa (CAPRL_ISA_*) and AMX allowed or not; the
  * machine's own features still apply (asking for AVX-512 on an AVX2 machine gives AVX2). */

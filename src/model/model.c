@@ -128,6 +128,23 @@ static void init_inv_freq(caprl_model *m) {
     }
 }
 
+/* Packs (or repacks in place) every weight a matmul reads: all matrices but the embedding table, which is only
+ * looked up (a tied lm_head is its own weight here). */
+static caprl_status prepare_matmul_weights(caprl_model *m, caprl_error *err) {
+    if (!m->be->ops->weight_prepare) {
+        return CAPRL_OK;
+    }
+    for (int32_t i = 0; i < m->n_params; i++) {
+        if (m->params[i].kind == PARAM_MATRIX && m->params[i].matrix != &m->embed) {
+            CAPRL_TRY(m->be->ops->weight_prepare(m->be, m->params[i].matrix, err));
+        }
+    }
+    if (m->tied) {
+        CAPRL_TRY(m->be->ops->weight_prepare(m->be, &m->lm_head, err));
+    }
+    return CAPRL_OK;
+}
+
 static caprl_status finish_model(caprl_model *m, int32_t n_threads, caprl_error *err) {
     if (m->tied) {
         m->lm_head = m->embed;
@@ -135,17 +152,7 @@ static caprl_status finish_model(caprl_model *m, int32_t n_threads, caprl_error 
     }
     init_inv_freq(m);
     CAPRL_TRY(caprl_backend_cpu_init(&m->be, n_threads, err));
-    if (m->be->ops->weight_prepare) {
-        for (int32_t i = 0; i < m->n_params; i++) {
-            if (m->params[i].kind == PARAM_MATRIX) {
-                CAPRL_TRY(m->be->ops->weight_prepare(m->be, m->params[i].matrix, err));
-            }
-        }
-        if (m->tied) {
-            CAPRL_TRY(m->be->ops->weight_prepare(m->be, &m->lm_head, err));
-        }
-    }
-    return CAPRL_OK;
+    return prepare_matmul_weights(m, err);
 }
 
 /* ---- loading ---------------------------------------------------------------------------------------------- */
@@ -661,6 +668,7 @@ caprl_status model_train_bind(caprl_model *m, float *flat, uint16_t *bf16, caprl
             *d->vector = flat + off;
         } else {
             d->matrix->dtype = bf16 ? CAPRL_DTYPE_BF16 : CAPRL_DTYPE_F32;
+            d->matrix->backward = true;
             d->matrix->data = bf16 ? (const void *)(bf16 + off) : (const void *)(flat + off);
         }
     }
@@ -707,18 +715,7 @@ caprl_status model_train_sync(caprl_model *m, caprl_error *err) {
 }
 
 caprl_status model_train_refresh_packed(caprl_model *m, caprl_error *err) {
-    release_packed(m);
-    if (m->be->ops->weight_prepare) {
-        for (int32_t i = 0; i < m->n_params; i++) {
-            if (m->params[i].kind == PARAM_MATRIX) {
-                CAPRL_TRY(m->be->ops->weight_prepare(m->be, m->params[i].matrix, err));
-            }
-        }
-        if (m->tied) {
-            CAPRL_TRY(m->be->ops->weight_prepare(m->be, &m->lm_head, err));
-        }
-    }
-    return CAPRL_OK;
+    return prepare_matmul_weights(m, err);
 }
 
 /* ---- accessors and teardown ------------------------------------------------------------------------------- */

@@ -270,13 +270,13 @@ static void layer_backward(caprl_trainer *tr, int32_t l, const layer_acts *a, co
     /* MLP: out = xmid + down(silu(gate) * up) */
     ops->swiglu_fwd(be, tr->h, a->gate, a->up, M * F);
     if (train) {
-        ops->matmul_bwd_weight(be, g[LT_DOWN], NULL, dx, tr->h, M, C, F);
+        ops->matmul_bwd_weight(be, g[LT_DOWN], NULL, dx, tr->h, &lw->down, M);
     }
     ops->matmul_bwd_data(be, tr->dh, dx, &lw->down, M);
     ops->swiglu_bwd(be, a->gate, a->up, tr->dh, a->gate, a->up, M * F); /* gate, up become their gradients */
     if (train) {
-        ops->matmul_bwd_weight(be, g[LT_GATE], NULL, a->gate, a->xn2, M, F, C);
-        ops->matmul_bwd_weight(be, g[LT_UP], NULL, a->up, a->xn2, M, F, C);
+        ops->matmul_bwd_weight(be, g[LT_GATE], NULL, a->gate, a->xn2, &lw->gate, M);
+        ops->matmul_bwd_weight(be, g[LT_UP], NULL, a->up, a->xn2, &lw->up, M);
     }
     ops->matmul_bwd_data(be, dxn, a->gate, &lw->gate, M);
     ops->matmul_bwd_data(be, dtmp, a->up, &lw->up, M);
@@ -287,7 +287,7 @@ static void layer_backward(caprl_trainer *tr, int32_t l, const layer_acts *a, co
 
     /* attention: xmid = xin + o(attn(rope(q), rope(k), v)) */
     if (train) {
-        ops->matmul_bwd_weight(be, g[LT_O], NULL, dx, a->att, M, C, qd);
+        ops->matmul_bwd_weight(be, g[LT_O], NULL, dx, a->att, &lw->o, M);
     }
     ops->matmul_bwd_data(be, tr->datt, dx, &lw->o, M);
     ops->attn_train_bwd(be, tr->dq, tr->dk, tr->dv, tr->datt, a->q, a->k, a->v, a->att, a->lse, tr->seg, tr->n_seg,
@@ -295,9 +295,9 @@ static void layer_backward(caprl_trainer *tr, int32_t l, const layer_acts *a, co
     ops->rope_sect_bwd(be, tr->dq, qd, tr->pos, m->inv_freq, tr->sections, tr->n_sections, M, Hq, D);
     ops->rope_sect_bwd(be, tr->dk, kvd, tr->pos, m->inv_freq, tr->sections, tr->n_sections, M, Hkv, D);
     if (train) {
-        ops->matmul_bwd_weight(be, g[LT_Q], g[LT_Q_BIAS], tr->dq, a->xn1, M, qd, C);
-        ops->matmul_bwd_weight(be, g[LT_K], g[LT_K_BIAS], tr->dk, a->xn1, M, kvd, C);
-        ops->matmul_bwd_weight(be, g[LT_V], g[LT_V_BIAS], tr->dv, a->xn1, M, kvd, C);
+        ops->matmul_bwd_weight(be, g[LT_Q], g[LT_Q_BIAS], tr->dq, a->xn1, &lw->q, M);
+        ops->matmul_bwd_weight(be, g[LT_K], g[LT_K_BIAS], tr->dk, a->xn1, &lw->k, M);
+        ops->matmul_bwd_weight(be, g[LT_V], g[LT_V_BIAS], tr->dv, a->xn1, &lw->v, M);
     }
     ops->matmul_bwd_data(be, dxn, tr->dq, &lw->q, M);
     ops->matmul_bwd_data(be, dtmp, tr->dk, &lw->k, M);
@@ -406,7 +406,7 @@ static void head_backward(caprl_trainer *tr, const float *dlogp, bool train_head
         ops->logprob_bwd(m->be, tr->logits, tr->score_lse + r0, tr->score_tgt + r0, tr->chunk_dlogp, k, V,
                          tr->inv_temp);
         if (train_head) {
-            ops->matmul_bwd_weight(m->be, g_head, NULL, tr->logits, tr->hsel, k, V, C);
+            ops->matmul_bwd_weight(m->be, g_head, NULL, tr->logits, tr->hsel, &m->lm_head, k);
         }
         if (need_dx) {
             ops->matmul_bwd_data(m->be, tr->dhsel, tr->logits, &m->lm_head, k);

@@ -177,6 +177,7 @@ void vision_train_bind(caprl_vision *v, float *flat, uint16_t *bf16_shadow) {
         vision_param *p = &v->params[i];
         if (p->matrix) {
             p->matrix->dtype = bf16_shadow ? CAPRL_DTYPE_BF16 : CAPRL_DTYPE_F32;
+            p->matrix->backward = true;
             p->matrix->data = bf16_shadow ? (const void *)(bf16_shadow + p->offset) : (const void *)(flat + p->offset);
         } else {
             *p->vector = flat + p->offset;
@@ -213,8 +214,7 @@ void vision_train_sync(caprl_vision *v, const float *flat, uint16_t *bf16_shadow
 }
 
 void vision_train_sync_packed(caprl_vision *v) {
-    release_packed(v);
-    prepare_packed(v);
+    prepare_packed(v); /* repacks in place */
 }
 
 /* ---- planning ------------------------------------------------------------------------------------------- */
@@ -557,14 +557,14 @@ static void merger_backward(const vision_train *vt, float *grad_flat) {
     caprl_vision            *v = vt->v;
     caprl_backend           *be = v->be;
     const caprl_backend_ops *ops = be->ops;
-    int64_t                  N = vt->N, T = vt->T, C = vt->C, UC = vt->U * C, O = vt->O;
+    int64_t                  N = vt->N, T = vt->T, C = vt->C, UC = vt->U * C;
     const float             *x = vt->xs[vt->depth];
     ops->gelu_fwd(be, vt->tmp, vt->h1, T * UC);
-    ops->matmul_bwd_weight(be, GRAD(v->merger_fc2), GRAD(v->merger_b2), vt->z, vt->tmp, T, O, UC);
+    ops->matmul_bwd_weight(be, GRAD(v->merger_fc2), GRAD(v->merger_b2), vt->z, vt->tmp, &v->merger_fc2, T);
     ops->matmul_bwd_data(be, vt->tmp, vt->z, &v->merger_fc2, T);
     ops->gelu_bwd(be, vt->tmp, vt->tmp, vt->h1, T * UC);
     ops->rmsnorm_fwd(be, vt->xn, x, v->merger_norm, N, C, VISION_RMS_EPS);
-    ops->matmul_bwd_weight(be, GRAD(v->merger_fc1), GRAD(v->merger_b1), vt->tmp, vt->xn, T, UC, UC);
+    ops->matmul_bwd_weight(be, GRAD(v->merger_fc1), GRAD(v->merger_b1), vt->tmp, vt->xn, &v->merger_fc1, T);
     ops->matmul_bwd_data(be, vt->dx, vt->tmp, &v->merger_fc1, T);
     ops->rmsnorm_bwd(be, vt->dx, GRAD(v->merger_norm), vt->dx, x, v->merger_norm, N, C, VISION_RMS_EPS);
 }
@@ -585,25 +585,25 @@ static void block_backward(const vision_train *vt, int32_t l, float *grad_flat) 
     /* MLP */
     ops->rmsnorm_fwd(be, vt->xn, a->x_mid, b->norm2, N, C, VISION_RMS_EPS);
     ops->swiglu_fwd(be, vt->hbuf, a->gate, a->up, N * F);
-    ops->matmul_bwd_weight(be, GRAD(b->down), GRAD(b->down_bias), vt->dx, vt->hbuf, N, C, F);
+    ops->matmul_bwd_weight(be, GRAD(b->down), GRAD(b->down_bias), vt->dx, vt->hbuf, &b->down, N);
     ops->matmul_bwd_data(be, vt->hbuf, vt->dx, &b->down, N);
     ops->swiglu_bwd(be, a->gate, a->up, vt->hbuf, a->gate, a->up, N * F);
-    ops->matmul_bwd_weight(be, GRAD(b->gate), GRAD(b->gate_bias), a->gate, vt->xn, N, F, C);
-    ops->matmul_bwd_weight(be, GRAD(b->up), GRAD(b->up_bias), a->up, vt->xn, N, F, C);
+    ops->matmul_bwd_weight(be, GRAD(b->gate), GRAD(b->gate_bias), a->gate, vt->xn, &b->gate, N);
+    ops->matmul_bwd_weight(be, GRAD(b->up), GRAD(b->up_bias), a->up, vt->xn, &b->up, N);
     ops->matmul_bwd_data(be, vt->tmp, a->gate, &b->gate, N);
     ops->matmul_bwd_data(be, vt->dq, a->up, &b->up, N);
     ops->add_fwd(be, vt->tmp, vt->dq, N * C);
     ops->rmsnorm_bwd(be, vt->tmp, GRAD(b->norm2), vt->tmp, a->x_mid, b->norm2, N, C, VISION_RMS_EPS);
     ops->add_fwd(be, vt->dx, vt->tmp, N * C);
     /* attention */
-    ops->matmul_bwd_weight(be, GRAD(b->proj), GRAD(b->proj_bias), vt->dx, a->o, N, C, C);
+    ops->matmul_bwd_weight(be, GRAD(b->proj), GRAD(b->proj_bias), vt->dx, a->o, &b->proj, N);
     ops->matmul_bwd_data(be, vt->tmp, vt->dx, &b->proj, N);
     ops->attn_train_bwd(be, vt->dq, vt->dk, vt->dv, vt->tmp, a->q, a->k, a->v, a->o, a->lse, seg, n_seg, N, vt->H,
                         vt->H, vt->D, attn_scale(vt), false);
     join_qkv(vt);
     rope(vt, vt->qkv, true);
     ops->rmsnorm_fwd(be, vt->xn, x, b->norm1, N, C, VISION_RMS_EPS);
-    ops->matmul_bwd_weight(be, GRAD(b->qkv), GRAD(b->qkv_bias), vt->qkv, vt->xn, N, 3 * C, C);
+    ops->matmul_bwd_weight(be, GRAD(b->qkv), GRAD(b->qkv_bias), vt->qkv, vt->xn, &b->qkv, N);
     ops->matmul_bwd_data(be, vt->tmp, vt->qkv, &b->qkv, N);
     ops->rmsnorm_bwd(be, vt->tmp, GRAD(b->norm1), vt->tmp, x, b->norm1, N, C, VISION_RMS_EPS);
     ops->add_fwd(be, vt->dx, vt->tmp, N * C);
@@ -624,6 +624,6 @@ caprl_status vision_train_backward(vision_train *vt, const float *dfeatures, flo
     for (int32_t l = (int32_t)vt->depth - 1; l >= 0; l--) {
         block_backward(vt, l, grad_flat);
     }
-    v->be->ops->matmul_bwd_weight(v->be, GRAD(v->patch_embed), NULL, vt->dx, vt->pix, vt->N, vt->C, vt->K0);
+    v->be->ops->matmul_bwd_weight(v->be, GRAD(v->patch_embed), NULL, vt->dx, vt->pix, &v->patch_embed, vt->N);
     return CAPRL_OK;
 }

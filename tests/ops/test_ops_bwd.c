@@ -16,6 +16,7 @@
 #include "backend/gemm_impl.h"
 #include "caprl/tensor.h"
 #include "caprl_test.h"
+#include "core/cpu_impl.h"
 #include "ops/ops_impl.h"
 
 #define EPS ((double)FLT_EPSILON)
@@ -108,7 +109,7 @@ static void fd_grad(double *x, int64_t n, loss_fn f, const void *ctx, double *g)
 }
 
 /* One backend per (ISA level, thread count); levels the machine lacks collapse into the one below and are
- * skipped. AMX off (the backward kernels never use it). */
+ * skipped. AMX off (test_matmul_bwd_amx makes its own backends). */
 enum { N_ISA = 3, N_THR = 3 };
 static caprl_backend *g_be[N_ISA][N_THR];
 static bool           g_have[N_ISA];
@@ -182,7 +183,7 @@ static void test_matmul_fd(void) {
             caprl_backend *be = g_be[isa][0];
             float         *dx = fvec(M * K, 1), *dw = fcopy(dw0, N * K), *db = fcopy(db0, N);
             be->ops->matmul_bwd_data(be, dx, dy, &W, M);
-            be->ops->matmul_bwd_weight(be, dw, db, dy, x, M, N, K);
+            be->ops->matmul_bwd_weight(be, dw, db, dy, x, &W, M);
             char what[96];
             snprintf(what, sizeof what, "matmul fd %s M=%lld N=%lld K=%lld", isa_name(isa), (long long)M,
                      (long long)N, (long long)K);
@@ -249,7 +250,7 @@ static void test_matmul_big(void) {
                     dw[t] = fcopy(dw0, N * K);
                     db[t] = fcopy(db0, N);
                     be->ops->matmul_bwd_data(be, dx[t], dy, &W, M);
-                    be->ops->matmul_bwd_weight(be, dw[t], db[t], dy, x, M, N, K);
+                    be->ops->matmul_bwd_weight(be, dw[t], db[t], dy, x, &W, M);
                 }
                 int bad = 0;
                 for (int64_t i = 0; i < M * K; i++) {
@@ -291,7 +292,7 @@ static void test_matmul_big(void) {
                     float *dx2 = fvec(M * K, 1), *dw2 = fcopy(dw0, N * K);
                     caprl_backend *b2 = g_be[CAPRL_ISA_AVX2][0];
                     b2->ops->matmul_bwd_data(b2, dx2, dy, &W, M);
-                    b2->ops->matmul_bwd_weight(b2, dw2, NULL, dy, x, M, N, K);
+                    b2->ops->matmul_bwd_weight(b2, dw2, NULL, dy, x, &W, M);
                     CHECK_MSG(bits_equal(dx2, dx[0], M * K) && bits_equal(dw2, dw[0], N * K),
                               "matmul bwd: AVX-512 and AVX2 differ (M=%lld N=%lld K=%lld)", (long long)M, (long long)N,
                               (long long)K);
@@ -308,8 +309,8 @@ static void test_matmul_big(void) {
             {
                 caprl_backend *be = g_be[0][0];
                 float         *dwa = fcopy(dw0, N * K), *dwb = fcopy(dw0, N * K), *dba = fcopy(db0, N);
-                be->ops->matmul_bwd_weight(be, dwa, dba, dy, x, M, N, K);
-                be->ops->matmul_bwd_weight(be, dwb, NULL, dy, x, M, N, K);
+                be->ops->matmul_bwd_weight(be, dwa, dba, dy, x, &W, M);
+                be->ops->matmul_bwd_weight(be, dwb, NULL, dy, x, &W, M);
                 CHECK(bits_equal(dwa, dwb, N * K));
                 free(dwa), free(dwb), free(dba);
             }
@@ -322,11 +323,185 @@ static void test_matmul_big(void) {
     float          dx[6] = {1, 2, 3, 4, 5, 6}, dw[6] = {1, 2, 3, 4, 5, 6}, db[2] = {7, 8}, dy[1] = {0};
     float          x[3] = {1, 1, 1};
     caprl_weight   W = {.dtype = CAPRL_DTYPE_F32, .rows = 2, .cols = 3, .data = dw};
-    be->ops->matmul_bwd_weight(be, dw, db, dy, x, 0, 2, 3);
+    be->ops->matmul_bwd_weight(be, dw, db, dy, x, &W, 0);
     CHECK(dw[0] == 1 && dw[5] == 6 && db[0] == 7 && db[1] == 8);
     W.rows = 0;
     be->ops->matmul_bwd_data(be, dx, dy, &W, 2);
     CHECK(dx[0] == 0 && dx[5] == 0);
+}
+
+/* ---- AMX ------------------------------------------------------------------------------------------------- */
+
+/* The documented panel layout (gemm_impl.h) read back element by element: B[k][n] at tile t = k / 32, panel
+ * p = n / 16, row (k % 32) / 2, column 2 (n % 16) + k % 2. */
+static uint16_t panel_at(const caprl_amx_panels *p, int64_t k, int64_t n) {
+    int64_t t = k / 32, panel = n / 16;
+    return p->data[(panel * (p->k_pad / 32) + t) * 512 + ((k % 32) / 2) * 32 + 2 * (n % 16) + k % 2];
+}
+
+static caprl_amx_panels test_panels(int64_t n, int64_t k) {
+    caprl_amx_panels p = {.n = n, .k = k, .n_pad = (n + 31) / 32 * 32, .k_pad = (k + 31) / 32 * 32};
+    p.data = malloc((size_t)(p.n_pad * p.k_pad) * sizeof(uint16_t));
+    memset(p.data, 0xA5, (size_t)(p.n_pad * p.k_pad) * sizeof(uint16_t)); /* padding must be written as zeros */
+    return p;
+}
+
+/* f32 values that exercise the rounding: ties to even both ways, NaN with either sign, infinities. */
+static float *tricky_fvec(int64_t n) {
+    float *v = fvec(n, 3);
+    static const uint32_t special[] = {0x3F808000u, 0x3F818000u, 0x7FC12345u, 0xFF800001u, 0x7F800000u, 0x80000000u};
+    for (int64_t i = 0; i < n; i += 7) {
+        memcpy(&v[i], &special[(i / 7) % 6], sizeof(float));
+    }
+    return v;
+}
+
+/* The packing steps of the AMX products, on every ISA level the machine has (they need no AMX): each element of
+ * each panel against the layout, with the rounding of caprl_f32_to_bf16, and zeros in the padding. */
+static void test_amx_packing(void) {
+    static const int64_t shapes[][3] = {{37, 70, 5}, {64, 96, 32}, {1, 1, 1}, {33, 129, 48}, {50, 31, 17}, {16, 32, 64}};
+    for (int32_t isa = 0; isa < N_ISA; isa++) {
+        if (!g_have[isa]) {
+            continue;
+        }
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+            int64_t        N = shapes[s][0], K = shapes[s][1], M = shapes[s][2];
+            caprl_cpu_ctx *c = g_be[isa][s % N_THR]->impl;
+            uint16_t      *w = malloc((size_t)(N * K) * sizeof(uint16_t));
+            float         *x = tricky_fvec(M * K), *dy = tricky_fvec(M * N);
+            for (int64_t i = 0; i < N * K; i++) {
+                w[i] = (uint16_t)(i * 2654435761u >> 7);
+            }
+            caprl_amx_panels fwd = test_panels(N, K), bwd = test_panels(K, N), xp = test_panels(K, M);
+            caprl_amx_pack_weight(c, &fwd, w, false);
+            caprl_amx_pack_weight(c, &bwd, w, true);
+            caprl_amx_pack_f32(c, &xp, x);
+            int64_t   lda = (M + 31) / 32 * 32, n_rows = (N + 15) / 16 * 16;
+            uint16_t *a = malloc((size_t)(n_rows * lda) * sizeof(uint16_t));
+            memset(a, 0xA5, (size_t)(n_rows * lda) * sizeof(uint16_t));
+            caprl_amx_pack_dy_t(c, a, lda, dy, M, N);
+            int bad_fwd = 0, bad_bwd = 0, bad_x = 0, bad_a = 0;
+            for (int64_t k = 0; k < fwd.k_pad; k++) {
+                for (int64_t n = 0; n < fwd.n_pad; n++) {
+                    bad_fwd += panel_at(&fwd, k, n) != (k < K && n < N ? w[n * K + k] : 0);
+                }
+            }
+            for (int64_t k = 0; k < bwd.k_pad; k++) {
+                for (int64_t n = 0; n < bwd.n_pad; n++) {
+                    bad_bwd += panel_at(&bwd, k, n) != (k < N && n < K ? w[k * K + n] : 0);
+                }
+            }
+            for (int64_t k = 0; k < xp.k_pad; k++) {
+                for (int64_t n = 0; n < xp.n_pad; n++) {
+                    bad_x += panel_at(&xp, k, n) != (k < M && n < K ? caprl_f32_to_bf16(x[k * K + n]) : 0);
+                }
+            }
+            for (int64_t n = 0; n < n_rows; n++) {
+                for (int64_t m = 0; m < lda; m++) {
+                    bad_a += a[n * lda + m] != (n < N && m < M ? caprl_f32_to_bf16(dy[m * N + n]) : 0);
+                }
+            }
+            CHECK_MSG(bad_fwd + bad_bwd + bad_x + bad_a == 0,
+                      "amx packing %s N=%lld K=%lld M=%lld: wrong elements fwd %d, bwd %d, x %d, dy^T %d",
+                      isa_name(isa), (long long)N, (long long)K, (long long)M, bad_fwd, bad_bwd, bad_x, bad_a);
+            free(fwd.data), free(bwd.data), free(xp.data), free(a);
+            free(w), free(x), free(dy);
+        }
+    }
+}
+
+/* Both backward products on the tile unit (only where AMX is usable): a bf16 weight prepared for training, against
+ * float64 products of the bf16-rounded operands (dy and x rounded to nearest even, as the kernels do) with the
+ * f32 accumulation bound; 1 vs 3 threads bit for bit; dx rows alone equal the batch's; dbias the f32 path's bits;
+ * a repack in place after the weight changed equals a fresh pack. */
+static void test_matmul_bwd_amx(void) {
+    if (!caprl_cpu()->amx_usable) {
+        fprintf(stderr, "AMX not usable here: AMX matmul backward test skipped\n");
+        return;
+    }
+    caprl_error    err = {0};
+    caprl_backend *be1 = NULL, *be3 = NULL;
+    CHECK_OK(caprl_backend_cpu_init_isa(&be1, 1, CAPRL_ISA_AVX512, true, &err), &err);
+    CHECK_OK(caprl_backend_cpu_init_isa(&be3, 3, CAPRL_ISA_AVX512, true, &err), &err);
+    CHECK(caprl_backend_cpu_amx(be1));
+    static const int64_t shapes[][3] = {{1, 1, 1},   {37, 50, 133}, {70, 33, 31},
+                                        {100, 64, 1000}, {300, 96, 64}, {5, 530, 61}, {64, 1100, 96}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int64_t   M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        float    *x = fvec(M * K, 1), *dy = fvec(M * N, 1), *wf = fvec(N * K, 1);
+        float    *dw0 = fvec(N * K, 1), *db0 = fvec(N, 1);
+        uint16_t *wh = malloc((size_t)(N * K) * sizeof(uint16_t));
+        for (int64_t i = 0; i < N * K; i++) {
+            wh[i] = caprl_f32_to_bf16(wf[i]);
+        }
+        caprl_weight W = {.dtype = CAPRL_DTYPE_BF16, .rows = N, .cols = K, .data = wh, .backward = true};
+        CHECK_OK(be1->ops->weight_prepare(be1, &W, &err), &err);
+        CHECK(W.packed != NULL);
+        /* float64 references on the rounded operands */
+        double *rdx = dzeros(M * K), *adx = dzeros(M * K), *rdw = dzeros(N * K), *adw = dzeros(N * K);
+        for (int64_t m = 0; m < M; m++) {
+            for (int64_t n = 0; n < N; n++) {
+                double g = caprl_bf16_to_f32(caprl_f32_to_bf16(dy[m * N + n]));
+                for (int64_t k = 0; k < K; k++) {
+                    double wv = caprl_bf16_to_f32(wh[n * K + k]);
+                    double xv = caprl_bf16_to_f32(caprl_f32_to_bf16(x[m * K + k]));
+                    rdx[m * K + k] += g * wv;
+                    adx[m * K + k] += fabs(g * wv);
+                    rdw[n * K + k] += g * xv;
+                    adw[n * K + k] += fabs(g * xv);
+                }
+            }
+        }
+        float *dx1 = fvec(M * K, 1), *dx3 = fvec(M * K, 1), *dw1 = fcopy(dw0, N * K), *dw3 = fcopy(dw0, N * K);
+        float *db1 = fcopy(db0, N), *db_f32 = fcopy(db0, N), *dw_f32 = fcopy(dw0, N * K);
+        be1->ops->matmul_bwd_data(be1, dx1, dy, &W, M);
+        be1->ops->matmul_bwd_weight(be1, dw1, db1, dy, x, &W, M);
+        be3->ops->matmul_bwd_data(be3, dx3, dy, &W, M);
+        be3->ops->matmul_bwd_weight(be3, dw3, NULL, dy, x, &W, M);
+        int bad_dx = 0, bad_dw = 0;
+        for (int64_t i = 0; i < M * K; i++) {
+            bad_dx += !(fabs(dx1[i] - rdx[i]) <= (double)(N + 2) * EPS * adx[i] + 1e-30);
+        }
+        for (int64_t i = 0; i < N * K; i++) {
+            double tol = (double)(M + 2) * EPS * (adw[i] + fabs(dw0[i])) + 1e-30;
+            bad_dw += !(fabs(dw1[i] - (dw0[i] + rdw[i])) <= tol);
+        }
+        CHECK_MSG(bad_dx == 0 && bad_dw == 0, "amx bwd M=%lld N=%lld K=%lld: %d dx and %d dw wrong", (long long)M,
+                  (long long)N, (long long)K, bad_dx, bad_dw);
+        CHECK_MSG(bits_equal(dx1, dx3, M * K) && bits_equal(dw1, dw3, N * K),
+                  "amx bwd M=%lld N=%lld K=%lld: 3 threads differ from 1", (long long)M, (long long)N, (long long)K);
+        /* the bias chains are the f32 path's (an f32 weight takes it) */
+        caprl_weight Wf = {.dtype = CAPRL_DTYPE_F32, .rows = N, .cols = K, .data = wf};
+        be1->ops->matmul_bwd_weight(be1, dw_f32, db_f32, dy, x, &Wf, M);
+        CHECK_MSG(bits_equal(db1, db_f32, N), "amx bwd M=%lld N=%lld: dbias differs from the f32 path", (long long)M,
+                  (long long)N);
+        bool rows_ok = true;
+        for (int64_t m = 0; m < M; m += 7) {
+            be3->ops->matmul_bwd_data(be3, dx3, dy + m * N, &W, 1);
+            rows_ok = rows_ok && bits_equal(dx3, dx1 + m * K, K);
+        }
+        CHECK_MSG(rows_ok, "amx bwd_data M=%lld N=%lld K=%lld: rows computed alone differ", (long long)M,
+                  (long long)N, (long long)K);
+        /* the optimizer changes the weight in place: a repack equals a fresh pack */
+        for (int64_t i = 0; i < N * K; i += 3) {
+            wh[i] ^= 0x0100;
+        }
+        void *before = W.packed;
+        CHECK_OK(be1->ops->weight_prepare(be1, &W, &err), &err);
+        CHECK(W.packed == before);
+        caprl_weight Wn = {.dtype = CAPRL_DTYPE_BF16, .rows = N, .cols = K, .data = wh, .backward = true};
+        CHECK_OK(be1->ops->weight_prepare(be1, &Wn, &err), &err);
+        be1->ops->matmul_bwd_data(be1, dx1, dy, &W, M);
+        be1->ops->matmul_bwd_data(be1, dx3, dy, &Wn, M);
+        CHECK_MSG(bits_equal(dx1, dx3, M * K), "amx bwd_data after repack differs from a fresh pack");
+        be1->ops->weight_release(be1, &W);
+        be1->ops->weight_release(be1, &Wn);
+        free(x), free(dy), free(wf), free(dw0), free(db0), free(wh);
+        free(rdx), free(adx), free(rdw), free(adw);
+        free(dx1), free(dx3), free(dw1), free(dw3), free(db1), free(db_f32), free(dw_f32);
+    }
+    caprl_backend_free(be1);
+    caprl_backend_free(be3);
 }
 
 /* ---- embedding ------------------------------------------------------------------------------------------- */
@@ -1083,6 +1258,8 @@ int main(void) {
     make_backends();
     test_matmul_fd();
     test_matmul_big();
+    test_amx_packing();
+    test_matmul_bwd_amx();
     test_embed_bwd();
     test_rmsnorm_bwd();
     test_rope_bwd();
