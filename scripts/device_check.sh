@@ -22,6 +22,10 @@ for f in .devdeps/*.deb; do dpkg -x "$f" "$SYS"; done
 export PKG_CONFIG_SYSROOT_DIR=$SYS
 export PKG_CONFIG_LIBDIR=$SYS/usr/lib/x86_64-linux-gnu/pkgconfig:$SYS/usr/share/pkgconfig
 export LD_LIBRARY_PATH=$SYS/usr/lib/x86_64-linux-gnu:$SYS/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# pkg-config drops -I/usr/include (a system directory, even under the sysroot): put the carried headers ahead of
+# the image's own (its jpeglib.h is libjpeg 8's, the carried library 6.2's)
+export CPATH=$SYS/usr/include:$SYS/usr/include/x86_64-linux-gnu
+export CAPRL_FUZZ_TOKENIZER=$PWD/.devshared/data/qwen-tokenizer/tokenizer.json
 if ! { cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DCAPRL_FATAL_WARNINGS=ON \
          -DPKG_CONFIG_EXECUTABLE="$SYS/usr/bin/pkgconf" -DCAPRL_SHARED_DIR="$PWD/.devshared" &&
        cmake --build "$B" -j "$(nproc)"; } >"$OUT/build.log" 2>&1; then

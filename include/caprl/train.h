@@ -51,7 +51,7 @@ typedef struct caprl_trainer_params {
     int32_t max_tokens;    /* tokens per micro-batch (all packed sequences together); default 2048 */
     int32_t max_seqs;      /* sequences per micro-batch; default 64 */
     int64_t max_patches;   /* VL: vision patches per micro-batch (before merging); default 16384 */
-    int32_t logits_chunk;  /* rows of [rows, vocab] logits materialised at once; default 64 */
+    int32_t logits_chunk;  /* rows of [rows, vocab] logits materialised at once; default 256 */
     bool    recompute;     /* keep only each layer's input and recompute the rest in the backward */
     int32_t precision;     /* CAPRL_PRECISION_*: bf16 = bf16 matmul operands, f32 masters and gradients */
     int32_t frozen_groups; /* CAPRL_GROUP_* bits that get no gradient (backward stops at them) */

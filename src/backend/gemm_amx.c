@@ -4,8 +4,9 @@
  *   forward:  A = in (rounded per call),   B = W^T (packed once per weight, caprl_amx_weight.fwd)
  *   data:     A = dy (rounded per call),   B = W   (packed once per weight for training, caprl_amx_weight.bwd)
  *   weight:   A = dy^T (transposed and rounded per call), B = x (packed per call), C starts from dw
- * A is row-major bf16 with rows padded to 16 and its reduction padded to 32 with zeros; B is in tile panels
- * (caprl_amx_panels, gemm_impl.h). Each output row of a tile product depends only on the matching row of A, and
+ * A is bf16 in tile blocks (caprl_amx_a_index: each 16 x 32 tile contiguous, so a tile load reads 1 KB in one
+ * stream instead of 16 rows of a long matrix) with rows padded to 16 and the reduction to 32 with zeros; B is in
+ * tile panels (caprl_amx_panels, gemm_impl.h). Each output row of a tile product depends only on the matching row of A, and
  * the reduction runs in the same tile order for every blocking and thread count (partial sums parked in C are
  * exact f32), so results do not depend on R or on the partition.
  *
@@ -169,7 +170,7 @@ void caprl_amx_pack_f32(caprl_cpu_ctx *c, const caprl_amx_panels *p, const float
 }
 
 typedef struct pack_at_task {
-    uint16_t    *a;   /* (round_up(N, 16), lda) */
+    uint16_t    *a;   /* round_up(N, 16) rows x lda, in tile blocks */
     const float *dy;  /* (M, N) */
     int64_t      M, N, lda;
     bool         avx2;
@@ -178,8 +179,7 @@ typedef struct pack_at_task {
 #if CAPRL_X86
 /* Words [0, j_full) of rows n0 .. n0 + 7 (all inside N; j_full a multiple of 8 with 2 j_full <= M). */
 static CAPRL_AVX2 void pack_at_block_avx2(const pack_at_task *t, int64_t n0, int64_t j_full) {
-    int64_t   N = t->N, words = t->lda / 2;
-    uint32_t *a32 = (uint32_t *)(void *)t->a;
+    int64_t N = t->N;
     for (int64_t j0 = 0; j0 < j_full; j0 += 8) {
         __m256 r[8];
         for (int i = 0; i < 8; i++) {
@@ -187,8 +187,8 @@ static CAPRL_AVX2 void pack_at_block_avx2(const pack_at_task *t, int64_t n0, int
             r[i] = _mm256_castsi256_ps(pair_f32_avx2(row, row + N));
         }
         transpose8x8_avx2(r);
-        for (int i = 0; i < 8; i++) {
-            _mm256_storeu_ps((float *)(void *)(a32 + (n0 + i) * words + j0), r[i]);
+        for (int i = 0; i < 8; i++) { /* 16 elements of row n0 + i from m = 2 j0: inside one tile */
+            _mm256_storeu_ps((float *)(void *)(t->a + caprl_amx_a_index(n0 + i, 2 * j0, t->lda)), r[i]);
         }
     }
 }
@@ -214,9 +214,8 @@ static void pack_at_range(void *ctx, int64_t g0, int64_t g1, int32_t tid) {
         j_full = 0;
 #endif
         for (int64_t n = n0; n < n0 + 8 && n < n_rows; n++) {
-            uint16_t *row = t->a + n * lda;
             for (int64_t m = 2 * j_full; m < lda; m++) {
-                row[m] = n < N && m < M ? caprl_f32_to_bf16(t->dy[m * N + n]) : 0;
+                t->a[caprl_amx_a_index(n, m, lda)] = n < N && m < M ? caprl_f32_to_bf16(t->dy[m * N + n]) : 0;
             }
         }
     }
@@ -306,28 +305,22 @@ typedef struct amx_cfg {
 } amx_cfg;
 
 typedef struct convert_task {
-    uint16_t    *a;   /* (rows rounded up to 16, lda) */
+    uint16_t    *a;   /* R rounded up to 16 rows x lda, in tile blocks */
     const float *in;  /* (R, K) */
     int64_t      R, K, lda;
 } convert_task;
 
-/* A = bf16(in) row by row, f32 -> bf16 with round-to-nearest-even, NaN kept quiet (caprl_f32_to_bf16's rule),
- * zero beyond R and K. */
+/* A = bf16(in) row by row into tile blocks, f32 -> bf16 with round-to-nearest-even, NaN kept quiet
+ * (caprl_f32_to_bf16's rule), zero beyond R and K. */
 static CAPRL_AMX void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
     (void)tid;
     const convert_task *t = ctx;
-    int64_t             kp = t->lda;
     for (int64_t m = r0; m < r1; m++) {
-        uint16_t *dst = t->a + m * kp;
-        if (m >= t->R) {
-            memset(dst, 0, (size_t)kp * sizeof(uint16_t));
-            continue;
-        }
         const float *src = t->in + m * t->K;
-        for (int64_t k = 0; k < t->K; k += 16) {
-            int64_t   r = t->K - k < 16 ? t->K - k : 16;
+        for (int64_t k = 0; k < t->lda; k += 16) { /* 16 elements never straddle a 32-wide tile */
+            int64_t   r = m >= t->R ? 0 : t->K - k < 0 ? 0 : t->K - k < 16 ? t->K - k : 16;
             __mmask16 mask = (__mmask16)((1u << r) - 1u);
-            __m512    x = _mm512_maskz_loadu_ps(mask, src + k);
+            __m512    x = _mm512_maskz_loadu_ps(mask, r > 0 ? src + k : t->in);
             __m512i   u = _mm512_castps_si512(x);
             __m512i   hi = _mm512_srli_epi32(u, 16);
             __m512i   lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
@@ -335,9 +328,9 @@ static CAPRL_AMX void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int32_
             rnd = _mm512_srli_epi32(rnd, 16);
             __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
             rnd = _mm512_mask_mov_epi32(rnd, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-            _mm256_mask_storeu_epi16(dst + k, mask, _mm512_cvtepi32_epi16(rnd));
+            _mm256_storeu_si256((__m256i *)(void *)(t->a + caprl_amx_a_index(m, k, t->lda)),
+                                _mm512_cvtepi32_epi16(rnd));
         }
-        memset(dst + t->K, 0, (size_t)(kp - t->K) * sizeof(uint16_t));
     }
 }
 
@@ -402,7 +395,7 @@ static CAPRL_AMX void amx_load_c(const amx_task *t, float *cbuf, int64_t m, int6
 static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
                                 int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols) {
     int64_t         kp = t->p->k_pad;
-    const uint16_t *a0 = t->a + m * kp, *a1 = a0 + 16 * kp;
+    const uint16_t *a0 = t->a + caprl_amx_a_index(m, 0, kp), *a1 = a0 + kp * 16; /* row tiles of m, m + 16 */
     bool            two = m + 16 < t->R; /* a second 16-row tile holds real rows */
     bool            first = k0 == 0, last = k1 == kp / 32;
     float          *park = t->out + m * t->ldo + n;
@@ -417,8 +410,8 @@ static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *
     }
     if (two) {
         for (int64_t tk = k0; tk < k1; tk++) {
-            _tile_loadd(4, a0 + tk * 32, kp * 2);
-            _tile_loadd(5, a1 + tk * 32, kp * 2);
+            _tile_loadd(4, a0 + tk * 512, 64);
+            _tile_loadd(5, a1 + tk * 512, 64);
             _tile_loadd(6, b0 + tk * 512, 64);
             _tile_loadd(7, b1 + tk * 512, 64);
             _tile_dpbf16ps(0, 4, 6);
@@ -428,7 +421,7 @@ static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *
         }
     } else {
         for (int64_t tk = k0; tk < k1; tk++) {
-            _tile_loadd(4, a0 + tk * 32, kp * 2);
+            _tile_loadd(4, a0 + tk * 512, 64);
             _tile_loadd(6, b0 + tk * 512, 64);
             _tile_loadd(7, b1 + tk * 512, 64);
             _tile_dpbf16ps(0, 4, 6);

@@ -57,8 +57,13 @@ typedef struct caprl_amx_weight {
 void caprl_amx_pack_weight(caprl_cpu_ctx *c, const caprl_amx_panels *p, const uint16_t *w, bool backward);
 /* B = bf16(x), x (p->k, p->n) f32 row-major. */
 void caprl_amx_pack_f32(caprl_cpu_ctx *c, const caprl_amx_panels *p, const float *x);
-/* A = bf16(dy^T): a[n lda + m] = bf16(dy[m N + n]) for n < round_up(N, 16), m < lda (lda even, >= M), zero
- * beyond N and M. */
+/* A operand of the tile products: rows in blocks of 16, the reduction in tiles of 32, each 16 x 32 tile stored
+ * contiguously (row-major inside). Element (row, k) of an A with lda (a multiple of 32) reduction columns: */
+static inline int64_t caprl_amx_a_index(int64_t row, int64_t k, int64_t lda) {
+    return ((row / 16) * (lda / 32) + k / 32) * 512 + (row % 16) * 32 + k % 32;
+}
+/* A = bf16(dy^T): element (n, m) = bf16(dy[m N + n]) for n < round_up(N, 16), m < lda (a multiple of 32, >= M),
+ * zero beyond N and M. */
 void caprl_amx_pack_dy_t(caprl_cpu_ctx *c, uint16_t *a, int64_t lda, const float *dy, int64_t M, int64_t N);
 
 /* The products on the tile unit (w prepared; bwd_data needs its backward panels). false when the scratch for the

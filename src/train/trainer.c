@@ -15,7 +15,7 @@ caprl_trainer_params caprl_trainer_default_params(void) {
     p.max_tokens = 2048;
     p.max_seqs = 64;
     p.max_patches = 16384;
-    p.logits_chunk = 64;
+    p.logits_chunk = 256;
     p.recompute = false;
     p.precision = CAPRL_PRECISION_F32;
     p.frozen_groups = 0;

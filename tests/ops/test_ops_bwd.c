@@ -398,7 +398,9 @@ static void test_amx_packing(void) {
             }
             for (int64_t n = 0; n < n_rows; n++) {
                 for (int64_t m = 0; m < lda; m++) {
-                    bad_a += a[n * lda + m] != (n < N && m < M ? caprl_f32_to_bf16(dy[m * N + n]) : 0);
+                    /* tiles of 16 x 32, each contiguous (gemm_impl.h) */
+                    uint16_t got = a[((n / 16) * (lda / 32) + m / 32) * 512 + (n % 16) * 32 + m % 32];
+                    bad_a += got != (n < N && m < M ? caprl_f32_to_bf16(dy[m * N + n]) : 0);
                 }
             }
             CHECK_MSG(bad_fwd + bad_bwd + bad_x + bad_a == 0,
