@@ -4,8 +4,10 @@
 #define CAPRL_AMX_UTIL_H
 
 #include <stdbool.h>
+#include <stdio.h>
 
 #include "backend/gemm_impl.h"
+#include "core/cpu_impl.h"
 
 static inline bool default_backend_uses_amx(void) {
     caprl_backend *be = NULL;
@@ -16,6 +18,21 @@ static inline bool default_backend_uses_amx(void) {
     bool amx = caprl_backend_cpu_amx(be);
     caprl_backend_free(be);
     return amx;
+}
+
+/* Whether AMX can run here; if not, says on stderr what is skipped. */
+static inline bool amx_usable_or_skip(const char *what) {
+    if (!caprl_cpu()->amx_usable) {
+        fprintf(stderr, "AMX not usable here: %s skipped\n", what);
+        return false;
+    }
+    return true;
+}
+
+/* A 1-thread and a 3-thread CPU backend with AMX on. */
+static inline caprl_status amx_backends(caprl_backend **be1, caprl_backend **be3, caprl_error *err) {
+    caprl_status st = caprl_backend_cpu_init_isa(be1, 1, CAPRL_ISA_AVX512, true, err);
+    return st != CAPRL_OK ? st : caprl_backend_cpu_init_isa(be3, 3, CAPRL_ISA_AVX512, true, err);
 }
 
 #endif /* CAPRL_AMX_UTIL_H */

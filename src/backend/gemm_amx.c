@@ -296,14 +296,6 @@ typedef struct amx_task {
     int64_t                 n_nblocks;  /* jobs per row block: job j covers rows of block j / n_nblocks */
 } amx_task;
 
-typedef struct amx_cfg {
-    uint8_t  palette;
-    uint8_t  start_row;
-    uint8_t  reserved[14];
-    uint16_t colsb[16];
-    uint8_t  rows[16];
-} amx_cfg;
-
 typedef struct convert_task {
     uint16_t    *a;   /* R rounded up to 16 rows x lda, in tile blocks */
     const float *in;  /* (R, K) */
@@ -449,16 +441,7 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
     int64_t         kt = t->p->k_pad / 32, N = t->p->n;
     const uint16_t *b = t->p->data;
     _Alignas(64) float cbuf[32 * 32];
-    amx_cfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    /* ldtilecfg's asm operand names only the first 8 bytes of cfg: make the other stores happen first. */
-    __asm__ volatile("" : : "r"(&cfg) : "memory");
-    _tile_loadconfig(&cfg);
+    caprl_amx_config_tiles();
     int64_t n_chunks = ceil_div(kt, AMX_KC_TILES), chunk = ceil_div(kt, n_chunks);
     for (int64_t j = j0; j < j1; j++) {
         int64_t mb = j / t->n_nblocks, nb = j % t->n_nblocks;

@@ -66,6 +66,26 @@ static inline int64_t caprl_amx_a_index(int64_t row, int64_t k, int64_t lda) {
  * zero beyond N and M. */
 void caprl_amx_pack_dy_t(caprl_cpu_ctx *c, uint16_t *a, int64_t lda, const float *dy, int64_t M, int64_t N);
 
+#if CAPRL_X86
+/* Configures all eight tiles as 16 rows x 64 bytes (palette 1), the one shape caprl's tile code uses. */
+static inline __attribute__((target("amx-tile"))) void caprl_amx_config_tiles(void) {
+    struct {
+        uint8_t  palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t  rows[16];
+    } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    /* ldtilecfg's asm operand names only the first 8 bytes of cfg: make the other stores happen first. */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+#endif
+
 /* The products on the tile unit (w prepared; bwd_data needs its backward panels). false when the scratch for the
  * bf16 activations cannot be had. */
 bool caprl_gemm_amx_fwd(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,

@@ -12,6 +12,7 @@
 #include "core/cpu_impl.h"
 #include "core/error_impl.h"
 #include "core/pool_impl.h"
+#include "backend/gemm_impl.h"
 #include "ops/ops_impl.h"
 
 #define PROBE_SECONDS 0.2         /* per compute probe */
@@ -128,14 +129,6 @@ static CAPRL_PROBE_BF16 double dpbf16_avx512(int64_t iters) {
 
 #    define CAPRL_PROBE_AMX __attribute__((target("amx-tile,amx-bf16")))
 
-typedef struct probe_tilecfg {
-    uint8_t  palette;
-    uint8_t  start_row;
-    uint8_t  reserved[14];
-    uint16_t colsb[16];
-    uint8_t  rows[16];
-} probe_tilecfg;
-
 /* Four independent 16 x 16 f32 accumulators fed by register-resident A and B tiles: each tdpbf16ps is
  * 16 * 16 * 32 multiply-adds = 16384 flops. */
 static CAPRL_PROBE_AMX double dpbf16_amx(int64_t iters) {
@@ -144,15 +137,8 @@ static CAPRL_PROBE_AMX double dpbf16_amx(int64_t iters) {
     for (int i = 0; i < 16 * 32; i++) {
         ab[i] = (uint16_t)(i % 7 == 0 ? 0x3F80 : 0x3000); /* 1.0 and 2^-31: sums stay finite */
     }
-    probe_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    __asm__ volatile("" : : "r"(&cfg), "r"(ab) : "memory"); /* the asm operands below name only pointers */
-    _tile_loadconfig(&cfg);
+    __asm__ volatile("" : : "r"(ab) : "memory"); /* the tile loads below name only the pointer */
+    caprl_amx_config_tiles();
     _tile_loadd(4, ab, 64);
     _tile_loadd(5, ab, 64);
     _tile_loadd(6, ab, 64);

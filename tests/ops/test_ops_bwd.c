@@ -12,11 +12,11 @@
  * the sum of |terms| where it is cheap); the float64 finite differences are far more accurate than that. */
 #include <float.h>
 
+#include "amx_util.h"
 #include "backend/backend.h"
 #include "backend/gemm_impl.h"
 #include "caprl/tensor.h"
 #include "caprl_test.h"
-#include "core/cpu_impl.h"
 #include "ops/ops_impl.h"
 
 #define EPS ((double)FLT_EPSILON)
@@ -417,14 +417,12 @@ static void test_amx_packing(void) {
  * f32 accumulation bound; 1 vs 3 threads bit for bit; dx rows alone equal the batch's; dbias the f32 path's bits;
  * a repack in place after the weight changed equals a fresh pack. */
 static void test_matmul_bwd_amx(void) {
-    if (!caprl_cpu()->amx_usable) {
-        fprintf(stderr, "AMX not usable here: AMX matmul backward test skipped\n");
+    if (!amx_usable_or_skip("AMX matmul backward test")) {
         return;
     }
     caprl_error    err = {0};
     caprl_backend *be1 = NULL, *be3 = NULL;
-    CHECK_OK(caprl_backend_cpu_init_isa(&be1, 1, CAPRL_ISA_AVX512, true, &err), &err);
-    CHECK_OK(caprl_backend_cpu_init_isa(&be3, 3, CAPRL_ISA_AVX512, true, &err), &err);
+    CHECK_OK(amx_backends(&be1, &be3, &err), &err);
     CHECK(caprl_backend_cpu_amx(be1));
     static const int64_t shapes[][3] = {{1, 1, 1},   {37, 50, 133}, {70, 33, 31},
                                         {100, 64, 1000}, {300, 96, 64}, {5, 530, 61}, {64, 1100, 96}};

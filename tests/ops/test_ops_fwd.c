@@ -5,11 +5,11 @@
  * block of 16. Tolerances derive from float32 epsilon and the reduction length. */
 #include <float.h>
 
+#include "amx_util.h"
 #include "backend/backend.h"
 #include "backend/gemm_impl.h"
 #include "caprl/tensor.h"
 #include "caprl_test.h"
-#include "core/cpu_impl.h"
 #include "ops/ops_impl.h"
 
 #define EPS ((double)FLT_EPSILON)
@@ -244,14 +244,12 @@ static void test_matmul_edges(void) {
 /* AMX (only where usable): bf16 activations x bf16 weights, checked against the reference with the inputs
  * rounded to bf16, plus the same determinism contract as the f32 kernels. */
 static void test_matmul_amx(void) {
-    if (!caprl_cpu()->amx_usable) {
-        fprintf(stderr, "AMX not usable here: AMX matmul test skipped\n");
+    if (!amx_usable_or_skip("AMX matmul test")) {
         return;
     }
     caprl_error    err = {0};
     caprl_backend *be1 = NULL, *be3 = NULL;
-    CHECK_OK(caprl_backend_cpu_init_isa(&be1, 1, CAPRL_ISA_AVX512, true, &err), &err);
-    CHECK_OK(caprl_backend_cpu_init_isa(&be3, 3, CAPRL_ISA_AVX512, true, &err), &err);
+    CHECK_OK(amx_backends(&be1, &be3, &err), &err);
     CHECK(caprl_backend_cpu_amx(be1));
     static const struct {
         int64_t M, N, K;
