@@ -287,7 +287,7 @@ enum {
 typedef struct amx_task {
     float                  *out;   /* (R, ldo) */
     int64_t                 ldo;
-    const uint16_t         *a;     /* (round_up(R, 16), p->k_pad) bf16 */
+    const uint16_t         *a;     /* round_up(R, 16) rows x p->k_pad, bf16 in tile blocks */
     const caprl_amx_panels *p;     /* B; C has p->n columns */
     const float            *bias;  /* (p->n) or NULL */
     bool                    accum; /* C starts from out (else from zero) */
