@@ -33,7 +33,17 @@ typedef struct caprl_synth_params {
     const char *reader_template; /* reader prompt of sft_reader.jsonl: NULL = the CapRL template (spec/caprl.md
                                     §6.3); else a template with exactly two "{}" (caption, question), the one the
                                     reward will use (`caprl train --reader-template`) */
+    int32_t question_style; /* CAPRL_SYNTH_LOOKUP (default) or CAPRL_SYNTH_STATEMENT: how the per-object valid
+                               questions ask (see enum below) */
 } caprl_synth_params;
+
+/* How the valid questions about one object's colour, shape or position ask:
+ * - LOOKUP: "What color is the object at the top left?", "Where is the red circle?" (find one attribute of an
+ *   object named by the others);
+ * - STATEMENT: "Which of these objects does the image show?" with the object's full description ("a large red
+ *   circle at the top left") against three that change its colour (or shape, or position) to one the image lacks:
+ *   answered by matching a description against the caption's sentences. */
+enum { CAPRL_SYNTH_LOOKUP = 0, CAPRL_SYNTH_STATEMENT = 1 };
 
 CAPRL_API caprl_synth_params caprl_synth_default_params(void);
 

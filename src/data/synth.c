@@ -480,10 +480,70 @@ static void make_not_exists(caprl_rng *r, const caprl_synth_scene *s, const scen
     q->gold = 0;
 }
 
-/* One valid question of type t about arg (an object index, a size, a colour or a shape, by type). */
-static void make_valid(caprl_rng *r, const caprl_synth_scene *s, const scene_index *ix, int32_t t, int32_t arg,
-                       caprl_synth_question *q) {
+static void describe(char *out, const caprl_synth_object *o) {
+    snprintf(out, CAPRL_SYNTH_OPTION_CAP, "a %s %s %s at the %s", k_sizes[o->size], k_colors[o->color],
+             k_shapes[o->shape], k_cells[o->cell]);
+}
+
+enum { ATTR_COLOR, ATTR_SHAPE, ATTR_CELL };
+
+/* Statement form about object obj: its full description (the words of the caption's sentence for it) against three
+ * near misses that change one attribute, attr, to values no object of the scene has together with the other three
+ * (another object of the same size, colour and shape may sit at a near miss's cell: those cells are left out). The
+ * line depends on attr, so an image asks at most one of each. false when fewer than three near misses exist. */
+static bool make_statement(caprl_rng *r, const caprl_synth_scene *s, int32_t obj, int32_t attr,
+                           caprl_synth_question *q) {
+    static const char *const lines[3] = {"Which of these objects does the image show?",
+                                         "Which of these objects appears in the image?",
+                                         "Which of these descriptions matches an object in the image?"};
+    static const int32_t     n_values[3] = {CAPRL_SYNTH_N_COLORS, CAPRL_SYNTH_N_SHAPES, CAPRL_SYNTH_N_CELLS};
+    const caprl_synth_object *o = &s->obj[obj];
+    int32_t                   miss[CAPRL_SYNTH_N_CELLS], n_miss = 0;
+    for (int32_t v = 0; v < n_values[attr]; v++) {
+        caprl_synth_object x = *o;
+        *(attr == ATTR_COLOR ? &x.color : attr == ATTR_SHAPE ? &x.shape : &x.cell) = v;
+        bool present = false;
+        for (int32_t i = 0; i < s->n; i++) {
+            const caprl_synth_object *y = &s->obj[i];
+            present = present || (y->size == x.size && y->color == x.color && y->shape == x.shape && y->cell == x.cell);
+        }
+        if (!present) {
+            miss[n_miss++] = v;
+        }
+    }
+    if (n_miss < CAPRL_SYNTH_N_OPTIONS - 1) {
+        return false;
+    }
+    shuffle_i32(r, miss, n_miss);
+    q->type = CAPRL_SYNTH_Q_STATEMENT;
+    snprintf(q->text, sizeof q->text, "%s", lines[attr]);
+    describe(q->options[0], o);
+    for (int32_t k = 1; k < CAPRL_SYNTH_N_OPTIONS; k++) {
+        caprl_synth_object x = *o;
+        *(attr == ATTR_COLOR ? &x.color : attr == ATTR_SHAPE ? &x.shape : &x.cell) = miss[k - 1];
+        describe(q->options[k], &x);
+    }
+    q->need_a = 1u << obj;
+    q->gold = 0;
+    return true;
+}
+
+/* One valid question of type t about arg (an object index, a size, a colour or a shape, by type); in the statement
+ * style the colour, shape and position types become statement questions about the object. false when the scene
+ * cannot give that question. */
+static bool make_valid(caprl_rng *r, const caprl_synth_scene *s, const scene_index *ix, int32_t t, int32_t arg,
+                       int32_t style, caprl_synth_question *q) {
     memset(q, 0, sizeof *q);
+    if (style == CAPRL_SYNTH_STATEMENT && t <= CAPRL_SYNTH_Q_POSITION) {
+        int32_t attr = t == CAPRL_SYNTH_Q_POSITION                                    ? ATTR_CELL
+                       : t == CAPRL_SYNTH_Q_COLOR_AT || t == CAPRL_SYNTH_Q_COLOR_OF_SHAPE ? ATTR_COLOR
+                                                                                      : ATTR_SHAPE;
+        if (!make_statement(r, s, arg, attr, q)) {
+            return false;
+        }
+        shuffle_options(r, q);
+        return true;
+    }
     q->type = t;
     /* types up to POSITION are about one object, arg */
     const caprl_synth_object *o = t <= CAPRL_SYNTH_Q_POSITION ? &s->obj[arg] : NULL;
@@ -530,6 +590,7 @@ static void make_valid(caprl_rng *r, const caprl_synth_scene *s, const scene_ind
     }
     q->needs_count = t >= CAPRL_SYNTH_Q_COUNT_ALL && t <= CAPRL_SYNTH_Q_COUNT_SHAPE;
     shuffle_options(r, q);
+    return true;
 }
 
 /* Leaky templates: the answer is in the wording (colour, shape) or common knowledge (sides, round). */
@@ -645,7 +706,7 @@ static bool text_used(const caprl_synth_question *q, int32_t n, const char *text
 }
 
 int32_t caprl_synth_questions(const caprl_synth_scene *s, uint64_t seed, int32_t split, int64_t index,
-                              int32_t n_valid, int32_t n_leaky, caprl_synth_question *out) {
+                              int32_t n_valid, int32_t n_leaky, int32_t style, caprl_synth_question *out) {
     CAPRL_ASSERT(n_valid >= 0 && n_valid <= 16 && n_leaky >= 0 && n_leaky <= 4);
     scene_index ix;
     index_scene(s, &ix);
@@ -678,8 +739,7 @@ int32_t caprl_synth_questions(const caprl_synth_scene *s, uint64_t seed, int32_t
              * image?" per image: the line names the question in reports and filters) */
             while (next[f] < n_cand[f]) {
                 const candidate *c = &cand[f][next[f]++];
-                make_valid(&r, s, &ix, c->type, c->arg, &out[n]);
-                if (!text_used(out, n, out[n].text)) {
+                if (make_valid(&r, s, &ix, c->type, c->arg, style, &out[n]) && !text_used(out, n, out[n].text)) {
                     n++;
                     more = true;
                     break;

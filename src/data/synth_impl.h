@@ -103,6 +103,8 @@ enum {
     CAPRL_SYNTH_Q_COUNT_ALL,      /* How many objects are there? */
     CAPRL_SYNTH_Q_COUNT_COLOR,    /* How many red objects are there? */
     CAPRL_SYNTH_Q_COUNT_SHAPE,    /* How many circles are there? */
+    CAPRL_SYNTH_Q_STATEMENT,      /* Which of these objects does the image show? (CAPRL_SYNTH_STATEMENT style: full
+                                   * descriptions, one of them true) */
     /* leaky: answerable without the image */
     CAPRL_SYNTH_Q_LEAK_COLOR,     /* What color is the red circle? */
     CAPRL_SYNTH_Q_LEAK_SHAPE,     /* What shape is the red circle? */
@@ -113,7 +115,7 @@ enum {
 
 #define CAPRL_SYNTH_N_OPTIONS 4
 #define CAPRL_SYNTH_TEXT_CAP 96
-#define CAPRL_SYNTH_OPTION_CAP 32
+#define CAPRL_SYNTH_OPTION_CAP 64 /* "a large yellow triangle at the bottom middle" */
 
 typedef struct caprl_synth_question {
     int32_t type;                                                 /* CAPRL_SYNTH_Q_* */
@@ -135,10 +137,11 @@ bool caprl_synth_answerable(const caprl_synth_question *q, uint32_t listed, bool
 /* The questions of one image: up to n_valid distinct valid questions (colour, shape, position, size, existence,
  * at most one count question; families taken in turn) and then n_leaky leaky ones (distinct templates) inserted
  * at random places. Options are shuffled, so the gold letter is uniform. out has room for n_valid + n_leaky
- * (n_valid <= 16, n_leaky <= 4). Returns the number written. A pure function of (seed, split, index, n_valid,
- * n_leaky) and the scene. */
+ * (n_valid <= 16, n_leaky <= 4). style (CAPRL_SYNTH_LOOKUP or _STATEMENT) is how the colour, shape and position
+ * families ask. Returns the number written. A pure function of (seed, split, index, n_valid, n_leaky, style) and
+ * the scene; the lookup style gives the questions it always gave. */
 int32_t caprl_synth_questions(const caprl_synth_scene *s, uint64_t seed, int32_t split, int64_t index,
-                              int32_t n_valid, int32_t n_leaky, caprl_synth_question *out);
+                              int32_t n_valid, int32_t n_leaky, int32_t style, caprl_synth_question *out);
 
 /* The CapRL question string "text\n   - A) opt\n   - B) opt..." with the options in the order order[0..3]
  * (indices into q->options; NULL = file order) and, with cannot_answer, the line

@@ -81,6 +81,10 @@ caprl_status caprl_synth_params_check(const caprl_synth_params *p, caprl_error *
     if (p->qa_per_image < 1 || p->qa_per_image > 16) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "qa-per-image: %d is outside 1..16", (int)p->qa_per_image);
     }
+    if (p->question_style != CAPRL_SYNTH_LOOKUP && p->question_style != CAPRL_SYNTH_STATEMENT) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "question-style: %d is neither lookup (0) nor statement (1)",
+                             (int)p->question_style);
+    }
     int32_t holes = 0;
     for (const char *c = p->reader_template; c && (c = strstr(c, "{}")) != NULL; c += 2) {
         holes++;
@@ -497,7 +501,7 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         /* the answer in words, without options: the skill of finding the fact in the caption, learnt apart
          * from choosing its letter (questions that name their options, "which of these", have no such form) */
         bool names_options = q[k].type == CAPRL_SYNTH_Q_SIZE || q[k].type == CAPRL_SYNTH_Q_EXISTS ||
-                             q[k].type == CAPRL_SYNTH_Q_NOT_EXISTS;
+                             q[k].type == CAPRL_SYNTH_Q_NOT_EXISTS || q[k].type == CAPRL_SYNTH_Q_STATEMENT;
         if (letter != 'F' && !names_options) {
             char *fprompt = caprl_synth_reader_prompt(w->p->reader_template, caption, q[k].text);
             sb_printf(b, "{\"id\": \"%s-a%d\", \"kind\": \"free-%s\", \"prompt\": ", id, (int)k, kinds[kind]);
@@ -638,7 +642,8 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
     caprl_synth_scene s;
     caprl_synth_scene_make(&s, p->seed, split, i, p->min_objects, p->max_objects);
     caprl_synth_question q[MAX_QUESTIONS];
-    int32_t n_q = caprl_synth_questions(&s, p->seed, split, i, p->qa_per_image, train ? p->leaky_per_image : 0, q);
+    int32_t n_q = caprl_synth_questions(&s, p->seed, split, i, p->qa_per_image, train ? p->leaky_per_image : 0,
+                                        p->question_style, q);
     uint32_t short_listed = caprl_synth_short_listed(&s, p->seed, split, i);
     char    *dense = caprl_synth_caption(&s, (1u << s.n) - 1u, true);
     char    *shrt = caprl_synth_caption(&s, short_listed, false);
@@ -715,9 +720,10 @@ static caprl_status write_manifest(writer *w, caprl_error *err) {
     sb_printf(&b,
               "{\n  \"format\": \"caprl-synth\",\n  \"version\": 1,\n  \"seed\": %llu,\n  \"size\": %d,\n"
               "  \"train\": %d,\n  \"test\": %d,\n  \"min_objects\": %d,\n  \"max_objects\": %d,\n"
-              "  \"leaky_per_image\": %d,\n  \"qa_per_image\": %d,\n",
+              "  \"leaky_per_image\": %d,\n  \"qa_per_image\": %d,\n  \"question_style\": \"%s\",\n",
               (unsigned long long)p->seed, (int)p->size, (int)p->n_train, (int)p->n_test, (int)p->min_objects,
-              (int)p->max_objects, (int)p->leaky_per_image, (int)p->qa_per_image);
+              (int)p->max_objects, (int)p->leaky_per_image, (int)p->qa_per_image,
+              p->question_style == CAPRL_SYNTH_STATEMENT ? "statement" : "lookup");
     sb_printf(&b,
               "  \"train_questions\": %lld,\n  \"leaky_questions\": %lld,\n  \"test_questions\": %lld,\n"
               "  \"reader_records\": %lld,\n  \"reader_cannot_answer\": %lld,\n  \"reader_free_records\": %lld,\n"

@@ -241,6 +241,23 @@ static int oracle(const tq *q, const tcap *c) {
         }
         return n_listed == q->n_opt - 1 ? unlisted : UNKNOWN; /* the other three are described */
     }
+    if (!strcmp(q->text, "Which of these objects does the image show?") ||
+        !strcmp(q->text, "Which of these objects appears in the image?") ||
+        !strcmp(q->text, "Which of these descriptions matches an object in the image?")) {
+        /* statement form: the option whose every word matches a sentence of the caption */
+        int match = UNKNOWN;
+        for (int i = 0; i < q->n_opt; i++) {
+            char size[16], color[16], shape[16], pos[24];
+            if (sscanf(q->opt[i], "a %15s %15s %15s at the %23[^\n]", size, color, shape, pos) != 4) {
+                return UNPARSED;
+            }
+            o = find_obj(c, color, shape, pos);
+            if (o && !strcmp(o->size, size)) {
+                match = match == UNKNOWN ? i : UNPARSED; /* two true descriptions: a broken question */
+            }
+        }
+        return match;
+    }
     if (take(&p, "How many ")) {
         if (c->count < 0) {
             return UNKNOWN;
@@ -490,18 +507,27 @@ static void test_questions(void) {
     int        n_valid = 0, n_short_ok = 0, n_short_total = 0, letters[4] = {0};
     caprl_rng  r;
     caprl_rng_init(&r, 99, 0, 0);
-    for (uint64_t seed = 0; seed < 2; seed++) {
+    for (uint64_t seed = 0; seed < 4; seed++) {
+        int32_t style = seed < 2 ? CAPRL_SYNTH_LOOKUP : CAPRL_SYNTH_STATEMENT;
         for (int64_t i = 0; i < 200; i++) {
             int32_t           split = (int32_t)(i % 2);
             caprl_synth_scene s;
             caprl_synth_scene_make(&s, seed, split, i, 1, 9);
             caprl_synth_question q[20], q0[20], q2[20];
-            int32_t              n = caprl_synth_questions(&s, seed, split, i, 8, 3, q);
-            int32_t              n0 = caprl_synth_questions(&s, seed, split, i, 8, 0, q0);
-            int32_t              n2 = caprl_synth_questions(&s, seed, split, i, 8, 3, q2);
+            int32_t              n = caprl_synth_questions(&s, seed, split, i, 8, 3, style, q);
+            int32_t              n0 = caprl_synth_questions(&s, seed, split, i, 8, 0, style, q0);
+            int32_t              n2 = caprl_synth_questions(&s, seed, split, i, 8, 3, style, q2);
             CHECK(n2 == n && memcmp(q, q2, (size_t)n * sizeof *q) == 0);
             CHECK_EQ_I64(n, n0 + 3);
-            CHECK(s.n < 2 || n0 == 8);
+            /* the statement style asks one question of each of its three lines per image */
+            CHECK(style == CAPRL_SYNTH_STATEMENT ? n0 >= 4 : s.n < 2 || n0 == 8);
+            int32_t n_statement = 0;
+            for (int32_t k = 0; k < n0; k++) {
+                n_statement += q0[k].type == CAPRL_SYNTH_Q_STATEMENT;
+                CHECK(style == CAPRL_SYNTH_STATEMENT || q0[k].type != CAPRL_SYNTH_Q_STATEMENT);
+                CHECK(style == CAPRL_SYNTH_LOOKUP || q0[k].type > CAPRL_SYNTH_Q_POSITION);
+            }
+            CHECK(style == CAPRL_SYNTH_LOOKUP || (n_statement >= 2 && n_statement <= 3));
             /* leaky questions do not move the valid ones */
             int32_t j = 0, n_leaky = 0, n_count = 0;
             for (int32_t k = 0; k < n; k++) {
@@ -548,7 +574,7 @@ static void test_questions(void) {
     caprl_synth_scene s;
     caprl_synth_scene_make(&s, 0, 0, 0, 2, 6);
     caprl_synth_question q[8];
-    CHECK(caprl_synth_questions(&s, 0, 0, 0, 1, 0, q) == 1);
+    CHECK(caprl_synth_questions(&s, 0, 0, 0, 1, 0, CAPRL_SYNTH_LOOKUP, q) == 1);
     int32_t order[4] = {3, 2, 1, 0};
     char   *qs = caprl_synth_question_string(&q[0], order, true);
     tq      t;

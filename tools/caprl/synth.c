@@ -1,5 +1,6 @@
 /* caprl synth: write the synthetic world of the demo (images, QA, captions, SFT data, benchmark, corpus). */
 #include <stdio.h>
+#include <string.h>
 
 #include "caprl/synth.h"
 #include "commands.h"
@@ -22,7 +23,7 @@ int cmd_synth(int argc, char **argv) {
         "(4 shapes, 6 colours, 2 sizes). The output is the same bytes for the same options at any --threads.\n"
         "Exit codes: 0 ok, 1 usage (including values out of range), 2 the directory cannot be written."};
     caprl_synth_params p = caprl_synth_default_params();
-    const char        *out = NULL, *tmpl_path = NULL;
+    const char        *out = NULL, *tmpl_path = NULL, *style = "lookup";
     int64_t            seed = 0;
     opt_spec           specs[] = {
         {"out", OPT_STRING, &out, "output directory (created)", 0, 0, "DIR", 0},
@@ -35,6 +36,8 @@ int cmd_synth(int argc, char **argv) {
         {"leaky-per-image", OPT_INT, &p.leaky_per_image, "leaky questions planted per training image", 0, 4, "K", 0},
         {"qa-per-image", OPT_INT, &p.qa_per_image, "valid questions per image", 1, 16, "Q", 0},
         {"threads", OPT_INT, &p.n_threads, THREADS_HELP, 0, 4096, "T", 0},
+        {"question-style", OPT_STRING, &style, "how questions about one object ask: lookup (\"Where is the red "
+                                               "circle?\") or statement (full descriptions, one true)", 0, 0, "S", 0},
         {"reader-template", OPT_STRING, &tmpl_path, "reader prompt template file (two {}) for sft_reader.jsonl; "
                                                   "default: the CapRL prompt", 0, 0, "FILE", 0},
         {0},
@@ -47,6 +50,11 @@ int cmd_synth(int argc, char **argv) {
         return tool_usage_error(info.name, "--out is required");
     }
     p.seed = (uint64_t)seed;
+    if (strcmp(style, "lookup") == 0 || strcmp(style, "statement") == 0) {
+        p.question_style = style[0] == 's' ? CAPRL_SYNTH_STATEMENT : CAPRL_SYNTH_LOOKUP;
+    } else {
+        return tool_usage_error(info.name, "--question-style: '%s' is neither lookup nor statement", style);
+    }
     char *tmpl = NULL;
     if (tmpl_path) {
         size_t len = 0;
