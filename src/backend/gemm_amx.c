@@ -6,9 +6,9 @@
  *   weight:   A = dy^T (transposed and rounded per call), B = x (packed per call), C starts from dw
  * A is bf16 in tile blocks (caprl_amx_a_index: each 16 x 32 tile contiguous, so a tile load reads 1 KB in one
  * stream instead of 16 rows of a long matrix) with rows padded to 16 and the reduction to 32 with zeros; B is in
- * tile panels (caprl_amx_panels, gemm_impl.h). Each output row of a tile product depends only on the matching row of A, and
- * the reduction runs in the same tile order for every blocking and thread count (partial sums parked in C are
- * exact f32), so results do not depend on R or on the partition.
+ * tile panels (caprl_amx_panels, gemm_impl.h). Each output row of a tile product depends only on the matching row
+ * of A, and the reduction runs in the same tile order for every blocking and thread count (partial sums parked in
+ * C are exact f32), so results do not depend on R or on the partition.
  *
  * The packing code is plain C with AVX2 fast paths for whole tiles (every AMX machine has AVX2); it runs, and is
  * tested, on machines without AMX too. */
@@ -92,7 +92,8 @@ static CAPRL_AVX2_INLINE __m256i bf16_round8_avx2(__m256 x) {
     return _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
 }
 
-/* Pairs of reduction rows k, k + 1 of an f32 source, eight columns: lane i = bf16(row k)[i] | bf16(row k+1)[i] << 16. */
+/* Pairs of reduction rows k, k + 1 of an f32 source, eight columns:
+ * lane i = bf16(row k)[i] | bf16(row k + 1)[i] << 16. */
 static CAPRL_AVX2_INLINE __m256i pair_f32_avx2(const float *row0, const float *row1) {
     __m256i lo = bf16_round8_avx2(_mm256_loadu_ps(row0)), hi = bf16_round8_avx2(_mm256_loadu_ps(row1));
     return _mm256_or_si256(lo, _mm256_slli_epi32(hi, 16));

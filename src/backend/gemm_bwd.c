@@ -404,8 +404,9 @@ static bool amx_backward(const caprl_cpu_ctx *c, const caprl_weight *w) {
 }
 
 static void out_of_scratch(int64_t M, const caprl_weight *w) {
-    caprl_abort(__FILE__, __LINE__, "out of memory for the bf16 operands of a %lld-row backward of a %lld x %lld matmul",
-                (long long)M, (long long)w->rows, (long long)w->cols);
+    caprl_abort(__FILE__, __LINE__,
+                "out of memory for the bf16 operands of a %lld-row backward of a %lld x %lld matmul", (long long)M,
+                (long long)w->rows, (long long)w->cols);
 }
 
 void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const caprl_weight *w, int64_t M) {

@@ -359,7 +359,8 @@ static float *tricky_fvec(int64_t n) {
 /* The packing steps of the AMX products, on every ISA level the machine has (they need no AMX): each element of
  * each panel against the layout, with the rounding of caprl_f32_to_bf16, and zeros in the padding. */
 static void test_amx_packing(void) {
-    static const int64_t shapes[][3] = {{37, 70, 5}, {64, 96, 32}, {1, 1, 1}, {33, 129, 48}, {50, 31, 17}, {16, 32, 64}};
+    static const int64_t shapes[][3] = {{37, 70, 5},  {64, 96, 32}, {1, 1, 1},
+                                        {33, 129, 48}, {50, 31, 17}, {16, 32, 64}};
     for (int32_t isa = 0; isa < N_ISA; isa++) {
         if (!g_have[isa]) {
             continue;
