@@ -19,14 +19,6 @@
 #include "caprl/tensor.h"
 #include "core/error_impl.h"
 
-static int64_t ceil_div(int64_t a, int64_t b) {
-    return (a + b - 1) / b;
-}
-
-static int64_t round_up(int64_t a, int64_t b) {
-    return ceil_div(a, b) * b;
-}
-
 /* ---- packing ------------------------------------------------------------------------------------------- */
 
 /* Where B comes from: B[k][n] = W[n][k] (bf16, forward), B[k][n] = W[k][n] (bf16, backward data) or
@@ -171,7 +163,7 @@ void caprl_amx_pack_f32(caprl_cpu_ctx *c, const caprl_amx_panels *p, const float
 }
 
 typedef struct pack_at_task {
-    uint16_t    *a;   /* round_up(N, 16) rows x lda, in tile blocks */
+    uint16_t    *a;   /* caprl_round_up(N, 16) rows x lda, in tile blocks */
     const float *dy;  /* (M, N) */
     int64_t      M, N, lda;
     bool         avx2;
@@ -201,7 +193,7 @@ static CAPRL_AVX2 void pack_at_block_avx2(const pack_at_task *t, int64_t n0, int
 static void pack_at_range(void *ctx, int64_t g0, int64_t g1, int32_t tid) {
     (void)tid;
     const pack_at_task *t = ctx;
-    int64_t             M = t->M, N = t->N, lda = t->lda, n_rows = round_up(N, 16);
+    int64_t             M = t->M, N = t->N, lda = t->lda, n_rows = caprl_round_up(N, 16);
     for (int64_t g = g0; g < g1; g++) {
         int64_t   n0 = 8 * g;
         int64_t   j_full = (n0 + 8 <= N) ? M / 16 * 8 : 0; /* words done by whole blocks */
@@ -224,13 +216,13 @@ static void pack_at_range(void *ctx, int64_t g0, int64_t g1, int32_t tid) {
 
 void caprl_amx_pack_dy_t(caprl_cpu_ctx *c, uint16_t *a, int64_t lda, const float *dy, int64_t M, int64_t N) {
     pack_at_task t = {.a = a, .dy = dy, .M = M, .N = N, .lda = lda, .avx2 = c->isa >= CAPRL_ISA_AVX2};
-    caprl_parallel_for(c->pool, round_up(N, 16) / 8, pack_at_range, &t);
+    caprl_parallel_for(c->pool, caprl_round_up(N, 16) / 8, pack_at_range, &t);
 }
 
 /* ---- packed weights ------------------------------------------------------------------------------------ */
 
 static caprl_amx_panels panels_of(int64_t n, int64_t k) {
-    return (caprl_amx_panels){.n = n, .k = k, .n_pad = round_up(n, 32), .k_pad = round_up(k, 32)};
+    return (caprl_amx_panels){.n = n, .k = k, .n_pad = caprl_round_up(n, 32), .k_pad = caprl_round_up(k, 32)};
 }
 
 static size_t panels_bytes(const caprl_amx_panels *p) {
@@ -248,7 +240,7 @@ caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *
         pw = NULL;
     }
     if (!pw) { /* the header, then the panels (64-byte aligned) */
-        size_t head = round_up((int64_t)sizeof(caprl_amx_weight), 64);
+        size_t head = caprl_round_up((int64_t)sizeof(caprl_amx_weight), 64);
         size_t bytes = head + panels_bytes(&fwd) + (w->backward ? panels_bytes(&bwd) : 0);
         pw = caprl_try_aligned_alloc(bytes);
         if (!pw) {
@@ -288,7 +280,7 @@ enum {
 typedef struct amx_task {
     float                  *out;   /* (R, ldo) */
     int64_t                 ldo;
-    const uint16_t         *a;     /* round_up(R, 16) rows x p->k_pad, bf16 in tile blocks */
+    const uint16_t         *a;     /* caprl_round_up(R, 16) rows x p->k_pad, bf16 in tile blocks */
     const caprl_amx_panels *p;     /* B; C has p->n columns */
     const float            *bias;  /* (p->n) or NULL */
     bool                    accum; /* C starts from out (else from zero) */
@@ -443,7 +435,7 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
     const uint16_t *b = t->p->data;
     _Alignas(64) float cbuf[32 * 32];
     caprl_amx_config_tiles();
-    int64_t n_chunks = ceil_div(kt, AMX_KC_TILES), chunk = ceil_div(kt, n_chunks);
+    int64_t n_chunks = caprl_ceil_div(kt, AMX_KC_TILES), chunk = caprl_ceil_div(kt, n_chunks);
     for (int64_t j = j0; j < j1; j++) {
         int64_t mb = j / t->n_nblocks, nb = j % t->n_nblocks;
         int64_t n0 = nb * t->nblk, n1 = n0 + t->nblk < N ? n0 + t->nblk : N;
@@ -473,26 +465,26 @@ static void amx_run(caprl_cpu_ctx *c, amx_task *t) {
      * thousands) would otherwise stream all of A from L3 once per column range. */
     int64_t mblk = (c->l2_bytes / 2) / (p->k_pad * 2) / 32 * 32;
     mblk = mblk < 32 ? 32 : mblk;
-    mblk = mblk < round_up(R, 32) ? mblk : round_up(R, 32);
-    int64_t n_mblocks = ceil_div(R, mblk);
+    mblk = mblk < caprl_round_up(R, 32) ? mblk : caprl_round_up(R, 32);
+    int64_t n_mblocks = caprl_ceil_div(R, mblk);
     /* A 32-column B panel is k_pad * 128 bytes; give a job a few hundred KB of them, fewer for balance. */
-    int64_t nblk = round_up(256 * 1024 / (p->k_pad * 128) * 32, AMX_NALIGN);
+    int64_t nblk = caprl_round_up(256 * 1024 / (p->k_pad * 128) * 32, AMX_NALIGN);
     if (nblk < AMX_NALIGN) {
         nblk = AMX_NALIGN;
     }
-    if (nt > 1 && n_mblocks * ceil_div(N, nblk) < AMX_JOBS_PER_THREAD * nt) {
-        int64_t want = round_up(ceil_div(N, ceil_div(AMX_JOBS_PER_THREAD * nt, n_mblocks)), AMX_NALIGN);
+    if (nt > 1 && n_mblocks * caprl_ceil_div(N, nblk) < AMX_JOBS_PER_THREAD * nt) {
+        int64_t want = caprl_round_up(caprl_ceil_div(N, caprl_ceil_div(AMX_JOBS_PER_THREAD * nt, n_mblocks)), AMX_NALIGN);
         nblk = want < nblk ? want : nblk;
     }
     t->mblk = mblk;
     t->nblk = nblk;
-    t->n_nblocks = ceil_div(N, nblk);
+    t->n_nblocks = caprl_ceil_div(N, nblk);
     caprl_parallel_for_grain(c->pool, t->n_nblocks * n_mblocks, 1, amx_range, t);
 }
 
 /* A = bf16(in) (R, K) into the shared scratch, rows padded to 16 and K to lda; NULL when memory is gone. */
 static uint16_t *convert_a(caprl_cpu_ctx *c, const float *in, int64_t R, int64_t K, int64_t lda) {
-    int64_t   r_pad = round_up(R, 16);
+    int64_t   r_pad = caprl_round_up(R, 16);
     uint16_t *a = caprl_cpu_shared_reserve(c, (size_t)(r_pad * lda) * sizeof(uint16_t));
     if (a) {
         convert_task t = {.a = a, .in = in, .R = R, .K = K, .lda = lda};
@@ -528,7 +520,7 @@ bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, con
                                int64_t K) {
     /* one scratch: A = bf16(dy^T) (N rows padded to 16, M to 32), then x in panels (K columns, M reduction) */
     caprl_amx_panels xp = panels_of(K, M);
-    size_t           a_bytes = (size_t)round_up(round_up(N, 16) * xp.k_pad * 2, 64);
+    size_t           a_bytes = (size_t)caprl_round_up(caprl_round_up(N, 16) * xp.k_pad * 2, 64);
     char            *buf = caprl_cpu_shared_reserve(c, a_bytes + panels_bytes(&xp));
     if (!buf) {
         return false;

@@ -17,7 +17,7 @@
  * per column over m in order, starting from its old value.
  *
  * Weights prepared for training on a machine with AMX-BF16 take the tile unit instead (gemm_amx.c); the bias
- * gradient keeps the chains described above on both paths.
+ * gradient is one pass of its own with the chains described above, whichever kernels compute dw.
  *
  * Blocking (BLIS-like): A is packed once per call into groups of MR rows interleaved along p (shared scratch). A
  * job owns a range of column panels (PW columns each) over a range of rows (all of R unless more jobs are needed
@@ -58,14 +58,6 @@ typedef struct bw_task {
     int64_t        n_panels;         /* ceil(NC / pw) */
     int64_t        kc;               /* reduction chunk */
 } bw_task;
-
-static int64_t ceil_div(int64_t a, int64_t b) {
-    return (a + b - 1) / b;
-}
-
-static int64_t round_up(int64_t a, int64_t b) {
-    return ceil_div(a, b) * b;
-}
 
 /* ---- micro-kernels -------------------------------------------------------------------------------------- */
 
@@ -208,7 +200,6 @@ static void pack_b(float *bp, const bw_task *t, int64_t p0, int64_t kc, int64_t 
 typedef struct pack_a_task {
     float       *apack; /* (ceil(R / MR), P, MR) */
     const float *dy;    /* (M, N) */
-    float       *dbias; /* weight side: (N) or NULL */
     int64_t      M, N;
 } pack_a_task;
 
@@ -263,20 +254,15 @@ static CAPRL_AVX2 void pack_a_data_avx2(void *ctx, int64_t g0, int64_t g1, int32
 }
 #endif
 
-/* Weight side, A = dy^T (R = N, P = M): apack[(g M + m) 4 + i] = dy[m][4g + i]; with dbias, its chains over m run
- * here (dbias[n] = (dbias[n] + dy[0][n]) + dy[1][n] ...). Groups are taken BW_PACK_GROUPS at a time so each pass
- * over m reads whole cache lines of dy. */
+/* Weight side, A = dy^T (R = N, P = M): apack[(g M + m) 4 + i] = dy[m][4g + i]. Groups are taken BW_PACK_GROUPS at
+ * a time so each pass over m reads whole cache lines of dy. */
 static void pack_a_weight(void *ctx, int64_t b0, int64_t b1, int32_t tid) {
     (void)tid;
     const pack_a_task *t = ctx;
-    int64_t            M = t->M, N = t->N, n_groups = ceil_div(N, BW_MR);
+    int64_t            M = t->M, N = t->N, n_groups = caprl_ceil_div(N, BW_MR);
     for (int64_t blk = b0; blk < b1; blk++) {
         int64_t g0 = blk * BW_PACK_GROUPS, g1 = g0 + BW_PACK_GROUPS < n_groups ? g0 + BW_PACK_GROUPS : n_groups;
         int64_t n0 = g0 * BW_MR, n1 = g1 * BW_MR < N ? g1 * BW_MR : N, full = (n1 - n0) / BW_MR;
-        float   sums[BW_PACK_GROUPS * BW_MR];
-        for (int64_t n = n0; n < n1; n++) {
-            sums[n - n0] = t->dbias ? t->dbias[n] : 0.0f;
-        }
         for (int64_t m = 0; m < M; m++) {
             const float *row = t->dy + m * N + n0;
             float       *dst = t->apack + (g0 * M + m) * BW_MR;
@@ -287,16 +273,6 @@ static void pack_a_weight(void *ctx, int64_t b0, int64_t b1, int32_t tid) {
                 for (int64_t i = 0; i < BW_MR; i++) {
                     dst[full * M * BW_MR + i] = full * BW_MR + i < n1 - n0 ? row[full * BW_MR + i] : 0.0f;
                 }
-            }
-            if (t->dbias) {
-                for (int64_t n = 0; n < n1 - n0; n++) {
-                    sums[n] += row[n];
-                }
-            }
-        }
-        if (t->dbias) {
-            for (int64_t n = n0; n < n1; n++) {
-                t->dbias[n] = sums[n - n0];
             }
         }
     }
@@ -328,7 +304,7 @@ static void bw_tile(const bw_task *t, const float *a, const float *b, int64_t kc
 static void bw_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
     const bw_task *t = ctx;
     float         *bp = t->c->threads[tid].buf;
-    const int64_t  pw = t->pw, P = t->P, n_groups = ceil_div(t->R, BW_MR);
+    const int64_t  pw = t->pw, P = t->P, n_groups = caprl_ceil_div(t->R, BW_MR);
     for (int64_t j = j0; j < j1; j++) {
         int64_t rj = j / t->n_cjobs, cj = j % t->n_cjobs;
         int64_t r0 = rj * n_groups / t->n_rjobs * BW_MR, r1 = (rj + 1) * n_groups / t->n_rjobs * BW_MR;
@@ -380,17 +356,17 @@ static void bw_run(caprl_cpu_ctx *c, bw_task *t) {
     t->pw = pw;
     t->c = c;
     t->kc = BW_KC;
-    t->n_panels = ceil_div(t->NC, pw);
+    t->n_panels = caprl_ceil_div(t->NC, pw);
     /* Column jobs first (each packs its B chunks once for all rows); row ranges only when the columns cannot
      * give every thread BW_JOBS_PER_THREAD jobs. */
     int64_t want = c->n_threads > 1 ? BW_JOBS_PER_THREAD * c->n_threads : 1;
     int64_t max_panels = BW_CB_MAX / pw > 0 ? BW_CB_MAX / pw : 1;
-    t->n_cjobs = ceil_div(t->n_panels, max_panels);
+    t->n_cjobs = caprl_ceil_div(t->n_panels, max_panels);
     t->n_cjobs = t->n_cjobs < want ? (want < t->n_panels ? want : t->n_panels) : t->n_cjobs;
-    int64_t n_groups = ceil_div(t->R, BW_MR);
-    t->n_rjobs = t->n_cjobs < want ? ceil_div(want, t->n_cjobs) : 1;
+    int64_t n_groups = caprl_ceil_div(t->R, BW_MR);
+    t->n_rjobs = t->n_cjobs < want ? caprl_ceil_div(want, t->n_cjobs) : 1;
     t->n_rjobs = t->n_rjobs < n_groups ? t->n_rjobs : n_groups;
-    size_t bytes = (size_t)(t->kc * ceil_div(t->n_panels, t->n_cjobs) * pw) * sizeof(float);
+    size_t bytes = (size_t)(t->kc * caprl_ceil_div(t->n_panels, t->n_cjobs) * pw) * sizeof(float);
     if (!caprl_cpu_scratch_reserve(c, bytes)) {
         caprl_abort(__FILE__, __LINE__, "out of memory for matmul backward scratch (%zu bytes per thread)", bytes);
     }
@@ -424,7 +400,7 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
         return;
     }
 #endif
-    size_t bytes = (size_t)(round_up(M, BW_MR) * (N > 0 ? N : 1)) * sizeof(float);
+    size_t bytes = (size_t)(caprl_round_up(M, BW_MR) * (N > 0 ? N : 1)) * sizeof(float);
     float *apack = caprl_cpu_shared_reserve(c, bytes);
     if (!apack) {
         caprl_abort(__FILE__, __LINE__, "out of memory for matmul backward scratch (%zu bytes)", bytes);
@@ -436,7 +412,7 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
         pack = pack_a_data_avx2;
     }
 #endif
-    caprl_parallel_for(c->pool, ceil_div(M, BW_MR), pack, &pa);
+    caprl_parallel_for(c->pool, caprl_ceil_div(M, BW_MR), pack, &pa);
     bw_task t = {.C = dx, .apack = apack, .B = w->data, .bbf16 = w->dtype == CAPRL_DTYPE_BF16, .accum = false,
                  .R = M, .NC = K, .P = N};
     bw_run(c, &t);
@@ -448,8 +424,7 @@ typedef struct bias_task {
     int64_t      M, N;
 } bias_task;
 
-/* dbias[n] = (dbias[n] + dy[0][n]) + dy[1][n] ... for the columns of blocks [b0, b1) (the chains of
- * pack_a_weight, so both paths give the same bias gradient). */
+/* dbias[n] = (dbias[n] + dy[0][n]) + dy[1][n] ... for the columns of the 64-column blocks [b0, b1). */
 static void bias_range(void *ctx, int64_t b0, int64_t b1, int32_t tid) {
     (void)tid;
     const bias_task *t = ctx;
@@ -469,29 +444,29 @@ void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const floa
     if (M == 0 || N == 0) {
         return; /* empty chains: dw and dbias keep their values */
     }
+    if (dbias) { /* the same chains whichever kernels compute dw */
+        bias_task bt = {.dbias = dbias, .dy = dy, .M = M, .N = N};
+        caprl_parallel_for(c->pool, caprl_ceil_div(N, 64), bias_range, &bt);
+    }
+    if (K == 0) {
+        return;
+    }
 #if CAPRL_X86
     if (amx_backward(c, w)) {
-        if (dbias) {
-            bias_task bt = {.dbias = dbias, .dy = dy, .M = M, .N = N};
-            caprl_parallel_for(c->pool, ceil_div(N, 64), bias_range, &bt);
-        }
-        if (K > 0 && !caprl_gemm_amx_bwd_weight(c, dw, dy, x, M, N, K)) {
+        if (!caprl_gemm_amx_bwd_weight(c, dw, dy, x, M, N, K)) {
             out_of_scratch(M, w);
         }
         return;
     }
 #endif
-    int64_t n_groups = ceil_div(N, BW_MR);
+    int64_t n_groups = caprl_ceil_div(N, BW_MR);
     size_t  bytes = (size_t)(n_groups * BW_MR * M) * sizeof(float);
     float  *apack = caprl_cpu_shared_reserve(c, bytes);
     if (!apack) {
         caprl_abort(__FILE__, __LINE__, "out of memory for matmul backward scratch (%zu bytes)", bytes);
     }
-    pack_a_task pa = {.apack = apack, .dy = dy, .dbias = dbias, .M = M, .N = N};
-    caprl_parallel_for(c->pool, ceil_div(n_groups, BW_PACK_GROUPS), pack_a_weight, &pa);
-    if (K == 0) {
-        return;
-    }
+    pack_a_task pa = {.apack = apack, .dy = dy, .M = M, .N = N};
+    caprl_parallel_for(c->pool, caprl_ceil_div(n_groups, BW_PACK_GROUPS), pack_a_weight, &pa);
     bw_task t = {.C = dw, .apack = apack, .B = x, .bbf16 = false, .accum = true, .R = N, .NC = K, .P = M};
     bw_run(c, &t);
 }

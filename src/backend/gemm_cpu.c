@@ -72,14 +72,6 @@ typedef struct gemm_task {
     uint64_t       seq;
 } gemm_task;
 
-static int64_t ceil_div(int64_t a, int64_t b) {
-    return (a + b - 1) / b;
-}
-
-static int64_t round_up(int64_t a, int64_t b) {
-    return ceil_div(a, b) * b;
-}
-
 /* ---- scalar kernels (machines without AVX2; also the readable statement of the arithmetic) ------------- */
 
 static float wval(const void *w, int64_t i, bool wbf16) {
@@ -239,8 +231,8 @@ static CAPRL_AVX2_INLINE void at_avx2(const int mr, const int nr, const bool wbf
 static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, const gemm_blk *b) {
     const int64_t esz = wbf16 ? 2 : 4, K = b->K, ncols = b->ncols;
     const int64_t mg = b->mrows / MR_AVX2 * MR_AVX2;
-    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX2) : 1;
-    const int64_t kc = nkc > 1 ? round_up(ceil_div(K, nkc), 8) : K;
+    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? caprl_ceil_div(K, KC_AVX2) : 1;
+    const int64_t kc = nkc > 1 ? caprl_round_up(caprl_ceil_div(K, nkc), 8) : K;
     int64_t       k0 = 0;
     do {
         int64_t k1 = k0 + kc < K ? k0 + kc : K;
@@ -417,8 +409,8 @@ static CAPRL_AVX512_INLINE void at_avx512(const int mr, const int nr, const bool
 static CAPRL_AVX512_INLINE void block_avx512_t(const bool wbf16, const gemm_blk *b) {
     const int64_t esz = wbf16 ? 2 : 4, K = b->K, ncols = b->ncols;
     const int64_t mg = b->mrows / MR_AVX512 * MR_AVX512;
-    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? ceil_div(K, KC_AVX512) : 1;
-    const int64_t kc = nkc > 1 ? round_up(ceil_div(K, nkc), 16) : K;
+    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? caprl_ceil_div(K, KC_AVX512) : 1;
+    const int64_t kc = nkc > 1 ? caprl_round_up(caprl_ceil_div(K, nkc), 16) : K;
     int64_t       k0 = 0;
     do {
         int64_t k1 = k0 + kc < K ? k0 + kc : K;
@@ -537,10 +529,10 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     nblk = nblk / NR_ALIGN * NR_ALIGN;
     nblk = nblk < NR_ALIGN ? NR_ALIGN : nblk;
     nblk = chunk && nblk > NBLK_CHUNKED ? NBLK_CHUNKED : nblk;
-    int64_t n_mblocks = ceil_div(M, MBLK);
-    if (nt > 1 && n_mblocks * ceil_div(N, nblk) < JOBS_PER_THREAD * nt) {
-        int64_t n_nblocks = ceil_div(JOBS_PER_THREAD * nt, n_mblocks);
-        int64_t want = round_up(ceil_div(N, n_nblocks), NR_ALIGN);
+    int64_t n_mblocks = caprl_ceil_div(M, MBLK);
+    if (nt > 1 && n_mblocks * caprl_ceil_div(N, nblk) < JOBS_PER_THREAD * nt) {
+        int64_t n_nblocks = caprl_ceil_div(JOBS_PER_THREAD * nt, n_mblocks);
+        int64_t want = caprl_round_up(caprl_ceil_div(N, n_nblocks), NR_ALIGN);
         if (want < nblk) {
             nblk = want < NR_ALIGN ? NR_ALIGN : want;
         }
@@ -548,7 +540,7 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     bool    wbf16 = w->dtype == CAPRL_DTYPE_BF16;
     /* Widening into scratch pays off once a block is reused by several row groups. */
     bool    widen = wbf16 && (M < MBLK ? M : MBLK) > SMALL_M;
-    int64_t st_floats = chunk ? round_up((M < MBLK ? M : MBLK) * nblk * 16, 16) : 0;
+    int64_t st_floats = chunk ? caprl_round_up((M < MBLK ? M : MBLK) * nblk * 16, 16) : 0;
     size_t  bytes = (size_t)(st_floats + (widen ? nblk * K : 0)) * sizeof(float);
     if (bytes > 0 && !caprl_cpu_scratch_reserve(c, bytes)) {
         chunk = widen = false; /* both are only speed-ups: the values are the same without them */
@@ -572,7 +564,7 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
         .n_mblocks = n_mblocks,
         .seq = ++c->gemm_seq,
     };
-    caprl_parallel_for_grain(c->pool, ceil_div(N, nblk) * n_mblocks, 1, gemm_range, &g);
+    caprl_parallel_for_grain(c->pool, caprl_ceil_div(N, nblk) * n_mblocks, 1, gemm_range, &g);
 }
 
 /* ---- entry point ---------------------------------------------------------------------------------------- */

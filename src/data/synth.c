@@ -487,6 +487,11 @@ static void describe(char *out, const caprl_synth_object *o) {
 
 enum { ATTR_COLOR, ATTR_SHAPE, ATTR_CELL };
 
+static caprl_synth_object with_attr(caprl_synth_object o, int32_t attr, int32_t value) {
+    *(attr == ATTR_COLOR ? &o.color : attr == ATTR_SHAPE ? &o.shape : &o.cell) = value;
+    return o;
+}
+
 /* Statement form about object obj: its full description (the words of the caption's sentence for it) against three
  * near misses that change one attribute, attr, to values no object of the scene has together with the other three
  * (another object of the same size, colour and shape may sit at a near miss's cell: those cells are left out). The
@@ -500,9 +505,8 @@ static bool make_statement(caprl_rng *r, const caprl_synth_scene *s, int32_t obj
     const caprl_synth_object *o = &s->obj[obj];
     int32_t                   miss[CAPRL_SYNTH_N_CELLS], n_miss = 0;
     for (int32_t v = 0; v < n_values[attr]; v++) {
-        caprl_synth_object x = *o;
-        *(attr == ATTR_COLOR ? &x.color : attr == ATTR_SHAPE ? &x.shape : &x.cell) = v;
-        bool present = false;
+        caprl_synth_object x = with_attr(*o, attr, v);
+        bool               present = false;
         for (int32_t i = 0; i < s->n; i++) {
             const caprl_synth_object *y = &s->obj[i];
             present = present || (y->size == x.size && y->color == x.color && y->shape == x.shape && y->cell == x.cell);
@@ -519,8 +523,7 @@ static bool make_statement(caprl_rng *r, const caprl_synth_scene *s, int32_t obj
     snprintf(q->text, sizeof q->text, "%s", lines[attr]);
     describe(q->options[0], o);
     for (int32_t k = 1; k < CAPRL_SYNTH_N_OPTIONS; k++) {
-        caprl_synth_object x = *o;
-        *(attr == ATTR_COLOR ? &x.color : attr == ATTR_SHAPE ? &x.shape : &x.cell) = miss[k - 1];
+        caprl_synth_object x = with_attr(*o, attr, miss[k - 1]);
         describe(q->options[k], &x);
     }
     q->need_a = 1u << obj;

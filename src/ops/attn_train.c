@@ -69,10 +69,6 @@ typedef struct at_task {
     bool            causal;
 } at_task;
 
-static int64_t ceil_div(int64_t a, int64_t b) {
-    return (a + b - 1) / b;
-}
-
 /* ---- micro-kernels -------------------------------------------------------------------------------------- *
  * scores: c[r ldc + j] = scale * sum_d rows[r][d] panel[d AT_BK + j], r < 4, j < 16 nb (one chain over d).
  * accum:  o[r ldo + d] += sum_{t < n} A[r ars + t ats] B[t ldb + d], r < 4, d < D (one chain over t).
@@ -370,7 +366,7 @@ static void pack_range(void *ctx, int64_t u0, int64_t u1, int32_t tid) {
 static void fwd_unit(const at_task *t, const at_tile *tl, int64_t h, float *sc) {
     int64_t      D = t->D, lp = t->lp, g = h / t->G;
     int64_t      kend = t->causal ? tl->r0 + tl->n : tl->b, L = kend - tl->a;
-    int64_t      ngrp = ceil_div(tl->n, 4);
+    int64_t      ngrp = caprl_ceil_div(tl->n, 4);
     float       *ob = sc + AT_TQ * lp; /* (AT_TQ, D) unnormalised outputs */
     const float *rows[AT_TQ];
     float        inv[AT_TQ], lse[AT_TQ];
@@ -379,7 +375,7 @@ static void fwd_unit(const at_task *t, const at_tile *tl, int64_t h, float *sc) 
     }
     const float *panels = t->kp + (g * t->n_panels + tl->panel) * D * AT_BK;
     for (int64_t k0 = 0, pb = 0; k0 < L; k0 += AT_BK, pb++) {
-        int64_t nb = ceil_div(L - k0 < AT_BK ? L - k0 : AT_BK, 16);
+        int64_t nb = caprl_ceil_div(L - k0 < AT_BK ? L - k0 : AT_BK, 16);
         for (int64_t grp = 0; grp < ngrp; grp++) {
             scores(t, sc + grp * 4 * lp + k0, lp, rows + 4 * grp, panels + pb * D * AT_BK, nb, t->scale);
         }
@@ -420,7 +416,7 @@ static void fwd_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
 static void dq_unit(const at_task *t, const at_tile *tl, int64_t h, float *buf) {
     int64_t      D = t->D, g = h / t->G;
     int64_t      kend = t->causal ? tl->r0 + tl->n : tl->b, L = kend - tl->a;
-    int64_t      ngrp = ceil_div(tl->n, 4);
+    int64_t      ngrp = caprl_ceil_div(tl->n, 4);
     float       *sp = buf;                     /* (AT_TQ, AT_BK) scores, then p */
     float       *dp = sp + AT_TQ * AT_BK;      /* (AT_TQ, AT_BK) dp, then ds */
     float       *acc = dp + AT_TQ * AT_BK;     /* (AT_TQ, D) */
@@ -438,7 +434,7 @@ static void dq_unit(const at_task *t, const at_tile *tl, int64_t h, float *buf) 
     const float *kpan = t->kp + (g * t->n_panels + tl->panel) * D * AT_BK;
     const float *vpan = t->vp + (g * t->n_panels + tl->panel) * D * AT_BK;
     for (int64_t k0 = 0, pb = 0; k0 < L; k0 += AT_BK, pb++) {
-        int64_t n = L - k0 < AT_BK ? L - k0 : AT_BK, nb = ceil_div(n, 16);
+        int64_t n = L - k0 < AT_BK ? L - k0 : AT_BK, nb = caprl_ceil_div(n, 16);
         for (int64_t grp = 0; grp < ngrp; grp++) {
             scores(t, sp + grp * 4 * AT_BK, AT_BK, qr + 4 * grp, kpan + pb * D * AT_BK, nb, t->scale);
             scores(t, dp + grp * 4 * AT_BK, AT_BK, dr + 4 * grp, vpan + pb * D * AT_BK, nb, 1.0f);
@@ -473,7 +469,7 @@ static void dq_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
 
 static void dkv_unit(const at_task *t, const at_tile *tl, int64_t g, float *buf) {
     int64_t      D = t->D, j0 = tl->r0, nk = tl->n;
-    int64_t      kgrp = ceil_div(nk, 4);
+    int64_t      kgrp = caprl_ceil_div(nk, 4);
     float       *sp = buf;                    /* (AT_QC, AT_KT) scores, then p */
     float       *dp = sp + AT_QC * AT_KT;     /* (AT_QC, AT_KT) dp, then ds */
     float       *ak = dp + AT_QC * AT_KT;     /* (AT_KT, D) */
@@ -562,9 +558,9 @@ static void layout(caprl_cpu_ctx *c, at_layout *ly, const int64_t *seg, int64_t 
     int64_t n_panels = 0, max_len = 0, n_tiles = 0, max_tiles = 0, tile_rows = key_tiles ? AT_KT : AT_TQ;
     for (int64_t s = 0; s < n_seg; s++) {
         int64_t L = seg[s + 1] - seg[s];
-        n_panels += ceil_div(L, AT_BK);
-        n_tiles += ceil_div(L, tile_rows);
-        max_tiles += ceil_div(L, AT_TQ < AT_KT ? AT_TQ : AT_KT);
+        n_panels += caprl_ceil_div(L, AT_BK);
+        n_tiles += caprl_ceil_div(L, tile_rows);
+        max_tiles += caprl_ceil_div(L, AT_TQ < AT_KT ? AT_TQ : AT_KT);
         max_len = L > max_len ? L : max_len;
     }
     /* The tile table has room for either kind, so the regions after it sit at the same offsets in both. */
@@ -658,7 +654,7 @@ void caprl_op_attn_train_fwd(caprl_cpu_ctx *c, float *out, float *lse, const flo
     layout(c, &ly, seg, n_seg, M, Hq, Hkv, D, false, false);
     at_task t = {.c = c, .isa = c->isa, .q = q, .k = k, .v = v, .o = out, .lse = lse, .kp = ly.kp,
                  .panels = ly.panels, .n_panels = ly.n_panels, .M = M, .Hq = Hq, .Hkv = Hkv, .D = D,
-                 .G = Hq / Hkv, .lp = ceil_div(ly.max_len, AT_BK) * AT_BK, .scale = scale, .causal = causal};
+                 .G = Hq / Hkv, .lp = caprl_ceil_div(ly.max_len, AT_BK) * AT_BK, .scale = scale, .causal = causal};
     for (int64_t i = 0; i < ly.n_tiles; i++) {
         at_tile *tl = &ly.tiles[i];
         tl->work = (causal ? tl->r0 + tl->n - tl->a : tl->b - tl->a) + AT_UNIT_COST;

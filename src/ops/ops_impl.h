@@ -24,6 +24,14 @@
 #    define CAPRL_X86 0
 #endif
 
+static inline int64_t caprl_ceil_div(int64_t a, int64_t b) {
+    return (a + b - 1) / b;
+}
+
+static inline int64_t caprl_round_up(int64_t a, int64_t b) {
+    return caprl_ceil_div(a, b) * b;
+}
+
 /* Kernel families, lowest to widest. AMX is a separate switch (it changes the matmul numerics on purpose). */
 enum { CAPRL_ISA_SCALAR = 0, CAPRL_ISA_AVX2 = 1, CAPRL_ISA_AVX512 = 2 };
 

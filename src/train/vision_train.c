@@ -136,9 +136,10 @@ static void release_packed(caprl_vision *v) {
     }
 }
 
-/* Packed copies (AMX panels of bf16 weights) only speed the matmuls up; a tower that cannot get one computes
- * with the plain kernels, so a failure is a warning, not an error of the step. */
-static void prepare_packed(caprl_vision *v) {
+/* Packs every matrix (repacked in place after an update). Packed copies (AMX panels of bf16 weights) only speed
+ * the matmuls up; a tower that cannot get one computes with the plain kernels, so a failure is a warning, not an
+ * error of the step. */
+void vision_train_sync_packed(caprl_vision *v) {
     if (!v->be->ops->weight_prepare) {
         return;
     }
@@ -211,10 +212,6 @@ void vision_train_sync(caprl_vision *v, const float *flat, uint16_t *bf16_shadow
         fill_shadow(v, bf16_shadow, flat, caprl_vision_n_params(v));
     }
     vision_train_sync_packed(v);
-}
-
-void vision_train_sync_packed(caprl_vision *v) {
-    prepare_packed(v); /* repacks in place */
 }
 
 /* ---- planning ------------------------------------------------------------------------------------------- */

@@ -50,9 +50,9 @@ int cmd_synth(int argc, char **argv) {
         return tool_usage_error(info.name, "--out is required");
     }
     p.seed = (uint64_t)seed;
-    if (strcmp(style, "lookup") == 0 || strcmp(style, "statement") == 0) {
-        p.question_style = style[0] == 's' ? CAPRL_SYNTH_STATEMENT : CAPRL_SYNTH_LOOKUP;
-    } else {
+    if (strcmp(style, "statement") == 0) {
+        p.question_style = CAPRL_SYNTH_STATEMENT;
+    } else if (strcmp(style, "lookup") != 0) {
         return tool_usage_error(info.name, "--question-style: '%s' is neither lookup nor statement", style);
     }
     char *tmpl = NULL;
