@@ -31,22 +31,6 @@ static int collect_done(json_t *rec, const char *path, long line, void *ud) {
 
 /* ---- generation and output --------------------------------------------------------------------------------- */
 
-typedef struct collector {
-    int32_t   n_samples;
-    int32_t **tokens; /* (batch * n_samples) */
-    int32_t  *n;
-    int32_t   cap;
-} collector;
-
-static bool collect_token(int32_t prompt, int32_t sample, int32_t token, void *ud) {
-    collector *c = ud;
-    int32_t    s = prompt * c->n_samples + sample;
-    if (c->n[s] < c->cap) {
-        c->tokens[s][c->n[s]++] = token;
-    }
-    return true;
-}
-
 static int write_record(FILE *out, json_t *rec) {
     return tool_jsonl_write("caption", out, rec);
 }
@@ -86,12 +70,9 @@ typedef struct run_ctx {
 static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t count) {
     caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
     int32_t           ns = count * r->gp.n_samples;
-    collector         col = {r->gp.n_samples, calloc((size_t)ns, sizeof(int32_t *)),
-                             calloc((size_t)ns, sizeof(int32_t)), r->gp.max_new_tokens};
     int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
-    for (int32_t i = 0; i < ns; i++) {
-        col.tokens[i] = malloc((size_t)r->gp.max_new_tokens * sizeof(int32_t));
-    }
+    tool_samples      col;
+    tool_samples_init(&col, ns, r->gp.n_samples, r->gp.max_new_tokens);
     for (int32_t i = 0; i < count; i++) {
         reqs[i].image = &imgs[i];
         reqs[i].prompt = r->prompt;
@@ -99,7 +80,7 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
         reqs[i].stream_id = (uint64_t)its[i]->index;
     }
     caprl_error  err = {0};
-    caprl_status st = caprl_vl_generate(r->model, r->vision, &r->pp, reqs, count, &r->gp, &r->ctx, collect_token, &col,
+    caprl_status st = caprl_vl_generate(r->model, r->vision, &r->pp, reqs, count, &r->gp, &r->ctx, tool_samples_collect, &col,
                                         finish, NULL, &err);
     int rc = 0;
     if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
@@ -119,23 +100,8 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
                 r->prog.failed++;
             } else {
                 rec = base_record(its[i]);
-                json_t *caps = json_array(), *ntok = json_array(), *fin = json_array();
-                for (int32_t k = 0; k < r->gp.n_samples && rc == 0; k++) {
-                    int32_t s = i * r->gp.n_samples + k;
-                    size_t  len = 0;
-                    int32_t n_text = col.n[s] - (finish[s] == CAPRL_FINISH_EOS ? 1 : 0);
-                    if (tool_decode_text(caprl_model_tokenizer(r->model), col.tokens[s], n_text, &r->text,
-                                         &r->text_cap, &len, &err) != CAPRL_OK) {
-                        rc = tool_fail("caption", err.code, err.msg);
-                        break;
-                    }
-                    json_array_append_new(caps, json_stringn(r->text, len));
-                    json_array_append_new(ntok, json_integer(n_text));
-                    json_array_append_new(fin, json_string(tool_finish_name(finish[s])));
-                }
-                json_object_set_new(rec, "captions", caps);
-                json_object_set_new(rec, "tokens", ntok);
-                json_object_set_new(rec, "finish", fin);
+                rc = tool_samples_to_json("caption", rec, "captions", caprl_model_tokenizer(r->model), &col,
+                                          i * r->gp.n_samples, r->gp.n_samples, finish, &r->text, &r->text_cap);
             }
             if (rc) {
                 json_decref(rec);
@@ -145,11 +111,7 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
             r->prog.done++;
         }
     }
-    for (int32_t i = 0; i < ns; i++) {
-        free(col.tokens[i]);
-    }
-    free(col.tokens);
-    free(col.n);
+    tool_samples_free(&col, ns);
     free(finish);
     free(reqs);
     return rc;
@@ -159,10 +121,6 @@ static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t coun
  * record for each image. */
 static int check_prompt(const caprl_model *model, const char *prompt, const char *system) {
     const caprl_tokenizer *tok = caprl_model_tokenizer(model);
-    if (!caprl_model_config(model)->is_vl || !tok) {
-        fprintf(stderr, "caprl caption: error: the checkpoint must be a Qwen2.5-VL model with a tokenizer.json\n");
-        return EXIT_DATA;
-    }
     caprl_error  err = {0};
     char        *text = NULL;
     int64_t      n = 0;
@@ -254,45 +212,18 @@ int cmd_caption(int argc, char **argv) {
         rc = tool_jsonl_scan(info.name, out_path, out_fd, "image", JSON_STRING, "caption record", collect_done,
                              &done);
     }
-    /* this shard's pending images */
-    item  **todo = NULL;
-    int64_t n_todo = 0, n_shard = 0;
-    if (rc == 0 && items.n > 0) {
-        todo = malloc((size_t)items.n * sizeof *todo);
-    }
-    for (int64_t i = 0; rc == 0 && i < items.n; i++) {
-        if (i % shard_k != shard_i) {
-            continue;
-        }
-        n_shard++;
-        if (!tool_keyset_has(&done, items.items[i].image)) {
-            todo[n_todo++] = &items.items[i];
-        }
-    }
+    tool_image_item **todo = NULL;
+    int64_t           n_todo = 0;
     if (rc == 0) {
-        fprintf(stderr, "caprl caption: %lld images in the list", (long long)items.n);
-        if (shard) {
-            fprintf(stderr, ", %lld in shard %ld/%ld", (long long)n_shard, shard_i, shard_k);
-        }
-        fprintf(stderr, ", %lld already in %s, %lld to caption\n", (long long)(n_shard - n_todo), out_path,
-                (long long)n_todo);
+        tool_pending_images(info.name, &items, NULL, &done, shard != NULL, shard_i, shard_k, out_path, "caption", &todo,
+                            &n_todo);
     }
     caprl_error err = {0};
     caprl_status st = CAPRL_OK;
     if (rc == 0 && n_todo > 0) {
-        if ((rc = tool_load_model(info.name, model_dir, threads, &r.model)) == 0 &&
-            (rc = check_prompt(r.model, prompt, system)) == 0) {
-            st = caprl_vision_load(&r.vision, model_dir, threads, &err);
-            char pp_path[4096];
-            snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", model_dir);
-            r.pp = caprl_preprocess_config_default();
-            if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-                st = caprl_preprocess_config_load(&r.pp, pp_path, &err);
-            }
-            r.pp.resize_variant = resize_variant;
-            if (st != CAPRL_OK) {
-                rc = tool_fail(info.name, st, err.msg);
-            }
+        if ((rc = tool_load_vlm(info.name, "checkpoint", model_dir, threads, resize_variant, &r.model, &r.vision,
+                                &r.pp)) == 0) {
+            rc = check_prompt(r.model, prompt, system);
         }
     }
     if (rc == 0 && n_todo > 0) {

@@ -119,6 +119,34 @@ int tool_load_model(const char *cmd, const char *dir, int32_t n_threads, caprl_m
     return 0;
 }
 
+/* DIR/preprocessor_config.json when the checkpoint has one, the Qwen2.5-VL defaults otherwise. */
+static caprl_status load_preprocess_config(const char *model_dir, caprl_preprocess_config *pp, caprl_error *err) {
+    *pp = caprl_preprocess_config_default();
+    char path[4096];
+    snprintf(path, sizeof path, "%s/preprocessor_config.json", model_dir);
+    return access(path, F_OK) == 0 ? caprl_preprocess_config_load(pp, path, err) : CAPRL_OK;
+}
+
+int tool_load_vlm(const char *cmd, const char *role, const char *dir, int32_t n_threads, int32_t resize_variant,
+                  caprl_model **model, caprl_vision **vision, caprl_preprocess_config *pp) {
+    int rc = tool_load_model(cmd, dir, n_threads, model);
+    if (rc == 0 && (!caprl_model_config(*model)->is_vl || !caprl_model_tokenizer(*model))) {
+        fprintf(stderr, "caprl %s: error: %s: the %s must be a Qwen2.5-VL model with a tokenizer.json\n", cmd, dir,
+                role);
+        rc = EXIT_DATA;
+    }
+    caprl_error  err = {0};
+    caprl_status st = CAPRL_OK;
+    if (rc == 0 && (st = caprl_vision_load(vision, dir, n_threads, &err)) == CAPRL_OK) {
+        st = load_preprocess_config(dir, pp, &err);
+        pp->resize_variant = resize_variant;
+    }
+    if (rc == 0 && st != CAPRL_OK) {
+        rc = tool_fail(cmd, st, err.msg);
+    }
+    return rc;
+}
+
 double tool_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -198,10 +226,8 @@ caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, i
     if (st == CAPRL_OK) {
         st = caprl_vision_load(vision, model_dir, threads, err);
     }
-    char pp_path[4096];
-    snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", model_dir);
-    if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-        st = caprl_preprocess_config_load(pp, pp_path, err);
+    if (st == CAPRL_OK) {
+        st = load_preprocess_config(model_dir, pp, err);
     }
     int32_t out_w = 0, out_h = 0;
     if (st == CAPRL_OK &&
@@ -567,6 +593,26 @@ void tool_keyset_free(tool_keyset *s) {
     memset(s, 0, sizeof *s);
 }
 
+void tool_pending_images(const char *cmd, const tool_image_list *items, char *const *keys, tool_keyset *done,
+                         bool sharded, long shard_i, long shard_k, const char *out_path, const char *verb,
+                         tool_image_item ***todo, int64_t *n_todo) {
+    *todo = malloc((size_t)(items->n > 0 ? items->n : 1) * sizeof **todo);
+    *n_todo = 0;
+    int64_t n_shard = 0;
+    for (int64_t i = shard_i; i < items->n; i += shard_k) {
+        n_shard++;
+        if (!tool_keyset_has(done, keys ? keys[i] : items->items[i].image)) {
+            (*todo)[(*n_todo)++] = &items->items[i];
+        }
+    }
+    fprintf(stderr, "caprl %s: %lld images in the list", cmd, (long long)items->n);
+    if (sharded) {
+        fprintf(stderr, ", %lld in shard %ld/%ld", (long long)n_shard, shard_i, shard_k);
+    }
+    fprintf(stderr, ", %lld already in %s, %lld to %s\n", (long long)(n_shard - *n_todo), out_path,
+            (long long)*n_todo, verb);
+}
+
 /* ---- progress ----------------------------------------------------------------------------------------------- */
 
 void tool_progress_start(tool_progress *p, const char *cmd, const char *unit, const char *rate_unit, int64_t total) {
@@ -608,6 +654,56 @@ void tool_progress_show(tool_progress *p, bool final) {
 
 const char *tool_finish_name(int32_t finish) {
     return finish == CAPRL_FINISH_EOS ? "eos" : finish == CAPRL_FINISH_LENGTH ? "length" : "aborted";
+}
+
+void tool_samples_init(tool_samples *s, int32_t n_sequences, int32_t per_prompt, int32_t cap) {
+    s->per_prompt = per_prompt;
+    s->cap = cap;
+    s->tokens = calloc((size_t)n_sequences, sizeof(int32_t *));
+    s->n = calloc((size_t)n_sequences, sizeof(int32_t));
+    for (int32_t i = 0; i < n_sequences; i++) {
+        s->tokens[i] = malloc((size_t)cap * sizeof(int32_t));
+    }
+}
+
+void tool_samples_free(tool_samples *s, int32_t n_sequences) {
+    for (int32_t i = 0; i < n_sequences; i++) {
+        free(s->tokens[i]);
+    }
+    free(s->tokens);
+    free(s->n);
+}
+
+bool tool_samples_collect(int32_t prompt, int32_t sample, int32_t token, void *user_data) {
+    tool_samples *s = user_data;
+    int32_t       q = prompt * s->per_prompt + sample;
+    if (s->n[q] < s->cap) {
+        s->tokens[q][s->n[q]++] = token;
+    }
+    return true;
+}
+
+int tool_samples_to_json(const char *cmd, json_t *rec, const char *key, const caprl_tokenizer *tok,
+                         const tool_samples *s, int32_t first, int32_t count, const int32_t *finish, char **buf,
+                         size_t *cap) {
+    json_t *texts = json_array(), *ntok = json_array(), *fin = json_array();
+    int     rc = 0;
+    for (int32_t q = first; q < first + count && rc == 0; q++) {
+        int32_t     n_text = s->n[q] - (finish[q] == CAPRL_FINISH_EOS ? 1 : 0);
+        size_t      len = 0;
+        caprl_error err = {0};
+        if (tool_decode_text(tok, s->tokens[q], n_text, buf, cap, &len, &err) != CAPRL_OK) {
+            rc = tool_fail(cmd, err.code, err.msg);
+            break;
+        }
+        json_array_append_new(texts, json_stringn(*buf, len));
+        json_array_append_new(ntok, json_integer(n_text));
+        json_array_append_new(fin, json_string(tool_finish_name(finish[q])));
+    }
+    json_object_set_new(rec, key, texts);
+    json_object_set_new(rec, "tokens", ntok);
+    json_object_set_new(rec, "finish", fin);
+    return rc;
 }
 
 caprl_status tool_decode_text(const caprl_tokenizer *tok, const int32_t *ids, int32_t n, char **buf, size_t *cap,

@@ -28,6 +28,13 @@ int tool_parse_ids(const char *cmd, const char *what, const char *text, int32_t 
 /* Loads a model directory with n_threads, mapping errors to exit codes (0 on success). */
 int tool_load_model(const char *cmd, const char *dir, int32_t n_threads, caprl_model **out);
 
+/* A Qwen2.5-VL checkpoint for captioning: the language model (it must have a tokenizer), the vision tower, and the
+ * image processor settings (DIR/preprocessor_config.json, or the Qwen2.5-VL defaults) with resize_variant. role
+ * names the checkpoint in the error ("checkpoint", "captioner"). Returns the exit code; on failure the caller frees
+ * what was loaded (NULL otherwise). */
+int tool_load_vlm(const char *cmd, const char *role, const char *dir, int32_t n_threads, int32_t resize_variant,
+                  caprl_model **model, caprl_vision **vision, caprl_preprocess_config *pp);
+
 /* For one image with a Qwen2.5-VL checkpoint: decodes image_path (alpha: CAPRL_ALPHA_*), loads the vision tower
  * of model_dir and its preprocessor_config.json (Qwen2.5-VL defaults when absent), and checks that the processor
  * accepts the image's size (the error then names the file). On failure everything is released. */
@@ -56,6 +63,24 @@ int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha);
 
 /* "eos", "length" or "aborted": a generation's finish code (CAPRL_FINISH_*) as the output files spell it. */
 const char *tool_finish_name(int32_t finish);
+
+/* Generated token sequences, n_sequences of at most cap tokens, sequence s = prompt * per_prompt + sample. */
+typedef struct tool_samples {
+    int32_t   per_prompt, cap;
+    int32_t **tokens;
+    int32_t  *n;
+} tool_samples;
+
+void tool_samples_init(tool_samples *s, int32_t n_sequences, int32_t per_prompt, int32_t cap);
+void tool_samples_free(tool_samples *s, int32_t n_sequences);
+/* The generation token callback that fills a tool_samples (its user data). */
+bool tool_samples_collect(int32_t prompt, int32_t sample, int32_t token, void *user_data);
+/* Sets rec's key to the texts of sequences first .. first + count - 1 (special tokens skipped, the end-of-sequence
+ * token left out), "tokens" to their token counts and "finish" to how each ended. buf/cap is the caller's decode
+ * buffer. Returns an exit code. */
+int tool_samples_to_json(const char *cmd, json_t *rec, const char *key, const caprl_tokenizer *tok,
+                         const tool_samples *s, int32_t first, int32_t count, const int32_t *finish, char **buf,
+                         size_t *cap);
 
 /* The text of ids, special tokens skipped (ids without a token, which a sampling model can draw from the padding rows
  * of its vocabulary, decode to nothing), into *buf (malloc'd, grown to *cap bytes as needed); *len its length. */
@@ -130,6 +155,13 @@ typedef struct tool_keyset {
 void tool_keyset_add(tool_keyset *s, const char *key); /* copies key */
 bool tool_keyset_has(tool_keyset *s, const char *key); /* sorts on first use after adds */
 void tool_keyset_free(tool_keyset *s);
+
+/* This shard's pending images: list positions i with i % shard_k == shard_i whose key (keys[i], or the item's
+ * image when keys is NULL) is not in done, in list order, in a new array *todo (free it). Prints "caprl CMD: N
+ * images in the list[, S in shard i/k], D already in OUT, T to VERB". */
+void tool_pending_images(const char *cmd, const tool_image_list *items, char *const *keys, tool_keyset *done,
+                         bool sharded, long shard_i, long shard_k, const char *out_path, const char *verb,
+                         tool_image_item ***todo, int64_t *n_todo);
 
 /* Progress on stderr: a bar redrawn in place on a terminal; otherwise (a log file) the first update, then a plain
  * line "caprl <cmd>: done/total <unit>, <rate> <rate_unit>, ETA ..." every 10 s and the total at the end. */

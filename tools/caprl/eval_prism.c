@@ -297,54 +297,6 @@ static int scan_captions(prism *p, const char *path, int fd) {
     return tool_jsonl_scan(CMD, path, fd, "image", JSON_STRING, "captions record", scan_record, &s);
 }
 
-typedef struct gen_buf {
-    int32_t   per_prompt, cap; /* sequences per prompt, tokens per sequence */
-    int32_t **tokens;
-    int32_t  *n;
-} gen_buf;
-
-static bool collect_token(int32_t prompt, int32_t sample, int32_t token, void *ud) {
-    gen_buf *g = ud;
-    int32_t  s = prompt * g->per_prompt + sample;
-    if (g->n[s] < g->cap) {
-        g->tokens[s][g->n[s]++] = token;
-    }
-    return true;
-}
-
-static void gen_buf_init(gen_buf *g, int32_t n_sequences, int32_t n_per_prompt, int32_t cap) {
-    g->per_prompt = n_per_prompt;
-    g->cap = cap;
-    g->tokens = calloc((size_t)n_sequences, sizeof(int32_t *));
-    g->n = calloc((size_t)n_sequences, sizeof(int32_t));
-    for (int32_t i = 0; i < n_sequences; i++) {
-        g->tokens[i] = malloc((size_t)cap * sizeof(int32_t));
-    }
-}
-
-static void gen_buf_free(gen_buf *g, int32_t n_sequences) {
-    for (int32_t i = 0; i < n_sequences; i++) {
-        free(g->tokens[i]);
-    }
-    free(g->tokens);
-    free(g->n);
-}
-
-/* Decoded text, special tokens skipped, as a JSON string. */
-static json_t *decode_json(const caprl_tokenizer *tok, const int32_t *ids, int32_t n, caprl_error *err) {
-    size_t len = 0;
-    if (caprl_tokenizer_decode(tok, ids, n, true, NULL, 0, &len, err) != CAPRL_OK) {
-        return NULL;
-    }
-    char *buf = malloc(len + 1);
-    if (caprl_tokenizer_decode(tok, ids, n, true, buf, len + 1, &len, err) != CAPRL_OK) {
-        free(buf);
-        return NULL;
-    }
-    json_t *j = json_stringn(buf, len);
-    free(buf);
-    return j;
-}
 
 typedef struct stage1 {
     caprl_model              *model;
@@ -355,6 +307,8 @@ typedef struct stage1 {
     caprl_context            *ctx;
     FILE                     *out;
     tool_progress             prog;
+    char                     *text; /* decode buffer */
+    size_t                    text_cap;
 } stage1;
 
 static json_t *caption_error_record(const image_entry *im, const char *msg) {
@@ -370,8 +324,8 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
     caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
     int32_t           ns = count * p->n;
     int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
-    gen_buf           g;
-    gen_buf_init(&g, ns, p->n, s->gp.max_new_tokens);
+    tool_samples      g;
+    tool_samples_init(&g, ns, p->n, s->gp.max_new_tokens);
     for (int32_t i = 0; i < count; i++) {
         reqs[i].image = &imgs[i];
         reqs[i].prompt = instruction ? instruction : CAPTION_TEXT;
@@ -386,7 +340,7 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
         pp.fetch_max_pixels = p->images[us[0]].max_pixels;
     }
     caprl_error  err = {0};
-    caprl_status st = caprl_vl_generate(s->model, s->vision, &pp, reqs, count, &s->gp, &s->ctx, collect_token, &g,
+    caprl_status st = caprl_vl_generate(s->model, s->vision, &pp, reqs, count, &s->gp, &s->ctx, tool_samples_collect, &g,
                                         finish, NULL, &err);
     int rc = 0;
     if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
@@ -405,22 +359,8 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
             } else {
                 rec = json_object();
                 json_object_set_new(rec, "image", json_string(p->images[us[i]].raw));
-                json_t *caps = json_array(), *ntok = json_array(), *fin = json_array();
-                for (int32_t k = 0; k < p->n && rc == 0; k++) {
-                    int32_t q = i * p->n + k;
-                    int32_t n_text = g.n[q] - (finish[q] == CAPRL_FINISH_EOS ? 1 : 0);
-                    json_t *text = decode_json(tok, g.tokens[q], n_text, &err);
-                    if (!text) {
-                        rc = tool_fail(CMD, err.code, err.msg);
-                        break;
-                    }
-                    json_array_append_new(caps, text);
-                    json_array_append_new(ntok, json_integer(n_text));
-                    json_array_append_new(fin, json_string(tool_finish_name(finish[q])));
-                }
-                json_object_set_new(rec, "captions", caps);
-                json_object_set_new(rec, "tokens", ntok);
-                json_object_set_new(rec, "finish", fin);
+                rc = tool_samples_to_json(CMD, rec, "captions", tok, &g, i * p->n, p->n, finish, &s->text,
+                                          &s->text_cap);
             }
             if (rc) {
                 json_decref(rec);
@@ -431,7 +371,7 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
             s->prog.done++;
         }
     }
-    gen_buf_free(&g, ns);
+    tool_samples_free(&g, ns);
     free(finish);
     free(reqs);
     return rc;
@@ -479,29 +419,15 @@ static int run_stage1(prism *p, const stage1_opts *o) {
     caprl_status st = CAPRL_OK;
     memset(&s, 0, sizeof s);
     if (rc == 0 && n_todo > 0) {
-        rc = tool_load_model(CMD, o->captioner, o->threads, &s.model);
-        if (rc == 0 && (!caprl_model_config(s.model)->is_vl || !caprl_model_tokenizer(s.model))) {
-            fprintf(stderr, "caprl %s: error: %s: the captioner must be a Qwen2.5-VL model with a tokenizer.json\n",
-                    CMD, o->captioner);
-            rc = EXIT_DATA;
-        }
+        /* the release reads images with qwen-vl-utils (process_vision_info): pipeline B, alpha on white */
+        rc = tool_load_vlm(CMD, "captioner", o->captioner, o->threads, CAPRL_RESIZE_QWEN_VL_UTILS, &s.model, &s.vision,
+                           &s.pp);
         char *rendered = NULL;
         if (rc == 0 && (st = caprl_vl_render_prompt(CAPTION_TEXT, 1, "", &rendered, &err)) == CAPRL_OK &&
             strcmp(rendered, CAPRL_PRISM_CAPTION_PROMPT) != 0) {
             st = tool_set_error(&err, CAPRL_ERR_UNSUPPORTED, "the caption prompt renders unlike the release's");
         }
         caprl_free(rendered);
-        if (rc == 0 && st == CAPRL_OK) {
-            st = caprl_vision_load(&s.vision, o->captioner, o->threads, &err);
-        }
-        char pp_path[4096];
-        snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", o->captioner);
-        s.pp = caprl_preprocess_config_default();
-        if (rc == 0 && st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-            st = caprl_preprocess_config_load(&s.pp, pp_path, &err);
-        }
-        /* the release reads images with qwen-vl-utils (process_vision_info): pipeline B, alpha on white */
-        s.pp.resize_variant = CAPRL_RESIZE_QWEN_VL_UTILS;
         if (rc == 0 && st != CAPRL_OK) {
             rc = tool_fail(CMD, st, err.msg);
         }
@@ -575,6 +501,7 @@ static int run_stage1(prism *p, const stage1_opts *o) {
     caprl_context_free(s.ctx);
     caprl_vision_free(s.vision);
     caprl_model_free(s.model);
+    free(s.text);
     free(todo);
     free(own);
     return rc;
@@ -640,6 +567,8 @@ typedef struct stage2 {
     FILE                 *out;
     tool_progress         prog;
     int64_t               no_placeholder; /* items whose prompt has no image placeholder */
+    char                 *text;           /* decode buffer */
+    size_t                text_cap;
 } stage2;
 
 static caprl_status ensure_context(stage2 *s, int32_t n_seq, int64_t n_ctx, caprl_error *err) {
@@ -670,8 +599,8 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
     int64_t               *lens = calloc((size_t)np, sizeof *lens);
     uint64_t              *streams = calloc((size_t)np, sizeof *streams);
     int32_t               *finish = calloc((size_t)np, sizeof *finish);
-    gen_buf                g;
-    gen_buf_init(&g, np, 1, s->gp.max_new_tokens);
+    tool_samples           g;
+    tool_samples_init(&g, np, 1, s->gp.max_new_tokens);
     caprl_error  err = {0};
     caprl_status st = CAPRL_OK;
     int64_t      longest = 0;
@@ -710,7 +639,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
     if (st == CAPRL_OK) {
         caprl_generate_params gp = s->gp;
         gp.prompt_streams = streams;
-        st = caprl_generate(s->ctx, (const int32_t *const *)ids, lens, np, NULL, &gp, collect_token, &g, finish, NULL,
+        st = caprl_generate(s->ctx, (const int32_t *const *)ids, lens, np, NULL, &gp, tool_samples_collect, &g, finish, NULL,
                             &err);
     }
     int rc = st != CAPRL_OK ? tool_fail(CMD, st, err.msg) : 0;
@@ -718,22 +647,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
         json_t *rec = json_object();
         json_object_set_new(rec, "index", json_integer(items[i]));
         json_object_set_new(rec, "id", json_string(p->bench.items[items[i]].id));
-        json_t *outs = json_array(), *ntok = json_array(), *fin = json_array();
-        for (int32_t k = 0; k < p->n && rc == 0; k++) {
-            int32_t q = i * p->n + k;
-            int32_t n_text = g.n[q] - (finish[q] == CAPRL_FINISH_EOS ? 1 : 0);
-            json_t *text = decode_json(tok, g.tokens[q], n_text, &err);
-            if (!text) {
-                rc = tool_fail(CMD, err.code, err.msg);
-                break;
-            }
-            json_array_append_new(outs, text);
-            json_array_append_new(ntok, json_integer(n_text));
-            json_array_append_new(fin, json_string(tool_finish_name(finish[q])));
-        }
-        json_object_set_new(rec, "outputs", outs);
-        json_object_set_new(rec, "tokens", ntok);
-        json_object_set_new(rec, "finish", fin);
+        rc = tool_samples_to_json(CMD, rec, "outputs", tok, &g, i * p->n, p->n, finish, &s->text, &s->text_cap);
         if (rc) {
             json_decref(rec);
             break;
@@ -745,7 +659,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
     for (int32_t q = 0; q < np; q++) {
         free(ids[q]);
     }
-    gen_buf_free(&g, np);
+    tool_samples_free(&g, np);
     free(ids);
     free(lens);
     free(streams);
@@ -867,6 +781,7 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
     }
     caprl_context_free(s.ctx);
     caprl_model_free(s.model);
+    free(s.text);
     free(todo);
     free(own);
     return rc;

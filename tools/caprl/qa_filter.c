@@ -390,25 +390,9 @@ int cmd_qa_filter(int argc, char **argv) {
     }
     first_q[set.n_images] = g;
 
-    rc = tool_load_model(info.name, vlm_dir, threads, &r.model);
-    if (rc == 0 && (!caprl_model_config(r.model)->is_vl || !caprl_model_tokenizer(r.model))) {
-        fprintf(stderr, "caprl %s: error: %s: the checkpoint must be a Qwen2.5-VL model with a tokenizer.json\n", CMD,
-                vlm_dir);
-        rc = EXIT_DATA;
-    }
-    if (rc == 0) {
-        st = caprl_vision_load(&r.vision, vlm_dir, threads, &err);
-        char pp_path[4096];
-        snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", vlm_dir);
-        r.pp = caprl_preprocess_config_default();
-        if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-            st = caprl_preprocess_config_load(&r.pp, pp_path, &err);
-        }
-        r.pp.resize_variant = r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
-        if (st != CAPRL_OK) {
-            rc = tool_fail(info.name, st, err.msg);
-        }
-    }
+    rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads,
+                       r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF, &r.model,
+                       &r.vision, &r.pp);
     if (rc == 0) {
         r.gp = caprl_generate_default_params();
         r.gp.n_samples = 1;

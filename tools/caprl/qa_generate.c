@@ -255,49 +255,17 @@ int cmd_qa_generate(int argc, char **argv) {
                              &done);
     }
     tool_image_item **todo = NULL;
-    int64_t           n_todo = 0, n_shard = 0;
-    if (rc == 0 && items.n > 0) {
-        todo = malloc((size_t)items.n * sizeof *todo);
-    }
-    for (int64_t i = 0; rc == 0 && i < items.n; i++) {
-        if (i % shard_k != shard_i) {
-            continue;
-        }
-        n_shard++;
-        if (!tool_keyset_has(&done, r.keys[i])) {
-            todo[n_todo++] = &items.items[i];
-        }
-    }
+    int64_t           n_todo = 0;
     if (rc == 0) {
-        fprintf(stderr, "caprl %s: %lld images in the list", CMD, (long long)items.n);
-        if (shard) {
-            fprintf(stderr, ", %lld in shard %ld/%ld", (long long)n_shard, shard_i, shard_k);
-        }
-        fprintf(stderr, ", %lld already in %s, %lld to do\n", (long long)(n_shard - n_todo), out_path,
-                (long long)n_todo);
+        tool_pending_images(CMD, &items, r.keys, &done, shard != NULL, shard_i, shard_k, out_path, "do", &todo,
+                            &n_todo);
     }
     caprl_error  err = {0};
     caprl_status st = CAPRL_OK;
     if (rc == 0 && n_todo > 0) {
-        rc = tool_load_model(info.name, vlm_dir, threads, &r.model);
-        if (rc == 0 && (!caprl_model_config(r.model)->is_vl || !caprl_model_tokenizer(r.model))) {
-            fprintf(stderr, "caprl %s: error: %s: the checkpoint must be a Qwen2.5-VL model with a tokenizer.json\n",
-                    CMD, vlm_dir);
-            rc = EXIT_DATA;
-        }
-        if (rc == 0) {
-            st = caprl_vision_load(&r.vision, vlm_dir, threads, &err);
-            char pp_path[4096];
-            snprintf(pp_path, sizeof pp_path, "%s/preprocessor_config.json", vlm_dir);
-            r.pp = caprl_preprocess_config_default();
-            if (st == CAPRL_OK && access(pp_path, F_OK) == 0) {
-                st = caprl_preprocess_config_load(&r.pp, pp_path, &err);
-            }
-            r.pp.resize_variant = r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
-            if (st != CAPRL_OK) {
-                rc = tool_fail(info.name, st, err.msg);
-            }
-        }
+        rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads,
+                           r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF, &r.model,
+                           &r.vision, &r.pp);
     }
     if (rc == 0 && n_todo > 0) {
         r.out = fdopen(out_fd, "ab");
