@@ -143,25 +143,9 @@ static CAPRL_AVX2 void attn_unit_avx2(const attn_task *t, int64_t m, int64_t h, 
     for (; i < n; i++) {
         scores_avx2(1, sc + i, qv, kb + i * stride, stride, D, t->scale);
     }
-    float mx = -INFINITY;
-    for (i = 0; i < n; i++) {
-        mx = sc[i] > mx ? sc[i] : mx;
-    }
-    __m256 mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
-    int64_t n8 = n & ~(int64_t)7;
-    for (i = 0; i < n8; i += 8) {
-        __m256 p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + i), mxv));
-        _mm256_storeu_ps(sc + i, p);
-        sumv = _mm256_add_ps(sumv, p);
-    }
-    if (n8 < n) {
-        __m256i mask = caprl_mask8_avx2(n - n8);
-        __m256  p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_maskload_ps(sc + n8, mask), mxv));
-        p = _mm256_and_ps(p, _mm256_castsi256_ps(mask));
-        _mm256_maskstore_ps(sc + n8, mask, p);
-        sumv = _mm256_add_ps(sumv, p);
-    }
-    float   inv = n > 0 ? 1.0f / caprl_hsum8_avx2(sumv) : 0.0f;
+    float   mx;
+    float   sum = caprl_softmax_numerators_avx2(sc, n, &mx);
+    float   inv = n > 0 ? 1.0f / sum : 0.0f;
     int64_t d = 0, d8 = D & ~(int64_t)7;
     __m256i none = _mm256_setzero_si256();
     for (; d + 64 <= d8; d += 64) {

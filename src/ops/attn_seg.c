@@ -157,37 +157,6 @@ static CAPRL_AVX2_INLINE void scores_panel_avx2(float *sc, int64_t lp, const flo
     }
 }
 
-/* Softmax numerators of one score row in place (zeros up to the next multiple of 8); returns 1 / sum. */
-static CAPRL_AVX2_INLINE float softmax_row_avx2(float *row, int64_t L) {
-    int64_t L8 = L & ~(int64_t)7;
-    __m256  mv = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < L8; i += 8) { /* a maximum is exact: any grouping gives the same value */
-        mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
-    }
-    float mt[8];
-    _mm256_storeu_ps(mt, mv);
-    float mx = -INFINITY;
-    for (int i = 0; i < 8; i++) {
-        mx = mt[i] > mx ? mt[i] : mx;
-    }
-    for (int64_t i = L8; i < L; i++) {
-        mx = row[i] > mx ? row[i] : mx;
-    }
-    __m256 mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
-    for (int64_t i = 0; i < L8; i += 8) {
-        __m256 p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + i), mxv));
-        _mm256_storeu_ps(row + i, p);
-        sumv = _mm256_add_ps(sumv, p);
-    }
-    if (L8 < L) {
-        __m256i m = caprl_mask8_avx2(L - L8);
-        __m256  p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_maskload_ps(row + L8, m), mxv));
-        p = _mm256_and_ps(p, _mm256_castsi256_ps(m));
-        _mm256_storeu_ps(row + L8, p);
-        sumv = _mm256_add_ps(sumv, p);
-    }
-    return 1.0f / caprl_hsum8_avx2(sumv);
-}
 
 /* ob[q][0 .. 8 nv) += sum_{i in [i0, i1)} p_q,i v_i[0 .. 8 nv) for 4 queries, one chain per element. */
 static CAPRL_AVX2_INLINE void pv4_avx2(const int nv, const bool masked, __m256i m, float *ob, int64_t ostride,
@@ -261,7 +230,8 @@ static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *t
         }
     }
     for (int q = 0; q < SEG_TQ; q++) {
-        inv[q] = softmax_row_avx2(sc + q * lp, L);
+        float mx;
+        inv[q] = 1.0f / caprl_softmax_numerators_avx2(sc + q * lp, L, &mx);
     }
     memset(ob, 0, (size_t)(SEG_TQ * D) * sizeof(float));
     for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {

@@ -200,38 +200,11 @@ static CAPRL_AVX2 void p_ds_row_avx2(float *p, float *dp, int64_t n, int64_t lim
 
 /* Softmax numerators of a score row in place over [0, lim) (zeros on [lim, n)); returns the max and the sum. */
 static CAPRL_AVX2 float softmax_row_avx2(float *row, int64_t n, int64_t lim, float *mx_out) {
-    int64_t L8 = lim & ~(int64_t)7;
-    __m256  mv = _mm256_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < L8; i += 8) {
-        mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
-    }
-    float mt[8];
-    _mm256_storeu_ps(mt, mv);
-    float mx = -INFINITY;
-    for (int i = 0; i < 8; i++) {
-        mx = mt[i] > mx ? mt[i] : mx;
-    }
-    for (int64_t i = L8; i < lim; i++) {
-        mx = row[i] > mx ? row[i] : mx;
-    }
-    __m256 mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
-    for (int64_t i = 0; i < L8; i += 8) {
-        __m256 p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + i), mxv));
-        _mm256_storeu_ps(row + i, p);
-        sumv = _mm256_add_ps(sumv, p);
-    }
-    if (L8 < lim) {
-        __m256i m = caprl_mask8_avx2(lim - L8);
-        __m256  p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_maskload_ps(row + L8, m), mxv));
-        p = _mm256_and_ps(p, _mm256_castsi256_ps(m));
-        _mm256_maskstore_ps(row + L8, m, p);
-        sumv = _mm256_add_ps(sumv, p);
-    }
+    float sum = caprl_softmax_numerators_avx2(row, lim, mx_out);
     for (int64_t i = lim; i < n; i++) {
         row[i] = 0.0f;
     }
-    *mx_out = mx;
-    return caprl_hsum8_avx2(sumv);
+    return sum;
 }
 
 /* Dot product with 8 lanes and one tree (Dlt). */

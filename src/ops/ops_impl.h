@@ -277,6 +277,41 @@ static CAPRL_AVX2_INLINE __m256i caprl_mask8_avx2(int64_t r) {
     static const int32_t tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     return _mm256_loadu_si256((const __m256i *)(tab + 8 - r));
 }
+
+/* Softmax numerators exp(x - max) of row[0, n) in place (nothing past n is written); returns their sum (8 lane
+ * chains, then caprl_hsum8_avx2) and the max in *mx_out (-inf and 0 for n = 0). Every attention kernel uses this
+ * one, so forward, segmented and training attention agree bit for bit. */
+static CAPRL_AVX2_INLINE float caprl_softmax_numerators_avx2(float *row, int64_t n, float *mx_out) {
+    int64_t n8 = n & ~(int64_t)7;
+    __m256  mv = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < n8; i += 8) { /* a maximum is exact: any grouping gives the same value */
+        mv = _mm256_max_ps(mv, _mm256_loadu_ps(row + i));
+    }
+    float mt[8];
+    _mm256_storeu_ps(mt, mv);
+    float mx = -INFINITY;
+    for (int i = 0; i < 8; i++) {
+        mx = mt[i] > mx ? mt[i] : mx;
+    }
+    for (int64_t i = n8; i < n; i++) {
+        mx = row[i] > mx ? row[i] : mx;
+    }
+    __m256 mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) {
+        __m256 p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + i), mxv));
+        _mm256_storeu_ps(row + i, p);
+        sumv = _mm256_add_ps(sumv, p);
+    }
+    if (n8 < n) {
+        __m256i m = caprl_mask8_avx2(n - n8);
+        __m256  p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_maskload_ps(row + n8, m), mxv));
+        p = _mm256_and_ps(p, _mm256_castsi256_ps(m));
+        _mm256_maskstore_ps(row + n8, m, p);
+        sumv = _mm256_add_ps(sumv, p);
+    }
+    *mx_out = mx;
+    return caprl_hsum8_avx2(sumv);
+}
 #endif
 
 #endif /* CAPRL_OPS_IMPL_H */

@@ -55,32 +55,7 @@ caprl_bpe_train_params caprl_bpe_train_default_params(void) {
         .vocab_size = 32000, .min_frequency = 2, .qwen_added = true, .specials = NULL, .n_specials = 0};
 }
 
-/* ---- byte-level alphabet (spec/qwen.md §5.4) ---------------------------------------------------------------- */
 
-/* Bytes 21-7E, A1-AC, AE-FF stand for themselves; the other 68 map, in byte order, to U+0100..U+0143. */
-static uint32_t byte_to_cp(uint32_t b) {
-    if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE) {
-        return b;
-    }
-    if (b <= 0x20) {
-        return 0x100 + b;
-    }
-    if (b <= 0xA0) {
-        return 0x121 + (b - 0x7F);
-    }
-    return 0x143; /* 0xAD */
-}
-
-/* UTF-8 of a byte-level symbol (at most U+0143: one or two bytes). */
-static size_t utf8_put(uint32_t cp, uint8_t *out) {
-    if (cp < 0x80) {
-        out[0] = (uint8_t)cp;
-        return 1;
-    }
-    out[0] = (uint8_t)(0xC0 | (cp >> 6));
-    out[1] = (uint8_t)(0x80 | (cp & 0x3F));
-    return 2;
-}
 
 /* ---- growable arrays ---------------------------------------------------------------------------------------- */
 
@@ -674,7 +649,7 @@ static caprl_status best_pair(trainer *t, int32_t *best, caprl_error *err) {
 static caprl_status init_tokens(trainer *t, caprl_error *err) {
     uint32_t cp[256];
     for (uint32_t b = 0; b < 256; b++) {
-        cp[b] = byte_to_cp(b);
+        cp[b] = caprl_byte_level_cp(b);
     }
     uint8_t by_id[256];
     for (uint32_t b = 0; b < 256; b++) {
@@ -841,7 +816,7 @@ static caprl_status token_string(trainer *t, int32_t id, const char **out, caprl
     const uint8_t *p = strtab_str(&t->toks, id);
     size_t         o = 0;
     for (uint32_t i = 0; i < n; i++) {
-        o += utf8_put(byte_to_cp(p[i]), buf + o);
+        o += caprl_utf8_put(caprl_byte_level_cp(p[i]), buf + o);
     }
     buf[o] = '\0';
     *out   = (const char *)buf;
@@ -865,7 +840,7 @@ static caprl_status check_added_vs_vocab(trainer *t, caprl_error *err) {
             utf8proc_ssize_t len = utf8proc_iterate(s + j, (utf8proc_ssize_t)(n - j), &cp);
             byte_lv              = false;
             for (uint32_t b = 0; b < 256 && len > 0 && !byte_lv; b++) {
-                if (byte_to_cp(b) == (uint32_t)cp) {
+                if (caprl_byte_level_cp(b) == (uint32_t)cp) {
                     raw[o++] = (uint8_t)b;
                     byte_lv  = true;
                 }

@@ -21,44 +21,7 @@
 static const char k_qwen2_regex[] = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
                                     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-/* ---- byte-level alphabet (spec/qwen.md §5.4) ---------------------------------------------------------------- */
 
-/* Bytes 21-7E, A1-AC, AE-FF stand for themselves; the other 68 map, in byte order, to U+0100..U+0143. */
-static uint32_t byte_to_cp(uint32_t b) {
-    if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE) {
-        return b;
-    }
-    if (b <= 0x20) {
-        return 0x100 + b;
-    }
-    if (b <= 0xA0) {
-        return 0x121 + (b - 0x7F);
-    }
-    return 0x143; /* 0xAD */
-}
-
-static size_t utf8_put(uint32_t cp, uint8_t *out) {
-    if (cp < 0x80) {
-        out[0] = (uint8_t)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        out[0] = (uint8_t)(0xC0 | (cp >> 6));
-        out[1] = (uint8_t)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        out[0] = (uint8_t)(0xE0 | (cp >> 12));
-        out[1] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F));
-        out[2] = (uint8_t)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    out[0] = (uint8_t)(0xF0 | (cp >> 18));
-    out[1] = (uint8_t)(0x80 | ((cp >> 12) & 0x3F));
-    out[2] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F));
-    out[3] = (uint8_t)(0x80 | (cp & 0x3F));
-    return 4;
-}
 
 /* ---- string -> id map --------------------------------------------------------------------------------------- */
 
@@ -453,7 +416,7 @@ static caprl_status load_tokens(caprl_tokenizer *t, const json_t *vocab, const j
 static caprl_status load_byte_ids(caprl_tokenizer *t, const char *name, caprl_error *err) {
     for (uint32_t b = 0; b < 256; b++) {
         uint8_t buf[4];
-        size_t  n    = utf8_put(byte_to_cp(b), buf);
+        size_t  n    = caprl_utf8_put(caprl_byte_level_cp(b), buf);
         t->byte_id[b] = model_find(t, (const char *)buf, n);
         if (t->byte_id[b] < 0) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s: model.vocab: no token for byte 0x%02X (\"%.*s\"); not "
@@ -566,7 +529,7 @@ static caprl_status build_bytes(caprl_tokenizer *t, const char *name, caprl_erro
         inv[i] = -1;
     }
     for (uint32_t b = 0; b < 256; b++) {
-        inv[byte_to_cp(b)] = (int16_t)b;
+        inv[caprl_byte_level_cp(b)] = (int16_t)b;
     }
     size_t total = 0;
     for (int32_t id = 0; id < t->n_tokens; id++) {

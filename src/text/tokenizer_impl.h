@@ -34,6 +34,12 @@ size_t caprl_utf8_validate(const uint8_t *s, size_t n);
  * NUL when cap > 0; returns the full length. */
 size_t caprl_utf8_repair(const uint8_t *s, size_t n, char *out, size_t cap);
 
+/* UTF-8 of code point cp (at most U+10FFFF) into out[0..4); returns its length. */
+size_t caprl_utf8_put(uint32_t cp, uint8_t *out);
+
+/* The byte-level alphabet (spec/qwen.md §5.4): the code point that stands for byte b in tokens. */
+uint32_t caprl_byte_level_cp(uint32_t b);
+
 /* ---- layout shared by tokenizer.c (loading) and tok_codec.c (encoding, decoding) ---------------------------- */
 
 enum { CAPRL_TOK_VOCAB = 1, CAPRL_TOK_ADDED = 2, CAPRL_TOK_SPECIAL = 4 };

@@ -1,4 +1,4 @@
-/* UTF-8 validation and lossy repair by Unicode's well-formedness table (Unicode 15 §3.9, Table 3-7).
+/* UTF-8 encoding, the byte-level alphabet, and validation and lossy repair by Unicode's well-formedness table (Unicode 15 §3.9, Table 3-7).
  * Repair substitutes one U+FFFD per maximal subpart of an ill-formed sequence (Unicode §3.9.6, "U+FFFD Substitution
  * of Maximal Subparts"), the practice of Python's bytes.decode(errors="replace"), Rust's from_utf8_lossy and the
  * WHATWG decoder, so caprl decodes token bytes exactly as Hugging Face does. */
@@ -90,4 +90,41 @@ size_t caprl_utf8_repair(const uint8_t *s, size_t n, char *out, size_t cap) {
         out[o < cap - 1 ? o : cap - 1] = '\0';
     }
     return o;
+}
+
+/* Bytes 21-7E, A1-AC, AE-FF stand for themselves; the other 68 map, in byte order, to U+0100..U+0143. */
+uint32_t caprl_byte_level_cp(uint32_t b) {
+    if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE) {
+        return b;
+    }
+    if (b <= 0x20) {
+        return 0x100 + b;
+    }
+    if (b <= 0xA0) {
+        return 0x121 + (b - 0x7F);
+    }
+    return 0x143; /* 0xAD */
+}
+
+size_t caprl_utf8_put(uint32_t cp, uint8_t *out) {
+    if (cp < 0x80) {
+        out[0] = (uint8_t)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        out[0] = (uint8_t)(0xC0 | (cp >> 6));
+        out[1] = (uint8_t)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        out[0] = (uint8_t)(0xE0 | (cp >> 12));
+        out[1] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (uint8_t)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (uint8_t)(0xF0 | (cp >> 18));
+    out[1] = (uint8_t)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (uint8_t)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (uint8_t)(0x80 | (cp & 0x3F));
+    return 4;
 }
