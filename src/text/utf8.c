@@ -1,4 +1,5 @@
-/* UTF-8 encoding, the byte-level alphabet, and validation and lossy repair by Unicode's well-formedness table (Unicode 15 §3.9, Table 3-7).
+/* UTF-8 encoding, the byte-level alphabet, and validation and lossy repair by Unicode's well-formedness table
+ * (Unicode 15 §3.9, Table 3-7).
  * Repair substitutes one U+FFFD per maximal subpart of an ill-formed sequence (Unicode §3.9.6, "U+FFFD Substitution
  * of Maximal Subparts"), the practice of Python's bytes.decode(errors="replace"), Rust's from_utf8_lossy and the
  * WHATWG decoder, so caprl decodes token bytes exactly as Hugging Face does. */
