@@ -214,73 +214,14 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
     }
 }
 
-/* Row groups of 4 against the whole weight block (the group's input rows stay in L1 while the block streams
- * from L2), then single rows with 6 weight rows in flight and the next 6 prefetched (the decode path). */
-/* Where one tile of a block goes (pointers into the block's operands). */
-static CAPRL_AVX2_INLINE void at_avx2(const int mr, const int nr, const bool wbf16, const gemm_blk *b, int64_t m,
-                                      int64_t n, int64_t k0, int64_t k1, bool first, bool last, const char *pf) {
-    const int64_t esz = wbf16 ? 2 : 4;
-    tile_avx2(mr, nr, wbf16, b->out + m * b->ldo + n, b->ldo, b->in + m * b->K, b->K, k0, k1,
-              (const char *)b->w + n * b->ldw * esz, b->ldw, b->bias ? b->bias + n : NULL,
-              b->st ? b->st + (m * b->ncols + n) * 8 : NULL, b->ncols, first, last, pf);
-}
-
-/* Large blocks: each row group (inputs in L1) sweeps the weight block (in L2). Small blocks (decode batches):
- * each weight tile is read from memory once and used by every row group while it sits in L1. Leftover rows
- * run alone with 6 weight rows in flight and the next 6 prefetched. Long K runs in chunks (st != NULL). */
-static CAPRL_AVX2_INLINE void block_avx2_t(const bool wbf16, const gemm_blk *b) {
-    const int64_t esz = wbf16 ? 2 : 4, K = b->K, ncols = b->ncols;
-    const int64_t mg = b->mrows / MR_AVX2 * MR_AVX2;
-    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? caprl_ceil_div(K, KC_AVX2) : 1;
-    const int64_t kc = nkc > 1 ? caprl_round_up(caprl_ceil_div(K, nkc), 8) : K;
-    int64_t       k0 = 0;
-    do {
-        int64_t k1 = k0 + kc < K ? k0 + kc : K;
-        bool    first = k0 == 0, last = k1 == K;
-        int64_t n = 0;
-        if (b->mrows <= SMALL_M) {
-            for (; n + NR_AVX2 <= ncols; n += NR_AVX2) {
-                const char *pf =
-                    n + 2 * NR_AVX2 <= ncols ? (const char *)b->w + (n + NR_AVX2) * b->ldw * esz : NULL;
-                for (int64_t m = 0; m < mg; m += MR_AVX2) {
-                    at_avx2(MR_AVX2, NR_AVX2, wbf16, b, m, n, k0, k1, first, last, m == 0 ? pf : NULL);
-                }
-            }
-            for (; n < ncols; n++) {
-                for (int64_t m = 0; m < mg; m += MR_AVX2) {
-                    at_avx2(MR_AVX2, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
-                }
-            }
-        } else {
-            for (int64_t m = 0; m < mg; m += MR_AVX2) {
-                for (n = 0; n + NR_AVX2 <= ncols; n += NR_AVX2) {
-                    at_avx2(MR_AVX2, NR_AVX2, wbf16, b, m, n, k0, k1, first, last, NULL);
-                }
-                for (; n < ncols; n++) {
-                    at_avx2(MR_AVX2, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
-                }
-            }
-        }
-        for (int64_t m = mg; m < b->mrows; m++) {
-            for (n = 0; n + 6 <= ncols; n += 6) {
-                const char *pf = n + 12 <= ncols ? (const char *)b->w + (n + 6) * b->ldw * esz : NULL;
-                at_avx2(1, 6, wbf16, b, m, n, k0, k1, first, last, pf);
-            }
-            for (; n < ncols; n++) {
-                at_avx2(1, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
-            }
-        }
-        k0 = k1;
-    } while (k0 < K);
-}
-
-static CAPRL_AVX2 void block_avx2(const gemm_blk *b, bool wbf16) {
-    if (wbf16) {
-        block_avx2_t(true, b);
-    } else {
-        block_avx2_t(false, b);
-    }
-}
+#    define GB_ISA avx2
+#    define GB_INLINE CAPRL_AVX2_INLINE
+#    define GB_TARGET CAPRL_AVX2
+#    define GB_MR MR_AVX2
+#    define GB_NR NR_AVX2
+#    define GB_KC KC_AVX2
+#    define GB_VL 8
+#    include "backend/gemm_block.inc"
 
 static CAPRL_AVX2 void widen_avx2(float *dst, const uint16_t *src, int64_t n) {
     int64_t i = 0;
@@ -393,72 +334,14 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
     }
 }
 
-/* Where one tile of a block goes (pointers into the block's operands). */
-static CAPRL_AVX512_INLINE void at_avx512(const int mr, const int nr, const bool wbf16, const gemm_blk *b,
-                                          int64_t m, int64_t n, int64_t k0, int64_t k1, bool first, bool last,
-                                          const char *pf) {
-    const int64_t esz = wbf16 ? 2 : 4;
-    tile_avx512(mr, nr, wbf16, b->out + m * b->ldo + n, b->ldo, b->in + m * b->K, b->K, k0, k1,
-              (const char *)b->w + n * b->ldw * esz, b->ldw, b->bias ? b->bias + n : NULL,
-              b->st ? b->st + (m * b->ncols + n) * 16 : NULL, b->ncols, first, last, pf);
-}
-
-/* Large blocks: each row group (inputs in L1) sweeps the weight block (in L2). Small blocks (decode batches):
- * each weight tile is read from memory once and used by every row group while it sits in L1. Leftover rows
- * run alone with 6 weight rows in flight and the next 6 prefetched. Long K runs in chunks (st != NULL). */
-static CAPRL_AVX512_INLINE void block_avx512_t(const bool wbf16, const gemm_blk *b) {
-    const int64_t esz = wbf16 ? 2 : 4, K = b->K, ncols = b->ncols;
-    const int64_t mg = b->mrows / MR_AVX512 * MR_AVX512;
-    const int64_t nkc = b->st && K > KC_MIN_CHUNKED ? caprl_ceil_div(K, KC_AVX512) : 1;
-    const int64_t kc = nkc > 1 ? caprl_round_up(caprl_ceil_div(K, nkc), 16) : K;
-    int64_t       k0 = 0;
-    do {
-        int64_t k1 = k0 + kc < K ? k0 + kc : K;
-        bool    first = k0 == 0, last = k1 == K;
-        int64_t n = 0;
-        if (b->mrows <= SMALL_M) {
-            for (; n + NR_AVX512 <= ncols; n += NR_AVX512) {
-                const char *pf =
-                    n + 2 * NR_AVX512 <= ncols ? (const char *)b->w + (n + NR_AVX512) * b->ldw * esz : NULL;
-                for (int64_t m = 0; m < mg; m += MR_AVX512) {
-                    at_avx512(MR_AVX512, NR_AVX512, wbf16, b, m, n, k0, k1, first, last, m == 0 ? pf : NULL);
-                }
-            }
-            for (; n < ncols; n++) {
-                for (int64_t m = 0; m < mg; m += MR_AVX512) {
-                    at_avx512(MR_AVX512, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
-                }
-            }
-        } else {
-            for (int64_t m = 0; m < mg; m += MR_AVX512) {
-                for (n = 0; n + NR_AVX512 <= ncols; n += NR_AVX512) {
-                    at_avx512(MR_AVX512, NR_AVX512, wbf16, b, m, n, k0, k1, first, last, NULL);
-                }
-                for (; n < ncols; n++) {
-                    at_avx512(MR_AVX512, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
-                }
-            }
-        }
-        for (int64_t m = mg; m < b->mrows; m++) {
-            for (n = 0; n + 6 <= ncols; n += 6) {
-                const char *pf = n + 12 <= ncols ? (const char *)b->w + (n + 6) * b->ldw * esz : NULL;
-                at_avx512(1, 6, wbf16, b, m, n, k0, k1, first, last, pf);
-            }
-            for (; n < ncols; n++) {
-                at_avx512(1, 1, wbf16, b, m, n, k0, k1, first, last, NULL);
-            }
-        }
-        k0 = k1;
-    } while (k0 < K);
-}
-
-static CAPRL_AVX512 void block_avx512(const gemm_blk *b, bool wbf16) {
-    if (wbf16) {
-        block_avx512_t(true, b);
-    } else {
-        block_avx512_t(false, b);
-    }
-}
+#    define GB_ISA avx512
+#    define GB_INLINE CAPRL_AVX512_INLINE
+#    define GB_TARGET CAPRL_AVX512
+#    define GB_MR MR_AVX512
+#    define GB_NR NR_AVX512
+#    define GB_KC KC_AVX512
+#    define GB_VL 16
+#    include "backend/gemm_block.inc"
 #endif /* CAPRL_X86 */
 
 /* ---- the f32 driver ------------------------------------------------------------------------------------- */
