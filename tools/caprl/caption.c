@@ -29,13 +29,10 @@ static int collect_done(json_t *rec, const char *path, long line, void *ud) {
     return 0;
 }
 
-/* ---- generation and output --------------------------------------------------------------------------------- */
+/* ---- output records ---------------------------------------------------------------------------------------- */
 
-static int write_record(FILE *out, json_t *rec) {
-    return tool_jsonl_write("caption", out, rec);
-}
-
-static json_t *base_record(const item *it) {
+static json_t *base_record(const tool_vl_job *job, const item *it) {
+    (void)job;
     json_t *rec = json_object();
     json_object_set_new(rec, "image", json_string(it->image)); /* first, then the list's own fields */
     if (it->extra) {
@@ -44,77 +41,9 @@ static json_t *base_record(const item *it) {
     return rec;
 }
 
-/* An error record for it. */
-static json_t *error_record(const item *it, const char *msg) {
-    json_t *rec = base_record(it);
-    json_object_set_new(rec, "error", tool_image_error_text(it->path, it->image, msg));
-    return rec;
-}
-
-typedef struct run_ctx {
-    caprl_model             *model;
-    caprl_vision            *vision;
-    caprl_preprocess_config  pp;
-    caprl_image_decode_params dp;
-    caprl_generate_params    gp;
-    const char              *prompt;
-    const char              *system;
-    caprl_context           *ctx;
-    FILE                    *out;
-    tool_progress            prog;
-    char                    *text;
-    size_t                   text_cap;
-} run_ctx;
-
-/* Captions `count` decoded images and writes their records. Returns an exit code. */
-static int caption_batch(run_ctx *r, item **its, caprl_image *imgs, int32_t count) {
-    caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
-    int32_t           ns = count * r->gp.n_samples;
-    int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
-    tool_samples      col;
-    tool_samples_init(&col, ns, r->gp.n_samples, r->gp.max_new_tokens);
-    for (int32_t i = 0; i < count; i++) {
-        reqs[i].image = &imgs[i];
-        reqs[i].prompt = r->prompt;
-        reqs[i].system = r->system;
-        reqs[i].stream_id = (uint64_t)its[i]->index;
-    }
-    caprl_error  err = {0};
-    caprl_status st = caprl_vl_generate(r->model, r->vision, &r->pp, reqs, count, &r->gp, &r->ctx, tool_samples_collect, &col,
-                                        finish, NULL, &err);
-    int rc = 0;
-    if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
-        /* the machine's problem, not the images': stop without records, so a rerun captions them */
-        rc = tool_fail("caption", st, err.msg);
-    } else if (st != CAPRL_OK && count > 1) {
-        /* one image may have sunk the batch: retry each alone so the others still get captions and every record
-         * is what --batch 1 would write */
-        for (int32_t i = 0; i < count && rc == 0; i++) {
-            rc = caption_batch(r, &its[i], &imgs[i], 1);
-        }
-    } else {
-        for (int32_t i = 0; i < count && rc == 0; i++) {
-            json_t *rec;
-            if (st != CAPRL_OK) {
-                rec = error_record(its[i], err.msg);
-                r->prog.failed++;
-            } else {
-                rec = base_record(its[i]);
-                rc = tool_samples_to_json("caption", rec, "captions", caprl_model_tokenizer(r->model), &col,
-                                          i * r->gp.n_samples, r->gp.n_samples, finish, &r->text, &r->text_cap);
-            }
-            if (rc) {
-                json_decref(rec);
-                break;
-            }
-            rc = write_record(r->out, rec);
-            r->prog.done++;
-        }
-    }
-    tool_samples_free(&col, ns);
-    free(finish);
-    free(reqs);
-    return rc;
+static int add_captions(tool_vl_job *job, json_t *rec, const tool_samples *s, int32_t first, const int32_t *finish) {
+    return tool_samples_to_json(job->cmd, rec, "captions", caprl_model_tokenizer(job->model), s, first,
+                                job->gp.n_samples, finish, &job->text, &job->text_cap);
 }
 
 /* The prompt is the same for every image: a bad one (invalid UTF-8) must stop the run, not become an error
@@ -188,8 +117,9 @@ int cmd_caption(int argc, char **argv) {
     if (shard && !tool_parse_shard(shard, &shard_i, &shard_k)) {
         return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
     }
-    run_ctx r;
+    tool_vl_job r;
     memset(&r, 0, sizeof r);
+    r.cmd = info.name;
     r.dp = caprl_image_decode_default_params();
     r.dp.max_pixels = max_image_pixels;
     rc = tool_parse_alpha(info.name, alpha, &r.dp.alpha);
@@ -218,8 +148,6 @@ int cmd_caption(int argc, char **argv) {
         tool_pending_images(info.name, &items, NULL, &done, shard != NULL, shard_i, shard_k, out_path, "caption", &todo,
                             &n_todo);
     }
-    caprl_error err = {0};
-    caprl_status st = CAPRL_OK;
     if (rc == 0 && n_todo > 0) {
         if ((rc = tool_load_vlm(info.name, "checkpoint", model_dir, threads, resize_variant, &r.model, &r.vision,
                                 &r.pp)) == 0) {
@@ -238,6 +166,9 @@ int cmd_caption(int argc, char **argv) {
     if (rc == 0 && n_todo > 0) {
         r.prompt = prompt;
         r.system = system;
+        r.batch = batch;
+        r.base_record = base_record;
+        r.add_outputs = add_captions;
         r.gp = caprl_generate_default_params();
         r.gp.n_samples = n;
         r.gp.max_new_tokens = max_new;
@@ -247,43 +178,7 @@ int cmd_caption(int argc, char **argv) {
         r.gp.sampling.top_k = top_k;
         r.gp.sampling.repetition_penalty = rep;
         r.gp.sampling.seed = (uint64_t)seed;
-        tool_progress_start(&r.prog, info.name, "images", "img/s", n_todo);
-        caprl_image *imgs = calloc((size_t)batch, sizeof *imgs);
-        item       **its = calloc((size_t)batch, sizeof *its);
-        for (int64_t next = 0; next < n_todo && rc == 0;) {
-            int32_t count = 0;
-            while (next < n_todo && count < batch) {
-                item *it = todo[next++];
-                st = caprl_image_decode_file(it->path, &r.dp, &imgs[count], &err);
-                int32_t rw = 0, rh = 0;
-                if (st == CAPRL_OK) { /* size problems (tiny, extreme aspect) stay with their image, not the batch */
-                    st = caprl_image_preprocess_size(imgs[count].width, imgs[count].height, &r.pp, &rw, &rh, &err);
-                    if (st != CAPRL_OK) {
-                        caprl_image_free(&imgs[count]);
-                    }
-                }
-                if (st != CAPRL_OK) { /* recorded and skipped: one bad file never stops a batch job */
-                    rc = write_record(r.out, error_record(it, err.msg));
-                    r.prog.done++;
-                    r.prog.failed++;
-                    if (rc) {
-                        break;
-                    }
-                    continue;
-                }
-                its[count++] = it;
-            }
-            if (count > 0 && rc == 0) {
-                rc = caption_batch(&r, its, imgs, count);
-            }
-            for (int32_t i = 0; i < count; i++) {
-                caprl_image_free(&imgs[i]);
-            }
-            tool_progress_show(&r.prog, false);
-        }
-        tool_progress_show(&r.prog, true);
-        free(imgs);
-        free(its);
+        rc = tool_vl_job_run(&r, todo, n_todo);
     }
     if (r.out && fclose(r.out) != 0 && rc == 0) {
         fprintf(stderr, "caprl caption: error: %s: close failed: %s\n", out_path, strerror(errno));
@@ -292,10 +187,7 @@ int cmd_caption(int argc, char **argv) {
     if (out_fd >= 0) {
         close(out_fd);
     }
-    caprl_context_free(r.ctx);
-    caprl_vision_free(r.vision);
-    caprl_model_free(r.model);
-    free(r.text);
+    tool_vl_job_free(&r);
     tool_keyset_free(&done);
     free(todo);
     tool_image_list_free(&items);

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "caprl/vlm.h"
 #include "common.h"
 #include "opts.h"
 
@@ -740,4 +741,106 @@ int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha) {
         return 0;
     }
     return tool_usage_error(cmd, "--alpha must be white or drop, got '%s'", name);
+}
+
+/* ---- batched image generation ---------------------------------------------------------------------------------- */
+
+static json_t *vl_error_record(const tool_vl_job *job, const tool_image_item *it, const char *msg) {
+    json_t *rec = job->base_record(job, it);
+    json_object_set_new(rec, "error", tool_image_error_text(it->path, it->image, msg));
+    return rec;
+}
+
+/* Generates for `count` decoded images and writes their records. */
+static int vl_job_batch(tool_vl_job *job, tool_image_item **its, caprl_image *imgs, int32_t count) {
+    caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
+    int32_t           ns = count * job->gp.n_samples;
+    int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
+    tool_samples      samples;
+    tool_samples_init(&samples, ns, job->gp.n_samples, job->gp.max_new_tokens);
+    for (int32_t i = 0; i < count; i++) {
+        reqs[i].image = &imgs[i];
+        reqs[i].prompt = job->prompt;
+        reqs[i].system = job->system;
+        reqs[i].stream_id = (uint64_t)its[i]->index;
+    }
+    caprl_error  err = {0};
+    caprl_status st = caprl_vl_generate(job->model, job->vision, &job->pp, reqs, count, &job->gp, &job->ctx,
+                                        tool_samples_collect, &samples, finish, NULL, &err);
+    int rc = 0;
+    if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
+        rc = tool_fail(job->cmd, st, err.msg); /* the machine's problem, not the images' */
+    } else if (st != CAPRL_OK && count > 1) {
+        for (int32_t i = 0; i < count && rc == 0; i++) { /* one image may have sunk the batch */
+            rc = vl_job_batch(job, &its[i], &imgs[i], 1);
+        }
+    } else {
+        for (int32_t i = 0; i < count && rc == 0; i++) {
+            json_t *rec;
+            if (st != CAPRL_OK) {
+                rec = vl_error_record(job, its[i], err.msg);
+                job->prog.failed++;
+            } else {
+                rec = job->base_record(job, its[i]);
+                rc = job->add_outputs(job, rec, &samples, i * job->gp.n_samples, finish);
+                if (rc) {
+                    json_decref(rec);
+                    break;
+                }
+            }
+            rc = tool_jsonl_write(job->cmd, job->out, rec);
+            job->prog.done++;
+        }
+    }
+    tool_samples_free(&samples, ns);
+    free(finish);
+    free(reqs);
+    return rc;
+}
+
+int tool_vl_job_run(tool_vl_job *job, tool_image_item **todo, int64_t n_todo) {
+    tool_progress_start(&job->prog, job->cmd, "images", "img/s", n_todo);
+    caprl_image      *imgs = calloc((size_t)job->batch, sizeof *imgs);
+    tool_image_item **its = calloc((size_t)job->batch, sizeof *its);
+    int               rc = 0;
+    for (int64_t next = 0; next < n_todo && rc == 0;) {
+        int32_t count = 0;
+        while (next < n_todo && count < job->batch && rc == 0) {
+            tool_image_item *it = todo[next++];
+            caprl_error      err = {0};
+            caprl_status     st = caprl_image_decode_file(it->path, &job->dp, &imgs[count], &err);
+            int32_t          rw = 0, rh = 0;
+            if (st == CAPRL_OK) { /* size problems (tiny, extreme aspect) stay with their image, not the batch */
+                st = caprl_image_preprocess_size(imgs[count].width, imgs[count].height, &job->pp, &rw, &rh, &err);
+                if (st != CAPRL_OK) {
+                    caprl_image_free(&imgs[count]);
+                }
+            }
+            if (st != CAPRL_OK) { /* recorded and skipped */
+                rc = tool_jsonl_write(job->cmd, job->out, vl_error_record(job, it, err.msg));
+                job->prog.done++;
+                job->prog.failed++;
+                continue;
+            }
+            its[count++] = it;
+        }
+        if (count > 0 && rc == 0) {
+            rc = vl_job_batch(job, its, imgs, count);
+        }
+        for (int32_t i = 0; i < count; i++) {
+            caprl_image_free(&imgs[i]);
+        }
+        tool_progress_show(&job->prog, false);
+    }
+    tool_progress_show(&job->prog, true);
+    free(imgs);
+    free(its);
+    return rc;
+}
+
+void tool_vl_job_free(tool_vl_job *job) {
+    caprl_context_free(job->ctx);
+    caprl_vision_free(job->vision);
+    caprl_model_free(job->model);
+    free(job->text);
 }

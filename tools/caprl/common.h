@@ -176,4 +176,39 @@ typedef struct tool_progress {
 void tool_progress_start(tool_progress *p, const char *cmd, const char *unit, const char *rate_unit, int64_t total);
 void tool_progress_show(tool_progress *p, bool final);
 
+/* ---- batched image generation (caption, qa generate) ------------------------------------------------------- */
+
+typedef struct tool_vl_job tool_vl_job;
+
+struct tool_vl_job {
+    const char               *cmd;
+    caprl_model              *model;
+    caprl_vision             *vision;
+    caprl_preprocess_config   pp;
+    caprl_image_decode_params dp;
+    caprl_generate_params     gp;             /* gp.n_samples sequences per image */
+    const char               *prompt, *system; /* every image's user text and system prompt */
+    int32_t                   batch;           /* images per generation call */
+    FILE                     *out;
+    tool_progress             prog;
+    caprl_context            *ctx;
+    char                     *text; /* decode buffer */
+    size_t                    text_cap;
+    /* an image's record without the command's outputs (its list fields) */
+    json_t *(*base_record)(const tool_vl_job *job, const tool_image_item *it);
+    /* adds the outputs of an image from s's sequences first .. first + gp.n_samples - 1; returns an exit code */
+    int   (*add_outputs)(tool_vl_job *job, json_t *rec, const tool_samples *s, int32_t first, const int32_t *finish);
+    void *user;
+};
+
+/* Decodes todo[0 .. n_todo) in batches of job->batch and appends one record per image to job->out, with progress:
+ * base_record + add_outputs, or base_record + "error" for an image that cannot be decoded, sized or generated (one
+ * bad file never stops the job; a batch that fails is retried image by image, so every record is what --batch 1
+ * writes). Out-of-memory and backend failures stop the job without records, so a rerun does those images. Returns
+ * an exit code. */
+int tool_vl_job_run(tool_vl_job *job, tool_image_item **todo, int64_t n_todo);
+
+/* Frees what the job loaded (model, tower, context) and its buffer; closes nothing. */
+void tool_vl_job_free(tool_vl_job *job);
+
 #endif /* CAPRL_TOOL_COMMON_H */

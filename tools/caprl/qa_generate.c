@@ -52,31 +52,6 @@ static const char k_user_text[] = "Here is the image";
  * response. */
 static const char *const k_output_fields[] = {"response", "tokens", "finish", "error", NULL};
 
-typedef struct run_ctx {
-    caprl_model              *model;
-    caprl_vision             *vision;
-    caprl_preprocess_config   pp;
-    caprl_image_decode_params dp;
-    caprl_generate_params     gp;
-    caprl_context            *ctx;
-    FILE                     *out;
-    char                    **keys; /* (list size) the "image" written for each list item */
-    tool_progress             prog;
-    int32_t                 **tokens; /* (batch) generated ids */
-    int32_t                  *n_tok;
-    char                     *text;
-    size_t                    text_cap;
-} run_ctx;
-
-static bool collect_token(int32_t prompt, int32_t sample, int32_t token, void *ud) {
-    (void)sample;
-    run_ctx *r = ud;
-    if (r->n_tok[prompt] < r->gp.max_new_tokens) {
-        r->tokens[prompt][r->n_tok[prompt]++] = token;
-    }
-    return true;
-}
-
 static int collect_done(json_t *rec, const char *path, long line, void *ud) {
     (void)path;
     (void)line;
@@ -93,71 +68,29 @@ static char *output_image(const tool_image_item *it, bool same_dir) {
 
 /* {"id", "image", the list record's other fields...}: "id" is the list's own "id" when it has one, else the image
  * as written in the list, so every record of the file has one for `caprl qa parse`. */
-static json_t *base_record(const run_ctx *r, const tool_image_item *it) {
-    json_t *rec = json_object();
+static json_t *base_record(const tool_vl_job *job, const tool_image_item *it) {
+    char *const *keys = job->user; /* (list size) the "image" written for each list item */
+    json_t      *rec = json_object();
     json_object_set_new(rec, "id", json_string(it->image));
-    json_object_set_new(rec, "image", json_string(r->keys[it->index]));
+    json_object_set_new(rec, "image", json_string(keys[it->index]));
     if (it->extra) {
         json_object_update(rec, it->extra);
     }
     return rec;
 }
 
-static json_t *error_record(const run_ctx *r, const tool_image_item *it, const char *msg) {
-    json_t *rec = base_record(r, it);
-    json_object_set_new(rec, "error", tool_image_error_text(it->path, it->image, msg));
-    return rec;
-}
-
-/* Generates for `count` decoded images and writes their records. Returns an exit code. */
-static int generate_batch(run_ctx *r, tool_image_item **its, caprl_image *imgs, int32_t count) {
-    caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
-    int32_t          *finish = calloc((size_t)count, sizeof(int32_t));
-    for (int32_t i = 0; i < count; i++) {
-        reqs[i].image = &imgs[i];
-        reqs[i].prompt = k_user_text;
-        reqs[i].system = k_system;
-        reqs[i].stream_id = (uint64_t)its[i]->index;
-        r->n_tok[i] = 0;
+static int add_response(tool_vl_job *job, json_t *rec, const tool_samples *s, int32_t first, const int32_t *finish) {
+    int32_t     n_text = s->n[first] - (finish[first] == CAPRL_FINISH_EOS ? 1 : 0);
+    size_t      len = 0;
+    caprl_error err = {0};
+    if (tool_decode_text(caprl_model_tokenizer(job->model), s->tokens[first], n_text, &job->text, &job->text_cap, &len,
+                         &err) != CAPRL_OK) {
+        return tool_fail(job->cmd, err.code, err.msg);
     }
-    caprl_error  err = {0};
-    caprl_status st = caprl_vl_generate(r->model, r->vision, &r->pp, reqs, count, &r->gp, &r->ctx, collect_token, r,
-                                        finish, NULL, &err);
-    int rc = 0;
-    if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
-        /* the machine's problem, not the images': stop without records, so a rerun does them */
-        rc = tool_fail(CMD, st, err.msg);
-    } else if (st != CAPRL_OK && count > 1) {
-        /* one image may have sunk the batch: each alone, so the others still get their questions */
-        for (int32_t i = 0; i < count && rc == 0; i++) {
-            rc = generate_batch(r, &its[i], &imgs[i], 1);
-        }
-    } else {
-        for (int32_t i = 0; i < count && rc == 0; i++) {
-            json_t *rec;
-            if (st != CAPRL_OK) {
-                rec = error_record(r, its[i], err.msg);
-                r->prog.failed++;
-            } else {
-                int32_t n_text = r->n_tok[i] - (finish[i] == CAPRL_FINISH_EOS ? 1 : 0);
-                size_t  len = 0;
-                if (tool_decode_text(caprl_model_tokenizer(r->model), r->tokens[i], n_text, &r->text, &r->text_cap,
-                                     &len, &err) != CAPRL_OK) {
-                    rc = tool_fail(CMD, err.code, err.msg);
-                    break;
-                }
-                rec = base_record(r, its[i]);
-                json_object_set_new(rec, "response", json_stringn(r->text, len));
-                json_object_set_new(rec, "tokens", json_integer(n_text));
-                json_object_set_new(rec, "finish", json_string(finish[i] == CAPRL_FINISH_EOS ? "eos" : "length"));
-            }
-            rc = tool_jsonl_write(CMD, r->out, rec);
-            r->prog.done++;
-        }
-    }
-    free(finish);
-    free(reqs);
-    return rc;
+    json_object_set_new(rec, "response", json_stringn(job->text, len));
+    json_object_set_new(rec, "tokens", json_integer(n_text));
+    json_object_set_new(rec, "finish", json_string(tool_finish_name(finish[first])));
+    return 0;
 }
 
 int cmd_qa_generate(int argc, char **argv) {
@@ -224,8 +157,9 @@ int cmd_qa_generate(int argc, char **argv) {
     if (shard && !tool_parse_shard(shard, &shard_i, &shard_k)) {
         return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
     }
-    run_ctx r;
+    tool_vl_job r;
     memset(&r, 0, sizeof r);
+    r.cmd = CMD;
     r.dp = caprl_image_decode_default_params();
     r.dp.max_pixels = max_image_pixels;
     rc = tool_parse_alpha(info.name, alpha, &r.dp.alpha);
@@ -239,14 +173,15 @@ int cmd_qa_generate(int argc, char **argv) {
     if (rc == 0) {
         rc = tool_jsonl_open_locked(info.name, out_path, &out_fd);
     }
+    char **keys = NULL;
     if (rc == 0) {
         char *list_dir = tool_folder_of(list), *out_dir = tool_folder_of(out_path);
         bool  same_dir = list_dir && out_dir && strcmp(list_dir, out_dir) == 0;
         free(list_dir);
         free(out_dir);
-        r.keys = calloc((size_t)(items.n > 0 ? items.n : 1), sizeof(char *));
+        keys = calloc((size_t)(items.n > 0 ? items.n : 1), sizeof(char *));
         for (int64_t i = 0; i < items.n; i++) {
-            r.keys[i] = output_image(&items.items[i], same_dir);
+            keys[i] = output_image(&items.items[i], same_dir);
         }
     }
     tool_keyset done = {0};
@@ -257,11 +192,9 @@ int cmd_qa_generate(int argc, char **argv) {
     tool_image_item **todo = NULL;
     int64_t           n_todo = 0;
     if (rc == 0) {
-        tool_pending_images(CMD, &items, r.keys, &done, shard != NULL, shard_i, shard_k, out_path, "do", &todo,
+        tool_pending_images(CMD, &items, keys, &done, shard != NULL, shard_i, shard_k, out_path, "do", &todo,
                             &n_todo);
     }
-    caprl_error  err = {0};
-    caprl_status st = CAPRL_OK;
     if (rc == 0 && n_todo > 0) {
         rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads,
                            r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF, &r.model,
@@ -277,6 +210,12 @@ int cmd_qa_generate(int argc, char **argv) {
         }
     }
     if (rc == 0 && n_todo > 0) {
+        r.prompt = k_user_text;
+        r.system = k_system;
+        r.batch = batch;
+        r.base_record = base_record;
+        r.add_outputs = add_response;
+        r.user = keys;
         r.gp = caprl_generate_default_params();
         r.gp.n_samples = 1;
         r.gp.max_new_tokens = max_new;
@@ -285,50 +224,7 @@ int cmd_qa_generate(int argc, char **argv) {
         r.gp.sampling.top_p = top_p;
         r.gp.sampling.repetition_penalty = rep;
         r.gp.sampling.seed = (uint64_t)seed;
-        r.tokens = calloc((size_t)batch, sizeof(int32_t *));
-        r.n_tok = calloc((size_t)batch, sizeof(int32_t));
-        for (int32_t i = 0; i < batch; i++) {
-            r.tokens[i] = malloc((size_t)max_new * sizeof(int32_t));
-        }
-        tool_progress_start(&r.prog, CMD, "images", "img/s", n_todo);
-        caprl_image      *imgs = calloc((size_t)batch, sizeof *imgs);
-        tool_image_item **its = calloc((size_t)batch, sizeof *its);
-        for (int64_t next = 0; next < n_todo && rc == 0;) {
-            int32_t count = 0;
-            while (next < n_todo && count < batch && rc == 0) {
-                tool_image_item *it = todo[next++];
-                st = caprl_image_decode_file(it->path, &r.dp, &imgs[count], &err);
-                int32_t rw = 0, rh = 0;
-                if (st == CAPRL_OK) { /* size problems stay with their image, not the batch */
-                    st = caprl_image_preprocess_size(imgs[count].width, imgs[count].height, &r.pp, &rw, &rh, &err);
-                    if (st != CAPRL_OK) {
-                        caprl_image_free(&imgs[count]);
-                    }
-                }
-                if (st != CAPRL_OK) { /* recorded and skipped: one bad file never stops the job */
-                    rc = tool_jsonl_write(CMD, r.out, error_record(&r, it, err.msg));
-                    r.prog.done++;
-                    r.prog.failed++;
-                    continue;
-                }
-                its[count++] = it;
-            }
-            if (count > 0 && rc == 0) {
-                rc = generate_batch(&r, its, imgs, count);
-            }
-            for (int32_t i = 0; i < count; i++) {
-                caprl_image_free(&imgs[i]);
-            }
-            tool_progress_show(&r.prog, false);
-        }
-        tool_progress_show(&r.prog, true);
-        free(imgs);
-        free(its);
-        for (int32_t i = 0; i < batch; i++) {
-            free(r.tokens[i]);
-        }
-        free(r.tokens);
-        free(r.n_tok);
+        rc = tool_vl_job_run(&r, todo, n_todo);
     }
     if (r.out && fclose(r.out) != 0 && rc == 0) {
         fprintf(stderr, "caprl %s: error: %s: close failed: %s\n", CMD, out_path, strerror(errno));
@@ -337,15 +233,12 @@ int cmd_qa_generate(int argc, char **argv) {
     if (out_fd >= 0) {
         close(out_fd);
     }
-    caprl_context_free(r.ctx);
-    caprl_vision_free(r.vision);
-    caprl_model_free(r.model);
-    free(r.text);
+    tool_vl_job_free(&r);
     tool_keyset_free(&done);
-    for (int64_t i = 0; r.keys && i < items.n; i++) {
-        free(r.keys[i]);
+    for (int64_t i = 0; keys && i < items.n; i++) {
+        free(keys[i]);
     }
-    free(r.keys);
+    free(keys);
     free(todo);
     tool_image_list_free(&items);
     return rc;
