@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include "caprl_test.h"
+#include "image_records.h"
 #include "proc_util.h"
 
 #define N_SAMPLES 2
@@ -20,39 +21,6 @@
 static const char *const k_images[] = {"cmyk.jpg",         "corrupt.png", "gray16.png", "interlaced_rgb.png",
                                        "lossy_alpha.webp", "pal4.png",    "progressive.jpg", "rgba8.png"};
 #define N_IMAGES ((int)(sizeof k_images / sizeof k_images[0]))
-
-/* A caption output as {image: record}. Every line must be a complete JSON object ending in '\n' whose "image"
- * appears only once: a torn or duplicated record fails the test. NULL if the file does not exist. */
-static json_t *load_records(const char *path) {
-    size_t len = 0;
-    char  *data = read_all(path, &len);
-    if (!data) {
-        return NULL;
-    }
-    json_t *map = json_object();
-    size_t  start = 0;
-    for (long line = 1; start < len; line++) {
-        char *nl = memchr(data + start, '\n', len - start);
-        CHECK_MSG(nl != NULL, "%s:%ld: last line has no newline (a torn record)", path, line);
-        if (!nl) {
-            break;
-        }
-        json_error_t jerr;
-        json_t      *rec = json_loadb(data + start, (size_t)(nl - (data + start)), 0, &jerr);
-        json_t      *img = rec ? json_object_get(rec, "image") : NULL;
-        CHECK_MSG(json_is_object(rec) && json_is_string(img), "%s:%ld: not a caption record: %s", path, line,
-                  rec ? "no string \"image\"" : jerr.text);
-        if (json_is_string(img)) {
-            CHECK_MSG(!json_object_get(map, json_string_value(img)), "%s:%ld: %s captioned twice", path, line,
-                      json_string_value(img));
-            json_object_set(map, json_string_value(img), rec);
-        }
-        json_decref(rec);
-        start = (size_t)(nl - data) + 1;
-    }
-    free(data);
-    return map;
-}
 
 /* The output of the reference run: the images of k_images exactly, n captions each, the corrupt file an error. */
 static void check_reference(const json_t *recs) {
@@ -154,7 +122,7 @@ static void check_kill_and_resume(const char *base_cmd, const json_t *ref) {
     char *msg = last_stderr();
     CHECK_MSG(strstr(msg, "torn last record") != NULL, "the rerun did not report the torn line: %s", msg);
     free(msg);
-    json_t *got = load_records(out);
+    json_t *got = load_image_records(out);
     CHECK_EQ_I64(json_object_size(got), N_IMAGES);
     CHECK_EQ_I64(expect_same(ref, got, "kill + resume"), N_IMAGES);
     json_decref(got);
@@ -180,16 +148,8 @@ int main(void) {
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "mkdir %s/imgs && echo 'not an image' > %s/imgs/notes.txt", tmp, tmp);
     CHECK(system(cmd) == 0);
-    for (int i = 0; i < N_IMAGES; i++) {
-        if (strcmp(k_images[i], "corrupt.png") == 0) {
-            /* a PNG cut inside its header chunk */
-            snprintf(cmd, sizeof cmd, "head -c 30 %s/tests/fixtures/img/rgba8.png > %s/imgs/corrupt.png",
-                     CAPRL_SOURCE_DIR, tmp);
-        } else {
-            snprintf(cmd, sizeof cmd, "cp %s/tests/fixtures/img/%s %s/imgs/", CAPRL_SOURCE_DIR, k_images[i], tmp);
-        }
-        CHECK(system(cmd) == 0);
-    }
+    snprintf(path, sizeof path, "%s/imgs", tmp);
+    copy_fixture_images(path, k_images, N_IMAGES);
     snprintf(base, sizeof base, "%s caption --model %s/m --images %s/imgs " GEN_ARGS, CAPRL_CLI, tmp, tmp);
 
     /* the uninterrupted reference run */
@@ -201,7 +161,7 @@ int main(void) {
               "no plain progress line on stderr: %s", msg);
     free(msg);
     snprintf(path, sizeof path, "%s/ref.jsonl", tmp);
-    json_t *ref = load_records(path);
+    json_t *ref = load_image_records(path);
     CHECK(ref != NULL);
     if (!ref) {
         return test_finish("test_caption");
@@ -221,7 +181,7 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "%s --batch 3 --out %s/b3.jsonl", base, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/b3.jsonl", tmp);
-    json_t *got = load_records(path);
+    json_t *got = load_image_records(path);
     CHECK_EQ_I64(json_object_size(got), N_IMAGES);
     CHECK_EQ_I64(expect_same(ref, got, "--batch 3"), N_IMAGES);
     json_decref(got);
@@ -232,7 +192,7 @@ int main(void) {
         snprintf(cmd, sizeof cmd, "%s --batch 2 --shard %d/2 --out %s/shard%d.jsonl", base, s, tmp, s);
         CHECK_EQ_I64(run(cmd, NULL, 0), 0);
         snprintf(path, sizeof path, "%s/shard%d.jsonl", tmp, s);
-        shards[s] = load_records(path);
+        shards[s] = load_image_records(path);
         CHECK_EQ_I64(json_object_size(shards[s]), N_IMAGES / 2);
         expect_same(ref, shards[s], s ? "--shard 1/2" : "--shard 0/2");
     }
@@ -252,7 +212,7 @@ int main(void) {
              path, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/paths.jsonl", tmp);
-    got = load_records(path);
+    got = load_image_records(path);
     CHECK_EQ_I64(json_object_size(got), 2);
     expect_same_captions(json_object_get(ref, "cmyk.jpg"), json_object_get(got, "imgs/cmyk.jpg"), "text list");
     const json_t *bad = json_object_get(got, "imgs/corrupt.png");
@@ -270,7 +230,7 @@ int main(void) {
              tmp, path, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/items.out.jsonl", tmp);
-    got = load_records(path);
+    got = load_image_records(path);
     CHECK_EQ_I64(json_object_size(got), 2);
     const json_t *r0 = json_object_get(got, "../imgs/cmyk.jpg"), *r1 = json_object_get(got, "../imgs/corrupt.png");
     expect_same_captions(json_object_get(ref, "cmyk.jpg"), r0, "JSONL list");

@@ -10,6 +10,7 @@
 
 #include "caprl/reward.h"
 #include "caprl_test.h"
+#include "image_records.h"
 #include "proc_util.h"
 
 #define GEN_ARGS "--max-new-tokens 12 --temperature 1 --seed 5 --threads 1"
@@ -21,37 +22,6 @@ static const char *const k_images[] = {"baseline.jpg", "corrupt.png", "pal4.png"
 /* spec/caprl.md §7.2: the QA-generation system prompt. */
 #define SYSTEM_BYTES  722
 #define SYSTEM_SHA256 "4e275e96ae0126609f8e7bfa1f03f56a2f015179ebd0c6c9d70dc598d1258fcf"
-
-/* An output as {image: record}; every line complete, every image once. */
-static json_t *load_records(const char *path) {
-    size_t len = 0;
-    char  *data = read_all(path, &len);
-    if (!data) {
-        return NULL;
-    }
-    json_t *map = json_object();
-    size_t  start = 0;
-    for (long line = 1; start < len; line++) {
-        char *nl = memchr(data + start, '\n', len - start);
-        CHECK_MSG(nl != NULL, "%s:%ld: last line has no newline (a torn record)", path, line);
-        if (!nl) {
-            break;
-        }
-        json_error_t jerr;
-        json_t      *rec = json_loadb(data + start, (size_t)(nl - (data + start)), 0, &jerr);
-        json_t      *img = rec ? json_object_get(rec, "image") : NULL;
-        CHECK_MSG(json_is_string(img), "%s:%ld: not a record: %s", path, line, rec ? "no \"image\"" : jerr.text);
-        if (json_is_string(img)) {
-            CHECK_MSG(!json_object_get(map, json_string_value(img)), "%s:%ld: %s twice", path, line,
-                      json_string_value(img));
-            json_object_set(map, json_string_value(img), rec);
-        }
-        json_decref(rec);
-        start = (size_t)(nl - data) + 1;
-    }
-    free(data);
-    return map;
-}
 
 /* The record for list image `name` of the folder run (written with absolute paths: the output is elsewhere). */
 static const json_t *record_for(const json_t *recs, const char *name) {
@@ -119,7 +89,7 @@ static void check_kill_and_resume(const char *base, const json_t *ref) {
     char *msg = last_stderr();
     CHECK_MSG(strstr(msg, "torn last record") != NULL, "the rerun did not report the torn line: %s", msg);
     free(msg);
-    json_t *got = load_records(out);
+    json_t *got = load_image_records(out);
     CHECK_MSG(got && json_equal(got, ref), "kill + resume differs from the uninterrupted run");
     json_decref(got);
 }
@@ -137,22 +107,15 @@ int main(void) {
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "mkdir %s/imgs %s/out", tmp, tmp);
     CHECK(system(cmd) == 0);
-    for (int i = 0; i < N_IMAGES; i++) {
-        if (strcmp(k_images[i], "corrupt.png") == 0) {
-            snprintf(cmd, sizeof cmd, "head -c 30 %s/tests/fixtures/img/rgba8.png > %s/imgs/corrupt.png",
-                     CAPRL_SOURCE_DIR, tmp);
-        } else {
-            snprintf(cmd, sizeof cmd, "cp %s/tests/fixtures/img/%s %s/imgs/", CAPRL_SOURCE_DIR, k_images[i], tmp);
-        }
-        CHECK(system(cmd) == 0);
-    }
+    snprintf(path, sizeof path, "%s/imgs", tmp);
+    copy_fixture_images(path, k_images, N_IMAGES);
     snprintf(base, sizeof base, "%s qa generate --vlm %s/vl --images %s/imgs " GEN_ARGS, CAPRL_CLI, tmp, tmp);
 
     /* the reference run: the output lives elsewhere, so image paths are absolute */
     snprintf(cmd, sizeof cmd, "%s --batch 1 --out %s/out/ref.jsonl", base, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/out/ref.jsonl", tmp);
-    json_t *ref = load_records(path);
+    json_t *ref = load_image_records(path);
     CHECK(ref != NULL);
     if (!ref) {
         return test_finish("test_qa_generate");
@@ -199,7 +162,7 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "%s --batch 2 --shard 1/2 --out %s/out/shard1.jsonl", base, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/out/shard1.jsonl", tmp);
-    json_t *got = load_records(path);
+    json_t *got = load_image_records(path);
     CHECK_EQ_I64(json_object_size(got), N_IMAGES / 2);
     for (int i = 1; i < N_IMAGES; i += 2) {
         const json_t *g = record_for(got, k_images[i]);
@@ -218,7 +181,7 @@ int main(void) {
              tmp, path, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(path, sizeof path, "%s/lst/raw.jsonl", tmp);
-    got = load_records(path);
+    got = load_image_records(path);
     const json_t *r = json_object_get(got, "pal4.png");
     CHECK_MSG(r && strcmp(json_string_value(json_object_get(r, "id")), "p-4") == 0 &&
                   strcmp(json_string_value(json_object_get(r, "source")), "web") == 0,
