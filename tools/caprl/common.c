@@ -120,6 +120,26 @@ int tool_load_model(const char *cmd, const char *dir, int32_t n_threads, caprl_m
     return 0;
 }
 
+caprl_status tool_ensure_context(caprl_context **ctx, int32_t *ctx_seq, int64_t *ctx_len, caprl_model *model,
+                                 int32_t n_seq, int64_t n_ctx, caprl_error *err) {
+    if (*ctx && *ctx_seq >= n_seq && *ctx_len >= n_ctx) {
+        return CAPRL_OK;
+    }
+    if (n_ctx > INT32_MAX) {
+        return tool_set_error(err, CAPRL_ERR_INVALID_ARG, "a prompt of %lld tokens is too long", (long long)n_ctx);
+    }
+    *ctx_seq = *ctx_seq > n_seq ? *ctx_seq : n_seq;
+    *ctx_len = *ctx_len > n_ctx ? *ctx_len : n_ctx;
+    caprl_context_params cp = caprl_context_default_params();
+    cp.n_seq_max = *ctx_seq;
+    cp.n_ctx = (int32_t)*ctx_len;
+    cp.n_batch_max = 512 > *ctx_seq ? 512 : *ctx_seq;
+    cp.n_logits_max = *ctx_seq;
+    caprl_context_free(*ctx);
+    *ctx = NULL;
+    return caprl_context_init(ctx, model, &cp, err);
+}
+
 /* DIR/preprocessor_config.json when the checkpoint has one, the Qwen2.5-VL defaults otherwise. */
 static caprl_status load_preprocess_config(const char *model_dir, caprl_preprocess_config *pp, caprl_error *err) {
     *pp = caprl_preprocess_config_default();

@@ -28,6 +28,11 @@ int tool_parse_ids(const char *cmd, const char *what, const char *text, int32_t 
 /* Loads a model directory with n_threads, mapping errors to exit codes (0 on success). */
 int tool_load_model(const char *cmd, const char *dir, int32_t n_threads, caprl_model **out);
 
+/* Makes *ctx (a context of model) hold n_seq sequences of n_ctx tokens: recreated when smaller, for the largest of
+ * each asked so far (*ctx_seq, *ctx_len), so batches of varying shape do not rebuild it every time. */
+caprl_status tool_ensure_context(caprl_context **ctx, int32_t *ctx_seq, int64_t *ctx_len, caprl_model *model,
+                                 int32_t n_seq, int64_t n_ctx, caprl_error *err);
+
 /* A Qwen2.5-VL checkpoint for captioning: the language model (it must have a tokenizer), the vision tower, and the
  * image processor settings (DIR/preprocessor_config.json, or the Qwen2.5-VL defaults) with resize_variant. role
  * names the checkpoint in the error ("checkpoint", "captioner"). Returns the exit code; on failure the caller frees

@@ -340,8 +340,8 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
         pp.fetch_max_pixels = p->images[us[0]].max_pixels;
     }
     caprl_error  err = {0};
-    caprl_status st = caprl_vl_generate(s->model, s->vision, &pp, reqs, count, &s->gp, &s->ctx, tool_samples_collect, &g,
-                                        finish, NULL, &err);
+    caprl_status st = caprl_vl_generate(s->model, s->vision, &pp, reqs, count, &s->gp, &s->ctx, tool_samples_collect,
+                                        &g, finish, NULL, &err);
     int rc = 0;
     if (st == CAPRL_ERR_OOM || st == CAPRL_ERR_BACKEND) {
         rc = tool_fail(CMD, st, err.msg); /* the machine's problem: no records, a rerun does them */
@@ -571,26 +571,6 @@ typedef struct stage2 {
     size_t                text_cap;
 } stage2;
 
-static caprl_status ensure_context(stage2 *s, int32_t n_seq, int64_t n_ctx, caprl_error *err) {
-    if (s->ctx && s->ctx_seq >= n_seq && s->ctx_len >= n_ctx) {
-        return CAPRL_OK;
-    }
-    if (n_ctx > INT32_MAX) {
-        return tool_set_error(err, CAPRL_ERR_INVALID_ARG, "a reader prompt of %lld tokens is too long",
-                              (long long)n_ctx);
-    }
-    s->ctx_seq = s->ctx_seq > n_seq ? s->ctx_seq : n_seq;
-    s->ctx_len = s->ctx_len > n_ctx ? s->ctx_len : n_ctx;
-    caprl_context_params cp = caprl_context_default_params();
-    cp.n_seq_max = s->ctx_seq;
-    cp.n_ctx = (int32_t)s->ctx_len;
-    cp.n_batch_max = 512 > s->ctx_seq ? 512 : s->ctx_seq;
-    cp.n_logits_max = s->ctx_seq;
-    caprl_context_free(s->ctx);
-    s->ctx = NULL;
-    return caprl_context_init(&s->ctx, s->model, &cp, err);
-}
-
 /* Answers items[0..count) (every one with captions) and appends their records. Returns an exit code. */
 static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count) {
     const caprl_tokenizer *tok = caprl_model_tokenizer(s->model);
@@ -634,13 +614,13 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
         }
     }
     if (st == CAPRL_OK) {
-        st = ensure_context(s, np, longest + s->gp.max_new_tokens, &err);
+        st = tool_ensure_context(&s->ctx, &s->ctx_seq, &s->ctx_len, s->model, np, longest + s->gp.max_new_tokens, &err);
     }
     if (st == CAPRL_OK) {
         caprl_generate_params gp = s->gp;
         gp.prompt_streams = streams;
-        st = caprl_generate(s->ctx, (const int32_t *const *)ids, lens, np, NULL, &gp, tool_samples_collect, &g, finish, NULL,
-                            &err);
+        st = caprl_generate(s->ctx, (const int32_t *const *)ids, lens, np, NULL, &gp, tool_samples_collect, &g, finish,
+                            NULL, &err);
     }
     int rc = st != CAPRL_OK ? tool_fail(CMD, st, err.msg) : 0;
     for (int32_t i = 0; i < count && rc == 0; i++) {

@@ -82,25 +82,6 @@ static bool collect_token(int32_t prompt, int32_t sample, int32_t token, void *u
 }
 
 /* The context, (re)made when too small for n_seq sequences of n_ctx tokens (never shrunk). */
-static caprl_status ensure_context(run_ctx *r, int32_t n_seq, int64_t n_ctx, caprl_error *err) {
-    if (r->ctx && r->ctx_seq >= n_seq && r->ctx_len >= n_ctx) {
-        return CAPRL_OK;
-    }
-    if (n_ctx > INT32_MAX) {
-        return tool_set_error(err, CAPRL_ERR_INVALID_ARG, "a prompt of %lld tokens is too long", (long long)n_ctx);
-    }
-    r->ctx_seq = r->ctx_seq > n_seq ? r->ctx_seq : n_seq;
-    r->ctx_len = r->ctx_len > n_ctx ? r->ctx_len : n_ctx;
-    caprl_context_params cp = caprl_context_default_params();
-    cp.n_seq_max = r->ctx_seq;
-    cp.n_ctx = (int32_t)r->ctx_len;
-    cp.n_batch_max = 512 > r->ctx_seq ? 512 : r->ctx_seq;
-    cp.n_logits_max = r->ctx_seq;
-    caprl_context_free(r->ctx);
-    r->ctx = NULL;
-    return caprl_context_init(&r->ctx, r->model, &cp, err);
-}
-
 /* The decoded output (special tokens skipped) into r->text. */
 static caprl_status output_text(run_ctx *r, const int32_t *ids, int32_t n, caprl_error *err) {
     size_t len = 0;
@@ -176,7 +157,7 @@ static caprl_status run_chunk(run_ctx *r, const query *qs, int32_t n, const floa
         r->n_tok[i] = 0;
     }
     if (st == CAPRL_OK) {
-        st = ensure_context(r, n, longest + r->gp.max_new_tokens, err);
+        st = tool_ensure_context(&r->ctx, &r->ctx_seq, &r->ctx_len, r->model, n, longest + r->gp.max_new_tokens, err);
     }
     if (st == CAPRL_OK) {
         caprl_generate_params g = r->gp;
