@@ -365,24 +365,11 @@ caprl_status caprl_qa_set_load(caprl_qa_set *out, const char *path, bool skip_ba
     set_builder  b = {.dir = dir_of(path)};
     caprl_status st = CAPRL_OK;
     int64_t      line_no = 0;
-    for (size_t pos = 0; pos < size && st == CAPRL_OK;) {
-        const char *line = (const char *)data + pos;
-        const char *nl = memchr(line, '\n', size - pos);
-        size_t      len = nl ? (size_t)(nl - line) : size - pos;
-        pos += len + 1;
-        line_no++;
-        size_t s = 0, e = len;
-        while (s < e && (line[s] == ' ' || line[s] == '\t' || line[s] == '\r')) {
-            s++;
-        }
-        while (e > s && (line[e - 1] == ' ' || line[e - 1] == '\t' || line[e - 1] == '\r')) {
-            e--;
-        }
-        if (s == e) {
-            continue;
-        }
+    const char  *line = NULL;
+    size_t       pos = 0, len = 0;
+    while (st == CAPRL_OK && caprl_jsonl_next((const char *)data, size, &pos, &line_no, &line, &len)) {
         caprl_error e2 = {0};
-        st = read_line(&b, path, line_no, line + s, e - s, &e2);
+        st = read_line(&b, path, line_no, line, len, &e2);
         if (st == CAPRL_ERR_FORMAT && skip_bad) {
             if (b.set.n_bad < QA_WARN_MAX) {
                 LOG_WARN("skipped: %s", e2.msg);

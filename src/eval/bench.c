@@ -217,28 +217,15 @@ static caprl_status load_array(bench_builder *bb, const char *data, size_t size,
 }
 
 static caprl_status load_lines(bench_builder *bb, const char *data, size_t size, caprl_error *err) {
-    int64_t line_no = 0, index = 0;
-    for (size_t pos = 0; pos < size;) {
-        const char *line = data + pos;
-        const char *nl = memchr(line, '\n', size - pos);
-        size_t      len = nl ? (size_t)(nl - line) : size - pos;
-        pos += len + 1;
-        line_no++;
-        size_t s = 0, e = len;
-        while (s < e && (line[s] == ' ' || line[s] == '\t' || line[s] == '\r')) {
-            s++;
-        }
-        while (e > s && (line[e - 1] == ' ' || line[e - 1] == '\t' || line[e - 1] == '\r')) {
-            e--;
-        }
-        if (s == e) {
-            continue;
-        }
+    int64_t     line_no = 0, index = 0;
+    const char *line = NULL;
+    size_t      pos = 0, len = 0;
+    while (caprl_jsonl_next(data, size, &pos, &line_no, &line, &len)) {
         char where[48];
         snprintf(where, sizeof where, "line %" PRId64, line_no);
         struct json_t *rec = NULL;
         caprl_error    e2 = {0};
-        caprl_status   st = caprl_json_parse(&rec, line + s, e - s, where, &e2);
+        caprl_status   st = caprl_json_parse(&rec, line, len, where, &e2);
         if (st == CAPRL_OK) {
             st = read_record(bb, rec, index, where, &e2);
         }

@@ -42,6 +42,33 @@ void caprl_json_free(struct json_t *j) {
     }
 }
 
+static bool blank_byte(char c) {
+    return c == ' ' || c == '\t' || c == '\r';
+}
+
+bool caprl_jsonl_next(const char *data, size_t size, size_t *pos, int64_t *line_no, const char **line, size_t *len) {
+    while (*pos < size) {
+        const char *start = data + *pos;
+        const char *nl = memchr(start, '\n', size - *pos);
+        size_t      n = nl ? (size_t)(nl - start) : size - *pos;
+        *pos += n + 1;
+        ++*line_no;
+        size_t s = 0, e = n;
+        while (s < e && blank_byte(start[s])) {
+            s++;
+        }
+        while (e > s && blank_byte(start[e - 1])) {
+            e--;
+        }
+        if (s < e) {
+            *line = start + s;
+            *len = e - s;
+            return true;
+        }
+    }
+    return false;
+}
+
 caprl_status caprl_json_root(caprl_json_obj *o, const struct json_t *j, const char *file, caprl_error *err) {
     if (!json_is_object(j)) {
         char buf[64];

@@ -35,6 +35,10 @@ caprl_status caprl_json_parse(struct json_t **out, const void *buf, size_t n, co
 caprl_status caprl_json_load_file(struct json_t **out, const char *path, size_t max_size, caprl_error *err);
 void         caprl_json_free(struct json_t *j); /* NULL-safe */
 
+/* JSON Lines: the next line of data[*pos .. size) that is not blank, without its surrounding spaces, tabs and CRs,
+ * in *line / *len; *line_no counts every line passed (1-based). false at the end of the data. */
+bool caprl_jsonl_next(const char *data, size_t size, size_t *pos, int64_t *line_no, const char **line, size_t *len);
+
 /* Makes o the root of document j (named file); CAPRL_ERR_FORMAT if j is not an object. */
 caprl_status caprl_json_root(caprl_json_obj *o, const struct json_t *j, const char *file, caprl_error *err);
 
