@@ -401,6 +401,77 @@ int main(void) {
     check_run(other, false);
     same_results(ref_dir, other, "--stage 1 / --stage 2 with kills vs two shards");
 
+    /* stage 1 from a file: the reference captions keyed by absolute paths (also "file://"), in another order, with a
+     * record of an image outside the benchmark and a later duplicate; the same results as captioning */
+    snprintf(cmd, sizeof cmd,
+             "mkdir -p %s/ext && cat %s/ref/captions_t.shard-1-of-2.jsonl %s/ref/captions_t.shard-0-of-2.jsonl | "
+             "sed -e '1s#\"image\":\"#\"image\":\"file://%s/b/#' -e '2,$s#\"image\":\"#\"image\":\"%s/b/#' "
+             "> %s/ext/caps.jsonl && echo '{\"image\":\"%s/b/other.png\",\"captions\":[]}' >> %s/ext/caps.jsonl && "
+             "head -n 1 %s/ref/captions_t.shard-0-of-2.jsonl | sed 's#\"captions\":\\[#\"captions\":[\"x\",#' >> "
+             "%s/ext/caps.jsonl",
+             tmp, tmp, tmp, tmp, tmp, tmp, tmp, tmp, tmp, tmp);
+    CHECK(system(cmd) == 0);
+    char import_base[8192];
+    snprintf(import_base, sizeof import_base,
+             "%s eval prism --reader %s/reader --bench %s/b/bench.jsonl --tag t --step 7 -n %d "
+             "--reader-max-new-tokens 16 --seed %d --threads 1",
+             CAPRL_CLI, tmp, tmp, N_CAPS, SEED);
+    snprintf(cmd, sizeof cmd, "%s --captions %s/ext/caps.jsonl --out %s/imported", import_base, tmp, tmp);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    msg = last_stderr();
+    CHECK_MSG(strstr(msg, "took the captions of 5 images"), "--captions: %s", msg);
+    free(msg);
+    snprintf(other, sizeof other, "%s/imported", tmp);
+    same_results(ref_dir, other, "--captions with the reference's captions vs captioning");
+    /* a file without one of the images: refused naming it, nothing written */
+    snprintf(cmd, sizeof cmd, "grep -v pal4 %s/ext/caps.jsonl > %s/ext/missing.jsonl", tmp, tmp);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd, "%s --captions %s/ext/missing.jsonl --out %s/missing", import_base, tmp, tmp);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
+    msg = last_stderr();
+    CHECK_MSG(strstr(msg, "missing.jsonl: no captions for 1 of the 5 images") && strstr(msg, "pal4.png"),
+              "a missing image: %s", msg);
+    free(msg);
+    snprintf(path, sizeof path, "%s/missing/captions_t.jsonl", tmp);
+    CHECK_EQ_I64(count_file_lines(path), 0);
+    /* a record with the wrong number of captions, first for its image: refused naming file and line */
+    snprintf(cmd, sizeof cmd, "tail -n 1 %s/ext/caps.jsonl > %s/ext/count.jsonl && cat %s/ext/caps.jsonl >> "
+                              "%s/ext/count.jsonl",
+             tmp, tmp, tmp, tmp);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd, "%s --captions %s/ext/count.jsonl --out %s/count", import_base, tmp, tmp);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
+    msg = last_stderr();
+    CHECK_MSG(strstr(msg, "count.jsonl:1: expected \"captions\" with"), "a wrong caption count: %s", msg);
+    free(msg);
+    /* -n 1 also takes {"image", "caption"} (caprl synth's ground-truth captions) */
+    snprintf(path, sizeof path, "%s/ext/one.jsonl", tmp);
+    f = fopen(path, "wb");
+    CHECK(f != NULL);
+    for (int i = 0; f && i < N_ITEMS; i++) {
+        if (i != 1) { /* items 0 and 1 share an image */
+            fprintf(f, "{\"image\": \"%s\", \"caption\": \"caption of %s\"}\n", k_items[i][0], k_items[i][0]);
+        }
+    }
+    if (f) {
+        fclose(f);
+    }
+    snprintf(cmd, sizeof cmd,
+             "%s eval prism --reader %s/reader --bench %s/b/bench.jsonl --tag one -n 1 --reader-max-new-tokens 16 "
+             "--threads 1 --captions %s/ext/one.jsonl --out %s/one --stage 1",
+             CAPRL_CLI, tmp, tmp, tmp, tmp);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
+    snprintf(path, sizeof path, "%s/one/captions_one.jsonl", tmp);
+    json_t *one = load_jsonl(path, "image");
+    const json_t *pal = json_object_get(json_object_get(one, "pal4.png"), "captions");
+    const char   *pal0 = json_string_value(json_array_get(pal, 0));
+    CHECK_MSG(json_object_size(one) == 5 && json_array_size(pal) == 1 && pal0 && !strcmp(pal0, "caption of pal4.png"),
+              "-n 1 with \"caption\" records: %s", path);
+    json_decref(one);
+    /* both sources at once is a usage error */
+    snprintf(cmd, sizeof cmd, "%s --captions %s/ext/caps.jsonl --out %s/both", base, tmp, tmp);
+    CHECK_EQ_I64(run(cmd, NULL, 0), 1);
+
     /* other settings on the same tag are refused, nothing touched */
     snprintf(cmd, sizeof cmd, "%s --out %s/ref -n 2", base, tmp);
     CHECK_EQ_I64(run(cmd, NULL, 0), 2);

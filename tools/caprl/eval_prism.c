@@ -263,11 +263,8 @@ static int64_t find_image(const prism *p, const char *raw) {
 /* ---- stage 1: captions ------------------------------------------------------------------------------------------ */
 
 /* A captions record must hold n captions (or an error); anything else is not this run's. */
-static int take_caption(prism *p, json_t *rec, const char *path, long line) {
-    int64_t u = find_image(p, json_string_value(json_object_get(rec, "image")));
-    if (u < 0 || p->images[u].caps) {
-        return 0; /* not in this benchmark, or already seen in another file: the first one counts */
-    }
+/* A captions record holds n caption strings or an "error" string. */
+static int check_captions_record(const prism *p, json_t *rec, const char *path, long line) {
     json_t *caps = json_object_get(rec, "captions"), *e = json_object_get(rec, "error");
     bool    ok = json_is_string(e) || (json_is_array(caps) && (int64_t)json_array_size(caps) == p->n);
     for (size_t k = 0; ok && !json_is_string(e) && k < json_array_size(caps); k++) {
@@ -278,8 +275,19 @@ static int take_caption(prism *p, json_t *rec, const char *path, long line) {
                 line, p->n);
         return EXIT_DATA;
     }
-    p->images[u].caps = json_incref(rec);
     return 0;
+}
+
+static int take_caption(prism *p, json_t *rec, const char *path, long line) {
+    int64_t u = find_image(p, json_string_value(json_object_get(rec, "image")));
+    if (u < 0 || p->images[u].caps) {
+        return 0; /* not in this benchmark, or already seen in another file: the first one counts */
+    }
+    int rc = check_captions_record(p, rec, path, line);
+    if (rc == 0) {
+        p->images[u].caps = json_incref(rec);
+    }
+    return rc;
 }
 
 typedef struct scan_ud {
@@ -381,8 +389,137 @@ static bool same_bounds(const image_entry *a, const image_entry *b) {
     return a->min_pixels == b->min_pixels && a->max_pixels == b->max_pixels;
 }
 
+/* ---- stage 1 from a file of captions (--captions) ---------------------------------------------------------- */
+
+typedef struct import_ud {
+    prism   *p;
+    raw_ref *real;   /* (n_real) the benchmark images' file keys (raw = the key, item = the image), sorted */
+    int64_t  n_real;
+    char   **owned;  /* (n_real) the keys' storage */
+    char    *dir;    /* the captions file's folder */
+    json_t **found;  /* (n_images) the file's first record for each image (held), or NULL */
+} import_ud;
+
+/* A key naming a file however its path is written: its real path, or (a missing file: a captioner's error record)
+ * its folder's real path and its name. malloc'd. */
+static char *file_key(const char *path) {
+    char *real = realpath(path, NULL);
+    if (real) {
+        return real;
+    }
+    const char *slash = strrchr(path, '/');
+    char       *folder = tool_folder_of(path);
+    char       *key = NULL;
+    if (folder) {
+        const char *name = slash ? slash + 1 : path;
+        size_t      n = strlen(folder) + strlen(name) + 2;
+        key = malloc(n);
+        snprintf(key, n, "%s/%s", folder, name);
+        free(folder);
+    }
+    return key ? key : tool_absolute(path);
+}
+
+/* The benchmark image a record's "image" names: the same string as the benchmark, or the same file (relative to the
+ * captions file's folder, "file://" dropped). -1 if none. */
+static int64_t import_match(const import_ud *d, const char *image) {
+    int64_t u = find_image(d->p, image);
+    if (u >= 0 || !image) {
+        return u;
+    }
+    const char *s = strncmp(image, "file://", 7) == 0 ? image + 7 : image;
+    size_t      n = strlen(d->dir) + strlen(s) + 2;
+    char       *joined = malloc(n);
+    snprintf(joined, n, "%s%s%s", s[0] == '/' ? "" : d->dir, s[0] == '/' ? "" : "/", s);
+    char   *key = file_key(joined);
+    raw_ref probe = {key, -1};
+    int64_t lo = 0, hi = d->n_real;
+    while (lo < hi) { /* the first entry >= probe: item -1 sorts before every image with the same key */
+        int64_t mid = lo + (hi - lo) / 2;
+        if (cmp_raw_ref(&d->real[mid], &probe) < 0) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    u = lo < d->n_real && strcmp(d->real[lo].raw, key) == 0 ? d->real[lo].item : -1;
+    free(key);
+    free(joined);
+    return u;
+}
+
+static int import_record(json_t *rec, const char *path, long line, void *ud) {
+    import_ud *d = ud;
+    int64_t    u = import_match(d, json_string_value(json_object_get(rec, "image")));
+    if (u < 0 || d->found[u]) {
+        return 0; /* not a benchmark image, or named again: the first record counts */
+    }
+    json_t *one = json_object_get(rec, "caption");
+    if (d->p->n == 1 && json_is_string(one) && !json_object_get(rec, "captions")) { /* {"image", "caption"} */
+        json_object_set_new(rec, "captions", json_pack("[O]", one));
+    }
+    int rc = check_captions_record(d->p, rec, path, line);
+    if (rc == 0) {
+        d->found[u] = json_incref(rec);
+    }
+    return rc;
+}
+
+/* Takes the captions of todo[0..n_todo) from file (the JSON Lines of caprl caption: "image", "captions" with n
+ * strings or "error"; with n = 1 also "caption" with one string) and appends them, keyed by the benchmark's paths, to out. Every image must be there: nothing
+ * is written otherwise. */
+static int import_captions(prism *p, const char *file, const int64_t *todo, int64_t n_todo, FILE *out) {
+    if (access(file, R_OK) != 0) {
+        fprintf(stderr, "caprl %s: error: %s: cannot read: %s\n", CMD, file, strerror(errno));
+        return EXIT_DATA;
+    }
+    size_t    n_alloc = (size_t)(p->n_images > 0 ? p->n_images : 1);
+    import_ud d = {p, calloc(n_alloc, sizeof(raw_ref)), 0, calloc(n_alloc, sizeof(char *)), tool_folder_of(file),
+                   calloc(n_alloc, sizeof(json_t *))};
+    for (int64_t u = 0; u < p->n_images; u++) {
+        d.owned[u] = file_key(p->images[u].path);
+        d.real[u].raw = d.owned[u];
+        d.real[u].item = u;
+    }
+    d.n_real = p->n_images;
+    qsort(d.real, (size_t)d.n_real, sizeof *d.real, cmp_raw_ref);
+    int     rc = tool_jsonl_scan(CMD, file, -1, "image", JSON_STRING, "captions record", import_record, &d);
+    int64_t n_missing = 0, first_missing = -1;
+    for (int64_t i = 0; rc == 0 && i < n_todo; i++) {
+        if (!d.found[todo[i]]) {
+            first_missing = n_missing++ == 0 ? todo[i] : first_missing;
+        }
+    }
+    if (rc == 0 && n_missing > 0) {
+        fprintf(stderr, "caprl %s: error: %s: no captions for %lld of the %lld images to caption (the first: %s)\n",
+                CMD, file, (long long)n_missing, (long long)n_todo, p->images[first_missing].raw);
+        rc = EXIT_DATA;
+    }
+    for (int64_t i = 0; rc == 0 && i < n_todo; i++) {
+        json_t *rec = json_deep_copy(d.found[todo[i]]);
+        json_object_set_new(rec, "image", json_string(p->images[todo[i]].raw));
+        p->images[todo[i]].caps = json_incref(rec);
+        rc = tool_jsonl_write(CMD, out, rec);
+    }
+    if (rc == 0) {
+        fprintf(stderr, "caprl %s: stage 1: took the captions of %lld images from %s\n", CMD, (long long)n_todo, file);
+    }
+    for (int64_t u = 0; u < p->n_images; u++) {
+        json_decref(d.found[u]);
+    }
+    for (int64_t i = 0; i < d.n_real; i++) {
+        free(d.owned[i]);
+    }
+    free(d.owned);
+    free(d.found);
+    free(d.real);
+    free(d.dir);
+    return rc;
+}
+
 typedef struct stage1_opts {
-    const char *captioner;
+    const char *captioner;    /* or NULL with captions_file */
+    const char *captions_file; /* take the captions from this file instead of a captioner */
     const char *instruction; /* NULL: the released raw prompt; else this text in the chat template (default system) */
     int32_t     threads, batch, max_new;
     float       temperature, top_p;
@@ -418,7 +555,7 @@ static int run_stage1(prism *p, const stage1_opts *o) {
     caprl_error  err = {0};
     caprl_status st = CAPRL_OK;
     memset(&s, 0, sizeof s);
-    if (rc == 0 && n_todo > 0) {
+    if (rc == 0 && n_todo > 0 && o->captioner) {
         /* the release reads images with qwen-vl-utils (process_vision_info): pipeline B, alpha on white */
         rc = tool_load_vlm(CMD, "captioner", o->captioner, o->threads, CAPRL_RESIZE_QWEN_VL_UTILS, &s.model, &s.vision,
                            &s.pp);
@@ -441,7 +578,9 @@ static int run_stage1(prism *p, const stage1_opts *o) {
             fd = -1;
         }
     }
-    if (rc == 0 && n_todo > 0) {
+    if (rc == 0 && n_todo > 0 && o->captions_file) {
+        rc = import_captions(p, o->captions_file, todo, n_todo, s.out);
+    } else if (rc == 0 && n_todo > 0) {
         s.dp = caprl_image_decode_default_params();
         s.dp.alpha = CAPRL_ALPHA_WHITE;
         s.gp = caprl_generate_default_params();
@@ -898,14 +1037,16 @@ static void prism_free(prism *p) {
 int cmd_eval_prism(int argc, char **argv) {
     static const cmd_info info = {
         CMD,
-        "caprl eval prism --captioner DIR --reader DIR --bench FILE --tag T --out DIR [--n-captions 4] [--stage 1|2]\n"
-        "                 [--step N] [--shard i/k] [--seed S]",
+        "caprl eval prism (--captioner DIR | --captions FILE) --reader DIR --bench FILE --tag T --out DIR [-n 4]\n"
+        "                 [--stage 1|2] [--step N] [--shard i/k] [--seed S]",
         "Prism evaluation as released (Eval_CapRL.py): caption each benchmark image n times, have a text reader\n"
         "answer every question from every caption, score, and write BoN and Mean.",
         "Stage 1 (needs --captioner, a Qwen2.5-VL checkpoint): every distinct image of --bench gets --n-captions\n"
         "captions from the released raw ChatML prompt (no system turn; the text is \"Please describe this image in\n"
         "detail\", no final period), temperature 1.0, top-p 1, at most 2048 new tokens, appended to\n"
-        "OUT/captions_{tag}.jsonl. Stage 2 (needs --reader, a text checkpoint): each item's prompt with its image\n"
+        "OUT/captions_{tag}.jsonl; or --captions FILE takes them from a file of caprl caption's JSON Lines (any\n"
+        "captioner's output: \"image\" as the benchmark or the list wrote it, \"captions\" with n strings, or with\n"
+        "-n 1 \"caption\"), which must hold every image. Stage 2 (needs --reader, a text checkpoint): each item's prompt with its image\n"
         "placeholder replaced by \"<|im_start|>user\\nHere is a detailed caption of an image: {cap}. Please answer\n"
         "the question based on the caption.\", one answer per caption at temperature 1.0, top-p 1, at most 2048 new\n"
         "tokens, appended to OUT/answers_{tag}.jsonl. Scoring follows the benchmark's rule (file name: 'info' ->\n"
@@ -919,12 +1060,15 @@ int cmd_eval_prism(int argc, char **argv) {
         "writes the results. Caption k of image u samples with random stream u*n+k, answer k of item i with i*n+k:\n"
         "results do not depend on batching, sharding or resuming."};
     const char *captioner = NULL, *reader = NULL, *bench_path = NULL, *tag = NULL, *out_dir = NULL, *shard = NULL;
-    const char *rule_name = NULL, *instruction = NULL;
+    const char *rule_name = NULL, *instruction = NULL, *captions_file = NULL;
     int32_t     n = 4, stage = 0, max_new = 2048, reader_max_new = 2048, threads = 0, batch = 1, reader_batch = 8;
     float       temperature = 1.0f, top_p = 1.0f, reader_temperature = 1.0f, reader_top_p = 1.0f;
     int64_t     seed = 0, step = 0;
     opt_spec    specs[] = {
         {"captioner", OPT_STRING, &captioner, "stage 1: Qwen2.5-VL checkpoint that captions", 0, 0, "DIR", 0},
+        {"captions", OPT_STRING, &captions_file,
+         "stage 1: take the captions from this file (caprl caption's JSON Lines) instead of a captioner", 0, 0, "FILE",
+         0},
         {"reader", OPT_STRING, &reader, "stage 2: text checkpoint that answers from captions", 0, 0, "DIR", 0},
         {"bench", OPT_STRING, &bench_path, "benchmark: released lmm_eval_*.json or caprl simple JSONL", 0, 0, "FILE",
          0},
@@ -961,8 +1105,8 @@ int cmd_eval_prism(int argc, char **argv) {
     if (!bench_path || !tag || !out_dir) {
         return tool_usage_error(info.name, "--bench, --tag and --out are required");
     }
-    if (stage != 2 && !captioner) {
-        return tool_usage_error(info.name, "stage 1 needs --captioner");
+    if (stage != 2 && !captioner == !captions_file) {
+        return tool_usage_error(info.name, "stage 1 needs --captioner or --captions (one of them)");
     }
     if (stage != 1 && !reader) {
         return tool_usage_error(info.name, "stage 2 needs --reader");
@@ -996,16 +1140,24 @@ int cmd_eval_prism(int argc, char **argv) {
     if (!realpath(bench_path, bench_abs)) {
         snprintf(bench_abs, sizeof bench_abs, "%s", bench_path);
     }
+    char captions_abs[PATH_MAX];
+    if (captions_file && !realpath(captions_file, captions_abs)) {
+        snprintf(captions_abs, sizeof captions_abs, "%s", captions_file);
+    }
     if (rc == 0 && stage != 2) {
-        json_t *mine = json_pack("{s:s, s:I, s:o, s:i, s:f, s:f, s:i, s:I, s:s?}", "bench", bench_abs, "items",
-                                 (json_int_t)p.bench.n_items, "captioner", dir_json(captioner), "n_captions", (int)n,
-                                 "temperature", tool_typed_float(temperature), "top_p", tool_typed_float(top_p),
-                                 "max_new_tokens", (int)max_new, "seed", (json_int_t)seed, "instruction",
-                                 instruction);
+        json_t *mine = captions_file
+                           ? json_pack("{s:s, s:I, s:s, s:i}", "bench", bench_abs, "items", (json_int_t)p.bench.n_items,
+                                       "captions_file", captions_abs, "n_captions", (int)n)
+                           : json_pack("{s:s, s:I, s:o, s:i, s:f, s:f, s:i, s:I, s:s?}", "bench", bench_abs, "items",
+                                       (json_int_t)p.bench.n_items, "captioner", dir_json(captioner), "n_captions",
+                                       (int)n, "temperature", tool_typed_float(temperature), "top_p",
+                                       tool_typed_float(top_p), "max_new_tokens", (int)max_new, "seed",
+                                       (json_int_t)seed, "instruction", instruction);
         rc = check_settings(&p, "stage1", mine);
         json_decref(mine);
         if (rc == 0) {
-            stage1_opts o = {captioner, instruction, threads, batch, max_new, temperature, top_p, (uint64_t)seed};
+            stage1_opts o = {captioner,   captions_file, instruction, threads, batch, max_new, temperature,
+                             top_p,       (uint64_t)seed};
             rc = run_stage1(&p, &o);
         }
     }
