@@ -9,14 +9,7 @@
 
 #include "caprl/model.h"
 #include "caprl/tensor.h"
-
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_config: property failed: %s (line %d)\n", #cond, __LINE__);                  \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
+#include "fuzz_util.h"
 
 static int g_warnings;
 

@@ -10,14 +10,7 @@
 
 #include "caprl/caprl.h"
 #include "caprl/eval.h"
-
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_eval_score: property failed: %s (line %d)\n", #cond, __LINE__);              \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
+#include "fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -12,14 +12,7 @@
 #include <string.h>
 
 #include "caprl/image.h"
-
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_image: property failed: %s (line %d)\n", #cond, __LINE__);                   \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
+#include "fuzz_util.h"
 
 #define FUZZ_MAX_PIXELS (1 << 16)
 

@@ -9,14 +9,7 @@
 #include <string.h>
 
 #include "data/data_impl.h"
-
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_pyliteral: property failed: %s (line %d)\n", #cond, __LINE__);               \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
+#include "fuzz_util.h"
 
 static void check_tree(const caprl_pylit *v, int depth) {
     FUZZ_REQUIRE(depth <= CAPRL_PYLIT_MAX_DEPTH);

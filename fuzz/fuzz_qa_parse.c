@@ -8,14 +8,7 @@
 #include <string.h>
 
 #include "caprl/qa.h"
-
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_qa_parse: property failed: %s (line %d)\n", #cond, __LINE__);                \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
+#include "fuzz_util.h"
 
 static bool same_result(const caprl_qa_parse_result *a, const caprl_qa_parse_result *b) {
     if (a->n_items != b->n_items || a->n_drops != b->n_drops || a->gaps != b->gaps) {

@@ -11,32 +11,9 @@
 
 #include "caprl/caprl.h"
 #include "caprl/qa.h"
+#include "fuzz_util.h"
 
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_qa_set: property failed: %s (line %d)\n", #cond, __LINE__);                  \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
-
-static char g_path[64];
-
-static void quiet_log(int32_t level, const char *msg, void *ud) {
-    (void)level;
-    (void)msg;
-    (void)ud;
-}
-
-int LLVMFuzzerInitialize(int *argc, char ***argv);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv) {
-    (void)argc;
-    (void)argv;
-    snprintf(g_path, sizeof g_path, "/tmp/caprl-fuzz-qa-%ld.jsonl", (long)getpid());
-    caprl_log_set_callback(quiet_log, NULL); /* skip_bad warns once per bad record */
-    return 0;
-}
+static char g_path[96];
 
 static bool load(bool skip_bad, caprl_qa_set *set) {
     caprl_error err;
@@ -61,12 +38,10 @@ static bool load(bool skip_bad, caprl_qa_set *set) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    FILE *f = fopen(g_path, "wb");
-    if (!f) {
+    caprl_log_set_callback(fuzz_quiet_log, NULL); /* skip_bad warns once per bad record */
+    if (!fuzz_write_temp(g_path, "qa", "jsonl", data, size)) {
         return 0;
     }
-    fwrite(data, 1, size, f);
-    fclose(f);
     caprl_qa_set strict, lenient;
     bool         ok_strict = load(false, &strict), ok_lenient = load(true, &lenient);
     if (ok_strict) {

@@ -12,14 +12,7 @@
 
 #include "caprl/safetensors.h"
 #include "fmt/safetensors_impl.h"
-
-#define FUZZ_REQUIRE(cond)                                                                                      \
-    do {                                                                                                        \
-        if (!(cond)) {                                                                                          \
-            fprintf(stderr, "fuzz_safetensors: property failed: %s (line %d)\n", #cond, __LINE__);            \
-            __builtin_trap();                                                                                   \
-        }                                                                                                       \
-    } while (0)
+#include "fuzz_util.h"
 
 static void check_tensors(const caprl_safetensors *st, const uint8_t *data, size_t size) {
     for (int64_t i = 0; i < caprl_safetensors_n_tensors(st); i++) {
