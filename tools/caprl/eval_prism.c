@@ -428,9 +428,10 @@ static int64_t import_match(const import_ud *d, const char *image) {
         return u;
     }
     const char *s = strncmp(image, "file://", 7) == 0 ? image + 7 : image;
-    size_t      n = strlen(d->dir) + strlen(s) + 2;
+    const char *dir = d->dir ? d->dir : ".";
+    size_t      n = strlen(dir) + strlen(s) + 2;
     char       *joined = malloc(n);
-    snprintf(joined, n, "%s%s%s", s[0] == '/' ? "" : d->dir, s[0] == '/' ? "" : "/", s);
+    snprintf(joined, n, "%s%s%s", s[0] == '/' ? "" : dir, s[0] == '/' ? "" : "/", s);
     char   *key = file_key(joined);
     raw_ref probe = {key, -1};
     int64_t lo = 0, hi = d->n_real;
