@@ -13,7 +13,7 @@
 #include "caprl/eval.h"
 #include "fuzz_util.h"
 
-static char g_path[96];
+static char g_path[FUZZ_TEMP_PATH_CAP];
 
 static bool load(bool skip_bad, caprl_eval_bench *b) {
     caprl_eval_bench_params p = caprl_eval_bench_default_params();

@@ -13,7 +13,7 @@
 #include "caprl/qa.h"
 #include "fuzz_util.h"
 
-static char g_path[96];
+static char g_path[FUZZ_TEMP_PATH_CAP];
 
 static bool load(bool skip_bad, caprl_qa_set *set) {
     caprl_error err;

@@ -23,9 +23,11 @@ static inline void fuzz_quiet_log(int32_t level, const char *msg, void *user_dat
     (void)user_data;
 }
 
-/* Writes data to /tmp/caprl-fuzz-<kind>-<pid>.<ext> (path: a buffer of 96 bytes); false if it cannot. */
+#define FUZZ_TEMP_PATH_CAP 96
+
+/* Writes data to /tmp/caprl-fuzz-<kind>-<pid>.<ext>, its name in path[FUZZ_TEMP_PATH_CAP]; false if it cannot. */
 static inline bool fuzz_write_temp(char *path, const char *kind, const char *ext, const uint8_t *data, size_t size) {
-    snprintf(path, 96, "/tmp/caprl-fuzz-%s-%ld.%s", kind, (long)getpid(), ext);
+    snprintf(path, FUZZ_TEMP_PATH_CAP, "/tmp/caprl-fuzz-%s-%ld.%s", kind, (long)getpid(), ext);
     FILE *f = fopen(path, "wb");
     if (!f) {
         return false;

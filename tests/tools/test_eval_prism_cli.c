@@ -323,6 +323,14 @@ static void kill_midway(const char *cmdline, const char *file, long lines, const
     append_text(file, torn);
 }
 
+/* cmdline exits with code and its stderr holds needle. */
+static void expect_exit(const char *cmdline, int code, const char *needle, const char *what) {
+    CHECK_EQ_I64(run(cmdline, NULL, 0), code);
+    char *msg = last_stderr();
+    CHECK_MSG(strstr(msg, needle) != NULL, "%s: expected \"%s\" in: %s", what, needle, msg);
+    free(msg);
+}
+
 int main(void) {
     char *tmp = test_tmpdir("eval_prism_cli");
     snprintf(g_dir, sizeof g_dir, "%s", tmp);
@@ -417,21 +425,15 @@ int main(void) {
              "--reader-max-new-tokens 16 --seed %d --threads 1",
              CAPRL_CLI, tmp, tmp, N_CAPS, SEED);
     snprintf(cmd, sizeof cmd, "%s --captions %s/ext/caps.jsonl --out %s/imported", import_base, tmp, tmp);
-    CHECK_EQ_I64(run(cmd, NULL, 0), 0);
-    msg = last_stderr();
-    CHECK_MSG(strstr(msg, "took the captions of 5 images"), "--captions: %s", msg);
-    free(msg);
+    expect_exit(cmd, 0, "took the captions of 5 images", "--captions");
     snprintf(other, sizeof other, "%s/imported", tmp);
     same_results(ref_dir, other, "--captions with the reference's captions vs captioning");
     /* a file without one of the images: refused naming it, nothing written */
     snprintf(cmd, sizeof cmd, "grep -v pal4 %s/ext/caps.jsonl > %s/ext/missing.jsonl", tmp, tmp);
     CHECK(system(cmd) == 0);
     snprintf(cmd, sizeof cmd, "%s --captions %s/ext/missing.jsonl --out %s/missing", import_base, tmp, tmp);
-    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
-    msg = last_stderr();
-    CHECK_MSG(strstr(msg, "missing.jsonl: no captions for 1 of the 5 images") && strstr(msg, "pal4.png"),
-              "a missing image: %s", msg);
-    free(msg);
+    expect_exit(cmd, 2, "missing.jsonl: no captions for 1 of the 5 images to caption (the first: pal4.png)",
+                "a missing image");
     snprintf(path, sizeof path, "%s/missing/captions_t.jsonl", tmp);
     CHECK_EQ_I64(count_file_lines(path), 0);
     /* a record with the wrong number of captions, first for its image: refused naming file and line */
@@ -440,10 +442,7 @@ int main(void) {
              tmp, tmp, tmp, tmp);
     CHECK(system(cmd) == 0);
     snprintf(cmd, sizeof cmd, "%s --captions %s/ext/count.jsonl --out %s/count", import_base, tmp, tmp);
-    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
-    msg = last_stderr();
-    CHECK_MSG(strstr(msg, "count.jsonl:1: expected \"captions\" with"), "a wrong caption count: %s", msg);
-    free(msg);
+    expect_exit(cmd, 2, "count.jsonl:1: expected \"captions\" with 3 strings", "a wrong caption count");
     /* -n 1 also takes {"image", "caption"} (caprl synth's ground-truth captions) */
     snprintf(path, sizeof path, "%s/ext/one.jsonl", tmp);
     f = fopen(path, "wb");
@@ -470,20 +469,14 @@ int main(void) {
     json_decref(one);
     /* both sources at once is a usage error */
     snprintf(cmd, sizeof cmd, "%s --captions %s/ext/caps.jsonl --out %s/both", base, tmp, tmp);
-    CHECK_EQ_I64(run(cmd, NULL, 0), 1);
+    expect_exit(cmd, 1, "--captioner or --captions (one of them)", "both stage-1 sources");
 
     /* other settings on the same tag are refused, nothing touched */
     snprintf(cmd, sizeof cmd, "%s --out %s/ref -n 2", base, tmp);
-    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
-    msg = last_stderr();
-    CHECK_MSG(strstr(msg, "n_captions"), "a rerun with -n 2 must be refused naming n_captions: %s", msg);
-    free(msg);
+    expect_exit(cmd, 2, "n_captions", "a rerun with -n 2 must be refused naming n_captions");
     /* stage 2 before stage 1 */
     snprintf(cmd, sizeof cmd, "%s --out %s/early --stage 2", base, tmp);
-    CHECK_EQ_I64(run(cmd, NULL, 0), 2);
-    msg = last_stderr();
-    CHECK_MSG(strstr(msg, "run stage 1"), "stage 2 without captions: %s", msg);
-    free(msg);
+    expect_exit(cmd, 2, "run stage 1", "stage 2 without captions");
 
     int rc = test_finish("test_eval_prism_cli");
     if (rc == 0) {

@@ -73,12 +73,13 @@ int cmd_caption(int argc, char **argv) {
         "LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, or JSON Lines with an\n"
         "\"image\" field (other fields are copied to the output); relative paths are relative to LIST's folder.\n"
         "Output: {\"image\", \"captions\": [...], \"tokens\": [...], \"finish\": [...], ...} or\n"
-        "{\"image\", \"error\"} for an image that could not be read. Rerunning the same command resumes: images already in the output (error\n"
-        "records included: delete those lines to retry them) are skipped and a torn last line from a killed run is\n"
-        "removed; a second process on the same output is refused. --shard i/k takes every k-th image starting at i,\n"
-        "so k processes can split one list. Sample k of image i (its position in LIST) uses random stream i*n+k:\n"
-        "results do not depend on batching, sharding or resuming. --alpha white is pipeline B (qwen-vl-utils, then\n"
-        "the processor), drop is pipeline A (the Hugging Face processor alone), as in caprl preprocess."};
+        "{\"image\", \"error\"} for an image that could not be read. Rerunning the same command resumes: images\n"
+        "already in the output (error records included: delete those lines to retry them) are skipped and a torn\n"
+        "last line from a killed run is removed; a second process on the same output is refused. --shard i/k takes\n"
+        "every k-th image starting at i, so k processes can split one list. Sample k of image i (its position in\n"
+        "LIST) uses random stream i*n+k: results do not depend on batching, sharding or resuming. --alpha white is\n"
+        "pipeline B (qwen-vl-utils, then the processor), drop is pipeline A (the Hugging Face processor alone), as in\n"
+        "caprl preprocess."};
     const char *model_dir = NULL, *list = NULL, *out_path = NULL, *shard = NULL, *alpha = "white";
     const char *prompt = "Please describe this image in detail.", *system = NULL;
     int32_t     n = 4, batch = 1, max_new = 2048, threads = 0, top_k = 0;
@@ -126,9 +127,6 @@ int cmd_caption(int argc, char **argv) {
     if (rc) {
         return rc;
     }
-    /* --alpha picks the whole pipeline, as in caprl preprocess: white is qwen-vl-utils + the processor (B), drop
-     * is the Hugging Face processor alone (A) */
-    const int32_t resize_variant = r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
     tool_image_list items = {0};
     rc = tool_image_list_load(info.name, list, k_output_fields, &items);
     /* The output is opened (created) and locked before it is read: a second process on the same file would
@@ -149,8 +147,9 @@ int cmd_caption(int argc, char **argv) {
                             &n_todo);
     }
     if (rc == 0 && n_todo > 0) {
-        if ((rc = tool_load_vlm(info.name, "checkpoint", model_dir, threads, resize_variant, &r.model, &r.vision,
-                                &r.pp)) == 0) {
+        /* --alpha picks the whole pipeline, as in caprl preprocess */
+        if ((rc = tool_load_vlm(info.name, "checkpoint", model_dir, threads, tool_resize_variant(r.dp.alpha),
+                                &r.model, &r.vision, &r.pp)) == 0) {
             rc = check_prompt(r.model, prompt, system);
         }
     }

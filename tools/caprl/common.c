@@ -237,7 +237,8 @@ int tool_mkdir_p(const char *cmd, const char *dir) {
 }
 
 caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, int32_t alpha, int32_t threads,
-                                caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp, caprl_error *err) {
+                                caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp,
+                                caprl_error *err) {
     caprl_image_decode_params dp = caprl_image_decode_default_params();
     dp.alpha = alpha;
     *pp = caprl_preprocess_config_default();
@@ -678,6 +679,7 @@ const char *tool_finish_name(int32_t finish) {
 }
 
 void tool_samples_init(tool_samples *s, int32_t n_sequences, int32_t per_prompt, int32_t cap) {
+    s->n_sequences = n_sequences;
     s->per_prompt = per_prompt;
     s->cap = cap;
     s->tokens = calloc((size_t)n_sequences, sizeof(int32_t *));
@@ -687,8 +689,8 @@ void tool_samples_init(tool_samples *s, int32_t n_sequences, int32_t per_prompt,
     }
 }
 
-void tool_samples_free(tool_samples *s, int32_t n_sequences) {
-    for (int32_t i = 0; i < n_sequences; i++) {
+void tool_samples_free(tool_samples *s) {
+    for (int32_t i = 0; i < s->n_sequences; i++) {
         free(s->tokens[i]);
     }
     free(s->tokens);
@@ -763,6 +765,10 @@ int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha) {
     return tool_usage_error(cmd, "--alpha must be white or drop, got '%s'", name);
 }
 
+int32_t tool_resize_variant(int32_t alpha) {
+    return alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
+}
+
 /* ---- batched image generation ---------------------------------------------------------------------------------- */
 
 static json_t *vl_error_record(const tool_vl_job *job, const tool_image_item *it, const char *msg) {
@@ -812,7 +818,7 @@ static int vl_job_batch(tool_vl_job *job, tool_image_item **its, caprl_image *im
             job->prog.done++;
         }
     }
-    tool_samples_free(&samples, ns);
+    tool_samples_free(&samples);
     free(finish);
     free(reqs);
     return rc;

@@ -47,7 +47,8 @@ caprl_status tool_load_vl_image(const char *model_dir, const char *image_path, i
                                 caprl_image *img, caprl_vision **vision, caprl_preprocess_config *pp, caprl_error *err);
 
 /* Fills err (the program's own errors, in the library's record) and returns code. */
-caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Monotonic seconds. */
 double tool_now(void);
@@ -65,19 +66,22 @@ char *tool_absolute(const char *path);
 
 /* --alpha white|drop as CAPRL_ALPHA_WHITE / CAPRL_ALPHA_DROP: 0, or the exit code of the usage error it printed. */
 int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha);
+/* The image pipeline --alpha picks: white is qwen-vl-utils then the processor (B), drop the Hugging Face processor
+ * alone (A); a CAPRL_RESIZE_* value. */
+int32_t tool_resize_variant(int32_t alpha);
 
 /* "eos", "length" or "aborted": a generation's finish code (CAPRL_FINISH_*) as the output files spell it. */
 const char *tool_finish_name(int32_t finish);
 
 /* Generated token sequences, n_sequences of at most cap tokens, sequence s = prompt * per_prompt + sample. */
 typedef struct tool_samples {
-    int32_t   per_prompt, cap;
+    int32_t   n_sequences, per_prompt, cap;
     int32_t **tokens;
     int32_t  *n;
 } tool_samples;
 
 void tool_samples_init(tool_samples *s, int32_t n_sequences, int32_t per_prompt, int32_t cap);
-void tool_samples_free(tool_samples *s, int32_t n_sequences);
+void tool_samples_free(tool_samples *s);
 /* The generation token callback that fills a tool_samples (its user data). */
 bool tool_samples_collect(int32_t prompt, int32_t sample, int32_t token, void *user_data);
 /* Sets rec's key to the texts of sequences first .. first + count - 1 (special tokens skipped, the end-of-sequence

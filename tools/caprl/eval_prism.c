@@ -262,8 +262,7 @@ static int64_t find_image(const prism *p, const char *raw) {
 
 /* ---- stage 1: captions ------------------------------------------------------------------------------------------ */
 
-/* A captions record must hold n captions (or an error); anything else is not this run's. */
-/* A captions record holds n caption strings or an "error" string. */
+/* A captions record must hold n caption strings or an "error" string; anything else is not this run's. */
 static int check_captions_record(const prism *p, json_t *rec, const char *path, long line) {
     json_t *caps = json_object_get(rec, "captions"), *e = json_object_get(rec, "error");
     bool    ok = json_is_string(e) || (json_is_array(caps) && (int64_t)json_array_size(caps) == p->n);
@@ -304,7 +303,6 @@ static int scan_captions(prism *p, const char *path, int fd) {
     scan_ud s = {p, take_caption};
     return tool_jsonl_scan(CMD, path, fd, "image", JSON_STRING, "captions record", scan_record, &s);
 }
-
 
 typedef struct stage1 {
     caprl_model              *model;
@@ -379,7 +377,7 @@ static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *im
             s->prog.done++;
         }
     }
-    tool_samples_free(&g, ns);
+    tool_samples_free(&g);
     free(finish);
     free(reqs);
     return rc;
@@ -393,9 +391,8 @@ static bool same_bounds(const image_entry *a, const image_entry *b) {
 
 typedef struct import_ud {
     prism   *p;
-    raw_ref *real;   /* (n_real) the benchmark images' file keys (raw = the key, item = the image), sorted */
-    int64_t  n_real;
-    char   **owned;  /* (n_real) the keys' storage */
+    char   **keys;   /* (n_images) each image's file key (owned) */
+    raw_ref *sorted; /* (n_images) the keys sorted (raw = the key, item = the image) */
     char    *dir;    /* the captions file's folder */
     json_t **found;  /* (n_images) the file's first record for each image (held), or NULL */
 } import_ud;
@@ -434,16 +431,16 @@ static int64_t import_match(const import_ud *d, const char *image) {
     snprintf(joined, n, "%s%s%s", s[0] == '/' ? "" : dir, s[0] == '/' ? "" : "/", s);
     char   *key = file_key(joined);
     raw_ref probe = {key, -1};
-    int64_t lo = 0, hi = d->n_real;
+    int64_t lo = 0, hi = d->p->n_images;
     while (lo < hi) { /* the first entry >= probe: item -1 sorts before every image with the same key */
         int64_t mid = lo + (hi - lo) / 2;
-        if (cmp_raw_ref(&d->real[mid], &probe) < 0) {
+        if (cmp_raw_ref(&d->sorted[mid], &probe) < 0) {
             lo = mid + 1;
         } else {
             hi = mid;
         }
     }
-    u = lo < d->n_real && strcmp(d->real[lo].raw, key) == 0 ? d->real[lo].item : -1;
+    u = lo < d->p->n_images && strcmp(d->sorted[lo].raw, key) == 0 ? d->sorted[lo].item : -1;
     free(key);
     free(joined);
     return u;
@@ -467,23 +464,21 @@ static int import_record(json_t *rec, const char *path, long line, void *ud) {
 }
 
 /* Takes the captions of todo[0..n_todo) from file (the JSON Lines of caprl caption: "image", "captions" with n
- * strings or "error"; with n = 1 also "caption" with one string) and appends them, keyed by the benchmark's paths, to out. Every image must be there: nothing
- * is written otherwise. */
+ * strings or "error"; with n = 1 also "caption" with one string) and appends them, keyed by the benchmark's paths,
+ * to out. Every image must be there: nothing is written otherwise. */
 static int import_captions(prism *p, const char *file, const int64_t *todo, int64_t n_todo, FILE *out) {
     if (access(file, R_OK) != 0) {
         fprintf(stderr, "caprl %s: error: %s: cannot read: %s\n", CMD, file, strerror(errno));
         return EXIT_DATA;
     }
     size_t    n_alloc = (size_t)(p->n_images > 0 ? p->n_images : 1);
-    import_ud d = {p, calloc(n_alloc, sizeof(raw_ref)), 0, calloc(n_alloc, sizeof(char *)), tool_folder_of(file),
+    import_ud d = {p, calloc(n_alloc, sizeof(char *)), calloc(n_alloc, sizeof(raw_ref)), tool_folder_of(file),
                    calloc(n_alloc, sizeof(json_t *))};
     for (int64_t u = 0; u < p->n_images; u++) {
-        d.owned[u] = file_key(p->images[u].path);
-        d.real[u].raw = d.owned[u];
-        d.real[u].item = u;
+        d.keys[u] = file_key(p->images[u].path);
+        d.sorted[u] = (raw_ref){d.keys[u], u};
     }
-    d.n_real = p->n_images;
-    qsort(d.real, (size_t)d.n_real, sizeof *d.real, cmp_raw_ref);
+    qsort(d.sorted, n_alloc, sizeof *d.sorted, cmp_raw_ref);
     int     rc = tool_jsonl_scan(CMD, file, -1, "image", JSON_STRING, "captions record", import_record, &d);
     int64_t n_missing = 0, first_missing = -1;
     for (int64_t i = 0; rc == 0 && i < n_todo; i++) {
@@ -507,21 +502,19 @@ static int import_captions(prism *p, const char *file, const int64_t *todo, int6
     }
     for (int64_t u = 0; u < p->n_images; u++) {
         json_decref(d.found[u]);
+        free(d.keys[u]);
     }
-    for (int64_t i = 0; i < d.n_real; i++) {
-        free(d.owned[i]);
-    }
-    free(d.owned);
+    free(d.keys);
+    free(d.sorted);
     free(d.found);
-    free(d.real);
     free(d.dir);
     return rc;
 }
 
 typedef struct stage1_opts {
-    const char *captioner;    /* or NULL with captions_file */
+    const char *captioner;     /* or NULL with captions_file */
     const char *captions_file; /* take the captions from this file instead of a captioner */
-    const char *instruction; /* NULL: the released raw prompt; else this text in the chat template (default system) */
+    const char *instruction;   /* NULL: the released raw prompt; else this text in the chat template (default system) */
     int32_t     threads, batch, max_new;
     float       temperature, top_p;
     uint64_t    seed;
@@ -779,7 +772,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
     for (int32_t q = 0; q < np; q++) {
         free(ids[q]);
     }
-    tool_samples_free(&g, np);
+    tool_samples_free(&g);
     free(ids);
     free(lens);
     free(streams);
@@ -1045,14 +1038,15 @@ int cmd_eval_prism(int argc, char **argv) {
         "Stage 1 (needs --captioner, a Qwen2.5-VL checkpoint): every distinct image of --bench gets --n-captions\n"
         "captions from the released raw ChatML prompt (no system turn; the text is \"Please describe this image in\n"
         "detail\", no final period), temperature 1.0, top-p 1, at most 2048 new tokens, appended to\n"
-        "OUT/captions_{tag}.jsonl; or --captions FILE takes them from a file of caprl caption's JSON Lines (any\n"
-        "captioner's output: \"image\" as the benchmark or the list wrote it, \"captions\" with n strings, or with\n"
-        "-n 1 \"caption\"), which must hold every image. Stage 2 (needs --reader, a text checkpoint): each item's prompt with its image\n"
-        "placeholder replaced by \"<|im_start|>user\\nHere is a detailed caption of an image: {cap}. Please answer\n"
-        "the question based on the caption.\", one answer per caption at temperature 1.0, top-p 1, at most 2048 new\n"
-        "tokens, appended to OUT/answers_{tag}.jsonl. Scoring follows the benchmark's rule (file name: 'info' ->\n"
-        "ANLS + relaxed accuracy, 'char' -> relaxed accuracy, else math equivalence; a simple-JSONL record's\n"
-        "\"type\" or --rule overrides). Results: OUT/Prism_{tag}_step_details_{step}_final.json and\n"
+        "OUT/captions_{tag}.jsonl. --captions FILE takes them instead from a file of caprl caption's JSON Lines\n"
+        "(any captioner's output: \"image\" as the benchmark or the list wrote it, \"captions\" with n strings, or\n"
+        "with -n 1 \"caption\"), which must hold every image.\n"
+        "Stage 2 (needs --reader, a text checkpoint): each item's prompt with its image placeholder replaced by\n"
+        "\"<|im_start|>user\\nHere is a detailed caption of an image: {cap}. Please answer the question based on\n"
+        "the caption.\", one answer per caption at temperature 1.0, top-p 1, at most 2048 new tokens, appended to\n"
+        "OUT/answers_{tag}.jsonl. Scoring follows the benchmark's rule (file name: 'info' -> ANLS + relaxed\n"
+        "accuracy, 'char' -> relaxed accuracy, else math equivalence; a simple-JSONL record's \"type\" or --rule\n"
+        "overrides). Results: OUT/Prism_{tag}_step_details_{step}_final.json and\n"
         "OUT/Prism_{tag}_step_eval_{step}_final.json (\"BoN: x Mean: y\"; the paper's Table 3 reports Mean), and a\n"
         "summary on stderr. Without --stage both stages run. Rerunning resumes both (a torn last line from a kill is\n"
         "removed); OUT/run_{tag}.json records each stage's settings, and a rerun with other settings is refused.\n"
@@ -1137,14 +1131,7 @@ int cmd_eval_prism(int argc, char **argv) {
     index_images(&p);
     p.answers = calloc((size_t)(p.bench.n_items > 0 ? p.bench.n_items : 1), sizeof *p.answers);
     rc = tool_mkdir_p(info.name, out_dir);
-    char bench_abs[PATH_MAX];
-    if (!realpath(bench_path, bench_abs)) {
-        snprintf(bench_abs, sizeof bench_abs, "%s", bench_path);
-    }
-    char captions_abs[PATH_MAX];
-    if (captions_file && !realpath(captions_file, captions_abs)) {
-        snprintf(captions_abs, sizeof captions_abs, "%s", captions_file);
-    }
+    char *bench_abs = tool_absolute(bench_path), *captions_abs = captions_file ? tool_absolute(captions_file) : NULL;
     if (rc == 0 && stage != 2) {
         json_t *mine = captions_file
                            ? json_pack("{s:s, s:I, s:s, s:i}", "bench", bench_abs, "items", (json_int_t)p.bench.n_items,
@@ -1157,8 +1144,15 @@ int cmd_eval_prism(int argc, char **argv) {
         rc = check_settings(&p, "stage1", mine);
         json_decref(mine);
         if (rc == 0) {
-            stage1_opts o = {captioner,   captions_file, instruction, threads, batch, max_new, temperature,
-                             top_p,       (uint64_t)seed};
+            stage1_opts o = {.captioner = captioner,
+                             .captions_file = captions_file,
+                             .instruction = instruction,
+                             .threads = threads,
+                             .batch = batch,
+                             .max_new = max_new,
+                             .temperature = temperature,
+                             .top_p = top_p,
+                             .seed = (uint64_t)seed};
             rc = run_stage1(&p, &o);
         }
     }
@@ -1180,6 +1174,8 @@ int cmd_eval_prism(int argc, char **argv) {
             rc = write_results(&p, step);
         }
     }
+    free(bench_abs);
+    free(captions_abs);
     prism_free(&p);
     return rc;
 }

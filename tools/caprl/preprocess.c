@@ -57,7 +57,7 @@ int cmd_preprocess(int argc, char **argv) {
     if (alpha_rc) {
         return alpha_rc;
     }
-    int32_t variant = dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF;
+    int32_t variant = tool_resize_variant(dp.alpha);
     struct stat st_out;
     if (stat(out_path, &st_out) == 0 && !S_ISREG(st_out.st_mode)) {
         /* the output is replaced by rename(): never do that to a device or a directory */

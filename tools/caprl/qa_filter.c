@@ -371,8 +371,7 @@ int cmd_qa_filter(int argc, char **argv) {
     }
     first_q[set.n_images] = g;
 
-    rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads,
-                       r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF, &r.model,
+    rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads, tool_resize_variant(r.dp.alpha), &r.model,
                        &r.vision, &r.pp);
     if (rc == 0) {
         r.gp = caprl_generate_default_params();

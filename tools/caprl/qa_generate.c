@@ -196,8 +196,7 @@ int cmd_qa_generate(int argc, char **argv) {
                             &n_todo);
     }
     if (rc == 0 && n_todo > 0) {
-        rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads,
-                           r.dp.alpha == CAPRL_ALPHA_WHITE ? CAPRL_RESIZE_QWEN_VL_UTILS : CAPRL_RESIZE_HF, &r.model,
+        rc = tool_load_vlm(info.name, "checkpoint", vlm_dir, threads, tool_resize_variant(r.dp.alpha), &r.model,
                            &r.vision, &r.pp);
     }
     if (rc == 0 && n_todo > 0) {
