@@ -82,21 +82,27 @@ def forward(p, cfg, ids):
     return x @ lm.T
 
 
+def param_shapes(V, C, F, L, H, Hkv, tied):
+    """Every tensor of a Qwen2 checkpoint in Hugging Face names, with its shape."""
+    D = C // H
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    for l in range(L):
+        pre = f"model.layers.{l}."
+        shapes.update({pre + "input_layernorm.weight": (C,), pre + "post_attention_layernorm.weight": (C,),
+                       pre + "self_attn.q_proj.weight": (H * D, C), pre + "self_attn.q_proj.bias": (H * D,),
+                       pre + "self_attn.k_proj.weight": (Hkv * D, C), pre + "self_attn.k_proj.bias": (Hkv * D,),
+                       pre + "self_attn.v_proj.weight": (Hkv * D, C), pre + "self_attn.v_proj.bias": (Hkv * D,),
+                       pre + "self_attn.o_proj.weight": (C, H * D), pre + "mlp.gate_proj.weight": (F, C),
+                       pre + "mlp.up_proj.weight": (F, C), pre + "mlp.down_proj.weight": (C, F)})
+    if not tied:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
 def main(out):
     for name, (dtype, tied, V, C, F, L, H, Hkv, theta) in VARIANTS.items():
         gen = torch.Generator().manual_seed(1234)
-        D = C // H
-        shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
-        for l in range(L):
-            pre = f"model.layers.{l}."
-            shapes.update({pre + "input_layernorm.weight": (C,), pre + "post_attention_layernorm.weight": (C,),
-                           pre + "self_attn.q_proj.weight": (H * D, C), pre + "self_attn.q_proj.bias": (H * D,),
-                           pre + "self_attn.k_proj.weight": (Hkv * D, C), pre + "self_attn.k_proj.bias": (Hkv * D,),
-                           pre + "self_attn.v_proj.weight": (Hkv * D, C), pre + "self_attn.v_proj.bias": (Hkv * D,),
-                           pre + "self_attn.o_proj.weight": (C, H * D), pre + "mlp.gate_proj.weight": (F, C),
-                           pre + "mlp.up_proj.weight": (F, C), pre + "mlp.down_proj.weight": (C, F)})
-        if not tied:
-            shapes["lm_head.weight"] = (V, C)
+        shapes = param_shapes(V, C, F, L, H, Hkv, tied)
         params = {}
         for n in sorted(shapes):
             t = torch.randn(shapes[n], generator=gen) * (0.1 if "norm" in n else 0.08)

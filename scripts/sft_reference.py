@@ -25,7 +25,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qwen2_reference import forward, save_safetensors  # noqa: E402
+from qwen2_reference import forward, param_shapes, save_safetensors  # noqa: E402
 
 SPECIAL = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -94,16 +94,7 @@ def tokenize(rec):
 
 
 def init_params(gen):
-    D = C // H
-    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
-    for layer in range(L):
-        pre = f"model.layers.{layer}."
-        shapes.update({pre + "input_layernorm.weight": (C,), pre + "post_attention_layernorm.weight": (C,),
-                       pre + "self_attn.q_proj.weight": (H * D, C), pre + "self_attn.q_proj.bias": (H * D,),
-                       pre + "self_attn.k_proj.weight": (HKV * D, C), pre + "self_attn.k_proj.bias": (HKV * D,),
-                       pre + "self_attn.v_proj.weight": (HKV * D, C), pre + "self_attn.v_proj.bias": (HKV * D,),
-                       pre + "self_attn.o_proj.weight": (C, H * D), pre + "mlp.gate_proj.weight": (F, C),
-                       pre + "mlp.up_proj.weight": (F, C), pre + "mlp.down_proj.weight": (C, F)})
+    shapes = param_shapes(V, C, F, L, H, HKV, tied=True)
     params = {}
     for n in sorted(shapes):
         t = torch.randn(shapes[n], generator=gen, dtype=torch.float64) * (0.1 if "norm" in n else 0.15)
