@@ -78,8 +78,8 @@ static caprl_status bench_vision(const caprl_vision_config *vc, int32_t dtype, i
         int64_t n_patches = 0, n_tokens = 0;
         st = caprl_vision_count(vc, grid, 1, &n_patches, &n_tokens, err);
         int64_t patch_dim = (int64_t)vc->in_channels * vc->temporal_patch_size * vc->patch_size * vc->patch_size;
-        float  *px = st == CAPRL_OK ? malloc((size_t)(n_patches * patch_dim) * sizeof(float)) : NULL;
-        float  *out = st == CAPRL_OK ? malloc((size_t)(n_tokens * vc->out_hidden_size) * sizeof(float)) : NULL;
+        float  *px = st == CAPRL_OK ? tool_xmalloc((size_t)(n_patches * patch_dim) * sizeof(float)) : NULL;
+        float  *out = st == CAPRL_OK ? tool_xmalloc((size_t)(n_tokens * vc->out_hidden_size) * sizeof(float)) : NULL;
         for (int64_t i = 0; px && i < n_patches * patch_dim; i++) {
             px[i] = (float)((i * 2654435761u) % 1000) / 500.0f - 1.0f;
         }
@@ -169,9 +169,9 @@ static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int
     cp.n_logits_max = T;
     caprl_context *ctx = NULL;
     st = caprl_context_init(&ctx, m, &cp, err);
-    int32_t *ids = malloc((size_t)T * sizeof(int32_t));
-    int32_t *seq = calloc((size_t)T, sizeof(int32_t));
-    int8_t  *want = malloc((size_t)T);
+    int32_t *ids = tool_xmalloc((size_t)T * sizeof(int32_t));
+    int32_t *seq = tool_xcalloc((size_t)T, sizeof(int32_t));
+    int8_t  *want = tool_xmalloc((size_t)T);
     memset(want, 1, (size_t)T);
     for (int32_t i = 0; i < T; i++) {
         ids[i] = (i * 7919) % (cfg->vocab_size - 1);
@@ -236,7 +236,7 @@ static char *make_english(size_t bytes) {
                                   "learn",   "questions", "answers",  "reward",  "policy",  "image",  "1984",
                                   "2025,",   "(see",     "Fig.",      "3)",      "GRPO's",  "reader.", "Yes!"};
     size_t n_words = sizeof words / sizeof words[0];
-    char  *s = malloc(bytes + 64);
+    char  *s = tool_xmalloc(bytes + 64);
     size_t len = 0;
     uint32_t x = 12345;
     while (len < bytes) {
@@ -258,7 +258,7 @@ static double bench_tokenizer(const char *path, caprl_error *err, caprl_status *
     char    *text = make_english(bytes);
     size_t   len = strlen(text);
     int64_t  cap = (int64_t)len, n = 0;
-    int32_t *ids = malloc((size_t)cap * sizeof(int32_t));
+    int32_t *ids = tool_xmalloc((size_t)cap * sizeof(int32_t));
     double   best = 1e30;
     for (int rep = 0; rep < 3 && *st == CAPRL_OK; rep++) {
         double t0 = tool_now();
@@ -368,12 +368,12 @@ static caprl_status reward_bench_captions(const caprl_tokenizer *tok, int32_t n,
     char    *text = make_english(bytes);
     size_t   len = strlen(text);
     int64_t  cap = (int64_t)len, got = 0;
-    int32_t *ids = malloc((size_t)cap * sizeof(int32_t));
+    int32_t *ids = tool_xmalloc((size_t)cap * sizeof(int32_t));
     caprl_status st = caprl_tokenizer_encode(tok, text, len, false, ids, cap, &got, err);
     double   total = 0;
     for (int32_t c = 0; c < n && st == CAPRL_OK; c++) {
         size_t need = 0, out_cap = (size_t)T * 16 + 64;
-        caps[c] = malloc(out_cap);
+        caps[c] = tool_xmalloc(out_cap);
         st = caprl_tokenizer_decode(tok, ids + (int64_t)c * T, T, true, caps[c], out_cap, &need, err);
         int64_t again = 0;
         if (st == CAPRL_OK) {
@@ -465,12 +465,12 @@ static int bench_reward(int argc, char **argv) {
         rp.max_sequences = rp.max_captions * nq;
         st = caprl_reader_init(&r, m, &rp, &err);
     }
-    caprl_qa_item      *qa = calloc((size_t)n_cap * 5, sizeof *qa);
-    char              **qtext = calloc((size_t)n_cap * 5, sizeof *qtext);
-    char              **caps = calloc((size_t)n_cap, sizeof *caps);
-    caprl_qa_image     *imgs = calloc((size_t)n_cap, sizeof *imgs);
-    caprl_reward_item  *items = calloc((size_t)n_cap, sizeof *items);
-    caprl_reward_result *res_c = calloc((size_t)n_cap, sizeof *res_c), *res_n = calloc((size_t)n_cap, sizeof *res_n);
+    caprl_qa_item      *qa = tool_xcalloc((size_t)n_cap * 5, sizeof *qa);
+    char              **qtext = tool_xcalloc((size_t)n_cap * 5, sizeof *qtext);
+    char              **caps = tool_xcalloc((size_t)n_cap, sizeof *caps);
+    caprl_qa_image     *imgs = tool_xcalloc((size_t)n_cap, sizeof *imgs);
+    caprl_reward_item  *items = tool_xcalloc((size_t)n_cap, sizeof *items);
+    caprl_reward_result *res_c = tool_xcalloc((size_t)n_cap, sizeof *res_c), *res_n = tool_xcalloc((size_t)n_cap, sizeof *res_n);
     double              mean_tokens = 0, max_diff = 0;
     if (st == CAPRL_OK) {
         st = reward_bench_captions(caprl_model_tokenizer(m), n_cap, T, caps, &mean_tokens, &err);
@@ -619,11 +619,11 @@ typedef struct train_bench_batch {
  * sequence's end a token of its own) with the mean-loss coefficient, so the lm_head runs on every row. */
 static void train_bench_batch_init(train_bench_batch *tb, int32_t vocab, int32_t T, int32_t n_seqs) {
     int32_t n = T * n_seqs;
-    tb->tokens = malloc((size_t)n * sizeof(int32_t));
-    tb->target = malloc((size_t)n * sizeof(int32_t));
-    tb->seq_start = malloc((size_t)(n_seqs + 1) * sizeof(int32_t));
-    tb->logp = malloc((size_t)n * sizeof(float));
-    tb->dlogp = malloc((size_t)n * sizeof(float));
+    tb->tokens = tool_xmalloc((size_t)n * sizeof(int32_t));
+    tb->target = tool_xmalloc((size_t)n * sizeof(int32_t));
+    tb->seq_start = tool_xmalloc((size_t)(n_seqs + 1) * sizeof(int32_t));
+    tb->logp = tool_xmalloc((size_t)n * sizeof(float));
+    tb->dlogp = tool_xmalloc((size_t)n * sizeof(float));
     uint32_t x = 2463534242u;
     for (int32_t i = 0; i < n; i++) {
         x ^= x << 13;

@@ -29,8 +29,8 @@ int tool_read_file(const char *cmd, const char *path, size_t max_bytes, char **d
         return EXIT_DATA;
     }
     size_t n = (size_t)st.st_size;
-    char  *buf = malloc(n + 1);
-    if (!buf || fread(buf, 1, n, f) != n) {
+    char  *buf = tool_xmalloc(n + 1);
+    if (fread(buf, 1, n, f) != n) {
         fprintf(stderr, "caprl %s: error: %s: read failed\n", cmd, path);
         free(buf);
         fclose(f);
@@ -45,7 +45,7 @@ int tool_read_file(const char *cmd, const char *path, size_t max_bytes, char **d
 
 int tool_write_file_atomic(const char *cmd, const char *path, const void *data, size_t len) {
     size_t plen = strlen(path) + 32;
-    char  *tmp = malloc(plen);
+    char  *tmp = tool_xmalloc(plen);
     snprintf(tmp, plen, "%s.tmp.%ld", path, (long)getpid());
     FILE *f = fopen(tmp, "wb");
     if (!f) {
@@ -67,7 +67,7 @@ int tool_write_file_atomic(const char *cmd, const char *path, const void *data, 
 
 int tool_parse_ids(const char *cmd, const char *what, const char *text, int32_t **ids, int64_t *n) {
     size_t   cap = 64, count = 0;
-    int32_t *out = malloc(cap * sizeof *out);
+    int32_t *out = tool_xmalloc(cap * sizeof *out);
     const char *p = text;
     while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') {
         p++;
@@ -94,7 +94,7 @@ int tool_parse_ids(const char *cmd, const char *what, const char *text, int32_t 
         }
         if (count == cap) {
             cap *= 2;
-            out = realloc(out, cap * sizeof *out);
+            out = tool_xrealloc(out, cap * sizeof *out);
         }
         out[count++] = (int32_t)v;
         p = end;
@@ -197,6 +197,26 @@ char *tool_folder_of(const char *path) {
     return res;
 }
 
+static void *out_of_memory(size_t n) {
+    fprintf(stderr, "caprl: error: out of memory (allocating %zu bytes)\n", n);
+    exit(EXIT_BACKEND);
+}
+
+void *tool_xmalloc(size_t n) {
+    void *q = malloc(n ? n : 1);
+    return q ? q : out_of_memory(n);
+}
+
+void *tool_xcalloc(size_t count, size_t size) {
+    void *q = calloc(count ? count : 1, size ? size : 1);
+    return q ? q : out_of_memory(count * size);
+}
+
+void *tool_xrealloc(void *p, size_t n) {
+    void *q = realloc(p, n ? n : 1);
+    return q ? q : out_of_memory(n);
+}
+
 char *tool_absolute(const char *path) {
     char *res = realpath(path, NULL);
     if (res || path[0] == '/') {
@@ -207,7 +227,7 @@ char *tool_absolute(const char *path) {
         return strdup(path);
     }
     size_t n = strlen(cwd) + strlen(path) + 2;
-    res = malloc(n);
+    res = tool_xmalloc(n);
     snprintf(res, n, "%s/%s", cwd, path);
     return res;
 }
@@ -286,7 +306,7 @@ caprl_status tool_set_error(caprl_error *err, caprl_status code, const char *fmt
 static void list_push(tool_image_list *l, const char *image, const char *base_dir, json_t *extra, long line) {
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 256;
-        l->items = realloc(l->items, (size_t)l->cap * sizeof(tool_image_item));
+        l->items = tool_xrealloc(l->items, (size_t)l->cap * sizeof(tool_image_item));
     }
     tool_image_item *it = &l->items[l->n];
     it->image = strdup(image);
@@ -294,7 +314,7 @@ static void list_push(tool_image_list *l, const char *image, const char *base_di
         it->path = strdup(image);
     } else {
         size_t n = strlen(base_dir) + strlen(image) + 2;
-        it->path = malloc(n);
+        it->path = tool_xmalloc(n);
         snprintf(it->path, n, "%s/%s", base_dir, image);
     }
     it->extra = extra;
@@ -354,7 +374,7 @@ static int list_dir(const char *cmd, const char *dir, tool_image_list *l) {
         json_decref(name);
         if (n == cap) {
             cap = cap ? 2 * cap : 256;
-            names = realloc(names, cap * sizeof *names);
+            names = tool_xrealloc(names, cap * sizeof *names);
         }
         names[n++] = strdup(e->d_name);
     }
@@ -452,7 +472,7 @@ static int check_duplicates(const char *cmd, const char *list, const tool_image_
     if (l->n < 2) {
         return 0;
     }
-    const tool_image_item **sorted = malloc((size_t)l->n * sizeof *sorted);
+    const tool_image_item **sorted = tool_xmalloc((size_t)l->n * sizeof *sorted);
     for (int64_t i = 0; i < l->n; i++) {
         sorted[i] = &l->items[i];
     }
@@ -590,7 +610,7 @@ int tool_jsonl_write(const char *cmd, FILE *out, json_t *rec) {
 void tool_keyset_add(tool_keyset *s, const char *key) {
     if (s->n == s->cap) {
         s->cap = s->cap ? 2 * s->cap : 256;
-        s->keys = realloc(s->keys, s->cap * sizeof(char *));
+        s->keys = tool_xrealloc(s->keys, s->cap * sizeof(char *));
     }
     s->keys[s->n++] = strdup(key);
     s->sorted = false;
@@ -618,7 +638,7 @@ void tool_keyset_free(tool_keyset *s) {
 void tool_pending_images(const char *cmd, const tool_image_list *items, char *const *keys, tool_keyset *done,
                          bool sharded, long shard_i, long shard_k, const char *out_path, const char *verb,
                          tool_image_item ***todo, int64_t *n_todo) {
-    *todo = malloc((size_t)(items->n > 0 ? items->n : 1) * sizeof **todo);
+    *todo = tool_xmalloc((size_t)(items->n > 0 ? items->n : 1) * sizeof **todo);
     *n_todo = 0;
     int64_t n_shard = 0;
     for (int64_t i = shard_i; i < items->n; i += shard_k) {
@@ -682,10 +702,10 @@ void tool_samples_init(tool_samples *s, int32_t n_sequences, int32_t per_prompt,
     s->n_sequences = n_sequences;
     s->per_prompt = per_prompt;
     s->cap = cap;
-    s->tokens = calloc((size_t)n_sequences, sizeof(int32_t *));
-    s->n = calloc((size_t)n_sequences, sizeof(int32_t));
+    s->tokens = tool_xcalloc((size_t)n_sequences, sizeof(int32_t *));
+    s->n = tool_xcalloc((size_t)n_sequences, sizeof(int32_t));
     for (int32_t i = 0; i < n_sequences; i++) {
-        s->tokens[i] = malloc((size_t)cap * sizeof(int32_t));
+        s->tokens[i] = tool_xmalloc((size_t)cap * sizeof(int32_t));
     }
 }
 
@@ -779,9 +799,9 @@ static json_t *vl_error_record(const tool_vl_job *job, const tool_image_item *it
 
 /* Generates for `count` decoded images and writes their records. */
 static int vl_job_batch(tool_vl_job *job, tool_image_item **its, caprl_image *imgs, int32_t count) {
-    caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
+    caprl_vl_request *reqs = tool_xcalloc((size_t)count, sizeof *reqs);
     int32_t           ns = count * job->gp.n_samples;
-    int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
+    int32_t          *finish = tool_xcalloc((size_t)ns, sizeof(int32_t));
     tool_samples      samples;
     tool_samples_init(&samples, ns, job->gp.n_samples, job->gp.max_new_tokens);
     for (int32_t i = 0; i < count; i++) {
@@ -826,8 +846,8 @@ static int vl_job_batch(tool_vl_job *job, tool_image_item **its, caprl_image *im
 
 int tool_vl_job_run(tool_vl_job *job, tool_image_item **todo, int64_t n_todo) {
     tool_progress_start(&job->prog, job->cmd, "images", "img/s", n_todo);
-    caprl_image      *imgs = calloc((size_t)job->batch, sizeof *imgs);
-    tool_image_item **its = calloc((size_t)job->batch, sizeof *its);
+    caprl_image      *imgs = tool_xcalloc((size_t)job->batch, sizeof *imgs);
+    tool_image_item **its = tool_xcalloc((size_t)job->batch, sizeof *its);
     int               rc = 0;
     for (int64_t next = 0; next < n_todo && rc == 0;) {
         int32_t count = 0;

@@ -135,7 +135,7 @@ static int eval_score(int argc, char **argv) {
         size_t k = strlen(s);
         if (len + k + 2 > cap) {
             cap = (len + k + 2) * 2;
-            buf = realloc(buf, cap);
+            buf = tool_xrealloc(buf, cap);
         }
         memcpy(buf + len, s, k);
         buf[len + k] = '\n';

@@ -53,7 +53,7 @@ typedef struct prism {
 /* "{out}/{kind}_{tag}.jsonl", or "{out}/{kind}_{tag}.shard-{i}-of-{k}.jsonl" for a sharded run. */
 static char *stage_file(const prism *p, const char *kind, bool sharded) {
     size_t n = strlen(p->out_dir) + strlen(kind) + strlen(p->tag) + 64;
-    char  *s = malloc(n);
+    char  *s = tool_xmalloc(n);
     if (sharded) {
         snprintf(s, n, "%s/%s_%s.shard-%ld-of-%ld.jsonl", p->out_dir, kind, p->tag, p->shard_i, p->shard_k);
     } else {
@@ -97,14 +97,14 @@ static int scan_stage_files(prism *p, const char *kind, const char *own, int own
     struct dirent *e;
     while ((e = readdir(d))) {
         if (is_stage_file(e->d_name, kind, p->tag)) {
-            names = realloc(names, (n + 1) * sizeof *names);
+            names = tool_xrealloc(names, (n + 1) * sizeof *names);
             names[n++] = strdup(e->d_name);
         }
     }
     closedir(d);
     for (size_t i = 0; i < n; i++) {
         size_t len = strlen(p->out_dir) + strlen(names[i]) + 2;
-        char  *path = malloc(len);
+        char  *path = tool_xmalloc(len);
         snprintf(path, len, "%s/%s", p->out_dir, names[i]);
         const char *own_name = own ? strrchr(own, '/') + 1 : NULL;
         if (rc == 0 && !(own_name && strcmp(own_name, names[i]) == 0)) {
@@ -123,7 +123,7 @@ static int scan_stage_files(prism *p, const char *kind, const char *own, int own
  * one resumable file, so it is refused; a stage's settings are added when it first runs. */
 static int check_settings(const prism *p, const char *stage, json_t *mine) {
     size_t n = strlen(p->out_dir) + strlen(p->tag) + 32;
-    char  *path = malloc(n);
+    char  *path = tool_xmalloc(n);
     snprintf(path, n, "%s/run_%s.json", p->out_dir, p->tag);
     json_error_t jerr;
     json_t      *all = NULL;
@@ -197,8 +197,8 @@ static int cmp_i64(const void *a, const void *b) {
 /* The distinct images, numbered in order of first appearance; item_image maps each item to its image. */
 static void index_images(prism *p) {
     int64_t  n = p->bench.n_items;
-    raw_ref *refs = calloc((size_t)n, sizeof *refs);
-    int64_t *first = calloc((size_t)n, sizeof *first); /* first item of each distinct image */
+    raw_ref *refs = tool_xcalloc((size_t)n, sizeof *refs);
+    int64_t *first = tool_xcalloc((size_t)n, sizeof *first); /* first item of each distinct image */
     for (int64_t i = 0; i < n; i++) {
         refs[i].raw = p->bench.items[i].image_raw;
         refs[i].item = i;
@@ -211,10 +211,10 @@ static void index_images(prism *p) {
         }
     }
     qsort(first, (size_t)m, sizeof *first, cmp_i64);
-    p->images = calloc((size_t)(m > 0 ? m : 1), sizeof *p->images);
+    p->images = tool_xcalloc((size_t)(m > 0 ? m : 1), sizeof *p->images);
     p->n_images = m;
-    p->item_image = calloc((size_t)n, sizeof *p->item_image);
-    p->by_raw = calloc((size_t)(m > 0 ? m : 1), sizeof *p->by_raw);
+    p->item_image = tool_xcalloc((size_t)n, sizeof *p->item_image);
+    p->by_raw = tool_xcalloc((size_t)(m > 0 ? m : 1), sizeof *p->by_raw);
     for (int64_t u = 0; u < m; u++) {
         const caprl_eval_item *it = &p->bench.items[first[u]];
         p->images[u].raw = it->image_raw;
@@ -327,9 +327,9 @@ static json_t *caption_error_record(const image_entry *im, const char *msg) {
 /* Captions the images us[0..count) (decoded in imgs, all with the same pixel bounds) and appends their records. */
 static int caption_batch(prism *p, stage1 *s, const int64_t *us, caprl_image *imgs, int32_t count,
                          const char *instruction) {
-    caprl_vl_request *reqs = calloc((size_t)count, sizeof *reqs);
+    caprl_vl_request *reqs = tool_xcalloc((size_t)count, sizeof *reqs);
     int32_t           ns = count * p->n;
-    int32_t          *finish = calloc((size_t)ns, sizeof(int32_t));
+    int32_t          *finish = tool_xcalloc((size_t)ns, sizeof(int32_t));
     tool_samples      g;
     tool_samples_init(&g, ns, p->n, s->gp.max_new_tokens);
     for (int32_t i = 0; i < count; i++) {
@@ -410,7 +410,7 @@ static char *file_key(const char *path) {
     if (folder) {
         const char *name = slash ? slash + 1 : path;
         size_t      n = strlen(folder) + strlen(name) + 2;
-        key = malloc(n);
+        key = tool_xmalloc(n);
         snprintf(key, n, "%s/%s", folder, name);
         free(folder);
     }
@@ -427,7 +427,7 @@ static int64_t import_match(const import_ud *d, const char *image) {
     const char *s = strncmp(image, "file://", 7) == 0 ? image + 7 : image;
     const char *dir = d->dir ? d->dir : ".";
     size_t      n = strlen(dir) + strlen(s) + 2;
-    char       *joined = malloc(n);
+    char       *joined = tool_xmalloc(n);
     snprintf(joined, n, "%s%s%s", s[0] == '/' ? "" : dir, s[0] == '/' ? "" : "/", s);
     char   *key = file_key(joined);
     raw_ref probe = {key, -1};
@@ -472,8 +472,8 @@ static int import_captions(prism *p, const char *file, const int64_t *todo, int6
         return EXIT_DATA;
     }
     size_t    n_alloc = (size_t)(p->n_images > 0 ? p->n_images : 1);
-    import_ud d = {p, calloc(n_alloc, sizeof(char *)), calloc(n_alloc, sizeof(raw_ref)), tool_folder_of(file),
-                   calloc(n_alloc, sizeof(json_t *))};
+    import_ud d = {p, tool_xcalloc(n_alloc, sizeof(char *)), tool_xcalloc(n_alloc, sizeof(raw_ref)), tool_folder_of(file),
+                   tool_xcalloc(n_alloc, sizeof(json_t *))};
     for (int64_t u = 0; u < p->n_images; u++) {
         d.keys[u] = file_key(p->images[u].path);
         d.sorted[u] = (raw_ref){d.keys[u], u};
@@ -527,7 +527,7 @@ static int run_stage1(prism *p, const stage1_opts *o) {
     if (rc == 0) {
         rc = scan_stage_files(p, "captions", own, fd, scan_captions);
     }
-    int64_t *todo = calloc((size_t)(p->n_images > 0 ? p->n_images : 1), sizeof *todo);
+    int64_t *todo = tool_xcalloc((size_t)(p->n_images > 0 ? p->n_images : 1), sizeof *todo);
     int64_t  n_todo = 0, n_shard = 0;
     for (int64_t u = 0; rc == 0 && u < p->n_images; u++) {
         if (u % p->shard_k == p->shard_i) {
@@ -585,8 +585,8 @@ static int run_stage1(prism *p, const stage1_opts *o) {
         s.gp.sampling.top_p = o->top_p;
         s.gp.sampling.seed = o->seed;
         tool_progress_start(&s.prog, CMD, "images", "img/s", n_todo);
-        caprl_image *imgs = calloc((size_t)o->batch, sizeof *imgs);
-        int64_t     *us = calloc((size_t)o->batch, sizeof *us);
+        caprl_image *imgs = tool_xcalloc((size_t)o->batch, sizeof *imgs);
+        int64_t     *us = tool_xcalloc((size_t)o->batch, sizeof *us);
         for (int64_t next = 0; next < n_todo && rc == 0;) {
             int32_t count = 0;
             while (next < n_todo && count < o->batch && rc == 0 &&
@@ -708,10 +708,10 @@ typedef struct stage2 {
 static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count) {
     const caprl_tokenizer *tok = caprl_model_tokenizer(s->model);
     int32_t                np = count * p->n;
-    int32_t              **ids = calloc((size_t)np, sizeof *ids);
-    int64_t               *lens = calloc((size_t)np, sizeof *lens);
-    uint64_t              *streams = calloc((size_t)np, sizeof *streams);
-    int32_t               *finish = calloc((size_t)np, sizeof *finish);
+    int32_t              **ids = tool_xcalloc((size_t)np, sizeof *ids);
+    int64_t               *lens = tool_xcalloc((size_t)np, sizeof *lens);
+    uint64_t              *streams = tool_xcalloc((size_t)np, sizeof *streams);
+    int32_t               *finish = tool_xcalloc((size_t)np, sizeof *finish);
     tool_samples           g;
     tool_samples_init(&g, np, 1, s->gp.max_new_tokens);
     caprl_error  err = {0};
@@ -730,7 +730,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
             }
             st = caprl_tokenizer_encode(tok, prompt, strlen(prompt), true, NULL, 0, &lens[q], &err);
             if (st == CAPRL_OK) {
-                ids[q] = malloc((size_t)(lens[q] > 0 ? lens[q] : 1) * sizeof(int32_t));
+                ids[q] = tool_xmalloc((size_t)(lens[q] > 0 ? lens[q] : 1) * sizeof(int32_t));
                 st = caprl_tokenizer_encode(tok, prompt, strlen(prompt), true, ids[q], lens[q], &lens[q], &err);
             }
             if (st != CAPRL_OK) { /* the message names the item; a long one is cut */
@@ -804,7 +804,7 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
             fd = -1; /* now closed with s.out */
         }
     }
-    int64_t     *todo = calloc((size_t)(p->bench.n_items > 0 ? p->bench.n_items : 1), sizeof *todo);
+    int64_t     *todo = tool_xcalloc((size_t)(p->bench.n_items > 0 ? p->bench.n_items : 1), sizeof *todo);
     int64_t      n_todo = 0, n_shard = 0, n_missing = 0, n_uncaptioned = 0;
     const char  *first_missing = NULL;
     for (int64_t i = 0; rc == 0 && i < p->bench.n_items; i++) {
@@ -916,12 +916,12 @@ static int write_results(prism *p, int64_t step) {
         return 0;
     }
     int32_t             N = p->n;
-    caprl_prism_record *recs = calloc((size_t)(n > 0 ? n : 1), sizeof *recs);
-    double             *scores = calloc((size_t)(n * N > 0 ? n * N : 1), sizeof *scores);
-    char              **parsed = calloc((size_t)(n * N > 0 ? n * N : 1), sizeof *parsed);
-    int64_t            *tokens = calloc((size_t)(n * N > 0 ? n * N : 1), sizeof *tokens);
-    const char        **caps = calloc((size_t)(n * N > 0 ? n * N : 1), sizeof *caps);
-    const char        **outs = calloc((size_t)(n * N > 0 ? n * N : 1), sizeof *outs);
+    caprl_prism_record *recs = tool_xcalloc((size_t)(n > 0 ? n : 1), sizeof *recs);
+    double             *scores = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *scores);
+    char              **parsed = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *parsed);
+    int64_t            *tokens = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *tokens);
+    const char        **caps = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *caps);
+    const char        **outs = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *outs);
     int64_t             boxed = 0, failed = 0, rule_items[CAPRL_EVAL_RULE_COUNT] = {0}, total_tokens = 0;
     double              rule_mean[CAPRL_EVAL_RULE_COUNT] = {0};
     for (int64_t i = 0; i < n; i++) {
@@ -1129,7 +1129,7 @@ int cmd_eval_prism(int argc, char **argv) {
         return tool_fail(info.name, st, err.msg);
     }
     index_images(&p);
-    p.answers = calloc((size_t)(p.bench.n_items > 0 ? p.bench.n_items : 1), sizeof *p.answers);
+    p.answers = tool_xcalloc((size_t)(p.bench.n_items > 0 ? p.bench.n_items : 1), sizeof *p.answers);
     rc = tool_mkdir_p(info.name, out_dir);
     char *bench_abs = tool_absolute(bench_path), *captions_abs = captions_file ? tool_absolute(captions_file) : NULL;
     if (rc == 0 && stage != 2) {

@@ -58,7 +58,7 @@ static caprl_status vl_prompt_ids(const caprl_model *model, const char *dir, con
         st = caprl_tokenizer_encode(tok, text, strlen(text), true, NULL, 0, n, err);
     }
     if (st == CAPRL_OK) {
-        *ids = malloc((size_t)*n * sizeof(int32_t));
+        *ids = tool_xmalloc((size_t)*n * sizeof(int32_t));
         st = caprl_tokenizer_encode(tok, text, strlen(text), true, *ids, *n, n, err);
     }
     caprl_free(text);
@@ -77,9 +77,9 @@ static caprl_status forward_dump(caprl_model *model, const int32_t *ids, int64_t
     cp.n_logits_max = cp.n_batch_max;
     caprl_context *ctx = NULL;
     caprl_status   st = caprl_context_init(&ctx, model, &cp, err);
-    int32_t       *seq = calloc((size_t)cp.n_batch_max, sizeof(int32_t));
-    int32_t       *pos = malloc((size_t)cp.n_batch_max * 3 * sizeof(int32_t));
-    int8_t        *want = malloc((size_t)cp.n_batch_max);
+    int32_t       *seq = tool_xcalloc((size_t)cp.n_batch_max, sizeof(int32_t));
+    int32_t       *pos = tool_xmalloc((size_t)cp.n_batch_max * 3 * sizeof(int32_t));
+    int8_t        *want = tool_xmalloc((size_t)cp.n_batch_max);
     memset(want, 1, (size_t)cp.n_batch_max);
     for (int64_t start = 0; start < T && st == CAPRL_OK; start += cp.n_batch_max) {
         int32_t     n = (int32_t)(T - start < cp.n_batch_max ? T - start : cp.n_batch_max);
@@ -113,7 +113,7 @@ static caprl_status forward_dump(caprl_model *model, const int32_t *ids, int64_t
 static caprl_status logits_file(caprl_model *model, const int32_t *ids, int64_t T, const vl_inputs *vi,
                                 const char *path, caprl_error *err) {
     size_t tmp_cap = strlen(path) + 32;
-    char  *tmp = malloc(tmp_cap);
+    char  *tmp = tool_xmalloc(tmp_cap);
     snprintf(tmp, tmp_cap, "%s.tmp.%ld", path, (long)getpid());
     FILE        *out = fopen(tmp, "wb");
     caprl_status st = out ? forward_dump(model, ids, T, vi, out, tmp, err)
@@ -173,8 +173,8 @@ static caprl_status grads_dump(caprl_model *model, const vl_pixels *vp, const in
     if (st != CAPRL_OK) {
         return st;
     }
-    int32_t *target = malloc((size_t)T * sizeof(int32_t));
-    float   *logp = malloc((size_t)T * sizeof(float)), *dlogp = calloc((size_t)T, sizeof(float));
+    int32_t *target = tool_xmalloc((size_t)T * sizeof(int32_t));
+    float   *logp = tool_xmalloc((size_t)T * sizeof(float)), *dlogp = tool_xcalloc((size_t)T, sizeof(float));
     int64_t  n = T - loss_from;
     for (int64_t p = 0; p < T; p++) {
         target[p] = p >= loss_from - 1 && p + 1 < T ? tokens[p + 1] : -1;

@@ -37,7 +37,7 @@ static size_t decode_into(stream_state *s, int32_t seq) {
             return len;
         }
         s->text_cap = 2 * len + 64;
-        s->text = realloc(s->text, s->text_cap);
+        s->text = tool_xrealloc(s->text, s->text_cap);
     }
 }
 
@@ -66,14 +66,14 @@ static void stream_init(stream_state *ss, const caprl_tokenizer *tok, int32_t n,
     ss->n_seq = n;
     ss->n_samples = n;
     ss->stream = n == 1;
-    ss->ids = calloc((size_t)n, sizeof(int32_t *));
-    ss->n_ids = calloc((size_t)n, sizeof(int32_t));
-    ss->printed = calloc((size_t)n, sizeof(size_t));
+    ss->ids = tool_xcalloc((size_t)n, sizeof(int32_t *));
+    ss->n_ids = tool_xcalloc((size_t)n, sizeof(int32_t));
+    ss->printed = tool_xcalloc((size_t)n, sizeof(size_t));
     for (int32_t i = 0; i < n; i++) {
-        ss->ids[i] = malloc((size_t)max_new * sizeof(int32_t));
+        ss->ids[i] = tool_xmalloc((size_t)max_new * sizeof(int32_t));
     }
     ss->text_cap = 4096;
-    ss->text = malloc(ss->text_cap);
+    ss->text = tool_xmalloc(ss->text_cap);
 }
 
 static void stream_free(stream_state *ss) {
@@ -165,7 +165,7 @@ static caprl_status run_text(caprl_model *model, const char *text, size_t text_l
         st = tool_set_error(err, CAPRL_ERR_INVALID_ARG, "the prompt is empty");
     }
     if (st == CAPRL_OK) {
-        ids = malloc((size_t)n_ids * sizeof *ids);
+        ids = tool_xmalloc((size_t)n_ids * sizeof *ids);
         st = caprl_tokenizer_encode(tok, text, text_len, true, ids, n_ids, &n_ids, err);
     }
     const int32_t n = gp->n_samples;
@@ -321,7 +321,7 @@ int cmd_generate(int argc, char **argv) {
     caprl_error           err = {0};
     caprl_status          st = caprl_sampling_params_check(&gp.sampling, &err);
     stream_state          ss = {0};
-    int32_t              *finish = calloc((size_t)f.n, sizeof(int32_t));
+    int32_t              *finish = tool_xcalloc((size_t)f.n, sizeof(int32_t));
     if (st == CAPRL_OK) {
         stream_init(&ss, tok, f.n, gp.max_new_tokens);
         st = image_path ? run_vl(model, model_dir, image_path, alpha, text, system_prompt, threads, &gp, &ss, finish,

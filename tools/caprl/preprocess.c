@@ -72,7 +72,7 @@ int cmd_preprocess(int argc, char **argv) {
     caprl_error             err = {0};
     caprl_preprocess_config cfg = caprl_preprocess_config_default();
     size_t                  cfg_cap = strlen(model_dir) + 32;
-    char                   *cfg_path = malloc(cfg_cap);
+    char                   *cfg_path = tool_xmalloc(cfg_cap);
     snprintf(cfg_path, cfg_cap, "%s/preprocessor_config.json", model_dir);
     struct stat  st_cfg;
     caprl_status st = CAPRL_OK;

@@ -30,7 +30,7 @@ static void append_json_line(char **buf, size_t *len, size_t *cap, json_t *v) {
     size_t n = strlen(s);
     if (*len + n + 2 > *cap) {
         *cap = (*len + n + 2) * 2;
-        *buf = realloc(*buf, *cap);
+        *buf = tool_xrealloc(*buf, *cap);
     }
     memcpy(*buf + *len, s, n);
     (*buf)[*len + n] = '\n';

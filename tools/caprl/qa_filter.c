@@ -93,7 +93,7 @@ static caprl_status output_text(run_ctx *r, const int32_t *ids, int32_t n, caprl
 static caprl_status query_tokens(run_ctx *r, const query *qy, int32_t **ids, int64_t *n, caprl_error *err) {
     const char *qtext = qy->q->texts[qy->r];
     size_t      cap = strlen(qtext) + sizeof NONE_OPTION + sizeof TEMPLATE_TAIL;
-    char       *user = malloc(cap);
+    char       *user = tool_xmalloc(cap);
     snprintf(user, cap, "%s%s%s", qtext, qy->mode == 0 ? NONE_OPTION : "", TEMPLATE_TAIL);
     caprl_status st;
     if (qy->mode == 0) {
@@ -106,7 +106,7 @@ static caprl_status query_tokens(run_ctx *r, const query *qy, int32_t **ids, int
             st = caprl_tokenizer_encode(tok, text, strlen(text), true, NULL, 0, n, err);
         }
         if (st == CAPRL_OK) {
-            *ids = malloc((size_t)(*n > 0 ? *n : 1) * sizeof(int32_t));
+            *ids = tool_xmalloc((size_t)(*n > 0 ? *n : 1) * sizeof(int32_t));
             st = caprl_tokenizer_encode(tok, text, strlen(text), true, *ids, *n, n, err);
         }
         caprl_free(text);
@@ -121,13 +121,13 @@ static caprl_status run_chunk(run_ctx *r, const query *qs, int32_t n, const floa
                               const int32_t *grids, const int64_t *first_rows, caprl_error *err) {
     const caprl_text_config   *tc = caprl_model_config(r->model);
     const caprl_vision_config *vc = caprl_vision_get_config(r->vision);
-    caprl_vl_prompt           *vp = calloc((size_t)n, sizeof *vp);
-    caprl_prompt_vision       *vis = calloc((size_t)n, sizeof *vis);
-    const int32_t            **ids = calloc((size_t)n, sizeof *ids);
-    int32_t                  **text_ids = calloc((size_t)n, sizeof *text_ids);
-    int64_t                   *lens = calloc((size_t)n, sizeof *lens);
-    uint64_t                  *streams = calloc((size_t)n, sizeof *streams);
-    int32_t                   *finish = calloc((size_t)n, sizeof *finish);
+    caprl_vl_prompt           *vp = tool_xcalloc((size_t)n, sizeof *vp);
+    caprl_prompt_vision       *vis = tool_xcalloc((size_t)n, sizeof *vis);
+    const int32_t            **ids = tool_xcalloc((size_t)n, sizeof *ids);
+    int32_t                  **text_ids = tool_xcalloc((size_t)n, sizeof *text_ids);
+    int64_t                   *lens = tool_xcalloc((size_t)n, sizeof *lens);
+    uint64_t                  *streams = tool_xcalloc((size_t)n, sizeof *streams);
+    int32_t                   *finish = tool_xcalloc((size_t)n, sizeof *finish);
     caprl_status               st = CAPRL_OK;
     int64_t                    longest = 0;
     for (int32_t i = 0; i < n && st == CAPRL_OK; i++) {
@@ -192,10 +192,10 @@ static caprl_status run_chunk(run_ctx *r, const query *qs, int32_t n, const floa
 /* A group of images whose queries run together: one vision-tower call for all of them. */
 static caprl_status run_group(run_ctx *r, caprl_image *imgs, int32_t n_imgs, const query *qs, int64_t n_q,
                               caprl_error *err) {
-    const caprl_image **ptrs = calloc((size_t)n_imgs, sizeof *ptrs);
-    int32_t            *grids = calloc((size_t)n_imgs * 3, sizeof *grids);
-    int64_t            *n_tok = calloc((size_t)n_imgs, sizeof *n_tok);
-    int64_t            *first = calloc((size_t)n_imgs, sizeof *first);
+    const caprl_image **ptrs = tool_xcalloc((size_t)n_imgs, sizeof *ptrs);
+    int32_t            *grids = tool_xcalloc((size_t)n_imgs * 3, sizeof *grids);
+    int64_t            *n_tok = tool_xcalloc((size_t)n_imgs, sizeof *n_tok);
+    int64_t            *first = tool_xcalloc((size_t)n_imgs, sizeof *first);
     float              *features = NULL;
     for (int32_t i = 0; i < n_imgs; i++) {
         ptrs[i] = &imgs[i];
@@ -345,8 +345,8 @@ int cmd_qa_filter(int argc, char **argv) {
         return tool_fail(info.name, st, err.msg);
     }
     int64_t   n_questions = caprl_qa_set_n_questions(&set);
-    question *qs = calloc((size_t)n_questions, sizeof *qs);
-    int64_t  *first_q = calloc((size_t)set.n_images + 1, sizeof *first_q); /* image i: qs[first_q[i], first_q[i+1]) */
+    question *qs = tool_xcalloc((size_t)n_questions, sizeof *qs);
+    int64_t  *first_q = tool_xcalloc((size_t)set.n_images + 1, sizeof *first_q); /* image i: qs[first_q[i], first_q[i+1]) */
     int64_t   g = 0;
     for (int64_t i = 0; i < set.n_images; i++) {
         first_q[i] = g;
@@ -355,10 +355,10 @@ int cmd_qa_filter(int argc, char **argv) {
             q->image = i;
             q->qa = k;
             q->global = g;
-            q->golds = calloc((size_t)rotations, 1);
-            q->texts = calloc((size_t)rotations, sizeof(char *));
-            q->ok = calloc((size_t)rotations * 2, sizeof(bool));
-            q->outputs = calloc((size_t)rotations * 2, sizeof(char *));
+            q->golds = tool_xcalloc((size_t)rotations, 1);
+            q->texts = tool_xcalloc((size_t)rotations, sizeof(char *));
+            q->ok = tool_xcalloc((size_t)rotations * 2, sizeof(bool));
+            q->outputs = tool_xcalloc((size_t)rotations * 2, sizeof(char *));
             for (int32_t rot = 0; rot < rotations && q->decision == KEPT; rot++) {
                 caprl_error qerr = {0};
                 if (rotate(&set.images[i].qa[k], r.seed, g, rot, &q->texts[rot], &q->golds[rot], &qerr) != CAPRL_OK) {
@@ -381,17 +381,17 @@ int cmd_qa_filter(int argc, char **argv) {
         r.gp.sampling.temperature = temperature > 0.0f ? temperature : 1.0f;
         r.gp.sampling.repetition_penalty = rep;
         r.gp.sampling.seed = r.seed;
-        r.tokens = calloc((size_t)batch, sizeof(int32_t *));
-        r.n_tok = calloc((size_t)batch, sizeof(int32_t));
+        r.tokens = tool_xcalloc((size_t)batch, sizeof(int32_t *));
+        r.n_tok = tool_xcalloc((size_t)batch, sizeof(int32_t));
         for (int32_t i = 0; i < batch; i++) {
-            r.tokens[i] = malloc((size_t)max_new * sizeof(int32_t));
+            r.tokens[i] = tool_xmalloc((size_t)max_new * sizeof(int32_t));
         }
     }
 
     /* images in groups of at most --group-images; every query of a group in chunks of --batch */
     tool_progress prog;
     tool_progress_start(&prog, CMD, "images", "img/s", set.n_images);
-    caprl_image *imgs = calloc((size_t)group_images, sizeof *imgs);
+    caprl_image *imgs = tool_xcalloc((size_t)group_images, sizeof *imgs);
     query       *queries = NULL;
     size_t       queries_cap = 0;
     for (int64_t next = 0; rc == 0 && next < set.n_images;) {
@@ -426,7 +426,7 @@ int cmd_qa_filter(int argc, char **argv) {
             size_t need = (size_t)(n_q + (q1 - q0) * 2 * rotations);
             if (need > queries_cap) {
                 queries_cap = 2 * need;
-                queries = realloc(queries, queries_cap * sizeof *queries);
+                queries = tool_xrealloc(queries, queries_cap * sizeof *queries);
             }
             for (int64_t q = q0; q < q1; q++) {
                 for (int32_t rot = 0; rot < rotations && qs[q].decision == KEPT; rot++) {
@@ -517,7 +517,7 @@ int cmd_qa_filter(int argc, char **argv) {
             size_t n = strlen(line);
             if (out_len + n + 2 > out_cap) {
                 out_cap = 2 * (out_len + n + 2);
-                out_text = realloc(out_text, out_cap);
+                out_text = tool_xrealloc(out_text, out_cap);
             }
             memcpy(out_text + out_len, line, n);
             out_text[out_len + n] = '\n';

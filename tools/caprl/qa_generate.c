@@ -179,7 +179,7 @@ int cmd_qa_generate(int argc, char **argv) {
         bool  same_dir = list_dir && out_dir && strcmp(list_dir, out_dir) == 0;
         free(list_dir);
         free(out_dir);
-        keys = calloc((size_t)(items.n > 0 ? items.n : 1), sizeof(char *));
+        keys = tool_xcalloc((size_t)(items.n > 0 ? items.n : 1), sizeof(char *));
         for (int64_t i = 0; i < items.n; i++) {
             keys[i] = output_image(&items.items[i], same_dir);
         }

@@ -31,19 +31,10 @@ typedef struct sbuf {
     size_t n, cap;
 } sbuf;
 
-static void *xrealloc(void *p, size_t n) {
-    void *q = realloc(p, n ? n : 1);
-    if (!q) { /* a report is small: running out of memory here means the machine is in trouble, not the run */
-        fputs("caprl " CMD ": error: out of memory\n", stderr);
-        exit(EXIT_BACKEND);
-    }
-    return q;
-}
-
 static void sb_put(sbuf *b, const char *s, size_t n) {
     if (b->n + n + 1 > b->cap) {
         b->cap = 2 * (b->n + n + 1) + 256;
-        b->p = xrealloc(b->p, b->cap);
+        b->p = tool_xrealloc(b->p, b->cap);
     }
     memcpy(b->p + b->n, s, n);
     b->n += n;
@@ -64,7 +55,7 @@ __attribute__((format(printf, 2, 0))) static void sb_vprintf(sbuf *b, const char
     }
     if (b->n + (size_t)n + 1 > b->cap) {
         b->cap = 2 * (b->n + (size_t)n + 1) + 256;
-        b->p = xrealloc(b->p, b->cap);
+        b->p = tool_xrealloc(b->p, b->cap);
     }
     vsnprintf(b->p + b->n, (size_t)n + 1, fmt, ap);
     b->n += (size_t)n;
@@ -87,7 +78,7 @@ static char *str_printf(const char *fmt, ...) {
     sb_vprintf(&b, fmt, ap);
     va_end(ap);
     if (!b.p) {
-        b.p = xrealloc(NULL, 1);
+        b.p = tool_xrealloc(NULL, 1);
         b.p[0] = '\0';
     }
     return b.p;
@@ -319,8 +310,8 @@ typedef struct words {
 
 static void words_split(words *ws, const char *text) {
     size_t len = strlen(text);
-    ws->buf = xrealloc(NULL, len + 1);
-    ws->w = xrealloc(NULL, (len / 2 + 1) * sizeof *ws->w);
+    ws->buf = tool_xrealloc(NULL, len + 1);
+    ws->w = tool_xrealloc(NULL, (len / 2 + 1) * sizeof *ws->w);
     ws->n = 0;
     bool in = false;
     for (size_t i = 0; i <= len; i++) {
@@ -382,7 +373,7 @@ typedef struct mentions {
 static void count_mentions(const world *w, const char *caption, json_t *scene, mentions *m) {
     json_t *objs = json_object_get(scene, "objects");
     size_t  n_obj = json_array_size(objs);
-    bool   *seen = xrealloc(NULL, n_obj * sizeof *seen);
+    bool   *seen = tool_xrealloc(NULL, n_obj * sizeof *seen);
     memset(seen, 0, n_obj * sizeof *seen);
     words ws;
     words_split(&ws, caption);
@@ -561,7 +552,7 @@ static int read_captions(side *s, const world *w) {
         size_t l = strlen(e->d_name);
         if (strcmp(e->d_name, whole) == 0 ||
             (strncmp(e->d_name, shard, ls) == 0 && l > ls + 6 && strcmp(e->d_name + l - 6, ".jsonl") == 0)) {
-            names = xrealloc(names, (n + 1) * sizeof *names);
+            names = tool_xrealloc(names, (n + 1) * sizeof *names);
             names[n++] = str_printf("%s/%s", s->dir, e->d_name);
         }
     }
@@ -653,7 +644,7 @@ static int metrics_record(json_t *rec, const char *path, long line, void *ud) {
     }
     if (t->n == t->cap) {
         t->cap = 2 * t->cap + 64;
-        t->steps = xrealloc(t->steps, t->cap * sizeof *t->steps);
+        t->steps = tool_xrealloc(t->steps, t->cap * sizeof *t->steps);
     }
     t->steps[t->n++] = (step_rec){step, json_number_value(r), json_number_value(l)};
     return 0;

@@ -74,8 +74,8 @@ static int cmp_raw(const void *a, const void *b) {
 
 static void index_build(qa_index *ix, const caprl_qa_set *set) {
     ix->n = set->n_images;
-    ix->by_id = malloc((size_t)(set->n_images ? set->n_images : 1) * sizeof *ix->by_id);
-    ix->by_raw = malloc((size_t)(set->n_images ? set->n_images : 1) * sizeof *ix->by_raw);
+    ix->by_id = tool_xmalloc((size_t)(set->n_images ? set->n_images : 1) * sizeof *ix->by_id);
+    ix->by_raw = tool_xmalloc((size_t)(set->n_images ? set->n_images : 1) * sizeof *ix->by_raw);
     for (int64_t i = 0; i < set->n_images; i++) {
         ix->by_id[i] = &set->images[i];
         ix->by_raw[i] = &set->images[i];
@@ -124,7 +124,7 @@ static const caprl_qa_image *match(const qa_index *ix, const caprl_qa_set *set, 
 static void push_job(job_list *l, job j) {
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 64;
-        l->jobs = realloc(l->jobs, (size_t)l->cap * sizeof *l->jobs);
+        l->jobs = tool_xrealloc(l->jobs, (size_t)l->cap * sizeof *l->jobs);
     }
     l->jobs[l->n++] = j;
 }
@@ -300,7 +300,7 @@ static void out_add(out_buf *o, const char *s, size_t n) {
         while (o->n + n + 1 > o->cap) {
             o->cap *= 2;
         }
-        o->p = realloc(o->p, o->cap);
+        o->p = tool_xrealloc(o->p, o->cap);
     }
     memcpy(o->p + o->n, s, n);
     o->n += n;
@@ -537,8 +537,8 @@ int cmd_reward(int argc, char **argv) {
     int64_t reader_tokens = 0;
     bool    tty = isatty(fileno(stderr));
     int32_t chunk = batch < 16 ? 16 : batch;
-    caprl_reward_item   *items = malloc((size_t)chunk * sizeof *items);
-    caprl_reward_result *res = calloc((size_t)chunk, sizeof *res);
+    caprl_reward_item   *items = tool_xmalloc((size_t)chunk * sizeof *items);
+    caprl_reward_result *res = tool_xcalloc((size_t)chunk, sizeof *res);
     for (int64_t first = 0; rc == 0 && first < jobs.n; first += chunk) {
         int32_t n = (int32_t)(jobs.n - first < chunk ? jobs.n - first : chunk);
         for (int32_t i = 0; i < n; i++) {

@@ -68,7 +68,7 @@ typedef struct sft_run {
 
 static char *path_in(const char *dir, const char *name) {
     size_t n = strlen(dir) + strlen(name) + 2;
-    char  *p = malloc(n);
+    char  *p = tool_xmalloc(n);
     snprintf(p, n, "%s/%s", dir, name);
     return p;
 }
@@ -150,7 +150,7 @@ static int truncate_metrics(const char *path, int64_t step) {
         bool         keep = json_is_integer(s) && json_integer_value(s) <= step;
         json_decref(rec);
         if (keep) {
-            kept = realloc(kept, n_kept + (size_t)got);
+            kept = tool_xrealloc(kept, n_kept + (size_t)got);
             memcpy(kept + n_kept, line, (size_t)got);
             n_kept += (size_t)got;
         }
@@ -278,7 +278,7 @@ static int write_config(const sft_run *r, const caprl_adamw_params *ap) {
     if (rc == 0 && !keep) {
         char *text = json_dumps(now, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
         size_t n = strlen(text);
-        text = realloc(text, n + 2);
+        text = tool_xrealloc(text, n + 2);
         text[n] = '\n';
         text[n + 1] = '\0';
         rc = tool_write_file_atomic(CMD, path, text, n + 1);
@@ -395,12 +395,12 @@ static int init_training(sft_run *r, caprl_adamw_params *ap) {
         return tool_fail(CMD, st, err.msg);
     }
     size_t m = (size_t)o->micro_batch_tokens;
-    r->logp = malloc(m * sizeof(float));
-    r->dlogp = malloc(m * sizeof(float));
-    r->idx = malloc((size_t)o->batch * sizeof(int64_t));
-    r->sel = malloc((size_t)o->batch * sizeof(int64_t));
-    r->mb_of = malloc((size_t)o->batch * sizeof(int32_t)); /* eval goes in slices of --batch records too */
-    r->order = malloc((size_t)r->n_records * sizeof(int64_t));
+    r->logp = tool_xmalloc(m * sizeof(float));
+    r->dlogp = tool_xmalloc(m * sizeof(float));
+    r->idx = tool_xmalloc((size_t)o->batch * sizeof(int64_t));
+    r->sel = tool_xmalloc((size_t)o->batch * sizeof(int64_t));
+    r->mb_of = tool_xmalloc((size_t)o->batch * sizeof(int32_t)); /* eval goes in slices of --batch records too */
+    r->order = tool_xmalloc((size_t)r->n_records * sizeof(int64_t));
     r->order_epoch = -1;
     r->mb = caprl_sft_batch_init();
     int64_t trained = 0, all = 0;
@@ -454,7 +454,7 @@ static int run_records(sft_run *r, const caprl_sft_data *d, const int64_t *idx, 
 
 static int eval_loss(sft_run *r, double *loss) {
     int64_t  n = caprl_sft_data_size(r->eval), tokens = 0;
-    int64_t *all = malloc((size_t)n * sizeof(int64_t));
+    int64_t *all = tool_xmalloc((size_t)n * sizeof(int64_t));
     double   sum = 0.0;
     int      rc = 0;
     /* in file order, in slices of at most one step's records (the trainer's sequence limit) */

@@ -78,7 +78,7 @@ static int tokenize_line(const char *line, size_t len, long line_no, void *ud) {
     caprl_status st = caprl_tokenizer_encode(job->tok, s, slen, job->special, job->ids, job->cap, &n, &err);
     if (st == CAPRL_OK && n > job->cap) {
         job->cap = n;
-        job->ids = realloc(job->ids, (size_t)n * sizeof(int32_t));
+        job->ids = tool_xrealloc(job->ids, (size_t)n * sizeof(int32_t));
         st = caprl_tokenizer_encode(job->tok, s, slen, job->special, job->ids, job->cap, &n, &err);
     }
     json_decref(v);
@@ -119,7 +119,7 @@ int cmd_tokenize(int argc, char **argv) {
     }
     job.tok = tok;
     job.cap = 4096;
-    job.ids = malloc((size_t)job.cap * sizeof(int32_t));
+    job.ids = tool_xmalloc((size_t)job.cap * sizeof(int32_t));
     rc = for_each_line(info.name, tokenize_line, &job);
     free(job.ids);
     caprl_tokenizer_free(tok);
@@ -148,7 +148,7 @@ static int detokenize_line(const char *line, size_t len, long line_no, void *ud)
     size_t n = json_array_size(v);
     if (n > job->ids_cap) {
         job->ids_cap = n;
-        job->ids = realloc(job->ids, n * sizeof(int32_t));
+        job->ids = tool_xrealloc(job->ids, n * sizeof(int32_t));
     }
     for (size_t i = 0; i < n; i++) {
         json_t *e = json_array_get(v, i);
@@ -167,7 +167,7 @@ static int detokenize_line(const char *line, size_t len, long line_no, void *ud)
                                         &out_len, &err)) == CAPRL_OK &&
            out_len >= job->cap) {
         job->cap = out_len + 1;
-        job->buf = realloc(job->buf, job->cap);
+        job->buf = tool_xrealloc(job->buf, job->cap);
     }
     if (st != CAPRL_OK) {
         char msg[CAPRL_ERROR_MSG_CAP + 32];
@@ -209,7 +209,7 @@ int cmd_detokenize(int argc, char **argv) {
     if ((rc = load_tokenizer(info.name, model_dir, tok_file, &tok))) {
         return rc;
     }
-    detok_job job = {tok, skip_special, malloc(4096), 4096, NULL, 0};
+    detok_job job = {tok, skip_special, tool_xmalloc(4096), 4096, NULL, 0};
     rc = for_each_line(info.name, detokenize_line, &job);
     free(job.buf);
     free(job.ids);

@@ -74,8 +74,8 @@ static int cmd_tokenizer_train(int argc, char **argv) {
         {"quiet", OPT_FLAG, &quiet, "no summary on stderr", 0, 0, NULL, 0},
         {0},
     };
-    char       **kept     = malloc(((size_t)argc + 1) * sizeof *kept);
-    const char **specials = malloc(((size_t)argc + 1) * sizeof *specials);
+    char       **kept     = tool_xmalloc(((size_t)argc + 1) * sizeof *kept);
+    const char **specials = tool_xmalloc(((size_t)argc + 1) * sizeof *specials);
     int          n_kept = 0, n_specials = 0;
     int          rc = take_repeated(&info, specs, "special", argc, argv, kept, &n_kept, specials, &n_specials);
     if (rc == 0) {
