@@ -101,8 +101,9 @@ static void check_command(const char *cmd) {
         snprintf(no_opt, sizeof no_opt, "--no-%s", opt + 2);
         const char *eol = strchr(o, '\n');
         bool        negatable = strstr(o, no_opt) && (!eol || strstr(o, no_opt) < eol);
-        CHECK_MSG(named(section, opt) || (negatable && named(section, no_opt)) || (short_opt[0] && named(section, short_opt)),
-                  "caprl %s: %s is not in docs/cli.md's section", cmd, opt);
+        bool documented = named(section, opt) || (negatable && named(section, no_opt)) ||
+                          (short_opt[0] && named(section, short_opt));
+        CHECK_MSG(documented, "caprl %s: %s is not in docs/cli.md's section", cmd, opt);
     }
     CHECK_MSG(!section || n_opts > 0, "caprl %s --help lists no options", cmd);
     free(section);
