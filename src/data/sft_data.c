@@ -109,11 +109,72 @@ static caprl_status rb_encode(rec_buf *r, const caprl_tokenizer *tok, const char
     return CAPRL_OK;
 }
 
-/* Messages of a record, checked. */
+/* Messages of a record, checked. A content given as a list of typed parts is joined into owned text, the image
+ * part becoming VISION_BLOCK where it stands. */
 typedef struct rec_msgs {
     const char **role, **content;
+    char       **owned;      /* (n) joined part lists, or NULL */
     size_t       n;
+    bool         image_part; /* an {"type": "image"} part placed the image */
+    const char  *part_image; /* that part's own "image" path, or NULL */
 } rec_msgs;
+
+static void rec_msgs_free(rec_msgs *m) {
+    for (size_t i = 0; m->owned && i < m->n; i++) {
+        free(m->owned[i]);
+    }
+    free(m->owned);
+    free(m->role);
+    free(m->content);
+}
+
+/* The Hugging Face / qwen-vl-utils multimodal form of message i's content: [{"type": "text", "text": ...},
+ * {"type": "image"[, "image": path]}, ...], joined in order. One image per record, in a user message. */
+static caprl_status join_parts(const struct json_t *parts, size_t i, rec_msgs *m, caprl_error *err) {
+    text_buf b = {0};
+    tb_put(&b, "");
+    caprl_status st = CAPRL_OK;
+    for (size_t k = 0; k < caprl_json_array_size(parts) && st == CAPRL_OK; k++) {
+        caprl_json_obj part = {caprl_json_array_get(parts, k), "", ""};
+        const char    *type = caprl_json_string_value(caprl_json_get(&part, "type"));
+        const char    *text = caprl_json_string_value(caprl_json_get(&part, "text"));
+        if (!caprl_json_is_object(part.obj) || !type) {
+            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu] is not a {\"type\": ...} part", i, k);
+        } else if (strcmp(type, "text") == 0) {
+            if (text) {
+                tb_put(&b, text);
+            } else {
+                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: a text part needs a string "
+                                   "\"text\"", i, k);
+            }
+        } else if (strcmp(type, "image") != 0) {
+            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: part type \"%.40s\" is not text or "
+                               "image", i, k, type);
+        } else if (m->image_part || strcmp(m->role[i], "user") != 0) {
+            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: %s", i, k,
+                               m->image_part ? "a second image part (one image per record)"
+                                             : "an image part outside a user message");
+        } else {
+            const struct json_t *path = caprl_json_get(&part, "image");
+            if (!caprl_json_is_null(path) && !caprl_json_string_value(path)) {
+                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: \"image\" must be a path", i, k);
+            }
+            m->image_part = true;
+            m->part_image = caprl_json_string_value(path);
+            tb_put(&b, VISION_BLOCK);
+        }
+    }
+    if (st != CAPRL_OK) {
+        free(b.s);
+        return st;
+    }
+    if (!m->owned) {
+        m->owned = caprl_xcalloc(m->n, sizeof(char *));
+    }
+    m->owned[i] = b.s;
+    m->content[i] = b.s;
+    return CAPRL_OK;
+}
 
 /* Fills err with "msg" (the caller prefixes path:line). */
 static caprl_status check_messages(const caprl_json_obj *root, rec_msgs *m, caprl_error *err) {
@@ -136,14 +197,17 @@ static caprl_status check_messages(const caprl_json_obj *root, rec_msgs *m, capr
         if (!m->role[i]) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu] has no string \"role\"", i);
         }
+        if (!m->content[i] && caprl_json_is_array(caprl_json_get(&o, "content"))) {
+            CAPRL_TRY(join_parts(caprl_json_get(&o, "content"), i, m, err));
+        }
         bool sys = strcmp(m->role[i], "system") == 0, asst = strcmp(m->role[i], "assistant") == 0;
         if (!sys && !asst && strcmp(m->role[i], "user") != 0) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT,
                                  "messages[%zu]: role \"%.40s\" is not system, user or assistant", i, m->role[i]);
         }
-        if (!m->content[i]) { /* lists of typed parts (HF's multimodal form) are not read: the image is "image" */
-            return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu] (%s) has no string \"content\"", i,
-                                 m->role[i]);
+        if (!m->content[i]) {
+            return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu] (%s) has no string or part-list \"content\"",
+                                 i, m->role[i]);
         }
         if (sys && i > 0) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu]: a system message may only come first", i);
@@ -187,7 +251,7 @@ static caprl_status tokenize_messages(const caprl_sft_data *d, const caprl_token
     bool image_placed = false;
     for (size_t i = first; i < m->n && st == CAPRL_OK; i++) {
         if (strcmp(m->role[i], "assistant") != 0) {
-            bool here = has_image && !image_placed && strcmp(m->role[i], "user") == 0;
+            bool here = has_image && !m->image_part && !image_placed && strcmp(m->role[i], "user") == 0;
             tb_turn(&ctx, m->role[i], here ? VISION_BLOCK : "", m->content[i]);
             image_placed = image_placed || here;
             continue;
@@ -205,7 +269,7 @@ static caprl_status tokenize_messages(const caprl_sft_data *d, const caprl_token
         free(reply.s);
         tb_put(&ctx, "\n");
     }
-    if (st == CAPRL_OK && has_image && !image_placed) {
+    if (st == CAPRL_OK && has_image && !image_placed && !m->image_part) {
         st = caprl_err_set(err, CAPRL_ERR_FORMAT, "the record has an \"image\" but no user message to put it in");
     }
     if (st == CAPRL_OK) {
@@ -213,6 +277,42 @@ static caprl_status tokenize_messages(const caprl_sft_data *d, const caprl_token
     }
     free(ctx.s);
     return st;
+}
+
+/* The record's image path: "image", TRL's "images" (a list of one) or the image part's own "image" (a "file://"
+ * prefix dropped); NULL when the record has none. */
+static caprl_status record_image(const caprl_json_obj *root, const rec_msgs *m, bool raw, const char **out,
+                                 caprl_error *err) {
+    const struct json_t *img = caprl_json_get(root, "image"), *imgs = caprl_json_get(root, "images");
+    *out = NULL;
+    if (caprl_json_is_null(img) && caprl_json_is_null(imgs) && !m->part_image) {
+        return m->image_part ? caprl_err_set(err, CAPRL_ERR_FORMAT, "an image part but no image path (\"image\" in "
+                                             "the part or the record)")
+                             : CAPRL_OK;
+    }
+    if (raw) {
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, "an \"image\" needs the chat form (\"messages\")");
+    }
+    if (!caprl_json_is_null(imgs)) {
+        if (!caprl_json_is_null(img) || caprl_json_array_size(imgs) != 1) {
+            return caprl_err_set(err, CAPRL_ERR_FORMAT, "\"images\" must be a list of one path (one image per "
+                                 "record), without \"image\"");
+        }
+        img = caprl_json_array_get(imgs, 0);
+    }
+    const char *path = m->part_image ? m->part_image : caprl_json_string_value(img);
+    if (m->part_image && !caprl_json_is_null(img) &&
+        (!caprl_json_string_value(img) || strcmp(caprl_json_string_value(img), path) != 0)) {
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, "the image part's \"image\" and the record's differ");
+    }
+    if (path && strncmp(path, "file://", 7) == 0) {
+        path += 7;
+    }
+    if (!path || !path[0]) {
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, "\"image\" must be a non-empty string (a file path)");
+    }
+    *out = path;
+    return CAPRL_OK;
 }
 
 /* Decodes the image to learn its processed size: grid (1, h, w) in patches and the merged tokens it becomes. */
@@ -337,18 +437,15 @@ static caprl_status load_record(caprl_sft_data *d, const caprl_tokenizer *tok, c
     } else {
         st = check_messages(&root, &m, err);
     }
-    const struct json_t *img = st == CAPRL_OK ? caprl_json_get(&root, "image") : NULL;
-    if (st == CAPRL_OK && raw && !caprl_json_is_null(img)) {
-        st = caprl_err_set(err, CAPRL_ERR_FORMAT, "an \"image\" needs the chat form (\"messages\")");
+    const char *img_path = NULL;
+    if (st == CAPRL_OK) {
+        st = record_image(&root, &m, raw, &img_path, err);
     }
-    if (st == CAPRL_OK && !caprl_json_is_null(img)) {
-        const char *s = caprl_json_string_value(img);
-        if (!s || !s[0]) {
-            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "\"image\" must be a non-empty string (a file path)");
-        } else if (!d->vl) {
+    if (st == CAPRL_OK && img_path) {
+        if (!d->vl) {
             st = caprl_err_set(err, CAPRL_ERR_FORMAT, "the record has an \"image\" but the model is text-only");
         } else {
-            image = resolve_image(d->path, s);
+            image = resolve_image(d->path, img_path);
             st = image_grid(d, image, grid, &n_img_tokens, err);
         }
     }
@@ -376,8 +473,7 @@ static caprl_status load_record(caprl_sft_data *d, const caprl_tokenizer *tok, c
         image = NULL;
     }
     free(image);
-    free(m.role);
-    free(m.content);
+    rec_msgs_free(&m);
     caprl_json_free(j);
     return st;
 }

@@ -210,7 +210,27 @@ static void test_errors(void) {
         {"{\"messages\": []}", "non-empty array"},
         {"{\"messages\": [3]}", "messages[0] is not an object"},
         {"{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}", "role \"bot\""},
-        {"{\"messages\": [{\"role\": \"user\", \"content\": [\"x\"]}]}", "no string \"content\""},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "no string or part-list \"content\""},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [\"x\"]}]}", "messages[0].content[0] is not a"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"video\"}]}]}", "\"video\" is not text or"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\"}]}]}", "needs a string \"text\""},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"image\"}]}]}",
+         "a second image part"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": "
+         "[{\"type\": \"image\"}]}]}",
+         "an image part outside a user message"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}, {\"role\": \"assistant\", "
+         "\"content\": \"y\"}]}",
+         "no image path"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": \"a.png\"}]}, "
+         "{\"role\": \"assistant\", \"content\": \"y\"}], \"image\": \"b.png\"}",
+         "the image part's \"image\" and the record's differ"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}], "
+         "\"images\": [\"a.png\", \"b.png\"]}",
+         "a list of one path"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": \"a.png\"}]}, "
+         "{\"role\": \"assistant\", \"content\": \"y\"}]}",
+         "text-only"},
         {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", "no assistant message"},
         {"{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"system\", \"content\": \"x\"}, "
          "{\"role\": \"assistant\", \"content\": \"x\"}]}",
@@ -361,8 +381,16 @@ static void test_image(void) {
              "\"B\"}, {\"role\": \"user\", \"content\": \"C\"}, {\"role\": \"assistant\", \"content\": \"D\"}], "
              "\"image\": \"%s/tests/fixtures/img/baseline.jpg\"}\n"
              "{\"messages\": [{\"role\": \"user\", \"content\": \"<|image_pad|>\"}, {\"role\": \"assistant\", "
-             "\"content\": \"B\"}]}\n",
-             CAPRL_SOURCE_DIR, CAPRL_SOURCE_DIR);
+             "\"content\": \"B\"}]}\n"
+             /* typed parts: the image where its part stands, with its own file:// path */
+             "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"A\"}, {\"type\": "
+             "\"image\", \"image\": \"file://%s/tests/fixtures/img/rgb8.png\"}]}, {\"role\": \"assistant\", "
+             "\"content\": [{\"type\": \"text\", \"text\": \"B\"}]}]}\n"
+             /* TRL's form: "images", a bare image part first */
+             "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\"}, {\"type\": \"text\", "
+             "\"text\": \"A\"}]}, {\"role\": \"assistant\", \"content\": \"B\"}], \"images\": "
+             "[\"%s/tests/fixtures/img/rgb8.png\"]}\n",
+             CAPRL_SOURCE_DIR, CAPRL_SOURCE_DIR, CAPRL_SOURCE_DIR, CAPRL_SOURCE_DIR);
     caprl_sft_data *d = load("image.jsonl", text, m, &p, CAPRL_ERR_FORMAT, &err);
     CHECK(strstr(err.msg, "image.jsonl:3: ") && strstr(err.msg, "<|image_pad|>"));
     p.skip_bad = true;
@@ -379,6 +407,10 @@ static void test_image(void) {
     char want[4096];
     pads(want, sizeof want, "<S>system\n<E>\n<S>user\n", g_png, "A<E>\n<S>assistant\n[B<E>]\n");
     check_record(d, 0, want);
+    check_record(d, 3, want);
+    CHECK_EQ_I64(caprl_sft_data_size(d), 4);
+    pads(want, sizeof want, "<S>system\n<E>\n<S>user\nA", g_png, "<E>\n<S>assistant\n[B<E>]\n");
+    check_record(d, 2, want);
     pads(want, sizeof want, "<S>system\n<E>\n<S>user\n", g_jpg,
          "A<E>\n<S>assistant\n[B<E>]\n<S>user\nC<E>\n<S>assistant\n[D<E>]\n");
     check_record(d, 1, want);
