@@ -38,8 +38,10 @@ typedef struct caprl_sft_data caprl_sft_data;
  * or raw records {"prompt": "...", "completion": "..."} (no template: the prompt's tokens, then the completion's,
  * which carry the loss; nothing is added). In chat records a system message may only come first, at least one
  * assistant message is required, and records without a system message get params->system (or the template's
- * default). "image" (VL models only) is relative to the file's folder unless absolute; the image goes at the start
- * of the first user turn. Each assistant turn's content and its <|im_end|> carry the loss; everything else is
+ * default). A content may also be a list of typed parts ({"type": "text", "text"} joined in order, at most one
+ * {"type": "image"} per record, in a user message, which places the image there; its path from the part's own
+ * "image", the record's "image" or "images": [path]). "image" (VL models only) is relative to the file's folder
+ * unless absolute; without an image part the image goes at the start of the first user turn. Each assistant turn's content and its <|im_end|> carry the loss; everything else is
  * context. The text before each assistant reply (ending "<|im_start|>assistant\n") and each reply are tokenized
  * separately, as the model sees them at generation time. Other keys are ignored.
  * Errors name "path:line" and what is wrong (CAPRL_ERR_FORMAT; an image's own errors keep their code); with
@@ -52,7 +54,8 @@ CAPRL_API void         caprl_sft_data_free(caprl_sft_data *d); /* NULL-safe */
 typedef struct caprl_sft_record {
     int64_t line;      /* 1-based line in the file */
     int32_t n_tokens;  /* rendered length, the image's <|image_pad|> run expanded */
-    int32_t n_loss;    /* tokens that carry the loss (assistant contents and their <|im_end|>) */
+    int32_t n_loss;    /* scored tokens: those after the first that carry the loss (assistant contents and their
+                        * <|im_end|>; the completion of a raw record) */
     int64_t n_patches; /* vision patches of the image (0 without one) */
 } caprl_sft_record;
 
