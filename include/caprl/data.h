@@ -41,7 +41,8 @@ typedef struct caprl_sft_data caprl_sft_data;
  * default). A content may also be a list of typed parts ({"type": "text", "text"} joined in order, at most one
  * {"type": "image"} per record, in a user message, which places the image there; its path from the part's own
  * "image", the record's "image" or "images": [path]). "image" (VL models only) is relative to the file's folder
- * unless absolute; without an image part the image goes at the start of the first user turn. Each assistant turn's content and its <|im_end|> carry the loss; everything else is
+ * unless absolute; without an image part the image goes at the start of the first user turn. TRL's conversational
+ * {"prompt": [messages], "completion": [messages]} is the two lists in turn, only the completion's replies learning. Each assistant turn's content and its <|im_end|> carry the loss; everything else is
  * context. The text before each assistant reply (ending "<|im_start|>assistant\n") and each reply are tokenized
  * separately, as the model sees them at generation time. Other keys are ignored.
  * Errors name "path:line" and what is wrong (CAPRL_ERR_FORMAT; an image's own errors keep their code); with

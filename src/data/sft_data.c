@@ -115,9 +115,15 @@ typedef struct rec_msgs {
     const char **role, **content;
     char       **owned;      /* (n) joined part lists, or NULL */
     size_t       n;
+    const char  *list[2];    /* where the messages come from: "messages", or TRL's "prompt" then "completion" */
+    size_t       n_first;    /* messages from list[0] */
+    size_t       first_loss; /* assistant messages from here on carry the loss (the prompt form: n_first) */
     bool         image_part; /* an {"type": "image"} part placed the image */
     const char  *part_image; /* that part's own "image" path, or NULL */
 } rec_msgs;
+
+/* "%s[%zu]" arguments naming message i in the record: its list and its index there. */
+#define MSG_AT(m, i) ((i) < (m)->n_first ? (m)->list[0] : (m)->list[1]), (i) - ((i) < (m)->n_first ? 0 : (m)->n_first)
 
 static void rec_msgs_free(rec_msgs *m) {
     for (size_t i = 0; m->owned && i < m->n; i++) {
@@ -139,25 +145,27 @@ static caprl_status join_parts(const struct json_t *parts, size_t i, rec_msgs *m
         const char    *type = caprl_json_string_value(caprl_json_get(&part, "type"));
         const char    *text = caprl_json_string_value(caprl_json_get(&part, "text"));
         if (!caprl_json_is_object(part.obj) || !type) {
-            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu] is not a {\"type\": ...} part", i, k);
+            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu].content[%zu] is not a {\"type\": ...} part",
+                               MSG_AT(m, i), k);
         } else if (strcmp(type, "text") == 0) {
             if (text) {
                 tb_put(&b, text);
             } else {
-                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: a text part needs a string "
-                                   "\"text\"", i, k);
+                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu].content[%zu]: a text part needs a string "
+                                   "\"text\"", MSG_AT(m, i), k);
             }
         } else if (strcmp(type, "image") != 0) {
-            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: part type \"%.40s\" is not text or "
-                               "image", i, k, type);
+            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu].content[%zu]: part type \"%.40s\" is not text or "
+                               "image", MSG_AT(m, i), k, type);
         } else if (m->image_part || strcmp(m->role[i], "user") != 0) {
-            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: %s", i, k,
+            st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu].content[%zu]: %s", MSG_AT(m, i), k,
                                m->image_part ? "a second image part (one image per record)"
                                              : "an image part outside a user message");
         } else {
             const struct json_t *path = caprl_json_get(&part, "image");
             if (!caprl_json_is_null(path) && !caprl_json_string_value(path)) {
-                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu].content[%zu]: \"image\" must be a path", i, k);
+                st = caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu].content[%zu]: \"image\" must be a path",
+                                   MSG_AT(m, i), k);
             }
             m->image_part = true;
             m->part_image = caprl_json_string_value(path);
@@ -177,25 +185,35 @@ static caprl_status join_parts(const struct json_t *parts, size_t i, rec_msgs *m
 }
 
 /* Fills err with "msg" (the caller prefixes path:line). */
-static caprl_status check_messages(const caprl_json_obj *root, rec_msgs *m, caprl_error *err) {
-    const struct json_t *msgs = caprl_json_get(root, "messages");
-    if (!caprl_json_is_array(msgs) || caprl_json_array_size(msgs) == 0) {
-        return caprl_err_set(err, CAPRL_ERR_FORMAT, "\"messages\" must be a non-empty array of {role, content}");
+static caprl_status check_messages(const caprl_json_obj *root, bool prompt_form, rec_msgs *m, caprl_error *err) {
+    const struct json_t *lists[2] = {caprl_json_get(root, prompt_form ? "prompt" : "messages"),
+                                     prompt_form ? caprl_json_get(root, "completion") : NULL};
+    m->list[0] = prompt_form ? "prompt" : "messages";
+    m->list[1] = "completion";
+    if (!caprl_json_is_array(lists[0]) || caprl_json_array_size(lists[0]) == 0 ||
+        (prompt_form && (!caprl_json_is_array(lists[1]) || caprl_json_array_size(lists[1]) == 0))) {
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, prompt_form ? "\"prompt\" and \"completion\" must be non-empty "
+                                                                  "arrays of {role, content} (or both strings)"
+                                                                : "\"messages\" must be a non-empty array of {role, "
+                                                                  "content}");
     }
-    m->n = caprl_json_array_size(msgs);
+    m->n_first = caprl_json_array_size(lists[0]);
+    m->first_loss = prompt_form ? m->n_first : 0;
+    m->n = m->n_first + caprl_json_array_size(lists[1]);
     m->role = caprl_xcalloc(m->n, sizeof(char *));
     m->content = caprl_xcalloc(m->n, sizeof(char *));
     bool any_assistant = false;
     for (size_t i = 0; i < m->n; i++) {
-        const struct json_t *msg = caprl_json_array_get(msgs, i);
+        const struct json_t *msg = i < m->n_first ? caprl_json_array_get(lists[0], i)
+                                                  : caprl_json_array_get(lists[1], i - m->n_first);
         caprl_json_obj       o = {msg, "", ""};
         if (!caprl_json_is_object(msg)) {
-            return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu] is not an object", i);
+            return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu] is not an object", MSG_AT(m, i));
         }
         m->role[i] = caprl_json_string_value(caprl_json_get(&o, "role"));
         m->content[i] = caprl_json_string_value(caprl_json_get(&o, "content"));
         if (!m->role[i]) {
-            return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu] has no string \"role\"", i);
+            return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu] has no string \"role\"", MSG_AT(m, i));
         }
         if (!m->content[i] && caprl_json_is_array(caprl_json_get(&o, "content"))) {
             CAPRL_TRY(join_parts(caprl_json_get(&o, "content"), i, m, err));
@@ -203,19 +221,21 @@ static caprl_status check_messages(const caprl_json_obj *root, rec_msgs *m, capr
         bool sys = strcmp(m->role[i], "system") == 0, asst = strcmp(m->role[i], "assistant") == 0;
         if (!sys && !asst && strcmp(m->role[i], "user") != 0) {
             return caprl_err_set(err, CAPRL_ERR_FORMAT,
-                                 "messages[%zu]: role \"%.40s\" is not system, user or assistant", i, m->role[i]);
+                                 "%s[%zu]: role \"%.40s\" is not system, user or assistant", MSG_AT(m, i), m->role[i]);
         }
         if (!m->content[i]) {
-            return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu] (%s) has no string or part-list \"content\"",
-                                 i, m->role[i]);
+            return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu] (%s) has no string or part-list \"content\"",
+                                 MSG_AT(m, i), m->role[i]);
         }
         if (sys && i > 0) {
-            return caprl_err_set(err, CAPRL_ERR_FORMAT, "messages[%zu]: a system message may only come first", i);
+            return caprl_err_set(err, CAPRL_ERR_FORMAT, "%s[%zu]: a system message may only come first", MSG_AT(m, i));
         }
-        any_assistant = any_assistant || asst;
+        any_assistant = any_assistant || (asst && i >= m->first_loss);
     }
     if (!any_assistant) {
-        return caprl_err_set(err, CAPRL_ERR_FORMAT, "no assistant message: nothing to learn from");
+        return caprl_err_set(err, CAPRL_ERR_FORMAT, prompt_form ? "no assistant message in \"completion\": nothing "
+                                                                  "to learn from"
+                                                                : "no assistant message: nothing to learn from");
     }
     return CAPRL_OK;
 }
@@ -250,7 +270,7 @@ static caprl_status tokenize_messages(const caprl_sft_data *d, const caprl_token
     }
     bool image_placed = false;
     for (size_t i = first; i < m->n && st == CAPRL_OK; i++) {
-        if (strcmp(m->role[i], "assistant") != 0) {
+        if (strcmp(m->role[i], "assistant") != 0 || i < m->first_loss) {
             bool here = has_image && !m->image_part && !image_placed && strcmp(m->role[i], "user") == 0;
             tb_turn(&ctx, m->role[i], here ? VISION_BLOCK : "", m->content[i]);
             image_placed = image_placed || here;
@@ -432,10 +452,12 @@ static caprl_status load_record(caprl_sft_data *d, const caprl_tokenizer *tok, c
                            "a record must be a JSON object with \"messages\" (or \"prompt\" and \"completion\")");
     } else if (!caprl_json_has(&root, "messages") &&
                (caprl_json_has(&root, "prompt") || caprl_json_has(&root, "completion"))) {
-        raw = true;
-        st = check_raw(&root, err);
+        bool prompt_form = caprl_json_is_array(caprl_json_get(&root, "prompt")) ||
+                           caprl_json_is_array(caprl_json_get(&root, "completion"));
+        raw = !prompt_form;
+        st = prompt_form ? check_messages(&root, true, &m, err) : check_raw(&root, err);
     } else {
-        st = check_messages(&root, &m, err);
+        st = check_messages(&root, false, &m, err);
     }
     const char *img_path = NULL;
     if (st == CAPRL_OK) {

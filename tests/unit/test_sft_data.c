@@ -155,6 +155,18 @@ static void test_render(void) {
     if (d) {
         check_record(d, 0, "<S>system\n" CAPRL_QWEN25_DEFAULT_SYSTEM "<E>\n<S>user\nHi<E>\n<S>assistant\n[Yo<E>]\n");
     }
+    caprl_sft_data_free(d);
+    /* TRL's conversational prompt/completion: the prompt's assistant turn is context, only the completion learns */
+    d = load("prompt_form.jsonl",
+             "{\"prompt\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"few\"}, "
+             "{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"q2\"}]}], \"completion\": "
+             "[{\"role\": \"assistant\", \"content\": \"a\"}]}\n",
+             m, &p, CAPRL_OK, &err);
+    if (d) {
+        check_record(d, 0,
+                     "<S>system\n" CAPRL_QWEN25_DEFAULT_SYSTEM
+                     "<E>\n<S>user\nq<E>\n<S>assistant\nfew<E>\n<S>user\nq2<E>\n<S>assistant\n[a<E>]\n");
+    }
     /* a batch of both records: targets where the next token carries the loss */
     caprl_sft_data_free(d);
     p.system = "Sys";
@@ -211,6 +223,13 @@ static void test_errors(void) {
         {"{\"messages\": [3]}", "messages[0] is not an object"},
         {"{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}", "role \"bot\""},
         {"{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "no string or part-list \"content\""},
+        {"{\"prompt\": [{\"role\": \"user\", \"content\": \"x\"}], \"completion\": \"y\"}",
+         "must be non-empty arrays of {role, content}"},
+        {"{\"prompt\": [{\"role\": \"assistant\", \"content\": \"x\"}], \"completion\": [{\"role\": \"user\", "
+         "\"content\": \"y\"}]}",
+         "no assistant message in \"completion\""},
+        {"{\"prompt\": [{\"role\": \"user\", \"content\": \"x\"}], \"completion\": [{\"role\": \"assistant\"}]}",
+         "completion[0] (assistant) has no string or part-list \"content\""},
         {"{\"messages\": [{\"role\": \"user\", \"content\": [\"x\"]}]}", "messages[0].content[0] is not a"},
         {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"video\"}]}]}", "\"video\" is not text or"},
         {"{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\"}]}]}", "needs a string \"text\""},

@@ -816,8 +816,10 @@ int cmd_sft(int argc, char **argv) {
         "[--resume] [options]",
         "Supervised fine-tuning on chat records, loss on the assistant tokens, with resumable checkpoints in RUN.",
         "Records: {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}, ...],\n"
-        "\"image\"?: PATH} (images for Qwen2.5-VL checkpoints; relative to the data file), or raw\n"
-        "{\"prompt\": \"...\", \"completion\": \"...\"} (loss on the completion, no template). A step takes --batch\n"
+        "\"image\"?: PATH} (images for Qwen2.5-VL checkpoints; relative to the data file; contents may be lists of\n"
+        "typed text/image parts), TRL's {\"prompt\": [messages], \"completion\": [messages]} (loss on the\n"
+        "completion's replies), or raw {\"prompt\": \"...\", \"completion\": \"...\"} (loss on the completion, no\n"
+        "template). A step takes --batch\n"
         "records in an order shuffled per epoch by --seed, packs them into micro-batches of at most\n"
         "--micro-batch-tokens tokens, and minimises the mean loss over all their assistant tokens.\n"
         "RUN gets config.json (the resolved settings), metrics.jsonl (one line per step) and step-N/ checkpoints\n"
