@@ -1,5 +1,6 @@
 /* libFuzzer target: an SFT data file (chat records with string or typed-part contents, raw prompt/completion
- * records) loaded from arbitrary bytes with a text model over the demo's tokenizer, strictly and with skip_bad.
+ * records) loaded from arbitrary bytes with the demo's reader (a text model and its tokenizer), strictly and with
+ * skip_bad.
  * Properties (a violation traps): a failed load is CAPRL_ERR_FORMAT with a message that names the file; a loaded set
  * has at least one record, each of 2..max_seq_len tokens inside the vocabulary, 1..n-1 scored (loss) positions
  * after the first token, no image, and totals that add up; a strict load that succeeds skips nothing and gives the
@@ -16,7 +17,7 @@
 #    define CAPRL_SOURCE_DIR "."
 #endif
 
-enum { MAX_SEQ = 256, VOCAB = 512 };
+enum { MAX_SEQ = 256 };
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -28,25 +29,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
     caprl_log_set_callback(fuzz_quiet_log, NULL);
-    caprl_text_config c;
-    memset(&c, 0, sizeof c);
-    c.vocab_size = VOCAB;
-    c.hidden_size = 8;
-    c.intermediate_size = 8;
-    c.n_layers = 1;
-    c.n_heads = 1;
-    c.n_kv_heads = 1;
-    c.head_dim = 8;
-    c.max_position_embeddings = 1024;
-    c.rms_norm_eps = 1e-6f;
-    c.rope_theta = 10000.0;
-    c.tie_word_embeddings = true;
-    c.bos_token_id = -1;
-    c.eos_token_id = 0;
-    c.torch_dtype = -1;
     caprl_error err = {0};
-    if (caprl_model_init_random(&g_model, &c, CAPRL_DTYPE_F32, 1, 0.1f, NULL, &err) != CAPRL_OK ||
-        caprl_model_load_tokenizer(g_model, CAPRL_SOURCE_DIR "/demo/assets/tokenizer.json", &err) != CAPRL_OK) {
+    if (caprl_model_load(&g_model, CAPRL_SOURCE_DIR "/demo/assets/reader", NULL, &err) != CAPRL_OK) {
         fprintf(stderr, "fuzz_sft_data: %s\n", err.msg);
         abort();
     }
@@ -73,7 +57,7 @@ static caprl_sft_data *load(bool skip_bad) {
         FUZZ_REQUIRE(r->n_tokens >= 2 && r->n_tokens <= MAX_SEQ && r->n_patches == 0 && r->line >= 1);
         int32_t n_loss = 0; /* scored positions: the first token, with nothing before it, never is */
         for (int32_t t = 0; t < r->n_tokens; t++) {
-            FUZZ_REQUIRE(ids[t] >= 0 && ids[t] < VOCAB && mask[t] <= 1);
+            FUZZ_REQUIRE(ids[t] >= 0 && ids[t] < caprl_model_config(g_model)->vocab_size && mask[t] <= 1);
             n_loss += t > 0 ? mask[t] : 0;
         }
         FUZZ_REQUIRE(n_loss == r->n_loss && n_loss >= 1 && n_loss < r->n_tokens);

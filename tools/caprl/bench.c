@@ -355,7 +355,7 @@ static void reward_bench_questions(int32_t image, caprl_qa_item *qa, char **text
         snprintf(buf, sizeof buf,
                  "%s\n   - A) %s\n   - B) %s\n   - C) %s\n   - D) %s\n   - E) Can not answer based on the caption", ask,
                  opts[q][shift], opts[q][shift + 1], opts[q][shift + 2], opts[q][shift + 3]);
-        texts[q] = strdup(buf);
+        texts[q] = tool_xstrdup(buf);
         qa[q].question = texts[q];
         qa[q].gold = (char)('A' + (image + q) % 4);
     }
@@ -470,7 +470,8 @@ static int bench_reward(int argc, char **argv) {
     char              **caps = tool_xcalloc((size_t)n_cap, sizeof *caps);
     caprl_qa_image     *imgs = tool_xcalloc((size_t)n_cap, sizeof *imgs);
     caprl_reward_item  *items = tool_xcalloc((size_t)n_cap, sizeof *items);
-    caprl_reward_result *res_c = tool_xcalloc((size_t)n_cap, sizeof *res_c), *res_n = tool_xcalloc((size_t)n_cap, sizeof *res_n);
+    caprl_reward_result *res_c = tool_xcalloc((size_t)n_cap, sizeof *res_c);
+    caprl_reward_result *res_n = tool_xcalloc((size_t)n_cap, sizeof *res_n);
     double              mean_tokens = 0, max_diff = 0;
     if (st == CAPRL_OK) {
         st = reward_bench_captions(caprl_model_tokenizer(m), n_cap, T, caps, &mean_tokens, &err);

@@ -185,7 +185,7 @@ char *tool_folder_of(const char *path) {
     if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
         return realpath(path, NULL);
     }
-    char       *copy = strdup(path);
+    char       *copy = tool_xstrdup(path);
     char       *slash = strrchr(copy, '/');
     const char *dir = ".";
     if (slash) {
@@ -217,14 +217,19 @@ void *tool_xrealloc(void *p, size_t n) {
     return q ? q : out_of_memory(n);
 }
 
+char *tool_xstrdup(const char *s) {
+    char *q = strdup(s);
+    return q ? q : out_of_memory(strlen(s) + 1);
+}
+
 char *tool_absolute(const char *path) {
     char *res = realpath(path, NULL);
     if (res || path[0] == '/') {
-        return res ? res : strdup(path);
+        return res ? res : tool_xstrdup(path);
     }
     char cwd[4096];
     if (!getcwd(cwd, sizeof cwd)) {
-        return strdup(path);
+        return tool_xstrdup(path);
     }
     size_t n = strlen(cwd) + strlen(path) + 2;
     res = tool_xmalloc(n);
@@ -233,7 +238,7 @@ char *tool_absolute(const char *path) {
 }
 
 int tool_mkdir_p(const char *cmd, const char *dir) {
-    char  *p = strdup(dir);
+    char  *p = tool_xstrdup(dir);
     size_t n = strlen(p);
     int    rc = 0;
     for (size_t i = 1; i <= n && rc == 0; i++) {
@@ -309,9 +314,9 @@ static void list_push(tool_image_list *l, const char *image, const char *base_di
         l->items = tool_xrealloc(l->items, (size_t)l->cap * sizeof(tool_image_item));
     }
     tool_image_item *it = &l->items[l->n];
-    it->image = strdup(image);
+    it->image = tool_xstrdup(image);
     if (image[0] == '/' || !base_dir) {
-        it->path = strdup(image);
+        it->path = tool_xstrdup(image);
     } else {
         size_t n = strlen(base_dir) + strlen(image) + 2;
         it->path = tool_xmalloc(n);
@@ -376,7 +381,7 @@ static int list_dir(const char *cmd, const char *dir, tool_image_list *l) {
             cap = cap ? 2 * cap : 256;
             names = tool_xrealloc(names, cap * sizeof *names);
         }
-        names[n++] = strdup(e->d_name);
+        names[n++] = tool_xstrdup(e->d_name);
     }
     closedir(d);
     if (n) { /* qsort's array must not be NULL, even when empty */
@@ -398,7 +403,7 @@ static int list_file(const char *cmd, const char *path, const char *const *drop_
     if (rc) {
         return rc;
     }
-    char *base = strdup(path), *slash = strrchr(base, '/');
+    char *base = tool_xstrdup(path), *slash = strrchr(base, '/');
     if (slash) {
         slash[slash == base ? 1 : 0] = '\0'; /* "/x.txt" lives in "/" */
     } else {
@@ -612,7 +617,7 @@ void tool_keyset_add(tool_keyset *s, const char *key) {
         s->cap = s->cap ? 2 * s->cap : 256;
         s->keys = tool_xrealloc(s->keys, s->cap * sizeof(char *));
     }
-    s->keys[s->n++] = strdup(key);
+    s->keys[s->n++] = tool_xstrdup(key);
     s->sorted = false;
 }
 
@@ -638,7 +643,7 @@ void tool_keyset_free(tool_keyset *s) {
 void tool_pending_images(const char *cmd, const tool_image_list *items, char *const *keys, tool_keyset *done,
                          bool sharded, long shard_i, long shard_k, const char *out_path, const char *verb,
                          tool_image_item ***todo, int64_t *n_todo) {
-    *todo = tool_xmalloc((size_t)(items->n > 0 ? items->n : 1) * sizeof **todo);
+    *todo = tool_xmalloc((size_t)items->n * sizeof **todo);
     *n_todo = 0;
     int64_t n_shard = 0;
     for (int64_t i = shard_i; i < items->n; i += shard_k) {

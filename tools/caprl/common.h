@@ -64,12 +64,13 @@ char *tool_folder_of(const char *path);
 /* path made absolute: realpath when it exists, else joined to the working directory. malloc'd. */
 char *tool_absolute(const char *path);
 
-/* malloc, calloc and realloc for the program's own buffers: out of memory, they report the size on stderr and exit
- * with EXIT_BACKEND (the library's large allocations fail with CAPRL_ERR_OOM instead, which the commands map to
- * the same code). Never NULL. */
+/* malloc, calloc, realloc and strdup for the program's own buffers: out of memory, they report the size on stderr
+ * and exit with EXIT_BACKEND (the library's large allocations fail with CAPRL_ERR_OOM instead, which the commands
+ * map to the same code). A zero size is allocated as one byte. Never NULL. */
 void *tool_xmalloc(size_t n);
 void *tool_xcalloc(size_t count, size_t size);
 void *tool_xrealloc(void *p, size_t n);
+char *tool_xstrdup(const char *s);
 
 /* --alpha white|drop as CAPRL_ALPHA_WHITE / CAPRL_ALPHA_DROP: 0, or the exit code of the usage error it printed. */
 int tool_parse_alpha(const char *cmd, const char *name, int32_t *alpha);

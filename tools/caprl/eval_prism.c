@@ -98,7 +98,7 @@ static int scan_stage_files(prism *p, const char *kind, const char *own, int own
     while ((e = readdir(d))) {
         if (is_stage_file(e->d_name, kind, p->tag)) {
             names = tool_xrealloc(names, (n + 1) * sizeof *names);
-            names[n++] = strdup(e->d_name);
+            names[n++] = tool_xstrdup(e->d_name);
         }
     }
     closedir(d);
@@ -211,10 +211,10 @@ static void index_images(prism *p) {
         }
     }
     qsort(first, (size_t)m, sizeof *first, cmp_i64);
-    p->images = tool_xcalloc((size_t)(m > 0 ? m : 1), sizeof *p->images);
+    p->images = tool_xcalloc((size_t)m, sizeof *p->images);
     p->n_images = m;
     p->item_image = tool_xcalloc((size_t)n, sizeof *p->item_image);
-    p->by_raw = tool_xcalloc((size_t)(m > 0 ? m : 1), sizeof *p->by_raw);
+    p->by_raw = tool_xcalloc((size_t)m, sizeof *p->by_raw);
     for (int64_t u = 0; u < m; u++) {
         const caprl_eval_item *it = &p->bench.items[first[u]];
         p->images[u].raw = it->image_raw;
@@ -471,14 +471,14 @@ static int import_captions(prism *p, const char *file, const int64_t *todo, int6
         fprintf(stderr, "caprl %s: error: %s: cannot read: %s\n", CMD, file, strerror(errno));
         return EXIT_DATA;
     }
-    size_t    n_alloc = (size_t)(p->n_images > 0 ? p->n_images : 1);
-    import_ud d = {p, tool_xcalloc(n_alloc, sizeof(char *)), tool_xcalloc(n_alloc, sizeof(raw_ref)), tool_folder_of(file),
-                   tool_xcalloc(n_alloc, sizeof(json_t *))};
+    size_t    n_img = (size_t)p->n_images;
+    import_ud d = {p, tool_xcalloc(n_img, sizeof(char *)), tool_xcalloc(n_img, sizeof(raw_ref)), tool_folder_of(file),
+                   tool_xcalloc(n_img, sizeof(json_t *))};
     for (int64_t u = 0; u < p->n_images; u++) {
         d.keys[u] = file_key(p->images[u].path);
         d.sorted[u] = (raw_ref){d.keys[u], u};
     }
-    qsort(d.sorted, n_alloc, sizeof *d.sorted, cmp_raw_ref);
+    qsort(d.sorted, n_img, sizeof *d.sorted, cmp_raw_ref);
     int     rc = tool_jsonl_scan(CMD, file, -1, "image", JSON_STRING, "captions record", import_record, &d);
     int64_t n_missing = 0, first_missing = -1;
     for (int64_t i = 0; rc == 0 && i < n_todo; i++) {
@@ -527,7 +527,7 @@ static int run_stage1(prism *p, const stage1_opts *o) {
     if (rc == 0) {
         rc = scan_stage_files(p, "captions", own, fd, scan_captions);
     }
-    int64_t *todo = tool_xcalloc((size_t)(p->n_images > 0 ? p->n_images : 1), sizeof *todo);
+    int64_t *todo = tool_xcalloc((size_t)p->n_images, sizeof *todo);
     int64_t  n_todo = 0, n_shard = 0;
     for (int64_t u = 0; rc == 0 && u < p->n_images; u++) {
         if (u % p->shard_k == p->shard_i) {
@@ -730,7 +730,7 @@ static int answer_batch(prism *p, stage2 *s, const int64_t *items, int32_t count
             }
             st = caprl_tokenizer_encode(tok, prompt, strlen(prompt), true, NULL, 0, &lens[q], &err);
             if (st == CAPRL_OK) {
-                ids[q] = tool_xmalloc((size_t)(lens[q] > 0 ? lens[q] : 1) * sizeof(int32_t));
+                ids[q] = tool_xmalloc((size_t)lens[q] * sizeof(int32_t));
                 st = caprl_tokenizer_encode(tok, prompt, strlen(prompt), true, ids[q], lens[q], &lens[q], &err);
             }
             if (st != CAPRL_OK) { /* the message names the item; a long one is cut */
@@ -804,7 +804,7 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
             fd = -1; /* now closed with s.out */
         }
     }
-    int64_t     *todo = tool_xcalloc((size_t)(p->bench.n_items > 0 ? p->bench.n_items : 1), sizeof *todo);
+    int64_t     *todo = tool_xcalloc((size_t)p->bench.n_items, sizeof *todo);
     int64_t      n_todo = 0, n_shard = 0, n_missing = 0, n_uncaptioned = 0;
     const char  *first_missing = NULL;
     for (int64_t i = 0; rc == 0 && i < p->bench.n_items; i++) {
@@ -916,12 +916,12 @@ static int write_results(prism *p, int64_t step) {
         return 0;
     }
     int32_t             N = p->n;
-    caprl_prism_record *recs = tool_xcalloc((size_t)(n > 0 ? n : 1), sizeof *recs);
-    double             *scores = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *scores);
-    char              **parsed = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *parsed);
-    int64_t            *tokens = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *tokens);
-    const char        **caps = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *caps);
-    const char        **outs = tool_xcalloc((size_t)(n * N > 0 ? n * N : 1), sizeof *outs);
+    caprl_prism_record *recs = tool_xcalloc((size_t)n, sizeof *recs);
+    double             *scores = tool_xcalloc((size_t)(n * N), sizeof *scores);
+    char              **parsed = tool_xcalloc((size_t)(n * N), sizeof *parsed);
+    int64_t            *tokens = tool_xcalloc((size_t)(n * N), sizeof *tokens);
+    const char        **caps = tool_xcalloc((size_t)(n * N), sizeof *caps);
+    const char        **outs = tool_xcalloc((size_t)(n * N), sizeof *outs);
     int64_t             boxed = 0, failed = 0, rule_items[CAPRL_EVAL_RULE_COUNT] = {0}, total_tokens = 0;
     double              rule_mean[CAPRL_EVAL_RULE_COUNT] = {0};
     for (int64_t i = 0; i < n; i++) {
@@ -1129,7 +1129,7 @@ int cmd_eval_prism(int argc, char **argv) {
         return tool_fail(info.name, st, err.msg);
     }
     index_images(&p);
-    p.answers = tool_xcalloc((size_t)(p.bench.n_items > 0 ? p.bench.n_items : 1), sizeof *p.answers);
+    p.answers = tool_xcalloc((size_t)p.bench.n_items, sizeof *p.answers);
     rc = tool_mkdir_p(info.name, out_dir);
     char *bench_abs = tool_absolute(bench_path), *captions_abs = captions_file ? tool_absolute(captions_file) : NULL;
     if (rc == 0 && stage != 2) {

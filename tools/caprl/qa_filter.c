@@ -106,7 +106,7 @@ static caprl_status query_tokens(run_ctx *r, const query *qy, int32_t **ids, int
             st = caprl_tokenizer_encode(tok, text, strlen(text), true, NULL, 0, n, err);
         }
         if (st == CAPRL_OK) {
-            *ids = tool_xmalloc((size_t)(*n > 0 ? *n : 1) * sizeof(int32_t));
+            *ids = tool_xmalloc((size_t)(*n) * sizeof(int32_t));
             st = caprl_tokenizer_encode(tok, text, strlen(text), true, *ids, *n, n, err);
         }
         caprl_free(text);
@@ -172,7 +172,7 @@ static caprl_status run_chunk(run_ctx *r, const query *qs, int32_t n, const floa
             int32_t slot = qy->mode * r->rotations + qy->r;
             /* the released check: `ans in out`, the gold letter as a substring of the output */
             qy->q->ok[slot] = strchr(r->text, qy->q->golds[qy->r]) != NULL;
-            qy->q->outputs[slot] = strdup(r->text);
+            qy->q->outputs[slot] = tool_xstrdup(r->text);
         }
     }
     for (int32_t i = 0; i < n; i++) {
@@ -235,7 +235,7 @@ static caprl_status rotate(const caprl_qa_item *it, uint64_t seed, int64_t globa
     if (n >= k && strcmp(text + n - k, CANNOT_F) == 0) {
         text[n - k] = '\0';
     }
-    *out = strdup(text);
+    *out = tool_xstrdup(text);
     caprl_free(text);
     return CAPRL_OK;
 }
@@ -346,7 +346,8 @@ int cmd_qa_filter(int argc, char **argv) {
     }
     int64_t   n_questions = caprl_qa_set_n_questions(&set);
     question *qs = tool_xcalloc((size_t)n_questions, sizeof *qs);
-    int64_t  *first_q = tool_xcalloc((size_t)set.n_images + 1, sizeof *first_q); /* image i: qs[first_q[i], first_q[i+1]) */
+    /* image i: qs[first_q[i], first_q[i+1]) */
+    int64_t  *first_q = tool_xcalloc((size_t)set.n_images + 1, sizeof *first_q);
     int64_t   g = 0;
     for (int64_t i = 0; i < set.n_images; i++) {
         first_q[i] = g;

@@ -63,7 +63,7 @@ static int collect_done(json_t *rec, const char *path, long line, void *ud) {
  * folder of the file holding it, so a relative path is kept as written when the output sits in the list's folder and
  * made absolute otherwise. It is also the resume key: the same list and output give the same strings. */
 static char *output_image(const tool_image_item *it, bool same_dir) {
-    return it->image[0] == '/' || same_dir ? strdup(it->image) : tool_absolute(it->path);
+    return it->image[0] == '/' || same_dir ? tool_xstrdup(it->image) : tool_absolute(it->path);
 }
 
 /* {"id", "image", the list record's other fields...}: "id" is the list's own "id" when it has one, else the image
@@ -179,7 +179,7 @@ int cmd_qa_generate(int argc, char **argv) {
         bool  same_dir = list_dir && out_dir && strcmp(list_dir, out_dir) == 0;
         free(list_dir);
         free(out_dir);
-        keys = tool_xcalloc((size_t)(items.n > 0 ? items.n : 1), sizeof(char *));
+        keys = tool_xcalloc((size_t)items.n, sizeof(char *));
         for (int64_t i = 0; i < items.n; i++) {
             keys[i] = output_image(&items.items[i], same_dir);
         }

@@ -194,10 +194,10 @@ static bool parse_record(const char *text, size_t n, int64_t line, const qa_inde
         job j;
         memset(&j, 0, sizeof j);
         j.qa = qa;
-        j.key = strdup(id ? id : image);
+        j.key = tool_xstrdup(id ? id : image);
         j.id = jid && !json_is_null(jid) ? json_incref(jid) : NULL;
-        j.image = image ? strdup(image) : NULL;
-        j.caption = strdup(json_string_value(c));
+        j.image = image ? tool_xstrdup(image) : NULL;
+        j.caption = tool_xstrdup(json_string_value(c));
         j.index = (int32_t)k;
         j.line = line;
         j.stream = key_stream(j.key, j.index);

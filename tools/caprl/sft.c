@@ -74,7 +74,7 @@ static char *path_in(const char *dir, const char *name) {
 }
 
 static int mkdir_parents(const char *dir) {
-    char *p = strdup(dir);
+    char *p = tool_xstrdup(dir);
     for (char *s = p + 1; *s; s++) {
         if (*s == '/') {
             *s = '\0';
@@ -262,7 +262,7 @@ static int write_config(const sft_run *r, const caprl_adamw_params *ap) {
         for (size_t i = 0; rc == 0 && i < sizeof k_math_keys / sizeof k_math_keys[0]; i++) {
             json_t *a = json_object_get(old, k_math_keys[i]), *b = json_object_get(now, k_math_keys[i]);
             if (!a || !json_equal(a, b)) {
-                char *sa = a ? json_dumps(a, JSON_ENCODE_ANY) : strdup("(absent)");
+                char *sa = a ? json_dumps(a, JSON_ENCODE_ANY) : tool_xstrdup("(absent)");
                 char *sb = json_dumps(b, JSON_ENCODE_ANY);
                 fprintf(stderr,
                         "caprl sft: error: --resume: %s is %s in %s but %s now; a resumed run must use the settings "
@@ -294,7 +294,7 @@ static int parse_freeze(const char *list, int32_t *groups) {
     if (!list || !list[0]) {
         return 0;
     }
-    char *copy = strdup(list), *save = NULL;
+    char *copy = tool_xstrdup(list), *save = NULL;
     int   rc = 0;
     for (char *tok = strtok_r(copy, ",", &save); tok && rc == 0; tok = strtok_r(NULL, ",", &save)) {
         if (strcmp(tok, "vision") == 0) {

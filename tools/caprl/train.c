@@ -45,7 +45,7 @@ static bool on_step(const caprl_rl_step_metrics *m, int64_t total, void *user) {
 }
 
 static char *key_of(const char *flag) {
-    char *k = strdup(flag);
+    char *k = tool_xstrdup(flag);
     for (char *c = k; *c; c++) {
         *c = *c == '-' ? '_' : *c;
     }
