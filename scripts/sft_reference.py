@@ -11,7 +11,7 @@ on every reply and its <|im_end|>; the completion's tokens for raw ones), the st
 tokens of the batch, autograd in float64 on the forward of scripts/qwen2_reference.py (transformers' Qwen2
 arithmetic, RoPE tables in float32 as transformers builds them), torch.nn.utils.clip_grad_norm_, and AdamW as
 torch.optim.AdamW with betas 0.9 / 0.95, eps 1e-8 and caprl's schedule (linear warmup to --lr over --warmup steps,
-step s (0-based) at lr * (s + 1) / warmup, then cosine to min_lr_ratio * lr at the last step).
+step s (0-based) at lr * s / warmup as transformers' schedulers, then cosine to min_lr_ratio * lr at the last step).
 
 Every step of a run takes all the records (batch = record count), so the data order inside a step changes
 nothing but rounding. Per run: RUN.json (the caprl sft arguments, and per step the loss, lr and gradient norm
@@ -105,7 +105,7 @@ def init_params(gen):
 def lr_at(run, step):
     lr = run["lr"]
     if run["warmup"] > 0 and step < run["warmup"]:
-        return lr * (step + 1) / run["warmup"]
+        return lr * step / run["warmup"]
     if run["schedule"] == "constant":
         return lr
     progress = min(1.0, (step - run["warmup"]) / max(1, run["steps"] - run["warmup"]))

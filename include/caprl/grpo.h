@@ -23,8 +23,10 @@ enum {
 enum { CAPRL_KL_OFF = 0, CAPRL_KL_K1 = 1, CAPRL_KL_K2 = 2, CAPRL_KL_K3 = 3 };
 
 enum {
-    CAPRL_AGG_TOKEN_MEAN = 0,          /* sum over every response token of the step / their count */
-    CAPRL_AGG_SEQ_MEAN_TOKEN_MEAN = 1, /* mean over responses of each response's token mean */
+    CAPRL_AGG_TOKEN_MEAN = 0,            /* sum over every response token of the step / their count */
+    CAPRL_AGG_SEQ_MEAN_TOKEN_MEAN = 1,   /* mean over responses of each response's token mean (original GRPO) */
+    CAPRL_AGG_SEQ_MEAN_TOKEN_SUM = 2,    /* mean over responses of each response's token sum */
+    CAPRL_AGG_SEQ_MEAN_TOKEN_SUM_NORM = 3, /* token sums / (responses * max_new_tokens): Dr.GRPO's constant */
 };
 
 typedef struct caprl_rl_params {
@@ -37,7 +39,7 @@ typedef struct caprl_rl_params {
     float   dual_clip;   /* c > 1 bounds the loss of negative advantages at -A c; 0 = off (default) */
     int32_t kl;          /* CAPRL_KL_*; default off */
     float   kl_coef;     /* beta */
-    bool    kl_in_reward; /* subtract beta * sum_t k1 from the reward instead of adding beta * k to the loss */
+    bool    kl_in_reward; /* subtract beta * sum_t k (rollout policy vs reference) from the reward instead */
     int32_t agg;         /* CAPRL_AGG_*; default token-mean */
     bool    mask_truncated; /* responses cut at the token limit get no loss (overlong filtering); default false */
 } caprl_rl_params;
@@ -69,11 +71,13 @@ typedef struct caprl_rl_stats {
 
 /* The loss of n tokens and its derivative dL/dlogp (written to dlogp): per token
  *     L_t = weight[t] * (pg_t + [kl in loss] beta * k(logp[t] - ref_logp[t]))
- * with pg_t = -adv[t] * logp[t] without ppo_clip, or the clipped surrogate max(-A rho, -A clip(rho)) (and the dual
- * clip) with rho = exp(clamp(logp - old_logp, -20, 20)) when ppo_clip is on. k1 = d, k2 = d^2 / 2,
- * k3 = exp(-d) + d - 1 with d = logp - ref_logp; every estimator's value is clamped to [-10, 10] (OpenRLHF), where
- * its gradient is 0. weight[t] is the aggregation weight (1 / N_tok for token-mean, 1 / (N_seq |o_i|) for
- * seq-mean-token-mean, 0 for prompt, padding and masked tokens). old_logp may be NULL when ppo_clip is off;
+ * with pg_t = -adv[t] * rho. Without ppo_clip rho = exp(logp - stop_gradient(logp)) = 1, so the reported pg_loss is
+ * -A (close to 0 after whitening) and dpg/dlogp = -A: REINFORCE. With ppo_clip, the clipped surrogate
+ * max(-A rho, -A clip(rho)) (and the dual clip) with rho = exp(clamp(logp - old_logp, -20, 20)). k1 = d,
+ * k2 = d^2 / 2, k3 = exp(-d) + d - 1 with d = logp - ref_logp; every estimator's value is clamped to [-10, 10]
+ * (OpenRLHF), where its gradient is 0. weight[t] is the aggregation weight (1 / N_tok for token-mean,
+ * 1 / (N_seq |o_i|) for seq-mean-token-mean, 1 / N_seq for seq-mean-token-sum, 1 / (N_seq max_new_tokens) for
+ * seq-mean-token-sum-norm; 0 for prompt, padding and masked tokens). old_logp may be NULL when ppo_clip is off;
  * ref_logp may be NULL when the KL is off or in the reward. stats is accumulated into (not reset). */
 CAPRL_API void caprl_rl_token_loss(const caprl_rl_params *p, int64_t n, const float *logp, const float *old_logp,
                                    const float *ref_logp, const float *adv, const float *weight, float *dlogp,

@@ -14,6 +14,8 @@
 extern "C" {
 #endif
 
+#define CAPRL_MAX_EOS 8
+
 /* config.json of a Qwen2 text model (or the text part of a VL model). */
 typedef struct caprl_text_config {
     int32_t vocab_size;
@@ -28,7 +30,9 @@ typedef struct caprl_text_config {
     double  rope_theta;
     bool    tie_word_embeddings;
     int32_t bos_token_id; /* -1 if absent */
-    int32_t eos_token_id; /* -1 if absent */
+    int32_t eos_token_id; /* -1 if absent; the first of eos_ids */
+    int32_t eos_ids[CAPRL_MAX_EOS]; /* the whole eos_token_id of config.json (an id or a list) */
+    int32_t n_eos;
     int32_t torch_dtype;  /* CAPRL_DTYPE_* named by torch_dtype/dtype, -1 if absent */
     /* Qwen2.5-VL (model_type "qwen2_5_vl") only; zero / -1 for Qwen2. */
     bool    is_vl;
@@ -38,8 +42,6 @@ typedef struct caprl_text_config {
     int32_t vision_start_token_id; /* <|vision_start|> */
     int32_t vision_end_token_id;   /* <|vision_end|> */
 } caprl_text_config;
-
-#define CAPRL_MAX_EOS 8
 
 /* generation_config.json (Hugging Face defaults where a field is absent). */
 typedef struct caprl_generation_config {

@@ -69,7 +69,8 @@ CAPRL_API void         caprl_rl_config_free(caprl_rl_config *cfg); /* frees the 
 /* One step's metrics (also written as a line of RUN/metrics.jsonl). */
 typedef struct caprl_rl_step_metrics {
     int64_t step;
-    double  reward_mean, reward_std;
+    double  reward_mean, reward_std; /* over the step's captions */
+    double  reward_std_group;  /* mean over the step's groups of the std within a group (Bessel) */
     double  zero_std_frac;     /* groups whose rewards are all equal */
     double  caption_len_mean;  /* tokens */
     int32_t caption_len_max;

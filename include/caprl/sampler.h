@@ -13,9 +13,9 @@ extern "C" {
 
 typedef struct caprl_sampling_params {
     bool     do_sample;          /* false = greedy (argmax after the repetition penalty) */
-    float    temperature;        /* > 0; 1 = unchanged */
+    float    temperature;        /* > 0 when sampling (ignored by greedy decoding); 1 = unchanged */
     int32_t  top_k;              /* 0 = off */
-    float    top_p;              /* (0, 1]; 1 = off */
+    float    top_p;              /* [0, 1]; 1 = off, 0 keeps only the most likely id */
     float    repetition_penalty; /* > 0; 1 = off */
     uint64_t seed;
 } caprl_sampling_params;

@@ -36,7 +36,8 @@ CAPRL_API caprl_status caprl_vl_expand_image_pads(const int32_t *ids, int64_t n,
 
 /* M-RoPE position ids (HF get_rope_index, still images): pos is (3, n) as t, h, w rows. Text tokens get
  * (s, s, s) with s counting on; the k-th run of image_token_id (grid_thw[3k..3k+2] in patches, merge the
- * spatial merge size) gets (st, st + i, st + j) over its merged grid, and the next text starts at
+ * spatial merge size) gets (st, st + i, st + j) over its merged grid, every frame of it at time st (an image's
+ * frames are not spread in time), and the next text starts at
  * st + max(grid_h, grid_w) / merge. *rope_delta = max position + 1 - n: later tokens sit at cache index + delta. */
 CAPRL_API caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, int32_t image_token_id,
                                                 const int32_t *grid_thw, int32_t n_images, int32_t merge,

@@ -27,10 +27,14 @@
 #define MAX_HEAD_DIM     (1 << 14)
 #define MAX_POSITIONS    (1 << 30)
 
-/* Qwen2Config defaults for optional fields (transformers configuration_qwen2.py). */
-#define DEFAULT_MAX_POSITIONS 32768
-#define DEFAULT_RMS_EPS       1e-6
-#define DEFAULT_ROPE_THETA    10000.0
+/* Defaults for optional fields: transformers' Qwen2Config (configuration_qwen2.py) and, where they differ,
+ * Qwen2_5_VLTextConfig (configuration_qwen2_5_vl.py). */
+#define DEFAULT_MAX_POSITIONS    32768
+#define DEFAULT_RMS_EPS          1e-6
+#define DEFAULT_ROPE_THETA       10000.0
+#define DEFAULT_VL_RMS_EPS       1e-5
+#define DEFAULT_VL_ROPE_THETA    1000000.0
+#define DEFAULT_MAX_WINDOW_LAYERS 28
 
 #define WRITTEN_TRANSFORMERS_VERSION "4.49.0"
 
@@ -176,6 +180,33 @@ static caprl_status parse_token_id(const caprl_json_obj *o, const char *key, int
     return CAPRL_OK;
 }
 
+/* eos_token_id as an id or a list of ids (config.json and generation_config.json); null or absent: none. */
+static caprl_status parse_eos_list(const caprl_json_obj *o, int32_t *ids, int32_t *n_ids, caprl_error *err) {
+    *n_ids = 0;
+    const struct json_t *v = caprl_json_get(o, "eos_token_id");
+    if (caprl_json_is_null(v)) {
+        return CAPRL_OK;
+    }
+    size_t n = caprl_json_is_array(v) ? caprl_json_array_size(v) : 1;
+    if (n > CAPRL_MAX_EOS) {
+        return caprl_json_field_error(o, "eos_token_id", CAPRL_ERR_UNSUPPORTED, err,
+                                      "%zu ids, more than the %d supported", n, CAPRL_MAX_EOS);
+    }
+    for (size_t i = 0; i < n; i++) {
+        const struct json_t *e = caprl_json_is_array(v) ? caprl_json_array_get(v, i) : v;
+        int64_t              id = 0;
+        if (!caprl_json_int_value(e, &id) || id < 0 || id > INT32_MAX) {
+            char got[96];
+            return caprl_json_field_error(o, "eos_token_id", CAPRL_ERR_FORMAT, err,
+                                          "expected a token id or a list of them, got %s",
+                                          caprl_json_describe(v, got, sizeof got));
+        }
+        ids[i] = (int32_t)id;
+    }
+    *n_ids = (int32_t)n;
+    return CAPRL_OK;
+}
+
 static caprl_status parse_rope(const text_src *s, arch_kind kind, caprl_text_config *cfg, caprl_error *err) {
     const caprl_json_obj *o = pick(s, "rope_theta");
     double                theta_top = 0;
@@ -210,7 +241,9 @@ static caprl_status parse_rope(const text_src *s, arch_kind kind, caprl_text_con
         }
         caprl_json_warn_unknown(&rp, k_rope_known, N_OF(k_rope_known));
     }
-    cfg->rope_theta = has_rp_theta ? theta_rp : has_top ? theta_top : DEFAULT_ROPE_THETA;
+    cfg->rope_theta = has_rp_theta ? theta_rp
+                      : has_top    ? theta_top
+                                   : (kind == ARCH_QWEN2_5_VL ? DEFAULT_VL_ROPE_THETA : DEFAULT_ROPE_THETA);
     if (!(cfg->rope_theta > 0.0)) {
         return caprl_json_field_error(has_rp_theta ? &rp : o, "rope_theta", CAPRL_ERR_FORMAT, err,
                                       "%g is not a positive number", cfg->rope_theta);
@@ -222,7 +255,7 @@ static caprl_status parse_rope(const text_src *s, arch_kind kind, caprl_text_con
         return CAPRL_OK;
     }
     char got[128];
-    if (kind == ARCH_QWEN2_5_VL && caprl_json_is_object(sc)) {
+    if (caprl_json_is_object(sc)) {
         caprl_json_obj sco;
         CAPRL_TRY(caprl_json_get_object(so, "rope_scaling", &sco, err));
         const char *type = NULL;
@@ -230,8 +263,9 @@ static caprl_status parse_rope(const text_src *s, arch_kind kind, caprl_text_con
         if (!type) {
             CAPRL_TRY(caprl_json_opt_string(&sco, "rope_type", "default", &type, err));
         }
-        /* HF maps "type": "mrope" to the default RoPE type; mrope_section is the only extra information. */
-        if (strcmp(type, "mrope") == 0 || strcmp(type, "default") == 0) {
+        /* "default" is plain RoPE; HF maps "type": "mrope" to it too, mrope_section being the only extra
+         * information */
+        if (strcmp(type, "default") == 0 || (kind == ARCH_QWEN2_5_VL && strcmp(type, "mrope") == 0)) {
             return CAPRL_OK;
         }
     }
@@ -245,8 +279,18 @@ static caprl_status parse_attention_kind(const text_src *s, int32_t n_layers, ca
     bool                  sliding = false;
     CAPRL_TRY(caprl_json_opt_bool(o, "use_sliding_window", false, &sliding, err));
     if (sliding) {
-        return caprl_json_field_error(o, "use_sliding_window", CAPRL_ERR_UNSUPPORTED, err,
-                                      "sliding-window attention is not supported");
+        /* transformers slides layer i only when sliding_window is set and i >= max_window_layers */
+        const caprl_json_obj *mo = pick(s, "max_window_layers"), *wo = pick(s, "sliding_window");
+        int32_t               first_sliding = 0;
+        CAPRL_TRY(caprl_json_opt_i32(mo, "max_window_layers", 0, INT32_MAX, DEFAULT_MAX_WINDOW_LAYERS, &first_sliding,
+                                     err));
+        const struct json_t *sw = caprl_json_get(wo, "sliding_window"); /* absent: transformers' default 4096 */
+        bool                 window = !(sw != NULL && caprl_json_is_null(sw));
+        if (window && first_sliding < n_layers) {
+            return caprl_json_field_error(o, "use_sliding_window", CAPRL_ERR_UNSUPPORTED, err,
+                                          "sliding-window attention (layers %d to %d) is not supported",
+                                          (int)first_sliding, (int)n_layers - 1);
+        }
     }
     o = pick(s, "layer_types");
     const struct json_t *lt = caprl_json_get(o, "layer_types");
@@ -378,7 +422,8 @@ static caprl_status parse_text(const text_src *s, arch_kind kind, caprl_text_con
     CAPRL_TRY(parse_sizes(s, cfg, err));
     const caprl_json_obj *o = pick(s, "rms_norm_eps");
     double                eps = 0;
-    CAPRL_TRY(caprl_json_opt_number(o, "rms_norm_eps", DEFAULT_RMS_EPS, &eps, err));
+    CAPRL_TRY(caprl_json_opt_number(o, "rms_norm_eps", kind == ARCH_QWEN2_5_VL ? DEFAULT_VL_RMS_EPS : DEFAULT_RMS_EPS,
+                                    &eps, err));
     /* checked in double first: a value below FLT_MIN would otherwise pass as a float 0 check with a worse message */
     if (!(eps > 0.0 && eps < 1.0) || (float)eps <= 0.0f) {
         return caprl_json_field_error(o, "rms_norm_eps", CAPRL_ERR_FORMAT, err, "%g is not in (0, 1)", eps);
@@ -388,7 +433,7 @@ static caprl_status parse_text(const text_src *s, arch_kind kind, caprl_text_con
     o = pick(s, "hidden_act");
     const char *act = NULL;
     CAPRL_TRY(caprl_json_opt_string(o, "hidden_act", "silu", &act, err));
-    if (strcmp(act, "silu") != 0) {
+    if (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0) { /* transformers' ACT2FN: swish is SiLU */
         return caprl_json_field_error(o, "hidden_act", CAPRL_ERR_UNSUPPORTED, err,
                                       "'%.32s' is not supported (only \"silu\")", act);
     }
@@ -396,7 +441,8 @@ static caprl_status parse_text(const text_src *s, arch_kind kind, caprl_text_con
     CAPRL_TRY(caprl_json_opt_bool(pick(s, "tie_word_embeddings"), "tie_word_embeddings", false,
                                   &cfg->tie_word_embeddings, err));
     CAPRL_TRY(parse_token_id(pick(s, "bos_token_id"), "bos_token_id", &cfg->bos_token_id, err));
-    CAPRL_TRY(parse_token_id(pick(s, "eos_token_id"), "eos_token_id", &cfg->eos_token_id, err));
+    CAPRL_TRY(parse_eos_list(pick(s, "eos_token_id"), cfg->eos_ids, &cfg->n_eos, err));
+    cfg->eos_token_id = cfg->n_eos > 0 ? cfg->eos_ids[0] : -1;
     cfg->torch_dtype = -1;
     const char *dtype_key = caprl_json_has(pick(s, "dtype"), "dtype") ? "dtype" : "torch_dtype";
     o = pick(s, dtype_key);
@@ -422,7 +468,7 @@ static caprl_status parse_mrope(const text_src *s, caprl_text_config *cfg, caprl
         }
         size_t  n = caprl_json_array_size(sec);
         int64_t sum = 0;
-        bool    ok = caprl_json_is_array(sec) && n >= 1 && n <= 4;
+        bool    ok = caprl_json_is_array(sec) && n == 3; /* t, h, w */
         for (size_t i = 0; ok && i < n; i++) {
             int64_t v = 0;
             ok = caprl_json_int_value(caprl_json_array_get(sec, i), &v) && v > 0 && v <= cfg->head_dim;
@@ -432,7 +478,7 @@ static caprl_status parse_mrope(const text_src *s, caprl_text_config *cfg, caprl
         if (!ok || sum != cfg->head_dim / 2) {
             char got[96];
             return caprl_json_field_error(&ro, "mrope_section", CAPRL_ERR_FORMAT, err,
-                                          "expected 1 to 4 positive integers summing to head_dim / 2 (%d), got %s",
+                                          "expected 3 positive integers (t, h, w) summing to head_dim / 2 (%d), got %s",
                                           cfg->head_dim / 2, caprl_json_describe(sec, got, sizeof got));
         }
         cfg->n_mrope_sections = (int32_t)n;
@@ -598,7 +644,15 @@ caprl_status caprl_text_config_to_json(const caprl_text_config *cfg, int32_t dty
               cfg->is_vl ? "Qwen2_5_VLForConditionalGeneration" : "Qwen2ForCausalLM");
     tb_printf(b, "  \"attention_dropout\": 0.0,\n");
     tb_id(b, "bos_token_id", cfg->bos_token_id);
-    tb_id(b, "eos_token_id", cfg->eos_token_id);
+    if (cfg->n_eos > 1) {
+        tb_printf(b, "  \"eos_token_id\": [");
+        for (int32_t i = 0; i < cfg->n_eos; i++) {
+            tb_printf(b, i ? ", %d" : "%d", (int)cfg->eos_ids[i]);
+        }
+        tb_printf(b, "],\n");
+    } else {
+        tb_id(b, "eos_token_id", cfg->eos_token_id);
+    }
     if (cfg->head_dim * cfg->n_heads != cfg->hidden_size) { /* written only when it is not the derived value */
         tb_printf(b, "  \"head_dim\": %d,\n", (int)cfg->head_dim);
     }
@@ -657,31 +711,6 @@ caprl_generation_config caprl_generation_config_default(void) {
     return gc;
 }
 
-static caprl_status parse_eos_list(const caprl_json_obj *o, caprl_generation_config *gc, caprl_error *err) {
-    const struct json_t *v = caprl_json_get(o, "eos_token_id");
-    if (caprl_json_is_null(v)) {
-        return CAPRL_OK;
-    }
-    size_t n = caprl_json_is_array(v) ? caprl_json_array_size(v) : 1;
-    if (n > CAPRL_MAX_EOS) {
-        return caprl_json_field_error(o, "eos_token_id", CAPRL_ERR_UNSUPPORTED, err,
-                                      "%zu ids, more than the %d supported", n, CAPRL_MAX_EOS);
-    }
-    for (size_t i = 0; i < n; i++) {
-        const struct json_t *e = caprl_json_is_array(v) ? caprl_json_array_get(v, i) : v;
-        int64_t              id = 0;
-        if (!caprl_json_int_value(e, &id) || id < 0 || id > INT32_MAX) {
-            char got[96];
-            return caprl_json_field_error(o, "eos_token_id", CAPRL_ERR_FORMAT, err,
-                                          "expected a token id or a list of them, got %s",
-                                          caprl_json_describe(v, got, sizeof got));
-        }
-        gc->eos_ids[i] = (int32_t)id;
-    }
-    gc->n_eos = (int32_t)n;
-    return CAPRL_OK;
-}
-
 /* A float field with default def that must satisfy lo <(=) v <(=) hi. */
 static caprl_status get_float(const caprl_json_obj *o, const char *key, double def, double lo, bool lo_open,
                               double hi, float *out, caprl_error *err) {
@@ -698,7 +727,7 @@ static caprl_status get_float(const caprl_json_obj *o, const char *key, double d
 
 static caprl_status parse_generation(caprl_generation_config *out, const caprl_json_obj *o, caprl_error *err) {
     caprl_generation_config gc = caprl_generation_config_default();
-    CAPRL_TRY(parse_eos_list(o, &gc, err));
+    CAPRL_TRY(parse_eos_list(o, gc.eos_ids, &gc.n_eos, err));
     CAPRL_TRY(caprl_json_opt_bool(o, "do_sample", false, &gc.do_sample, err));
     /* temperature 0 appears in greedy configs (do_sample false); sampling needs it positive, as HF checks */
     CAPRL_TRY(get_float(o, "temperature", 1.0, 0.0, gc.do_sample, 1e6, &gc.temperature, err));

@@ -260,8 +260,9 @@ static caprl_status load_generation_config(caprl_model *m, const char *dir, capr
             free(data);
         }
     }
-    if (st == CAPRL_OK && m->gen.n_eos == 0 && m->cfg.eos_token_id >= 0) {
-        m->gen.eos_ids[m->gen.n_eos++] = m->cfg.eos_token_id;
+    if (st == CAPRL_OK && m->gen.n_eos == 0) { /* as GenerationConfig.from_model_config: config.json's list */
+        memcpy(m->gen.eos_ids, m->cfg.eos_ids, sizeof m->gen.eos_ids);
+        m->gen.n_eos = m->cfg.n_eos;
     }
     free(path);
     return st;
@@ -347,9 +348,8 @@ caprl_status caprl_model_init_random(caprl_model **out, const caprl_text_config 
     m->tied = m->cfg.tie_word_embeddings;
     m->dtype = dtype;
     m->gen = caprl_generation_config_default();
-    if (m->cfg.eos_token_id >= 0) {
-        m->gen.eos_ids[m->gen.n_eos++] = m->cfg.eos_token_id;
-    }
+    memcpy(m->gen.eos_ids, m->cfg.eos_ids, sizeof m->gen.eos_ids);
+    m->gen.n_eos = m->cfg.n_eos;
     model_build_param_table(m);
     size_t esize = caprl_dtype_size(dtype), total = 0;
     bool   ok = true;

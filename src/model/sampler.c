@@ -4,6 +4,7 @@
  * multinomial draw. The uniform for the draw is Philox(seed, stream, step): no hidden state. */
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,15 +34,16 @@ caprl_sampling_params caprl_sampling_default_params(void) {
 }
 
 caprl_status caprl_sampling_params_check(const caprl_sampling_params *p, caprl_error *err) {
-    if (!(p->temperature > 0.0f) || !isfinite(p->temperature)) {
-        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "temperature must be a positive number, got %g",
-                             (double)p->temperature);
+    /* greedy decoding reads no temperature (transformers accepts do_sample false with temperature 0) */
+    if ((p->do_sample ? !(p->temperature > 0.0f) : !(p->temperature >= 0.0f)) || !isfinite(p->temperature)) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "temperature must be a %s number, got %g",
+                             p->do_sample ? "positive" : "non-negative", (double)p->temperature);
     }
     if (p->top_k < 0) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "top_k must be >= 0 (0 = off), got %d", p->top_k);
     }
-    if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) {
-        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "top_p must be in (0, 1], got %g", (double)p->top_p);
+    if (!(p->top_p >= 0.0f && p->top_p <= 1.0f)) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "top_p must be in [0, 1], got %g", (double)p->top_p);
     }
     if (!(p->repetition_penalty > 0.0f) || !isfinite(p->repetition_penalty)) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "repetition_penalty must be a positive number, got %g",
@@ -164,8 +166,20 @@ static float kth_largest(const float *x, int32_t n, int32_t k, float *scratch) {
     return scratch[want];
 }
 
-/* Collects the ids that survive top-k and top-p into s->cand in ascending id order; returns their count. work holds the logits after
- * penalty and temperature; -INFINITY marks removed ids. */
+/* The shortest decimal that reads back as f (0.8f -> 0.8): the value the user wrote, in double. */
+static double decimal_of_float(float f) {
+    char buf[32];
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(buf, sizeof buf, "%.*g", digits, (double)f);
+        if (strtof(buf, NULL) == f) {
+            return strtod(buf, NULL);
+        }
+    }
+    return (double)f;
+}
+
+/* Collects the ids that survive top-k and top-p into s->cand in ascending id order; returns their count. work holds
+ * the logits after penalty and temperature; -INFINITY marks removed ids. */
 static int32_t select_candidates(caprl_sampler *s) {
     const int32_t V = s->n_vocab;
     float        *w = s->work;
@@ -187,8 +201,12 @@ static int32_t select_candidates(caprl_sampler *s) {
     if (s->p.top_p >= 1.0f || n <= 1) {
         return n;
     }
-    /* softmax over the candidates (in f32, as the reference does after top-k) */
-    float mx = -INFINITY;
+    /* transformers' TopPLogitsWarper: over the ascending order, remove every id whose cumulative probability (f32)
+     * is <= 1 - top_p, the most likely always kept. 1 - top_p is taken as Python computes it from the decimal the
+     * user wrote (0.8 -> 0.19999999999999996 -> 0.2f) rather than from the float 0.8f, so that exact ties at the
+     * boundary (equal logits) fall the same way. */
+    const float threshold = (float)(1.0 - decimal_of_float(s->p.top_p));
+    float       mx = -INFINITY;
     for (int32_t j = 0; j < n; j++) {
         mx = fmaxf(mx, w[s->cand[j]]);
     }
@@ -196,25 +214,34 @@ static int32_t select_candidates(caprl_sampler *s) {
     for (int32_t j = 0; j < n; j++) {
         total += exp((double)(w[s->cand[j]] - mx));
     }
-    /* Ids with probability <= (1 - top_p) / n together hold at most 1 - top_p and are the least likely, so they
-     * form a prefix of the ascending order that top-p removes: drop them before sorting the rest. */
-    double cut = (1.0 - (double)s->p.top_p) / (double)n;
-    double removed_mass = 0.0;
-    int32_t kept = 0;
+    /* Ids with probability below threshold / n together hold less than the threshold and are the least likely, so
+     * they lie in the prefix of the ascending order that top-p removes: drop them before sorting the rest. */
+    const double cut = (double)threshold / (double)n;
+    double       removed_mass = 0.0;
+    int32_t      kept = 0;
+    float        top = -INFINITY;
+    int32_t      top_id = s->cand[0];
     for (int32_t j = 0; j < n; j++) {
         double pj = exp((double)(w[s->cand[j]] - mx)) / total;
-        if (pj <= cut) {
+        if (w[s->cand[j]] > top) {
+            top = w[s->cand[j]];
+            top_id = s->cand[j];
+        }
+        if (pj < cut) {
             removed_mass += pj;
         } else {
             s->cand[kept++] = s->cand[j];
         }
     }
+    if (kept == 0) { /* cannot happen with exact arithmetic (some id has p >= 1 / n); keep the most likely */
+        s->cand[kept++] = top_id;
+    }
     qsort_r(s->cand, (size_t)kept, sizeof(int32_t), cmp_ascending_logit, w);
     double  cum = removed_mass;
     int32_t first_kept = kept - 1; /* the most likely is always kept */
     for (int32_t j = 0; j < kept - 1; j++) {
-        cum += exp((double)(w[s->cand[j]] - mx)) / total;
-        if (cum > 1.0 - (double)s->p.top_p) {
+        cum += (double)(float)(exp((double)(w[s->cand[j]] - mx)) / total);
+        if ((float)cum > threshold) {
             first_kept = j;
             break;
         }

@@ -123,14 +123,14 @@ caprl_status caprl_vl_mrope_positions(const int32_t *ids, int64_t n, int32_t ima
                                      "mrope positions: image %d's pad run is %lld tokens, expected %lld", img,
                                      (long long)r, (long long)count);
             }
-            int64_t tt = r / ((int64_t)lh * lw), rem = r % ((int64_t)lh * lw);
-            /* still images: the temporal index is the frame index (0 for one frame) */
-            t[i + r] = (int32_t)(next + tt);
+            int64_t rem = r % ((int64_t)lh * lw);
+            /* still images: every frame at temporal position st (HF scales the frame index by second_per_grid_t,
+             * which is 0 for images) */
+            t[i + r] = (int32_t)next;
             h[i + r] = (int32_t)(next + rem / lw);
             w[i + r] = (int32_t)(next + rem % lw);
         }
         int64_t span = lh > lw ? lh : lw;
-        span = span > gt ? span : gt;
         max_pos = next + span - 1;
         next += span;
         i += count;

@@ -155,8 +155,8 @@ void caprl_rl_token_loss(const caprl_rl_params *p, int64_t n, const float *logp,
             }
             stats->ratio_sum += rho;
         } else {
-            /* on-policy: rho = exp(logp - sg(logp)) = 1 and d(-A rho)/dlogp = -A; the loss value reported is -A logp */
-            pg = -a * lp;
+            /* on-policy: rho = exp(logp - sg(logp)) = 1, so the value is -A and d(-A rho)/dlogp = -A */
+            pg = -a;
             dpg = -a;
             stats->ratio_sum += 1.0;
         }

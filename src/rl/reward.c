@@ -234,9 +234,6 @@ caprl_status caprl_reader_init(caprl_reader **out, caprl_model *model, const cap
     for (int32_t i = 0; i < gc->n_eos && i < CAPRL_MAX_EOS; i++) {
         r->eos[r->n_eos++] = gc->eos_ids[i];
     }
-    if (r->n_eos == 0 && caprl_model_config(model)->eos_token_id >= 0) {
-        r->eos[r->n_eos++] = caprl_model_config(model)->eos_token_id;
-    }
     if (st == CAPRL_OK) {
         st = fixed_prefix(r, err);
     }

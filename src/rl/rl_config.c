@@ -24,7 +24,8 @@ typedef struct key_desc {
 
 static const char *const k_estimators[] = {"grpo", "rloo", "dr_grpo"};
 static const char *const k_kls[] = {"off", "k1", "k2", "k3"};
-static const char *const k_aggs[] = {"token-mean", "seq-mean-token-mean"};
+static const char *const k_aggs[] = {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"};
 static const char *const k_modes[] = {"sample", "expected"};
 static const char *const k_schedules[] = {"constant", "cosine"};
 static const char *const k_precisions[] = {"f32", "bf16"};

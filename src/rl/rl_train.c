@@ -50,6 +50,7 @@ typedef struct rl_seq {
     float    adv;
     bool     keep;    /* takes part in the update */
     int32_t  n_loss;  /* response tokens that carry loss (0 when masked) */
+    int32_t  n_text;  /* tokens of the decoded caption re-encoded (the length term's count, as CapRL++ takes it) */
     float   *old_lp;  /* (n_resp) old-policy log-probs, when needed */
     float   *ref_lp;  /* (n_resp) reference log-probs, when needed */
     char    *caption;
@@ -423,6 +424,9 @@ static caprl_status decode_captions(rl_run *r, caprl_error *err) {
         free(q->caption);
         q->caption = caprl_xmalloc(len + 1);
         CAPRL_TRY(caprl_tokenizer_decode(tok, q->resp, q->n_resp, true, q->caption, len + 1, &len, err));
+        int64_t n_text = 0;
+        CAPRL_TRY(caprl_tokenizer_encode(tok, q->caption, len, false, NULL, 0, &n_text, err));
+        q->n_text = (int32_t)(n_text > INT32_MAX ? INT32_MAX : n_text);
     }
     return CAPRL_OK;
 }
@@ -435,7 +439,7 @@ static caprl_status score(rl_run *r, int64_t *reader_tokens, caprl_error *err) {
         items[s].caption = r->seqs[s].caption;
         items[s].qa = &r->qa.images[im->qa_index];
         items[s].stream_id = (uint64_t)(im->global * r->cfg->group_size + s % r->cfg->group_size);
-        items[s].caption_tokens = r->seqs[s].n_resp;
+        items[s].caption_tokens = r->seqs[s].n_text;
         caprl_reward_result_clear(&r->results[s]);
     }
     caprl_status st = caprl_reward_score(r->reader, items, n, &r->cfg->reward, r->results, err);
@@ -554,12 +558,13 @@ typedef struct update_stats {
 static caprl_status update(rl_run *r, const int32_t *list, int32_t n, bool use_old, update_stats *us,
                            caprl_error *err) {
     const caprl_rl_params *p = &r->cfg->rl;
-    /* aggregation weights: one global token mean (or the mean of per-sequence means) over this optimizer step */
-    int64_t n_tok = 0, n_seq = 0;
+    /* aggregation over this optimizer step: one global token mean, or a mean over its responses (every response of
+     * the step counts in N_seq, a masked one adding 0, as TRL and verl count it) */
+    int64_t n_tok = 0;
     for (int32_t j = 0; j < n; j++) {
         n_tok += r->seqs[list[j]].n_loss;
-        n_seq += r->seqs[list[j]].n_loss > 0;
     }
+    const double n_seq = (double)n;
     int32_t *starts = caprl_xmalloc((size_t)(n + 1) * sizeof(int32_t));
     int32_t  n_mb = plan_micro_batches(r, list, n, starts);
     caprl_status st = CAPRL_OK;
@@ -577,8 +582,13 @@ static caprl_status update(rl_run *r, const int32_t *list, int32_t n, bool use_o
                 continue;
             }
             int32_t P = (int32_t)r->images[q->image].prompt.n, t0 = b.seq_start[j] + P - 1;
-            double  w = p->agg == CAPRL_AGG_TOKEN_MEAN ? 1.0 / (double)n_tok
-                                                      : 1.0 / ((double)n_seq * (double)q->n_loss);
+            double  w = 0.0;
+            switch (p->agg) {
+            case CAPRL_AGG_SEQ_MEAN_TOKEN_MEAN: w = 1.0 / (n_seq * (double)q->n_loss); break;
+            case CAPRL_AGG_SEQ_MEAN_TOKEN_SUM: w = 1.0 / n_seq; break;
+            case CAPRL_AGG_SEQ_MEAN_TOKEN_SUM_NORM: w = 1.0 / (n_seq * (double)r->cfg->max_new_tokens); break;
+            default: w = 1.0 / (double)n_tok; break;
+            }
             for (int32_t k = 0; k < q->n_resp; k++) {
                 r->mb_lp_tok[k] = r->mb_logp[t0 + k];
                 r->mb_adv[k] = q->adv;
@@ -668,13 +678,15 @@ static caprl_status truncate_after(const char *dir, const char *name, int64_t la
 static char *metrics_line(const caprl_rl_step_metrics *m) {
     char *line = caprl_xmalloc(1024);
     snprintf(line, 1024,
-             "{\"step\": %lld, \"reward_mean\": %.6f, \"reward_std\": %.6f, \"zero_std_frac\": %.4f, "
+             "{\"step\": %lld, \"reward_mean\": %.6f, \"reward_std\": %.6f, \"reward_std_group\": %.6f, "
+             "\"zero_std_frac\": %.4f, "
              "\"caption_len_mean\": %.2f, \"caption_len_max\": %d, \"truncated_frac\": %.4f, \"pg_loss\": %.6g, "
              "\"kl\": %.6g, \"entropy\": %.6f, \"clip_frac\": %.4f, \"clip_frac_lower\": %.4f, \"grad_norm\": %.6g, "
              "\"lr\": %.6g, \"reader_tokens\": %lld, \"seconds_rollout\": %.3f, \"seconds_reward\": %.3f, "
              "\"seconds_update\": %.3f, \"skipped\": %s}",
-             (long long)m->step, m->reward_mean, m->reward_std, m->zero_std_frac, m->caption_len_mean,
-             m->caption_len_max, m->truncated_frac, m->pg_loss, m->kl, m->entropy, m->clip_frac, m->clip_frac_lower,
+             (long long)m->step, m->reward_mean, m->reward_std, m->reward_std_group, m->zero_std_frac,
+             m->caption_len_mean, m->caption_len_max, m->truncated_frac, m->pg_loss, m->kl, m->entropy, m->clip_frac,
+             m->clip_frac_lower,
              m->grad_norm, m->lr, (long long)m->reader_tokens, m->seconds_rollout, m->seconds_reward,
              m->seconds_update, m->skipped ? "true" : "false");
     return line;
@@ -754,7 +766,7 @@ static caprl_status run_step(rl_run *r, int64_t step, caprl_rl_step_metrics *m, 
         if (kl_reward) {
             double kl = 0.0;
             for (int32_t k = 0; k < q->n_resp; k++) {
-                kl += caprl_kl_estimate(CAPRL_KL_K1, (double)q->old_lp[k] - (double)q->ref_lp[k]);
+                kl += caprl_kl_estimate(cfg->rl.kl, (double)q->old_lp[k] - (double)q->ref_lp[k]);
             }
             rewards[s] = (float)((double)rewards[s] - (double)cfg->rl.kl_coef * kl);
         }
@@ -767,6 +779,16 @@ static caprl_status run_step(rl_run *r, int64_t step, caprl_rl_step_metrics *m, 
     if (st == CAPRL_OK) {
         m->reward_mean = sum / N;
         m->reward_std = N > 1 ? sqrt(fmax(0.0, (ss - sum * sum / N) / (N - 1))) : 0.0;
+        m->reward_std_group = 0.0;
+        for (int32_t g = 0; g < B && G > 1; g++) {
+            double gs = 0.0, gss = 0.0;
+            for (int32_t i = 0; i < G; i++) {
+                double x = (double)r->seqs[g * G + i].reward;
+                gs += x;
+                gss += x * x;
+            }
+            m->reward_std_group += sqrt(fmax(0.0, (gss - gs * gs / G) / (G - 1))) / B;
+        }
         m->caption_len_mean = (double)len_sum / N;
         m->truncated_frac = (double)truncated / N;
         int32_t zero = caprl_zero_std_groups(rewards, B, G);

@@ -50,8 +50,9 @@ float caprl_lr_at(const caprl_adamw_params *p, int64_t step) {
     if (step < 0) {
         step = 0;
     }
+    /* transformers' warmup (the scheduler of TRL, OpenRLHF and verl): step s at lr * s / warmup, so step 0 is 0 */
     if (p->warmup_steps > 0 && step < p->warmup_steps) {
-        return (float)(lr * (double)(step + 1) / (double)p->warmup_steps);
+        return (float)(lr * (double)step / (double)p->warmup_steps);
     }
     if (p->schedule != CAPRL_LR_COSINE) {
         return (float)lr;

@@ -1,6 +1,8 @@
 /* The caprl program end to end: every subcommand's --help, exit codes for bad usage and bad files, init-model ->
  * generate / tokenize / detokenize / forward on a checkpoint the test creates, forward's dump equal to the
- * library's logits, and bench --quick --json. */
+ * library's logits, tokenize / detokenize over every case of the Hugging Face golden file (NUL included), and
+ * bench --quick --json. */
+#include <jansson.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -17,6 +19,91 @@ static void expect_fail(const char *cmdline, int code, const char *needle) {
     CHECK_MSG(strstr(err, needle) != NULL, "'%s' stderr lacks '%s': %s", cmdline, needle, err);
     /* one clear line, no crash trace */
     CHECK_MSG(strstr(err, "AddressSanitizer") == NULL && strstr(err, "fatal") == NULL, "%s", err);
+}
+
+/* Every golden case through the program: its text as a JSON line to tokenize (ids as `tokenizers` gives them),
+ * its ids (or, for the decode-only cases, its decode_ids) to detokenize with and without --skip-special (the
+ * decoded strings, NULs and all). */
+static void test_golden_cli(const char *model_dir) {
+    char  path[4600], cmd[16384];
+    FILE *golden = fopen(CAPRL_SOURCE_DIR "/tests/fixtures/tok/qwen2_golden.jsonl", "r");
+    snprintf(path, sizeof path, "%s/golden_text.jsonl", g_dir);
+    FILE *texts = fopen(path, "w");
+    snprintf(path, sizeof path, "%s/golden_ids.jsonl", g_dir);
+    FILE *ids = fopen(path, "w");
+    CHECK(golden && texts && ids);
+    if (!golden || !texts || !ids) {
+        return;
+    }
+    json_t *cases = json_array();
+    char    line[1 << 16];
+    while (fgets(line, sizeof line, golden)) {
+        json_error_t jerr;
+        json_t      *c = json_loads(line, JSON_ALLOW_NUL, &jerr);
+        CHECK_MSG(c != NULL, "golden line: %s", jerr.text);
+        if (!c) {
+            continue;
+        }
+        if (json_object_get(c, "text")) {
+            char *t = json_dumps(json_object_get(c, "text"), JSON_ENCODE_ANY);
+            fprintf(texts, "%s\n", t);
+            free(t);
+        }
+        json_t *to_decode = json_object_get(c, "ids") ? json_object_get(c, "ids") : json_object_get(c, "decode_ids");
+        char   *i = json_dumps(to_decode, JSON_COMPACT);
+        fprintf(ids, "%s\n", i);
+        free(i);
+        json_array_append_new(cases, c);
+    }
+    fclose(golden);
+    fclose(texts);
+    fclose(ids);
+    CHECK(json_array_size(cases) > 100);
+    snprintf(cmd, sizeof cmd, "'%s' tokenize --model %s < %s/golden_text.jsonl > %s/tok_out.jsonl", CAPRL_CLI,
+             model_dir, g_dir, g_dir);
+    CHECK(run(cmd, NULL, 0) == 0);
+    snprintf(cmd, sizeof cmd, "'%s' detokenize --model %s < %s/golden_ids.jsonl > %s/detok_out.jsonl", CAPRL_CLI,
+             model_dir, g_dir, g_dir);
+    CHECK(run(cmd, NULL, 0) == 0);
+    snprintf(cmd, sizeof cmd, "'%s' detokenize --skip-special --model %s < %s/golden_ids.jsonl > %s/skip_out.jsonl",
+             CAPRL_CLI, model_dir, g_dir, g_dir);
+    CHECK(run(cmd, NULL, 0) == 0);
+    FILE *outs[3];
+    const char *names[3] = {"tok_out", "detok_out", "skip_out"};
+    for (int f = 0; f < 3; f++) {
+        snprintf(path, sizeof path, "%s/%s.jsonl", g_dir, names[f]);
+        outs[f] = fopen(path, "r");
+        CHECK(outs[f] != NULL);
+    }
+    size_t n_ok = 0;
+    for (size_t k = 0; outs[0] && outs[1] && outs[2] && k < json_array_size(cases); k++) {
+        json_t      *c = json_array_get(cases, k);
+        json_error_t jerr;
+        bool         ids_ok = true, text_ok = true;
+        if (json_object_get(c, "text")) {
+            json_t *got_ids = fgets(line, sizeof line, outs[0]) ? json_loads(line, 0, &jerr) : NULL;
+            ids_ok = got_ids && json_equal(got_ids, json_object_get(c, "ids"));
+            json_decref(got_ids);
+        }
+        for (int f = 1; f < 3; f++) {
+            json_t *got = fgets(line, sizeof line, outs[f]) ? json_loads(line, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr)
+                                                            : NULL;
+            json_t *want = json_object_get(c, f == 1 ? "decoded" : "decoded_skip");
+            text_ok = text_ok && got && json_is_string(got) && json_string_length(got) == json_string_length(want) &&
+                      memcmp(json_string_value(got), json_string_value(want), json_string_length(want)) == 0;
+            json_decref(got);
+        }
+        CHECK_MSG(ids_ok && text_ok, "golden case %zu (%s): tokenize %s, detokenize %s", k + 1,
+                  json_string_value(json_object_get(c, "text")), ids_ok ? "ok" : "differs", text_ok ? "ok" : "differs");
+        n_ok += ids_ok && text_ok;
+    }
+    CHECK_EQ_I64((int64_t)n_ok, (int64_t)json_array_size(cases));
+    for (int f = 0; f < 3; f++) {
+        if (outs[f]) {
+            fclose(outs[f]);
+        }
+    }
+    json_decref(cases);
 }
 
 int main(void) {
@@ -65,6 +152,8 @@ int main(void) {
     CHECK_STR_EQ(out, "\"Hello world<|im_end|>\"\n");
     snprintf(cmd, sizeof cmd, "printf '%%s\\n' '[1, 2' | %s detokenize --model %s/m", CAPRL_CLI, tmp);
     expect_fail(cmd, 2, "stdin:1");
+    snprintf(cmd, sizeof cmd, "%s/m", tmp);
+    test_golden_cli(cmd);
 
     /* forward: the dump equals the library's logits, bit for bit */
     snprintf(cmd, sizeof cmd, "%s forward --model %s/m --ids 9707,1879,11,279 --dump-logits %s/logits.bin", CAPRL_CLI, tmp, tmp);

@@ -191,8 +191,9 @@ static void test_reference_run(void) {
         /* eval on steps 2, 4, 6 only */
         CHECK((json_object_get(r, "eval_loss") != NULL) == ((i + 1) % 2 == 0));
     }
-    /* warmup 1 then cosine to 0.1 x lr at step 6 */
-    CHECK_NEAR(metric(m, 0, "lr"), 3e-3, 1e-6, 0);
+    /* warmup 1 (transformers' convention: the first step at rate 0) then cosine to 0.1 x lr at step 6 */
+    CHECK(metric(m, 0, "lr") == 0.0);
+    CHECK_NEAR(metric(m, 1, "lr"), 3e-3, 1e-6, 0);
     CHECK_NEAR(metric(m, 5, "lr"), 3e-3 * (0.1 + 0.9 * 0.5 * (1 + cos(M_PI * 4.0 / 5.0))), 1e-6, 0);
     /* both batches of an epoch together score every assistant token of the data once */
     CHECK_EQ_I64((int64_t)(metric(m, 0, "loss_tokens") + metric(m, 1, "loss_tokens")),

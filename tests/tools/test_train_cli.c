@@ -209,8 +209,8 @@ static void test_run(void) {
         CHECK(json_number_value(json_object_get(line, "grad_norm")) > 0);
         CHECK(json_number_value(json_object_get(line, "reader_tokens")) > 0);
         CHECK(json_is_false(json_object_get(line, "skipped")));
-        /* linear warmup over the default 20 steps: lr (i + 1) / 20 at step i + 1 */
-        CHECK_NEAR(json_number_value(json_object_get(line, "lr")), 1e-3 * (double)(i + 1) / 20.0, 1e-6, 0);
+        /* linear warmup over the default 20 steps, transformers' convention: lr i / 20 at step i + 1 */
+        CHECK_NEAR(json_number_value(json_object_get(line, "lr")), 1e-3 * (double)i / 20.0, 1e-6, 1e-12);
     }
     json_decref(m);
     json_decref(keys);
@@ -609,6 +609,51 @@ static void test_resume_and_threads(void) {
     check_same_run(ref, two, 4, "--threads 2");
 }
 
+/* The loss aggregations against one another on the same first step (same rollouts, same rewards): the gradient of
+ * seq-mean-token-sum is token-mean's times N_tok / N_seq (the mean caption length, nothing masked here), and
+ * seq-mean-token-sum-norm's that divided by max_new_tokens; the logged pg_loss of the whitened REINFORCE loss is -A
+ * averaged over tokens, 0; reward_std_group is the mean within-group std of the samples' rewards. */
+static void test_loss_aggregation(void) {
+    char        args[16384], err[8192], run_dir[4200];
+    const char *aggs[3] = {"token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"};
+    double      norm[3] = {0}, len = 0;
+    for (int a = 0; a < 3; a++) {
+        snprintf(run_dir, sizeof run_dir, "%s/agg%d", g_dir, a);
+        char extra[256];
+        snprintf(extra, sizeof extra, "--max-steps 1 --threads 1 --loss-agg %s", aggs[a]);
+        base_args(args, sizeof args, run_dir, extra);
+        int rc = train(args, err, sizeof err);
+        CHECK_MSG(rc == 0, "--loss-agg %s: exit %d: %s", aggs[a], rc, err);
+        json_t *m = load_lines(run_dir, "metrics.jsonl");
+        json_t *line = json_array_get(m, 0);
+        norm[a] = json_number_value(json_object_get(line, "grad_norm"));
+        len = json_number_value(json_object_get(line, "caption_len_mean"));
+        CHECK_MSG(fabs(json_number_value(json_object_get(line, "pg_loss"))) < 1e-5, "%s: pg_loss %g", aggs[a],
+                  json_number_value(json_object_get(line, "pg_loss")));
+        if (a == 0) {
+            /* reward_std_group from the step's 8 captions (samples_every writes step 1): 2 groups of 4 */
+            json_t *s = load_lines(run_dir, "samples.jsonl");
+            double  want = 0.0;
+            for (int g = 0; g < 2 && json_array_size(s) == 8; g++) {
+                double sum = 0.0, ss = 0.0;
+                for (int i = 0; i < 4; i++) {
+                    double r = json_number_value(json_object_get(json_array_get(s, (size_t)(4 * g + i)), "reward"));
+                    sum += r;
+                    ss += r * r;
+                }
+                want += sqrt(fmax(0.0, (ss - sum * sum / 4.0) / 3.0)) / 2.0;
+            }
+            CHECK_EQ_I64(json_array_size(s), 8);
+            CHECK_NEAR(json_number_value(json_object_get(line, "reward_std_group")), want, 1e-4, 1e-5);
+            json_decref(s);
+        }
+        json_decref(m);
+    }
+    CHECK_MSG(len > 1.0 && norm[0] > 0.0, "caption_len_mean %g, grad_norm %g", len, norm[0]);
+    CHECK_NEAR(norm[1], norm[0] * len, 1e-4, 0);
+    CHECK_NEAR(norm[2], norm[1] / 8.0, 1e-5, 0);
+}
+
 int main(void) {
     char *tmp = test_tmpdir("train_cli");
     snprintf(g_dir, sizeof g_dir, "%s", tmp);
@@ -617,6 +662,7 @@ int main(void) {
         return test_finish("test_train_cli");
     }
     test_run();
+    test_loss_aggregation();
     test_config_override();
     test_bad_settings();
     test_resume_checks();

@@ -99,7 +99,7 @@ typedef struct ref_state {
 static double ref_lr(const caprl_adamw_params *a, int64_t step) {
     double lr = (double)a->lr;
     if (step < a->warmup_steps) {
-        return lr * (double)(step + 1) / (double)a->warmup_steps;
+        return lr * (double)step / (double)a->warmup_steps;
     }
     if (a->schedule == CAPRL_LR_CONSTANT) {
         return lr;
@@ -187,16 +187,17 @@ static void test_schedule(void) {
     a.warmup_steps = 2;
     a.total_steps = 6;
     a.schedule = CAPRL_LR_COSINE;
-    /* hand values: warmup (k+1)/2 * lr, then 0.1 + 0.9 * (1 + cos(pi x)) / 2 with x = (k - 2) / 4 */
-    CHECK_NEAR(caprl_lr_at(&a, 0), 1.0, 1e-7, 0);
-    CHECK_NEAR(caprl_lr_at(&a, 1), 2.0, 1e-7, 0);
+    /* hand values (transformers' get_cosine_with_min_lr_schedule_with_warmup): warmup k/2 * lr, then
+     * 0.1 + 0.9 * (1 + cos(pi x)) / 2 with x = (k - 2) / 4 */
+    CHECK(caprl_lr_at(&a, 0) == 0.0f);
+    CHECK_NEAR(caprl_lr_at(&a, 1), 1.0, 1e-7, 0);
     CHECK_NEAR(caprl_lr_at(&a, 2), 2.0, 1e-7, 0);
     CHECK_NEAR(caprl_lr_at(&a, 4), 2.0 * 0.55, 1e-7, 0);
     CHECK_NEAR(caprl_lr_at(&a, 3), 2.0 * (0.1 + 0.45 * (1 + sqrt(0.5))), 1e-7, 0);
     CHECK_NEAR(caprl_lr_at(&a, 6), 0.2, 1e-7, 0);
     CHECK_NEAR(caprl_lr_at(&a, 100), 0.2, 1e-7, 0);
     a.schedule = CAPRL_LR_CONSTANT;
-    CHECK_NEAR(caprl_lr_at(&a, 0), 1.0, 1e-7, 0);
+    CHECK_NEAR(caprl_lr_at(&a, 1), 1.0, 1e-7, 0);
     CHECK_NEAR(caprl_lr_at(&a, 5), 2.0, 0, 0);
     a.warmup_steps = 0;
     CHECK(caprl_lr_at(&a, 0) == 2.0f);

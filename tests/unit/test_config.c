@@ -335,12 +335,56 @@ static void test_variants(void) {
     CHECK_EQ_I64(parse(&c, "{\n\n   x", &err), CAPRL_ERR_FORMAT);
     CHECK_MSG(strstr(err.msg, "config.json:3:") != NULL, "%s", err.msg);
 
-    /* eos as a list: the first id; dtype "float32" */
+    /* eos as a list: eos_token_id the first, eos_ids the whole list (what generation falls back to, as
+     * GenerationConfig.from_model_config); to_json writes the list back; dtype "float32" */
     char *j3 = edit(k_qwen25_05b, "\"eos_token_id\": 151645", "\"eos_token_id\": [151645, 151643]");
     char *j4 = edit(j3, "\"bfloat16\"", "\"float32\"");
     CHECK_OK(parse(&c, j4, &err), &err);
     CHECK_EQ_I64(c.eos_token_id, 151645);
+    CHECK(c.n_eos == 2 && c.eos_ids[0] == 151645 && c.eos_ids[1] == 151643);
     CHECK_EQ_I64(c.torch_dtype, CAPRL_DTYPE_F32);
+    char *back = NULL;
+    CHECK_OK(caprl_text_config_to_json(&c, CAPRL_DTYPE_F32, &back, &err), &err);
+    caprl_text_config c2;
+    CHECK_OK(parse(&c2, back, &err), &err);
+    CHECK(c2.n_eos == 2 && c2.eos_ids[1] == 151643);
+    caprl_free(back);
+
+    /* what transformers runs unchanged: rope_scaling of the default type, swish (= SiLU), use_sliding_window with
+     * no layer at or past max_window_layers, or with sliding_window null */
+    const char *accepted[][2] = {
+        {"\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"default\"}"},
+        {"\"hidden_act\": \"silu\"", "\"hidden_act\": \"swish\""},
+        {"\"max_window_layers\": 21,", "\"max_window_layers\": 24, \"use_sliding_window\": true,"},
+        {"\"sliding_window\": 32768", "\"sliding_window\": null, \"use_sliding_window\": true"},
+    };
+    for (size_t i = 0; i < sizeof accepted / sizeof accepted[0]; i++) {
+        char *e = edit(k_qwen25_05b, accepted[i][0], accepted[i][1]);
+        if (strstr(accepted[i][1], "use_sliding_window")) { /* drop the original false */
+            char *e2 = edit(e, "\"use_sliding_window\": false,\n", "");
+            free(e);
+            e = e2;
+        }
+        CHECK_MSG(parse(&c, e, &err) == CAPRL_OK, "%s: %s", accepted[i][1], err.msg);
+        free(e);
+    }
+    char *slide = edit(k_qwen25_05b, "\"use_sliding_window\": false", "\"use_sliding_window\": true");
+    CHECK_EQ_I64(parse(&c, slide, &err), CAPRL_ERR_UNSUPPORTED); /* layers 21 to 23 would slide */
+    CHECK_MSG(strstr(err.msg, "layers 21 to 23") != NULL, "%s", err.msg);
+    free(slide);
+
+    /* Qwen2.5-VL's own defaults (Qwen2_5_VLTextConfig): rms_norm_eps 1e-5 and rope_theta 1e6 */
+    char *v1 = edit(k_qwen25_vl_3b, "  \"rms_norm_eps\": 1e-06,\n", "");
+    char *v2 = edit(v1, "  \"rope_theta\": 1000000.0,\n", "");
+    CHECK_OK(parse(&c, v2, &err), &err);
+    CHECK(c.rms_norm_eps == 1e-5f && c.rope_theta == 1e6);
+    free(v1);
+    free(v2);
+    /* mrope_section is t, h, w: any other number of entries is refused */
+    char *v3 = edit(k_qwen25_vl_3b, "[16, 24, 24]", "[16, 16, 16, 16]");
+    CHECK_EQ_I64(parse(&c, v3, &err), CAPRL_ERR_FORMAT);
+    CHECK_MSG(strstr(err.msg, "mrope_section") != NULL && strstr(err.msg, "3 positive") != NULL, "%s", err.msg);
+    free(v3);
     free(j3);
     free(j4);
 

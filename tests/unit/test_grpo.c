@@ -77,13 +77,20 @@ static void test_token_loss_values(void) {
     const float     wt[4] = {0.25f, 0.25f, 0.25f, 0.0f};
     float           dl[4];
     caprl_rl_stats  s = {0};
-    /* REINFORCE: L = -A logp, dL/dlogp = -A (times the weight) */
+    /* REINFORCE: L = -A rho with rho = exp(logp - sg(logp)) = 1, dL/dlogp = -A (times the weight); the value is
+     * -A (TRL / verl / OpenRLHF log it so: 0 here), not the -A logp surrogate (0.575 here) */
     caprl_rl_token_loss(&p, 4, logp, NULL, NULL, adv, wt, dl, &s);
     CHECK_NEAR(dl[0], -0.25, 1e-7, 0);
     CHECK_NEAR(dl[2], 0.5, 1e-7, 0);
     CHECK(dl[3] == 0.0f);
     CHECK_EQ_I64(s.n_tokens, 3);
-    CHECK_NEAR(s.loss, 0.25 * (0.5 + 2.0 - 0.2), 1e-6, 1e-9);
+    CHECK_NEAR(s.loss, 0.25 * (-1.0 - 1.0 + 2.0), 0, 1e-9);
+    CHECK_NEAR(s.pg_loss, 0.0, 0, 1e-9);
+    const float a_one[1] = {0.5f}, w_one[1] = {1.0f};
+    float       d_one[1];
+    memset(&s, 0, sizeof s);
+    caprl_rl_token_loss(&p, 1, logp + 1, NULL, NULL, a_one, w_one, d_one, &s);
+    CHECK_NEAR(s.pg_loss, -0.5, 1e-7, 0);
 
     /* PPO clip: token 1 has rho = e^0.5 = 1.65 > 1.2 with A > 0: clipped, no gradient, loss -1.2 A */
     p.ppo_clip = true;
@@ -147,7 +154,7 @@ static double loss_f64(const caprl_rl_params *p, const float *z, int64_t R, int6
             double rc = rho < lo ? lo : rho > hi ? hi : rho;
             pg = fmax(-a * rho, -a * rc);
         } else {
-            pg = -a * l;
+            pg = -a * l; /* the surrogate whose gradient is the REINFORCE one (its value is reported as -A) */
         }
         double kl = (p->kl != CAPRL_KL_OFF && !p->kl_in_reward) ? p->kl_coef * caprl_kl_estimate(p->kl, l - ref[r])
                                                                 : 0.0;

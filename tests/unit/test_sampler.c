@@ -145,18 +145,59 @@ static void test_draw_distribution_and_determinism(void) {
     caprl_sampler_free(s);
 
     caprl_error bad = {0};
-    p.top_p = 0.0f;
     caprl_sampler *none = NULL;
+    p.top_p = -0.1f;
+    CHECK(caprl_sampler_init(&none, 4, &p, &bad) == CAPRL_ERR_INVALID_ARG);
+    p.top_p = 1.5f;
     CHECK(caprl_sampler_init(&none, 4, &p, &bad) == CAPRL_ERR_INVALID_ARG);
     p.top_p = 1.0f;
     p.temperature = -1.0f;
     CHECK(caprl_sampler_init(&none, 4, &p, &bad) == CAPRL_ERR_INVALID_ARG);
     CHECK(strstr(bad.msg, "temperature") != NULL);
+    p.temperature = 0.0f;
+    CHECK(caprl_sampler_init(&none, 4, &p, &bad) == CAPRL_ERR_INVALID_ARG);
+    p.temperature = INFINITY;
+    CHECK(caprl_sampler_init(&none, 4, &p, &bad) == CAPRL_ERR_INVALID_ARG);
+    /* greedy decoding ignores the temperature: a generation_config with do_sample false and temperature 0 runs */
+    p.do_sample = false;
+    p.temperature = 0.0f;
+    const float gl[4] = {0.1f, 0.7f, 0.3f, 0.7f};
+    s = make(4, p);
+    CHECK_EQ_I64(caprl_sampler_sample(s, gl, NULL, 0, 0, 0), 1); /* first maximum */
+    caprl_sampler_free(s);
+}
+
+/* transformers' TopPLogitsWarper at the boundary: ascending cumulative probabilities (f32) <= 1 - top_p are
+ * removed, 1 - top_p taken from the decimal written. Five equal logits have cumulative 0.2, 0.4, ... (0.2f each
+ * step): top_p 0.8 removes the first (0.2 <= 0.2) and keeps 4, top_p 0.6 keeps 3, 0.5 keeps 3, 0.9 keeps 5, and 0
+ * keeps only one (ties: the lowest ids go first in the ascending order, so the highest id stays). */
+static void test_top_p_ties(void) {
+    const float  eq[5] = {0.5f, 0.5f, 0.5f, 0.5f, 0.5f};
+    const float  top_ps[5] = {0.8f, 0.6f, 0.5f, 0.9f, 0.0f};
+    const int    kept[5] = {4, 3, 3, 5, 1};
+    for (int c = 0; c < 5; c++) {
+        caprl_sampling_params p = caprl_sampling_default_params();
+        p.top_p = top_ps[c];
+        caprl_sampler *s = make(5, p);
+        (void)caprl_sampler_sample(s, eq, NULL, 0, 0, 0);
+        const float *pr = caprl_sampler_probs(s);
+        int          n = 0;
+        for (int i = 0; i < 5; i++) {
+            n += pr[i] > 0.0f;
+            if (pr[i] > 0.0f) {
+                CHECK_NEAR(pr[i], 1.0 / kept[c], 1e-6, 0);
+            }
+        }
+        CHECK_MSG(n == kept[c], "top_p %g: %d ids kept, expected %d", (double)top_ps[c], n, kept[c]);
+        CHECK(pr[4] > 0.0f); /* the highest id is the last to go */
+        caprl_sampler_free(s);
+    }
 }
 
 int main(void) {
     test_greedy_and_penalty();
     test_processed_distribution();
     test_draw_distribution_and_determinism();
+    test_top_p_ties();
     return test_finish("test_sampler");
 }

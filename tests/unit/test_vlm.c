@@ -42,6 +42,26 @@ static void test_mrope_worked_example(void) {
     /* a pad run of the wrong length is an error */
     ids[20] = 7;
     CHECK(caprl_vl_mrope_positions(ids, 26, PAD, grid, 1, 2, pos, &delta, &err) == CAPRL_ERR_INVALID_ARG);
+
+    /* an image of 3 frames (grid 3 x 4 x 4, 2 x 2 merged tokens per frame) after 2 text tokens: HF
+     * get_rope_index scales the frame index by second_per_grid_t, 0 for images, so every frame sits at time 2;
+     * the text after it starts at 2 + max(2, 2) = 4 and rope_delta = 6 - 16 = -10 */
+    int32_t ids3[16], grid3[3] = {3, 4, 4}, pos3[3 * 16];
+    ids3[0] = 100;
+    ids3[1] = 101;
+    for (int i = 2; i < 14; i++) {
+        ids3[i] = PAD;
+    }
+    ids3[14] = 102;
+    ids3[15] = 103;
+    CHECK_OK(caprl_vl_mrope_positions(ids3, 16, PAD, grid3, 1, 2, pos3, &delta, &err), &err);
+    for (int r = 0; r < 12; r++) {
+        int cell = r % 4;
+        CHECK_MSG(pos3[2 + r] == 2 && pos3[16 + 2 + r] == 2 + cell / 2 && pos3[32 + 2 + r] == 2 + cell % 2,
+                  "frame %d token %d: (%d, %d, %d)", r / 4, cell, pos3[2 + r], pos3[18 + r], pos3[34 + r]);
+    }
+    CHECK(pos3[14] == 4 && pos3[15] == 5 && pos3[16 + 15] == 5 && pos3[32 + 14] == 4);
+    CHECK_EQ_I64(delta, -10);
 }
 
 static void test_expand(void) {

@@ -64,7 +64,7 @@ typedef struct tok_job {
 static int tokenize_line(const char *line, size_t len, long line_no, void *ud) {
     tok_job     *job = ud;
     json_error_t jerr;
-    json_t      *v = json_loadb(line, len, JSON_DECODE_ANY, &jerr);
+    json_t      *v = json_loadb(line, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr); /* "\u0000" is text too */
     if (!v || !json_is_string(v)) {
         fprintf(stderr, "caprl tokenize: error: stdin:%ld: expected a JSON string per line (%s)\n", line_no,
                 v ? "got another JSON value" : jerr.text);
