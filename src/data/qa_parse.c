@@ -443,8 +443,10 @@ static void finish_item(parser *p, bool at_end) {
             caprl_sb_addf(&b, "\n   - %c) ", it->opts[i].letter);
             add_clean(&b, it->opts[i].text);
         }
-        if (p->params->append_cannot_answer && (it->n_opts == 4 || it->n_opts == 5)) {
-            caprl_sb_addf(&b, "\n   - %c) %s", 'A' + it->n_opts, CAPRL_QA_CANNOT_ANSWER);
+        /* the released strings end with "E) Can not answer ..." whatever the option count (spec/caprl.md 7.3);
+         * after a fifth option E that line is F, and a sixth option leaves no letter for it */
+        if (p->params->append_cannot_answer && it->n_opts <= 5) {
+            caprl_sb_addf(&b, "\n   - %c) %s", it->n_opts <= 4 ? 'E' : 'F', CAPRL_QA_CANNOT_ANSWER);
         }
         q = caprl_sb_take(&b);
         if ((int64_t)strlen(q) > p->params->max_question_bytes) {

@@ -38,8 +38,9 @@ typedef struct caprl_math_parsed {
     bool    exact;    /* NUM: num == p / q exactly, with the fraction reduced and q > 0 */
     int64_t p, q;
     char   *sym;      /* SYM: canonical text (no whitespace, \text{} and outer parentheses unwrapped) */
-    bool    word;     /* SYM: the whole value was \text{...} of more than one character (a SymPy Symbol name,
-                         which math_verify compares case-insensitively) */
+    bool    word;     /* SYM: the whole value was \text{...} of more than one character (a SymPy Symbol name) */
+    bool    ordered;  /* SYM: the value was bracketed, ( ) or [ ]: a tuple or interval, its entries in order */
+    char   *lhs;      /* an equation's left-hand side (canonical text), NULL when the answer is no equation */
 } caprl_math_parsed;
 
 /* latex2sympy2_extended's normalize_latex with the configuration math_verify's LatexExtractionConfig uses

@@ -914,7 +914,7 @@ static bool parse_plain_number(const char *s, size_t n, num_val *out) {
         return false;
     }
     int64_t exp10 = 0;
-    if (i < n && (s[i] == 'e' || s[i] == 'E') && !commas) {
+    if (i < n && s[i] == 'E' && !commas) { /* latex2sympy's E_NOTATION: a lowercase e is Euler's number */
         size_t j = i + 1;
         bool   neg = j < n && (s[j] == '-' || s[j] == '+') ? s[j++] == '-' : false;
         size_t d0 = j;
@@ -957,6 +957,55 @@ static bool parse_plain_number(const char *s, size_t n, num_val *out) {
         snprintf(buf, sizeof buf, "%.*s", (int)(n < 90 ? n : 90), s);
         out->v = strtod(buf, NULL);
     }
+    return true;
+}
+
+/* The last position of token w in s[0, n) outside every (), {} and [] group, or n. */
+static size_t find_top(const char *s, size_t n, const char *w) {
+    size_t at = n, wl = strlen(w);
+    int    d = 0;
+    for (size_t k = 0; k < n; k++) {
+        char c = s[k];
+        if (c == '\\' && k + 1 < n && (s[k + 1] == '{' || s[k + 1] == '}')) {
+            k++;
+            continue;
+        }
+        d += (c == '(' || c == '{' || c == '[') ? 1 : (c == ')' || c == '}' || c == ']') ? -1 : 0;
+        if (d == 0 && k + wl <= n && memcmp(s + k, w, wl) == 0) {
+            at = k;
+        }
+    }
+    return at;
+}
+
+static void num_mul(num_val *out, const num_val *a, const num_val *b) {
+    out->v = a->v * b->v;
+    out->is_float = a->is_float || b->is_float;
+    out->exact = a->exact && b->exact && !__builtin_mul_overflow(a->p, b->p, &out->p) &&
+                 !__builtin_mul_overflow(a->q, b->q, &out->q);
+    num_reduce(out);
+}
+
+/* base ^ e for an exact integer exponent (|e| <= 64): exact when base is and nothing overflows. */
+static bool num_pow(num_val *out, const num_val *base, const num_val *e) {
+    if (!e->exact || e->q != 1 || e->p > 64 || e->p < -64 || (base->v == 0.0 && e->p < 0)) {
+        return false;
+    }
+    int64_t k = e->p < 0 ? -e->p : e->p;
+    num_val r = {.v = 1.0, .is_float = base->is_float, .exact = base->exact, .p = 1, .q = 1};
+    for (int64_t i = 0; i < k; i++) {
+        num_val t = r;
+        num_mul(&r, &t, base);
+    }
+    r.is_float = base->is_float;
+    if (e->p < 0) {
+        r.v = 1.0 / r.v;
+        int64_t t = r.p;
+        r.p = r.q;
+        r.q = t;
+        num_reduce(&r);
+    }
+    *out = r;
     return true;
 }
 
@@ -1019,6 +1068,84 @@ static bool parse_num(const char *s, size_t n, num_val *out, int depth) {
         }
         return true;
     }
+    if (starts(s, n, 0, "\\text{") && match_brace(s, n, 5) == n - 1) {
+        /* \text{2019} is 2019 and \text{-3} is -3 (math_verify matches their strings), but \text{0.5} is no 1/2
+         * and \text{50\%} no 50\%: integers only */
+        size_t d0 = (s[6] == '-' || s[6] == '+') ? 7 : 6, k = d0;
+        while (k < n - 1 && is_digit(s[k])) {
+            k++;
+        }
+        return k == n - 1 && k > d0 && parse_num(s + 6, n - 7, out, depth + 1);
+    }
+    /* A degree sign after a number: 60^\circ is 60 (latex2sympy drops it). */
+    static const char *const k_degree[] = {"^{\\circ}", "^\\circ"};
+    for (size_t k = 0; k < 2; k++) {
+        size_t dl = strlen(k_degree[k]);
+        if (n > dl && memcmp(s + n - dl, k_degree[k], dl) == 0) {
+            return parse_num(s, n - dl, out, depth + 1);
+        }
+    }
+    /* a : b is the ratio a / b; then products (\times, \cdot, *), then powers with an integer exponent */
+    size_t op = find_top(s, n, ":");
+    if (op < n) {
+        num_val a, d;
+        if (!parse_num(s, op, &a, depth + 1) || !parse_num(s + op + 1, n - op - 1, &d, depth + 1) || d.v == 0) {
+            return false;
+        }
+        num_val inv = {.v = 1.0 / d.v, .is_float = d.is_float, .exact = d.exact, .p = d.q, .q = d.p};
+        num_reduce(&inv);
+        num_mul(out, &a, &inv);
+        return true;
+    }
+    static const char *const k_times[] = {"\\times", "\\cdot", "*"};
+    for (size_t k = 0; k < 3; k++) {
+        op = find_top(s, n, k_times[k]);
+        size_t ol = strlen(k_times[k]);
+        if (op < n && op > 0) {
+            num_val a, b2;
+            if (!parse_num(s, op, &a, depth + 1) || !parse_num(s + op + ol, n - op - ol, &b2, depth + 1)) {
+                return false;
+            }
+            num_mul(out, &a, &b2);
+            return true;
+        }
+    }
+    op = find_top(s, n, "\\sqrt");
+    if (op < n && op > 0) { /* a number times a root: 2\sqrt{3} */
+        num_val a, b2;
+        if (!parse_num(s, op, &a, depth + 1) || !parse_num(s + op, n - op, &b2, depth + 1)) {
+            return false;
+        }
+        num_mul(out, &a, &b2);
+        return true;
+    }
+    op = find_top(s, n, "^");
+    if (op < n && op > 0) {
+        num_val a, e;
+        return parse_num(s, op, &a, depth + 1) && parse_num(s + op + 1, n - op - 1, &e, depth + 1) &&
+               num_pow(out, &a, &e);
+    }
+    if (starts(s, n, 0, "\\sqrt{") && match_brace(s, n, 5) == n - 1) {
+        num_val a;
+        if (!parse_num(s + 6, n - 7, &a, depth + 1) || a.v < 0) {
+            return false;
+        }
+        memset(out, 0, sizeof *out);
+        out->v = sqrt(a.v);
+        /* a rational with square numerator and denominator stays exact; otherwise the irrational root is
+         * compared as SymPy's numeric check does, rounded */
+        int64_t rp = a.exact ? (int64_t)llround(sqrt((double)a.p)) : -1;
+        int64_t rq = a.exact ? (int64_t)llround(sqrt((double)a.q)) : -1;
+        if (a.exact && rp * rp == a.p && rq * rq == a.q) {
+            out->exact = true;
+            out->p = rp;
+            out->q = rq;
+            out->is_float = a.is_float;
+        } else {
+            out->is_float = true;
+        }
+        return true;
+    }
     if (starts(s, n, 0, "\\frac{")) {
         size_t c1 = match_brace(s, n, 5);
         if (c1 >= n || c1 + 1 >= n || s[c1 + 1] != '{') {
@@ -1066,6 +1193,15 @@ static char *canonical_sym(const char *s, bool *word) {
             off += 6;
             m -= 7;
             *word = m > 1;
+            changed = true;
+        } else if (m >= 4 && starts(t + off, m, 0, "\\{") && t[off + m - 2] == '\\' && t[off + m - 1] == '}') {
+            off += 2; /* a set \{...\}: its entries (compared unordered, see sym_canonical) */
+            m -= 4;
+            changed = true;
+        } else if (m >= 2 && t[off] == '[' && t[off + m - 1] == ']' && find_top(t + off + 1, m - 2, ",") == m - 2 &&
+                   find_top(t + off, m, "]") == m - 1) {
+            off += 1; /* [B]: one entry in brackets is the entry */
+            m -= 2;
             changed = true;
         } else if (m >= 2 && ((t[off] == '(' && t[off + m - 1] == ')') ||
                               (t[off] == '{' && match_brace(t + off, m, 0) == m - 1))) {
@@ -1121,11 +1257,15 @@ void caprl_math_parse(const char *s, size_t n, caprl_math_parsed *out) {
     if (n == 0 || n > CAPRL_MATH_MAX_BYTES || memchr(s, '\n', n) || s[n - 1] == '\\') {
         return;
     }
-    /* A '$' inside would split the span; normalisation deletes every '$' anyway, so drop them here. */
+    /* A '$' inside would split the span; normalisation deletes every '$' anyway, so drop them here. The Unicode
+     * minus sign (U+2212) is latex2sympy's '-'. */
     caprl_sb b = {0};
     for (size_t i = 0; i < n; i++) {
         if (s[i] == '\\' && i + 1 < n && s[i + 1] == '$') {
             i++; /* "\$" is inside the span and removed by the normalisation as a whole */
+        } else if (i + 2 < n && memcmp(s + i, "\xe2\x88\x92", 3) == 0) {
+            caprl_sb_addc(&b, '-');
+            i += 2;
         } else if (s[i] != '$') {
             caprl_sb_addc(&b, s[i]);
         }
@@ -1137,6 +1277,15 @@ void caprl_math_parse(const char *s, size_t n, caprl_math_parsed *out) {
     char *norm = caprl_math_normalize(b.s, b.len);
     caprl_sb_free(&b);
     const char *rhs = last_rhs(norm);
+    if (rhs != norm) { /* an equation: its left-hand side, which must match when both answers are equations */
+        char *left = dup_n(norm, (size_t)(rhs - 1 - norm));
+        bool  unused = false;
+        out->lhs = canonical_sym(left, &unused);
+        free(left);
+        if (!out->lhs) {
+            out->lhs = dup_n("?", 1);
+        }
+    }
     num_val     v;
     if (parse_num(rhs, strlen(rhs), &v, 0)) {
         out->kind = CAPRL_MATH_VALUE;
@@ -1154,6 +1303,8 @@ void caprl_math_parse(const char *s, size_t n, caprl_math_parsed *out) {
             out->vkind = CAPRL_MATH_SYM;
             out->sym = sym;
             out->word = word;
+            size_t rs = skip_ws(rhs, strlen(rhs), 0);
+            out->ordered = rhs[rs] == '(' || rhs[rs] == '[';
         } else {
             out->kind = CAPRL_MATH_STRING;
         }
@@ -1173,6 +1324,7 @@ void caprl_math_parsed_free(caprl_math_parsed *p) {
     }
     free(p->str);
     free(p->sym);
+    free(p->lhs);
     memset(p, 0, sizeof *p);
 }
 
@@ -1187,9 +1339,128 @@ static bool ascii_ieq(const char *a, const char *b) {
     return *a == *b;
 }
 
+static int cmp_char(const void *a, const void *b) {
+    return *(const char *)a - *(const char *)b;
+}
+
+static int cmp_str(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Splits s[0, n) at the top-level occurrences of any character of seps (outside (), {}, []); with keep_sep the
+ * separator stays at the head of the following part (a term's sign), and a sign right after ^ or _ does not cut.
+ * Returns the number of parts; *parts and each part are malloc'd. */
+static size_t split_top(const char *s, size_t n, const char *seps, bool keep_sep, char ***parts) {
+    size_t cap = 4, np = 0, start = 0;
+    int    d = 0;
+    *parts = caprl_xmalloc(cap * sizeof(char *));
+    for (size_t k = 0; k <= n; k++) {
+        char c = k < n ? s[k] : '\0';
+        d += (c == '(' || c == '{' || c == '[') ? 1 : (c == ')' || c == '}' || c == ']') ? -1 : 0;
+        bool sep = k < n && d == 0 && strchr(seps, c) != NULL && !(keep_sep && k > 0 && strchr("^_", s[k - 1]));
+        if (k < n && !sep) {
+            continue;
+        }
+        if (k > start) {
+            if (np == cap) {
+                cap *= 2;
+                *parts = caprl_xrealloc(*parts, cap * sizeof(char *));
+            }
+            (*parts)[np++] = dup_n(s + start, k - start);
+        }
+        start = keep_sep ? k : k + 1;
+    }
+    return np;
+}
+
+/* One term of a sum in canonical form: an explicit sign, then for a product of letters with an optional integer
+ * coefficient before or after it (2ab, ba2) the coefficient and the letters sorted; anything else as written. */
+static char *term_canonical(const char *in) {
+    caprl_sb b = {0}; /* explicit products (x*2) as implicit ones (x2) */
+    for (const char *c = in; *c; c++) {
+        if (*c != '*') {
+            caprl_sb_addc(&b, *c);
+        }
+    }
+    char  *x = caprl_sb_take(&b);
+    x = x ? x : dup_n("", 0);
+    char   sign = (x[0] == '+' || x[0] == '-') ? x[0] : '+';
+    size_t off = (x[0] == '+' || x[0] == '-') ? 1 : 0, len = strlen(x + off);
+    size_t lead = 0, letters = 0, trail = 0;
+    while (lead < len && is_digit(x[off + lead])) {
+        lead++;
+    }
+    while (lead + letters < len && is_alpha(x[off + lead + letters])) {
+        letters++;
+    }
+    while (lead + letters + trail < len && is_digit(x[off + lead + letters + trail])) {
+        trail++;
+    }
+    char *out = caprl_xmalloc(len + 2);
+    out[0] = sign;
+    if (letters > 0 && lead + letters + trail == len && (lead == 0 || trail == 0)) {
+        memcpy(out + 1, x + off, lead);                             /* 2ab: the coefficient first */
+        memcpy(out + 1 + lead, x + off + lead + letters, trail);    /* ba2: the same */
+        memcpy(out + 1 + lead + trail, x + off + lead, letters);
+        qsort(out + 1 + lead + trail, letters, 1, cmp_char);
+        out[len + 1] = '\0';
+    } else {
+        memcpy(out + 1, x + off, len + 1);
+    }
+    free(x);
+    return out;
+}
+
+/* SymPy's canonical order for what math_verify compares as expressions: symbols lowercased (its default
+ * lowercase_symbols), the factors of a letter product in any order (ab = BA, 2a = a2), the terms of a sum in any
+ * order (a - b = -b + a) and, unbracketed, the entries of a list as a set (A, C = C, A; 1, 2 = 2, 1). */
+static char *sym_canonical(const char *sym, bool ordered) {
+    char *low = dup_n(sym, strlen(sym));
+    for (char *c = low; *c; c++) {
+        *c = *c >= 'A' && *c <= 'Z' ? (char)(*c - 'A' + 'a') : *c;
+    }
+    char **items = NULL;
+    size_t n_items = split_top(low, strlen(low), ",", false, &items);
+    for (size_t i = 0; i < n_items; i++) {
+        char **terms = NULL;
+        size_t n_terms = split_top(items[i], strlen(items[i]), "+-", true, &terms);
+        for (size_t t = 0; t < n_terms; t++) {
+            char *c = term_canonical(terms[t]);
+            free(terms[t]);
+            terms[t] = c;
+        }
+        qsort(terms, n_terms, sizeof(char *), cmp_str);
+        caprl_sb item = {0};
+        for (size_t t = 0; t < n_terms; t++) {
+            caprl_sb_adds(&item, terms[t]);
+            free(terms[t]);
+        }
+        free(terms);
+        free(items[i]);
+        items[i] = caprl_sb_take(&item);
+    }
+    if (!ordered) {
+        qsort(items, n_items, sizeof(char *), cmp_str);
+    }
+    caprl_sb out = {0};
+    for (size_t i = 0; i < n_items; i++) {
+        if (i) {
+            caprl_sb_addc(&out, ',');
+        }
+        caprl_sb_adds(&out, items[i]);
+        free(items[i]);
+    }
+    free(items);
+    free(low);
+    return caprl_sb_take(&out);
+}
+
 bool caprl_math_values_equal(const caprl_math_parsed *gold, const caprl_math_parsed *pred) {
     if (gold->kind != CAPRL_MATH_VALUE || pred->kind != CAPRL_MATH_VALUE || gold->vkind != pred->vkind) {
         return false;
+    }
+    if (gold->lhs && pred->lhs && !ascii_ieq(gold->lhs, pred->lhs)) {
+        return false; /* two equations: y = 2 is not x = 2 (one equation against a value compares right sides) */
     }
     if (gold->vkind == CAPRL_MATH_NUM) {
         if (gold->is_float || pred->is_float) {
@@ -1210,8 +1481,21 @@ bool caprl_math_values_equal(const caprl_math_parsed *gold, const caprl_math_par
         return gold->num == pred->num;
     }
     if (gold->word || pred->word) {
-        /* Two Symbol names compare case-insensitively; a name against a product of letters does not match. */
-        return gold->word && pred->word && ascii_ieq(gold->sym, pred->sym);
+        /* a Symbol name (\text{...}) matches a name, or the same letters written out (nothing but letters),
+         * case-insensitively and in order */
+        const char *other = gold->word ? pred->sym : gold->sym;
+        bool        letters = (gold->word && pred->word) || other[0] != '\0';
+        for (const char *c = other; letters && !(gold->word && pred->word) && *c; c++) {
+            letters = is_alpha(*c);
+        }
+        return letters && ascii_ieq(gold->sym, pred->sym);
     }
-    return strcmp(gold->sym, pred->sym) == 0;
+    if (strcmp(gold->sym, "I") == 0 || strcmp(pred->sym, "I") == 0) { /* SymPy's imaginary unit is no symbol */
+        return strcmp(gold->sym, pred->sym) == 0;
+    }
+    char *a = sym_canonical(gold->sym, gold->ordered), *b = sym_canonical(pred->sym, pred->ordered);
+    bool  same = strcmp(a, b) == 0;
+    free(a);
+    free(b);
+    return same;
 }

@@ -181,7 +181,7 @@ static int qa_parse(int argc, char **argv) {
         {"max-options", OPT_INT, &max_options, "drop questions with more options than this", 2, 6, NULL, 0},
         {"max-question-bytes", OPT_I64, &max_bytes, "drop question strings longer than this", 1, 1e9, NULL, 0},
         {"append-cannot-answer", OPT_FLAG, &append_cannot,
-         "end 4- and 5-option questions with \"E) Can not answer based on the caption\" as the released data did",
+         "end questions with \"E) Can not answer based on the caption\" (F after five options) as the released data did",
          0, 0, NULL, 0},
         {"skip-bad", OPT_FLAG, &skip_bad, "skip (and count) malformed input records instead of failing", 0, 0, NULL,
          0},
