@@ -42,6 +42,7 @@ typedef struct caprl_rl_params {
     bool    kl_in_reward; /* subtract beta * sum_t k (rollout policy vs reference) from the reward instead */
     int32_t agg;         /* CAPRL_AGG_*; default token-mean */
     bool    mask_truncated; /* responses cut at the token limit get no loss (overlong filtering); default false */
+    float   entropy_coef;   /* entropy bonus: the loss gets -c * the same aggregation of the entropy; default 0 */
 } caprl_rl_params;
 
 CAPRL_API caprl_rl_params caprl_rl_default_params(void);

@@ -108,7 +108,7 @@ typedef struct caprl_train_batch {
 
 /* Forward pass. logp (n_tokens): log p(target[t] | tokens before t) with logits divided by temperature
  * (1 for SFT; the sampling temperature for RL), 0 where target < 0. entropy (n_tokens, may be NULL): entropy of
- * that distribution (reported only: the backward takes no entropy gradient). Errors (CAPRL_ERR_INVALID_ARG) name
+ * that distribution (caprl_trainer_backward_entropy takes its gradient). Errors (CAPRL_ERR_INVALID_ARG) name
  * the limit or the bad token; a failed forward leaves nothing for the backward. */
 CAPRL_API caprl_status caprl_trainer_forward(caprl_trainer *tr, const caprl_train_batch *batch, float temperature,
                                              float *logp, float *entropy, caprl_error *err);
@@ -116,6 +116,10 @@ CAPRL_API caprl_status caprl_trainer_forward(caprl_trainer *tr, const caprl_trai
  * where target >= 0 only); gradients are added (+=) to caprl_trainer_grads, so micro-batches accumulate until
  * caprl_trainer_zero_grads. Frozen groups get nothing and cost nothing. Without a forward: CAPRL_ERR_INVALID_ARG. */
 CAPRL_API caprl_status caprl_trainer_backward(caprl_trainer *tr, const float *dlogp, caprl_error *err);
+/* The same with dL/dentropy[t] too (dentropy (n_tokens), may be NULL; read where target >= 0): the gradient of a
+ * loss term on the entropy that caprl_trainer_forward reports, as RL's entropy bonus -c * H. */
+CAPRL_API caprl_status caprl_trainer_backward_entropy(caprl_trainer *tr, const float *dlogp, const float *dentropy,
+                                                      caprl_error *err);
 
 /* ---- optimizer ----------------------------------------------------------------------------------------- */
 

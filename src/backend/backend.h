@@ -134,9 +134,11 @@ typedef struct caprl_backend_ops {
     void (*logprob_fwd)(caprl_backend *be, float *logp, float *entropy, float *lse, const float *z,
                         const int32_t *target, int64_t R, int64_t V, float inv_temp);
     /* Its backward, in place on z: z[r] becomes dlogp[r] * inv_temp * (onehot(target[r]) - softmax(s_r)), using
-     * the forward's lse; rows with target < 0 or dlogp 0 become 0. The fused cross-entropy: dlogp = -w / n. */
+     * the forward's lse; rows with target < 0 or dlogp 0 become 0. The fused cross-entropy: dlogp = -w / n.
+     * dentropy (may be NULL): dL/dentropy[r] as well, adding -dentropy[r] * inv_temp * p (log p + H) (the RL
+     * entropy bonus). */
     void (*logprob_bwd)(caprl_backend *be, float *z, const float *lse, const int32_t *target, const float *dlogp,
-                        int64_t R, int64_t V, float inv_temp);
+                        const float *dentropy, int64_t R, int64_t V, float inv_temp);
 } caprl_backend_ops;
 
 struct caprl_backend {

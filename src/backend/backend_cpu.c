@@ -153,8 +153,8 @@ static void cpu_logprob_fwd(caprl_backend *be, float *logp, float *entropy, floa
 }
 
 static void cpu_logprob_bwd(caprl_backend *be, float *z, const float *lse, const int32_t *target, const float *dlogp,
-                            int64_t R, int64_t V, float inv_temp) {
-    caprl_op_logprob_bwd(ctx_of(be), z, lse, target, dlogp, R, V, inv_temp);
+                            const float *dentropy, int64_t R, int64_t V, float inv_temp) {
+    caprl_op_logprob_bwd(ctx_of(be), z, lse, target, dlogp, dentropy, R, V, inv_temp);
 }
 
 static caprl_status cpu_weight_prepare(caprl_backend *be, caprl_weight *w, caprl_error *err) {

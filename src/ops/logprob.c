@@ -3,6 +3,9 @@
  *   mx = max s,  S = sum exp(s - mx),  lse = mx + logf(S),  logp = s[t] - lse,
  *   entropy = logf(S) - (sum exp(s - mx) (s - mx)) / S            (= -sum p log p, both terms >= 0)
  *   backward: z <- c (onehot(t) - exp(s - lse)),  c = dlogp * inv_temp
+ *   with an entropy gradient g = dL/dentropy on the row (RL's entropy bonus) it adds, with p = exp(s - lse) and
+ *   H = lse - sum p s:  z <- z - g * inv_temp * p (s - lse + H)   (dH/ds = -p (log p + H)); such rows take the
+ *   scalar path, with the sum in double
  * exp is caprl's (ops_impl.h). Sums use 8 lanes and one tree on AVX2, one chain on the scalar path; a maximum is
  * exact in any order. Rows are independent and split over threads whole, so no value depends on the split. */
 #include "core/error_impl.h"
@@ -19,6 +22,7 @@ typedef struct logprob_task {
     float         *zg;      /* (R, V), backward: the logits, overwritten by their gradient */
     const int32_t *target;  /* (R) */
     const float   *dlogp;   /* (R), backward only */
+    const float   *dent;    /* (R) or NULL, backward only: dL/dentropy */
     int64_t        V;
     float          it;      /* inv_temp */
 } logprob_task;
@@ -53,6 +57,28 @@ static void fwd_rows_scalar(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
     }
 }
 
+/* One row with an entropy gradient: z <- inv_temp (dlogp (onehot - p) - g p (s - lse + H)). */
+static void bwd_row_entropy(const logprob_task *t, int64_t r) {
+    int64_t V = t->V;
+    float  *z = t->zg + r * V;
+    int32_t tg = t->target[r];
+    float   lse = t->lse_in[r];
+    double  ps = 0.0;
+    for (int64_t i = 0; i < V; i++) {
+        float s = z[i] * t->it;
+        ps += (double)caprl_expf_ref(s - lse) * (double)s;
+    }
+    double h = (double)lse - ps, g = (double)t->dent[r], c = (double)t->dlogp[r];
+    for (int64_t i = 0; i < V; i++) {
+        double s = (double)(z[i] * t->it), p = (double)caprl_expf_ref((float)s - lse);
+        z[i] = (float)((double)t->it * (c * ((i == tg ? 1.0 : 0.0) - p) - g * p * (s - (double)lse + h)));
+    }
+}
+
+static bool row_has_entropy(const logprob_task *t, int64_t r) {
+    return t->dent && t->dent[r] != 0.0f && t->target[r] >= 0;
+}
+
 static void bwd_rows_scalar(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
     (void)tid;
     const logprob_task *t = ctx;
@@ -60,6 +86,10 @@ static void bwd_rows_scalar(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
     for (int64_t r = r0; r < r1; r++) {
         float  *z = t->zg + r * V;
         int32_t tg = t->target[r];
+        if (row_has_entropy(t, r)) {
+            bwd_row_entropy(t, r);
+            continue;
+        }
         if (tg < 0 || t->dlogp[r] == 0.0f) {
             memset(z, 0, (size_t)V * sizeof(float));
             continue;
@@ -129,6 +159,10 @@ static CAPRL_AVX2 void bwd_rows_avx2(void *ctx, int64_t r0, int64_t r1, int32_t 
     for (int64_t r = r0; r < r1; r++) {
         float  *z = t->zg + r * V;
         int32_t tg = t->target[r];
+        if (row_has_entropy(t, r)) {
+            bwd_row_entropy(t, r);
+            continue;
+        }
         if (tg < 0 || t->dlogp[r] == 0.0f) {
             memset(z, 0, (size_t)V * sizeof(float));
             continue;
@@ -164,12 +198,12 @@ void caprl_op_logprob_fwd(caprl_cpu_ctx *c, float *logp, float *entropy, float *
 }
 
 void caprl_op_logprob_bwd(caprl_cpu_ctx *c, float *z, const float *lse, const int32_t *target, const float *dlogp,
-                          int64_t R, int64_t V, float inv_temp) {
+                          const float *dentropy, int64_t R, int64_t V, float inv_temp) {
     CAPRL_ASSERT(R >= 0 && V > 0);
     for (int64_t r = 0; r < R; r++) {
         CAPRL_ASSERT(target[r] < V);
     }
-    logprob_task   t = {.lse_in = lse, .zg = z, .target = target, .dlogp = dlogp, .V = V,
+    logprob_task   t = {.lse_in = lse, .zg = z, .target = target, .dlogp = dlogp, .dent = dentropy, .V = V,
                         .it = inv_temp};
     caprl_range_fn fn = bwd_rows_scalar;
 #if CAPRL_X86

@@ -179,6 +179,7 @@ void caprl_op_logprob_bwd(caprl_cpu_ctx *c,
                           const float *lse,      /* (R) */
                           const int32_t *target, /* (R) */
                           const float *dlogp,    /* (R) */
+                          const float *dentropy, /* (R) or NULL: dL/dentropy */
                           int64_t R, int64_t V, float inv_temp);
 
 /* ---- exp ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ caprl_rl_params caprl_rl_default_params(void) {
         .kl_in_reward = false,
         .agg = CAPRL_AGG_TOKEN_MEAN,
         .mask_truncated = false,
+        .entropy_coef = 0.0f,
     };
 }
 

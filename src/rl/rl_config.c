@@ -62,6 +62,7 @@ static const key_desc k_keys[] = {
     {"kl_coef", K_F32, OFF(rl.kl_coef), NULL, 0},
     {"kl_in_reward", K_BOOL, OFF(rl.kl_in_reward), NULL, 0},
     {"loss_agg", K_ENUM, OFF(rl.agg), ENUM(k_aggs)},
+    {"entropy_coef", K_F32, OFF(rl.entropy_coef), NULL, 0},
     {"mask_truncated", K_BOOL, OFF(rl.mask_truncated), NULL, 0},
     {"lr", K_F32, OFF(opt.lr), NULL, 0},
     {"beta1", K_F32, OFF(opt.beta1), NULL, 0},

@@ -78,7 +78,7 @@ typedef struct rl_run {
     caprl_trainer_params    tp;
     int32_t                *mb_tokens, *mb_target, *mb_pos, *mb_seq_start, *mb_grid;
     float                  *mb_pixels, *mb_logp, *mb_entropy, *mb_dlogp, *mb_adv, *mb_weight, *mb_old, *mb_ref;
-    float                  *mb_lp_tok, *mb_dl_tok;
+    float                  *mb_lp_tok, *mb_dl_tok, *mb_dent;
     /* per step */
     rl_image               *images;
     rl_seq                 *seqs;
@@ -140,7 +140,7 @@ static void run_free(rl_run *r) {
     free(r->results);
     void *bufs[] = {r->mb_tokens, r->mb_target, r->mb_pos,    r->mb_seq_start, r->mb_grid,  r->mb_pixels,
                     r->mb_logp,   r->mb_entropy, r->mb_dlogp, r->mb_adv,       r->mb_weight, r->mb_old,
-                    r->mb_ref,    r->mb_lp_tok,  r->mb_dl_tok, r->perm};
+                    r->mb_ref,    r->mb_lp_tok,  r->mb_dl_tok, r->mb_dent, r->perm};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         free(bufs[i]);
     }
@@ -208,6 +208,7 @@ static caprl_status check_config(const caprl_rl_config *c, caprl_error *err) {
         {"dual_clip", p->dual_clip == 0.0f || (p->dual_clip > 1.0f && isfinite(p->dual_clip)), p->dual_clip,
          "0 (off) or a number > 1"},
         {"kl_coef", p->kl_coef >= 0.0f && isfinite(p->kl_coef), p->kl_coef, "a number >= 0"},
+        {"entropy_coef", isfinite(p->entropy_coef), p->entropy_coef, "a finite number"},
         {"lr", o->lr >= 0.0f && isfinite(o->lr), o->lr, "a number >= 0"},
         {"beta1", o->beta1 >= 0.0f && o->beta1 < 1.0f, o->beta1, "in [0, 1)"},
         {"beta2", o->beta2 >= 0.0f && o->beta2 < 1.0f, o->beta2, "in [0, 1)"},
@@ -314,7 +315,7 @@ static caprl_status run_init(rl_run *r, const caprl_rl_config *cfg, caprl_error 
     r->mb_grid = caprl_xmalloc((size_t)r->tp.max_seqs * 3 * sizeof(int32_t));
     r->mb_pixels = caprl_xmalloc((size_t)r->tp.max_patches * (size_t)r->patch_dim * sizeof(float));
     float **fbufs[] = {&r->mb_logp, &r->mb_entropy, &r->mb_dlogp, &r->mb_adv, &r->mb_weight,
-                       &r->mb_old,  &r->mb_ref,     &r->mb_lp_tok, &r->mb_dl_tok};
+                       &r->mb_old,  &r->mb_ref,     &r->mb_lp_tok, &r->mb_dl_tok, &r->mb_dent};
     for (size_t i = 0; i < sizeof fbufs / sizeof fbufs[0]; i++) {
         *fbufs[i] = caprl_xcalloc((size_t)T, sizeof(float));
     }
@@ -576,6 +577,7 @@ static caprl_status update(rl_run *r, const int32_t *list, int32_t n, bool use_o
             break;
         }
         memset(r->mb_dlogp, 0, (size_t)b.n_tokens * sizeof(float));
+        memset(r->mb_dent, 0, (size_t)b.n_tokens * sizeof(float));
         for (int32_t j = 0; j < b.n_seqs; j++) {
             const rl_seq *q = &r->seqs[list[starts[m] + j]];
             if (q->n_loss == 0) {
@@ -601,8 +603,13 @@ static caprl_status update(rl_run *r, const int32_t *list, int32_t n, bool use_o
             caprl_rl_token_loss(p, q->n_resp, r->mb_lp_tok, r->mb_old, r->ref_tr ? r->mb_ref : NULL, r->mb_adv,
                                 r->mb_weight, r->mb_dl_tok, &us->rl);
             memcpy(r->mb_dlogp + t0, r->mb_dl_tok, (size_t)q->n_resp * sizeof(float));
+            if (p->entropy_coef != 0.0f) { /* loss -= c * sum_t w_t H_t: dL/dH_t = -c w_t */
+                for (int32_t k = 0; k < q->n_resp; k++) {
+                    r->mb_dent[t0 + k] = (float)(-(double)p->entropy_coef * w);
+                }
+            }
         }
-        st = caprl_trainer_backward(r->tr, r->mb_dlogp, err);
+        st = caprl_trainer_backward_entropy(r->tr, r->mb_dlogp, p->entropy_coef != 0.0f ? r->mb_dent : NULL, err);
     }
     free(starts);
     CAPRL_TRY(st);

@@ -75,6 +75,7 @@ struct caprl_trainer {
     float      *chunk_logp;  /* (K) */
     float      *chunk_ent;   /* (K) */
     float      *chunk_dlogp; /* (K) */
+    float      *chunk_dent;  /* (K) dL/dentropy of the chunk's rows */
     float      *score_lse;   /* (M) lse of each scored row, in row order */
     int32_t    *score_row;   /* (M) scored rows (target >= 0) in order */
     int32_t    *score_tgt;   /* (M) their targets */

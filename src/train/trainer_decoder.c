@@ -81,6 +81,7 @@ void trainer_layout_activations(caprl_trainer *tr, caprl_arena_plan *plan) {
     tr->chunk_logp = take(&cv, K, fl);
     tr->chunk_ent = take(&cv, K, fl);
     tr->chunk_dlogp = take(&cv, K, fl);
+    tr->chunk_dent = take(&cv, K, fl);
     tr->score_lse = take(&cv, M, fl);
     tr->score_row = take(&cv, M, sizeof(int32_t));
     tr->score_tgt = take(&cv, M, sizeof(int32_t));
@@ -381,7 +382,7 @@ caprl_status caprl_trainer_forward(caprl_trainer *tr, const caprl_train_batch *b
 
 /* Per chunk: the logits again, logprob_bwd in place (dL/dlogits), the lm_head gradient (train_head) and, when
  * the layers need it (dx), dL/dhn into the chunk's rows of dx (zero elsewhere). */
-static void head_backward(caprl_trainer *tr, const float *dlogp, bool train_head, bool need_dx) {
+static void head_backward(caprl_trainer *tr, const float *dlogp, const float *dent, bool train_head, bool need_dx) {
     const caprl_model       *m = tr->m;
     const caprl_backend_ops *ops = m->be->ops;
     int64_t C = m->cfg.hidden_size, V = m->cfg.vocab_size, K = tr->p.logits_chunk;
@@ -394,7 +395,8 @@ static void head_backward(caprl_trainer *tr, const float *dlogp, bool train_head
         bool    any = false;
         for (int64_t i = 0; i < k; i++) {
             tr->chunk_dlogp[i] = dlogp[tr->score_row[r0 + i]];
-            any = any || tr->chunk_dlogp[i] != 0.0f;
+            tr->chunk_dent[i] = dent ? dent[tr->score_row[r0 + i]] : 0.0f;
+            any = any || tr->chunk_dlogp[i] != 0.0f || tr->chunk_dent[i] != 0.0f;
         }
         if (!any) { /* masked-out rows (RL, SFT prompts) cost nothing */
             continue;
@@ -403,8 +405,8 @@ static void head_backward(caprl_trainer *tr, const float *dlogp, bool train_head
             memcpy(tr->hsel + i * C, tr->hn + (size_t)tr->score_row[r0 + i] * (size_t)C, (size_t)C * sizeof(float));
         }
         ops->matmul_fwd(m->be, tr->logits, tr->hsel, &m->lm_head, NULL, k);
-        ops->logprob_bwd(m->be, tr->logits, tr->score_lse + r0, tr->score_tgt + r0, tr->chunk_dlogp, k, V,
-                         tr->inv_temp);
+        ops->logprob_bwd(m->be, tr->logits, tr->score_lse + r0, tr->score_tgt + r0, tr->chunk_dlogp,
+                         dent ? tr->chunk_dent : NULL, k, V, tr->inv_temp);
         if (train_head) {
             ops->matmul_bwd_weight(m->be, g_head, NULL, tr->logits, tr->hsel, &m->lm_head, k);
         }
@@ -437,6 +439,11 @@ static caprl_status input_backward(caprl_trainer *tr, bool embed, bool vision, c
 }
 
 caprl_status caprl_trainer_backward(caprl_trainer *tr, const float *dlogp, caprl_error *err) {
+    return caprl_trainer_backward_entropy(tr, dlogp, NULL, err);
+}
+
+caprl_status caprl_trainer_backward_entropy(caprl_trainer *tr, const float *dlogp, const float *dentropy,
+                                            caprl_error *err) {
     if (!tr->have_forward || !dlogp) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
                              "trainer backward: needs dlogp and a forward since the last backward");
@@ -451,7 +458,7 @@ caprl_status caprl_trainer_backward(caprl_trainer *tr, const float *dlogp, caprl
     if (!head && !layers) {
         return CAPRL_OK;
     }
-    head_backward(tr, dlogp, head, layers);
+    head_backward(tr, dlogp, dentropy, head, layers);
     if (!layers) {
         return CAPRL_OK;
     }

@@ -1203,7 +1203,7 @@ static void test_logprob(void) {
                 lse[t] = fvec(R, 1);
                 zg[t] = fcopy(z, R * V);
                 be->ops->logprob_fwd(be, lp[t], ent[t], lse[t], z, tg, R, V, it);
-                be->ops->logprob_bwd(be, zg[t], lse[t], tg, dlogp, R, V, it);
+                be->ops->logprob_bwd(be, zg[t], lse[t], tg, dlogp, NULL, R, V, it);
             }
             char what[96];
             snprintf(what, sizeof what, "logprob %s V=%lld it=%g", isa_name(isa), (long long)V, (double)it);

@@ -652,6 +652,16 @@ static void test_loss_aggregation(void) {
     CHECK_MSG(len > 1.0 && norm[0] > 0.0, "caption_len_mean %g, grad_norm %g", len, norm[0]);
     CHECK_NEAR(norm[1], norm[0] * len, 1e-4, 0);
     CHECK_NEAR(norm[2], norm[1] / 8.0, 1e-5, 0);
+
+    /* the entropy bonus reaches the update (its gradient is checked against finite differences in test_grpo) */
+    snprintf(run_dir, sizeof run_dir, "%s/agg_entropy", g_dir);
+    base_args(args, sizeof args, run_dir, "--max-steps 1 --threads 1 --entropy-coef 0.5");
+    CHECK(train(args, err, sizeof err) == 0);
+    json_t *m = load_lines(run_dir, "metrics.jsonl");
+    double  with_entropy = json_number_value(json_object_get(json_array_get(m, 0), "grad_norm"));
+    CHECK_MSG(with_entropy > 0.0 && fabs(with_entropy - norm[0]) > 1e-3 * norm[0], "grad_norm %g with the bonus, %g without",
+              with_entropy, norm[0]);
+    json_decref(m);
 }
 
 int main(void) {

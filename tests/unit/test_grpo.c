@@ -143,7 +143,23 @@ static double logp_f64(const float *z, int64_t V, int32_t target, double inv_tem
     return z[target] * inv_temp - mx - log(s);
 }
 
-/* The whole objective as a function of the logits, in double: sum_t L_t(logp_t(z)). */
+/* float64 entropy of softmax(z / T) */
+static double entropy_f64(const float *z, int64_t V, double inv_temp) {
+    double mx = -INFINITY, s = 0.0, ps = 0.0;
+    for (int64_t v = 0; v < V; v++) {
+        mx = fmax(mx, z[v] * inv_temp);
+    }
+    for (int64_t v = 0; v < V; v++) {
+        s += exp(z[v] * inv_temp - mx);
+    }
+    for (int64_t v = 0; v < V; v++) {
+        double lp = z[v] * inv_temp - mx - log(s);
+        ps -= exp(lp) * lp;
+    }
+    return ps;
+}
+
+/* The whole objective as a function of the logits, in double: sum_t L_t(logp_t(z)) - c sum_t w_t H_t(z). */
 static double loss_f64(const caprl_rl_params *p, const float *z, int64_t R, int64_t V, const int32_t *tgt,
                        const float *old, const float *ref, const float *adv, const float *wt, double inv_temp) {
     double total = 0.0;
@@ -158,7 +174,7 @@ static double loss_f64(const caprl_rl_params *p, const float *z, int64_t R, int6
         }
         double kl = (p->kl != CAPRL_KL_OFF && !p->kl_in_reward) ? p->kl_coef * caprl_kl_estimate(p->kl, l - ref[r])
                                                                 : 0.0;
-        total += wt[r] * (pg + kl);
+        total += wt[r] * (pg + kl) - (double)p->entropy_coef * wt[r] * entropy_f64(z + r * V, V, inv_temp);
     }
     return total;
 }
@@ -184,7 +200,7 @@ static void test_loss_gradient_fd(void) {
         wt[r] = r == 4 ? 0.0f : 1.0f / 5.0f;
     }
     const float inv_temp = 1.0f / 0.7f;
-    for (int variant = 0; variant < 3; variant++) {
+    for (int variant = 0; variant < 5; variant++) {
         caprl_rl_params p = caprl_rl_default_params();
         if (variant == 1) {
             p.ppo_clip = true;
@@ -192,6 +208,10 @@ static void test_loss_gradient_fd(void) {
         if (variant == 2) {
             p.kl = CAPRL_KL_K3;
             p.kl_coef = 0.3f;
+        }
+        if (variant >= 3) { /* the entropy bonus (verl's entropy_coeff), alone and with the PPO clip */
+            p.entropy_coef = 0.7f;
+            p.ppo_clip = variant == 4;
         }
         be->ops->logprob_fwd(be, lp, NULL, lse, z, tgt, R, V, inv_temp);
         for (int r = 0; r < R; r++) {
@@ -201,8 +221,12 @@ static void test_loss_gradient_fd(void) {
         }
         caprl_rl_stats s = {0};
         caprl_rl_token_loss(&p, R, lp, old, ref, adv, wt, dl, &s);
+        float dent[R];
+        for (int r = 0; r < R; r++) {
+            dent[r] = -p.entropy_coef * wt[r]; /* what caprl train passes: dL/dH_t = -c w_t */
+        }
         memcpy(zc, z, sizeof z);
-        be->ops->logprob_bwd(be, zc, lse, tgt, dl, R, V, inv_temp);
+        be->ops->logprob_bwd(be, zc, lse, tgt, dl, variant >= 3 ? dent : NULL, R, V, inv_temp);
         double max_err = 0.0, max_g = 0.0;
         for (int i = 0; i < R * V; i += 5) {
             float  save = z[i];
