@@ -24,6 +24,27 @@ static const uint8_t k_ascii_class[128] = {
     /* 0x70 */ L, L, L, L, L, L, L, L, L, L, L, 0, 0, 0, 0, 0,
 };
 
+/* Letters and numbers of Unicode 15.0 (utf8proc 2.8) that Unicode 14.0 leaves unassigned: Hugging Face tokenizers
+ * match \p{L} and \p{N} with Oniguruma 6.9.8, whose tables are 14.0 (scripts/gen_unicode14.py writes this). */
+static const uint32_t k_not_in_unicode14[][2] = {
+    {0x1123F, 0x11240},
+    {0x11F02, 0x11F02},
+    {0x11F04, 0x11F10},
+    {0x11F12, 0x11F33},
+    {0x11F50, 0x11F59},
+    {0x1342F, 0x1342F},
+    {0x13441, 0x13446},
+    {0x1B132, 0x1B132},
+    {0x1B155, 0x1B155},
+    {0x1D2C0, 0x1D2D3},
+    {0x1DF25, 0x1DF2A},
+    {0x1E030, 0x1E06D},
+    {0x1E4D0, 0x1E4EB},
+    {0x1E4F0, 0x1E4F9},
+    {0x2B739, 0x2B739},
+    {0x31350, 0x323AF},
+};
+
 uint32_t caprl_pretok_class(uint32_t cp) {
     if (cp < 0x80) {
         return k_ascii_class[cp];
@@ -37,6 +58,11 @@ uint32_t caprl_pretok_class(uint32_t cp) {
         return S;
     default:
         break;
+    }
+    for (size_t i = 0; cp >= 0x11000 && i < sizeof k_not_in_unicode14 / sizeof k_not_in_unicode14[0]; i++) {
+        if (cp >= k_not_in_unicode14[i][0] && cp <= k_not_in_unicode14[i][1]) {
+            return 0;
+        }
     }
     switch (utf8proc_category((utf8proc_int32_t)cp)) {
     case UTF8PROC_CATEGORY_LU: case UTF8PROC_CATEGORY_LL: case UTF8PROC_CATEGORY_LT: case UTF8PROC_CATEGORY_LM:

@@ -439,6 +439,17 @@ static void expect_ids(const caprl_tokenizer *tok, const char *text, bool parse_
         expect_ids((tok), (text), (ps), want_, (int64_t)(sizeof want_ / sizeof want_[0]));                      \
     } while (0)
 
+/* Code points that are letters or numbers in Unicode 15.0 but unassigned in 14.0, the tables of the Oniguruma that
+ * Hugging Face tokenizers use: outside \p{L} / \p{N} there, so ",q" after U+31350 is its own pre-token and
+ * U+1D2C0 does not join " " as a word. Ids from a reference pre-tokenizer on Unicode 14.0 data with the real
+ * vocabulary and merges (it reproduces every case of the golden file). */
+static void test_unicode_version(const caprl_tokenizer *tok) {
+    EXPECT_IDS(tok, "\xf0\xb1\x8d\x90,q", false, 172, 109, 235, 238, 11, 80);      /* U+31350 CJK Ext. H */
+    EXPECT_IDS(tok, "a \xf0\x9d\x8b\x80", false, 64, 81250, 233, 222);             /* U+1D2C0 Kaktovik 0 */
+    EXPECT_IDS(tok, "\xf0\x9e\x93\xab_l", false, 172, 252, 241, 104, 62, 75);       /* U+1E4EB Nag Mundari */
+    EXPECT_IDS(tok, "\xf0\x9b\x84\xb2-T", false, 172, 74209, 110, 12, 51);          /* U+1B132 small kana */
+}
+
 static void test_synthetic(void) {
     for (int form = 0; form < 2; form++) {
         json_t          *j   = make_tokenizer(form == 1);
@@ -785,6 +796,7 @@ int main(void) {
     test_parse_special(tok);
     test_invalid_input(tok);
     test_replacement(tok);
+    test_unicode_version(tok);
     test_threads(tok, g, n_golden);
     free_golden(g, n_golden);
     caprl_tokenizer_free(tok);
