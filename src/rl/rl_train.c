@@ -283,10 +283,14 @@ static caprl_status run_init(rl_run *r, const caprl_rl_config *cfg, caprl_error 
     r->tp.frozen_groups = cfg->frozen_groups;
     CAPRL_TRY(caprl_trainer_init(&r->tr, r->policy, r->vision, &r->tp, err));
 
-    r->horizon = (r->qa.n_images * cfg->episodes + cfg->rollout_batch - 1) / cfg->rollout_batch;
+    /* OpenRLHF's horizon: episodes x (images x G // train batch), the train batch being B x G / updates_per_rollout
+     * samples (at least one step) */
+    int64_t per_episode = r->qa.n_images / cfg->rollout_batch;
+    r->horizon = cfg->episodes * (per_episode > 0 ? per_episode : 1);
     r->total_steps = cfg->max_steps >= 0 ? cfg->max_steps : r->horizon;
     caprl_adamw_params op = cfg->opt;
-    op.total_steps = (int32_t)(r->horizon * cfg->updates_per_rollout);
+    int64_t opt_per_episode = r->qa.n_images * cfg->updates_per_rollout / cfg->rollout_batch;
+    op.total_steps = (int32_t)(cfg->episodes * (opt_per_episode > 0 ? opt_per_episode : 1));
     CAPRL_TRY(caprl_adamw_init(&r->opt, r->tr, &op, err));
 
     if (cfg->rl.kl != CAPRL_KL_OFF && cfg->rl.kl_coef != 0.0f) {

@@ -653,6 +653,21 @@ static void test_loss_aggregation(void) {
     CHECK_NEAR(norm[1], norm[0] * len, 1e-4, 0);
     CHECK_NEAR(norm[2], norm[1] / 8.0, 1e-5, 0);
 
+    /* the LR horizon is OpenRLHF's episodes x (images // rollout_batch): 2 x (4 // 3) = 2 steps, so with cosine and
+     * no warmup the second step is at 0.1 + 0.9 (1 + cos(pi / 2)) / 2 = 0.55 of the peak (not 0.775, as over
+     * ceil(8 / 3) = 3 steps) */
+    snprintf(run_dir, sizeof run_dir, "%s/horizon", g_dir);
+    snprintf(args, sizeof args,
+             "--policy '%s' --reader '%s' --data '%s' --out '%s' --rollout-batch 3 --group-size 2 --max-new-tokens 4 "
+             "--reward-mode expected --lr 1e-3 --warmup 0 --episodes 2 --threads 1 --save-every 0",
+             g_policy, g_reader, g_data, run_dir);
+    int rc = train(args, err, sizeof err);
+    CHECK_MSG(rc == 0, "horizon run: exit %d: %s", rc, err);
+    json_t *h = load_lines(run_dir, "metrics.jsonl");
+    CHECK_EQ_I64(json_array_size(h), 2);
+    CHECK_NEAR(json_number_value(json_object_get(json_array_get(h, 1), "lr")), 1e-3 * 0.55, 1e-6, 0);
+    json_decref(h);
+
     /* the entropy bonus reaches the update (its gradient is checked against finite differences in test_grpo) */
     snprintf(run_dir, sizeof run_dir, "%s/agg_entropy", g_dir);
     base_args(args, sizeof args, run_dir, "--max-steps 1 --threads 1 --entropy-coef 0.5");
