@@ -117,6 +117,9 @@ def train(run, init, cfg, data):
     p = {n: t.double().clone().requires_grad_(not (run["freeze_embed"] and "embed_tokens" in n))
          for n, t in init.items()}
     trained = [t for t in p.values() if t.requires_grad]
+    # OpenRLHF's get_optimizer_grouped_parameters: no decay for biases and norm weights
+    no_decay = {id(t) for name, t in p.items() if t.requires_grad and any(
+        k in name for k in ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight"))}
     m = {id(t): torch.zeros_like(t) for t in trained}
     v = {id(t): torch.zeros_like(t) for t in trained}
     n_loss = sum(sum(mask[1:]) for _, mask in data)
@@ -141,7 +144,8 @@ def train(run, init, cfg, data):
         with torch.no_grad():
             for t in trained:
                 g = t.grad
-                t.mul_(1 - lr * run["weight_decay"])
+                if id(t) not in no_decay:
+                    t.mul_(1 - lr * run["weight_decay"])
                 m[id(t)].mul_(b1).add_(g, alpha=1 - b1)
                 v[id(t)].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (v[id(t)].sqrt() / math.sqrt(1 - b2 ** k)).add_(eps)

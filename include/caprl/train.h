@@ -127,7 +127,7 @@ typedef struct caprl_adamw_params {
     float lr;           /* peak learning rate */
     float beta1, beta2; /* default 0.9, 0.95 */
     float eps;          /* default 1e-8 */
-    float weight_decay; /* decoupled; default 0 */
+    float weight_decay; /* decoupled, on every tensor caprl_adamw_decays names; default 0 */
     float max_grad_norm; /* global clip; <= 0 = off; default 1.0 */
     int32_t warmup_steps;  /* linear from 0 */
     int32_t total_steps;   /* schedule horizon */
@@ -160,6 +160,9 @@ typedef struct caprl_step_info {
  * norm skips the update (info->skipped) and still zeroes the gradients. */
 CAPRL_API caprl_status caprl_adamw_step(caprl_adamw *opt, float grad_scale, caprl_step_info *info, caprl_error *err);
 CAPRL_API int64_t      caprl_adamw_steps(const caprl_adamw *opt);
+/* Whether weight decay applies to the tensor of this name: not to biases and norm weights (names holding "bias",
+ * "layer_norm.weight", "layernorm.weight", "norm.weight" or "ln_f.weight", OpenRLHF's list). */
+CAPRL_API bool caprl_adamw_decays(const char *name);
 
 /* ---- checkpoints ------------------------------------------------------------------------------------------ *
  * RUN/step-N/ is a Hugging Face checkpoint directory in the model's stored dtype (config.json,

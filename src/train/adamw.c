@@ -29,6 +29,19 @@
 /* Elements per slice: large enough to amortise the pool's dispatch, small enough to balance threads. */
 #define ADAMW_CHUNK 16384
 
+bool caprl_adamw_decays(const char *name) {
+    /* OpenRLHF's no_decay_name_list (get_optimizer_grouped_parameters); for Qwen2 and Qwen2.5-VL transformers'
+     * Trainer leaves out the same tensors */
+    static const char *const no_decay[] = {"bias", "layer_norm.weight", "layernorm.weight", "norm.weight",
+                                           "ln_f.weight"};
+    for (size_t i = 0; name && i < sizeof no_decay / sizeof no_decay[0]; i++) {
+        if (strstr(name, no_decay[i])) {
+            return false;
+        }
+    }
+    return true;
+}
+
 caprl_adamw_params caprl_adamw_default_params(void) {
     caprl_adamw_params p;
     memset(&p, 0, sizeof p);
@@ -123,10 +136,12 @@ caprl_status caprl_adamw_init(caprl_adamw **out, caprl_trainer *tr, const caprl_
     int64_t c = 0;
     for (int32_t i = 0; i < nt; i++) {
         const caprl_param_info *t = caprl_trainer_tensor(tr, i);
+        bool                    decay = caprl_adamw_decays(t->name);
         for (int64_t j = 0; opt->moff[i] >= 0 && j < t->numel; j += ADAMW_CHUNK) {
             opt->chunks[c].off = t->offset + j;
             opt->chunks[c].moff = opt->moff[i] + j;
             opt->chunks[c].n = t->numel - j < ADAMW_CHUNK ? t->numel - j : ADAMW_CHUNK;
+            opt->chunks[c].decay = decay;
             c++;
         }
     }
@@ -372,10 +387,12 @@ static void sumsq_range(void *vctx, int64_t i0, int64_t i1, int32_t tid) {
 static void update_range(void *vctx, int64_t i0, int64_t i1, int32_t tid) {
     (void)tid;
     const step_ctx *s = vctx;
+    adamw_consts no_decay = s->k;
+    no_decay.decay = 1.0f;
     for (int64_t c = i0; c < i1; c++) {
         const adamw_chunk *ch = &s->opt->chunks[c];
-        adamw_update(s->opt->isa, &s->k, s->params + ch->off, s->grads + ch->off, s->opt->m + ch->moff,
-                     s->opt->v + ch->moff, s->shadow ? s->shadow + ch->off : NULL, ch->n);
+        adamw_update(s->opt->isa, ch->decay ? &s->k : &no_decay, s->params + ch->off, s->grads + ch->off,
+                     s->opt->m + ch->moff, s->opt->v + ch->moff, s->shadow ? s->shadow + ch->off : NULL, ch->n);
     }
 }
 

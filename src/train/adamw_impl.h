@@ -12,6 +12,7 @@ typedef struct adamw_chunk {
     int64_t off;  /* first element in the flat parameter / gradient buffers */
     int64_t moff; /* first element in the moment buffers */
     int64_t n;
+    bool    decay; /* weight decay applies (not to biases and norm weights) */
 } adamw_chunk;
 
 struct caprl_adamw {

@@ -96,6 +96,15 @@ typedef struct ref_state {
     int64_t t;
 } ref_state;
 
+/* Decay or not, as OpenRLHF and transformers' Trainer group Qwen2 tensors: biases and the RMSNorm weights
+ * (input_layernorm, post_attention_layernorm, the final model.norm) are left out. */
+static bool ref_decays(const char *name) {
+    size_t n = strlen(name);
+    bool   bias = n >= 5 && strcmp(name + n - 5, ".bias") == 0;
+    bool   norm = strstr(name, "layernorm.weight") != NULL || strcmp(name, "model.norm.weight") == 0;
+    return !bias && !norm;
+}
+
 static double ref_lr(const caprl_adamw_params *a, int64_t step) {
     double lr = (double)a->lr;
     if (step < a->warmup_steps) {
@@ -134,7 +143,7 @@ static double ref_step(ref_state *rs, const setup *s, const float *grads, double
         for (int64_t j = 0; adamw_tensor_trained(s->opt, i) && j < t->numel; j++) {
             int64_t o = t->offset + j;
             double  g = (double)grads[o] * scale * coef;
-            rs->p[o] *= 1 - lr * (double)a->weight_decay;
+            rs->p[o] *= 1 - lr * (double)a->weight_decay * (ref_decays(t->name) ? 1.0 : 0.0);
             rs->m[o] = b1 * rs->m[o] + (1 - b1) * g;
             rs->v[o] = b2 * rs->v[o] + (1 - b2) * g * g;
             double denom = sqrt(rs->v[o]) / sqrt(bc2) + (double)a->eps;
@@ -201,6 +210,16 @@ static void test_schedule(void) {
     CHECK_NEAR(caprl_lr_at(&a, 5), 2.0, 0, 0);
     a.warmup_steps = 0;
     CHECK(caprl_lr_at(&a, 0) == 2.0f);
+
+    /* weight decay groups (OpenRLHF's names; transformers' Trainer agrees on these models): a vision block's
+     * norm1 / norm2 are decayed by both, so they are here too */
+    CHECK(caprl_adamw_decays("model.layers.0.self_attn.q_proj.weight"));
+    CHECK(caprl_adamw_decays("model.embed_tokens.weight"));
+    CHECK(!caprl_adamw_decays("model.layers.0.self_attn.q_proj.bias"));
+    CHECK(!caprl_adamw_decays("visual.merger.mlp.0.bias"));
+    CHECK(!caprl_adamw_decays("model.layers.3.input_layernorm.weight") && !caprl_adamw_decays("model.norm.weight"));
+    CHECK(!caprl_adamw_decays("model.language_model.layers.1.post_attention_layernorm.weight"));
+    CHECK(caprl_adamw_decays("visual.blocks.0.norm1.weight") && caprl_adamw_decays("visual.merger.ln_q.weight"));
 }
 
 static caprl_adamw_params test_params(void) {
