@@ -47,8 +47,8 @@ typedef struct caprl_rl_params {
 
 CAPRL_API caprl_rl_params caprl_rl_default_params(void);
 
-/* Advantages of n_groups groups of G rewards each (group-major). G == 1 gives the raw reward for grpo (verl's
- * singleton rule) and 0 for rloo and dr_grpo. Computed in double. */
+/* Advantages of n_groups groups of G rewards each (group-major). G == 1 gives r / (1 + adv_eps) for grpo (verl's
+ * singleton rule: mean 0, std 1) and 0 for rloo and dr_grpo. Computed in double. */
 CAPRL_API void caprl_group_advantages(const caprl_rl_params *p, const float *rewards, int32_t n_groups, int32_t G,
                                       float *adv);
 /* Whitening over every response token of the batch: response i contributes n_tokens[i] copies of adv[i];

@@ -38,8 +38,9 @@ void caprl_group_advantages(const caprl_rl_params *p, const float *rewards, int3
         }
         double mean = sum / G;
         if (G == 1) {
-            /* verl: a singleton group has mean 0 and std 1; leave-one-out and mean-centring have no baseline */
-            a[0] = p->estimator == CAPRL_ADV_GRPO ? r[0] : 0.0f;
+            /* verl: a singleton group has mean 0 and std 1, so r / (1 + eps); leave-one-out and mean-centring have
+             * no baseline */
+            a[0] = p->estimator == CAPRL_ADV_GRPO ? (float)((double)r[0] / (1.0 + (double)p->adv_eps)) : 0.0f;
             continue;
         }
         double std = 0.0;

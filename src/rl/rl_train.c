@@ -808,7 +808,7 @@ static caprl_status run_step(rl_run *r, int64_t step, caprl_rl_step_metrics *m, 
         for (int32_t s = 0; s < N; s++) {
             rl_seq      *q = &r->seqs[s];
             const float *gr = rewards + (s / G) * G;
-            bool         flat = true;
+            bool         flat = G > 1; /* verl's filter keeps a group of one */
             for (int32_t i = 1; i < G; i++) {
                 flat = flat && gr[i] == gr[0];
             }

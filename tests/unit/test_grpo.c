@@ -36,10 +36,10 @@ static void test_advantages(void) {
     CHECK_NEAR(g[0], 0.5 / (std + 1e-6), 1e-6, 1e-7);
     CHECK_NEAR(g[3], 0.0, 0, 1e-7);
     CHECK(g[4] == 0.0f);
-    /* singleton groups: grpo keeps the raw reward (verl), the baselines give 0 */
+    /* singleton groups: grpo gives r / (1 + eps) (verl: mean 0, std 1), the baselines give 0 */
     float one;
     caprl_group_advantages(&p, r, 1, 1, &one);
-    CHECK(one == 1.0f);
+    CHECK(one == (float)(1.0 / (1.0 + (double)p.adv_eps)));
     p.estimator = CAPRL_ADV_RLOO;
     caprl_group_advantages(&p, r, 1, 1, &one);
     CHECK(one == 0.0f);
