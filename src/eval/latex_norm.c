@@ -1270,7 +1270,11 @@ void caprl_math_parse(const char *s, size_t n, caprl_math_parsed *out) {
             caprl_sb_addc(&b, s[i]);
         }
     }
-    if (b.len == 0) {
+    size_t blank = 0; /* only whitespace inside $...$ is no math span for math_verify's extraction: nothing */
+    while (blank < b.len && ws_at(b.s, b.len, blank)) {
+        blank += ws_at(b.s, b.len, blank);
+    }
+    if (blank == b.len) {
         caprl_sb_free(&b);
         return;
     }
