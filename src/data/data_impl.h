@@ -51,9 +51,9 @@ void  caprl_sb_free(caprl_sb *b);
  * U+202F, U+205F, U+3000). */
 size_t caprl_py_space_len(const char *s, size_t n);
 
-/* The option label of a question-string line as the released scripts read it: after leading whitespace, '-',
- * optional whitespace, a letter A-F, ')', optional whitespace and non-empty text. Returns the letter and sets
- * *text / *text_len to the option text (trailing whitespace trimmed), or returns 0 if the line is not an option. */
+/* The option label of a question-string line as the released shuffle_options reads it: re.search of
+ * -\s*([A-F])\)\s*(.+) on line.strip() (Python's whitespace). Returns the letter and sets *text / *text_len to
+ * the option text (the rest of the stripped line), or returns 0 if no dash starts a match. */
 char caprl_qa_option_line(const char *line, size_t n, const char **text, size_t *text_len);
 
 /* The text of the "cannot answer" option the released QA strings end with (spec/caprl.md §6.4, §7.3). */

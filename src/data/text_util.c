@@ -107,38 +107,45 @@ size_t caprl_py_space_len(const char *s, size_t n) {
 
 /* ---- option lines --------------------------------------------------------------------------------------- */
 
-static bool ascii_space(char c) {
-    return c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v';
+/* Length of the run of Python whitespace starting at s[i]. */
+static size_t py_space_run(const char *s, size_t n, size_t i) {
+    size_t j = i, l;
+    while (j < n && (l = caprl_py_space_len(s + j, n - j)) > 0) {
+        j += l;
+    }
+    return j - i;
 }
 
 char caprl_qa_option_line(const char *line, size_t n, const char **text, size_t *text_len) {
-    size_t i = 0;
-    while (i < n && ascii_space(line[i])) {
-        i++;
+    /* line.strip(), then re.search(r'-\s*([A-F])\)\s*(.+)'): the first dash that starts a match; (.+) is the
+     * rest of the stripped line, which ends in a non-space character */
+    size_t b = py_space_run(line, n, 0), e = n;
+    for (size_t k = b; k < n;) {
+        size_t l = caprl_py_space_len(line + k, n - k);
+        if (l == 0) {
+            l = 1;
+            while (k + l < n && ((unsigned char)line[k + l] & 0xC0) == 0x80) {
+                l++;
+            }
+            e = k + l;
+        }
+        k += l;
     }
-    if (i >= n || line[i] != '-') {
-        return 0;
+    for (size_t i = b; i < e; i++) {
+        if (line[i] != '-') {
+            continue;
+        }
+        size_t j = i + 1 + py_space_run(line, e, i + 1);
+        if (j + 1 >= e || line[j] < 'A' || line[j] > 'F' || line[j + 1] != ')') {
+            continue;
+        }
+        size_t k = j + 2 + py_space_run(line, e, j + 2);
+        if (k >= e) {
+            continue;
+        }
+        *text = line + k;
+        *text_len = e - k;
+        return line[j];
     }
-    i++;
-    while (i < n && ascii_space(line[i])) {
-        i++;
-    }
-    if (i + 1 >= n || line[i] < 'A' || line[i] > 'F' || line[i + 1] != ')') {
-        return 0;
-    }
-    char label = line[i];
-    i += 2;
-    while (i < n && ascii_space(line[i])) {
-        i++;
-    }
-    size_t end = n;
-    while (end > i && ascii_space(line[end - 1])) {
-        end--;
-    }
-    if (end == i) {
-        return 0;
-    }
-    *text = line + i;
-    *text_len = end - i;
-    return label;
+    return 0;
 }

@@ -9,6 +9,7 @@
 #include "core/error_impl.h"
 #include "core/rng_impl.h"
 #include "core/sha256_impl.h"
+#include "data/data_impl.h"
 #include "fmt/json_impl.h"
 
 void caprl_sha256_hex(const void *data, size_t n, char hex[65]) {
@@ -23,92 +24,6 @@ void caprl_sha256_hex(const void *data, size_t n, char hex[65]) {
         hex[2 * i + 1] = digits[d[i] & 15];
     }
     hex[64] = '\0';
-}
-
-/* ---- Python whitespace ------------------------------------------------------------------------------------ */
-
-/* Python's str.isspace / re \s for str patterns (Py_UNICODE_ISSPACE): the C0 separators 0x09-0x0D and
- * 0x1C-0x1F, space, U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000. */
-static bool py_isspace(uint32_t c) {
-    if (c < 0x80) {
-        return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20);
-    }
-    return c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
-           c == 0x202F || c == 0x205F || c == 0x3000;
-}
-
-/* Decodes the code point at s[i] (i < n); returns its byte length. Malformed bytes count as one non-space
- * "character" of one byte (the loader has rejected invalid UTF-8 already; this only keeps the scan in bounds). */
-static size_t utf8_at(const char *s, size_t n, size_t i, uint32_t *cp) {
-    const unsigned char *u = (const unsigned char *)s;
-    unsigned char        b = u[i];
-    size_t               len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
-    if (len == 0 || i + len > n) {
-        *cp = 0xFFFFFFFFu;
-        return 1;
-    }
-    uint32_t c = len == 1 ? b : len == 2 ? (b & 0x1Fu) : len == 3 ? (b & 0x0Fu) : (b & 0x07u);
-    for (size_t k = 1; k < len; k++) {
-        if ((u[i + k] & 0xC0) != 0x80) {
-            *cp = 0xFFFFFFFFu;
-            return 1;
-        }
-        c = (c << 6) | (u[i + k] & 0x3Fu);
-    }
-    *cp = c;
-    return len;
-}
-
-/* Length of the whitespace run starting at s[i]. */
-static size_t space_run(const char *s, size_t n, size_t i) {
-    size_t j = i;
-    while (j < n) {
-        uint32_t c;
-        size_t   l = utf8_at(s, n, j, &c);
-        if (!py_isspace(c)) {
-            break;
-        }
-        j += l;
-    }
-    return j - i;
-}
-
-/* str.strip(): [*b, *e) without leading and trailing whitespace. */
-static void py_strip(const char *s, size_t n, size_t *b, size_t *e) {
-    size_t lo = space_run(s, n, 0), hi = lo;
-    for (size_t i = lo; i < n;) {
-        uint32_t c;
-        size_t   l = utf8_at(s, n, i, &c);
-        i += l;
-        if (!py_isspace(c)) {
-            hi = i;
-        }
-    }
-    *b = lo;
-    *e = hi;
-}
-
-/* re.search(r'-\s*([A-F])\)\s*(.+)', line) on a stripped line (no "\n" inside). Because the line ends in a
- * non-space character, the match at a dash is: spaces, a label, ')', spaces, then at least one character, and
- * (.+) is everything after those spaces. Returns false if no dash starts a match. */
-static bool match_option(const char *s, size_t n, char *label, size_t *text_at) {
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] != '-') {
-            continue;
-        }
-        size_t j = i + 1 + space_run(s, n, i + 1);
-        if (j + 1 >= n || s[j] < 'A' || s[j] > 'F' || s[j + 1] != ')') {
-            continue;
-        }
-        size_t k = j + 2 + space_run(s, n, j + 2);
-        if (k >= n) { /* (.+) needs a character; trailing spaces cannot occur on a stripped line */
-            continue;
-        }
-        *label = s[j];
-        *text_at = k;
-        return true;
-    }
-    return false;
 }
 
 /* ---- shuffle_options --------------------------------------------------------------------------------------- */
@@ -188,10 +103,10 @@ caprl_status caprl_present_question(const char *question, char gold, bool shuffl
             le++;
         }
         if (le > ls) {
-            size_t b, e, at;
-            char   label;
-            py_strip(q.p + ls, le - ls, &b, &e);
-            if (!match_option(q.p + ls + b, e - b, &label, &at)) {
+            const char *text;
+            size_t      text_len;
+            char        label = caprl_qa_option_line(q.p + ls, le - ls, &text, &text_len);
+            if (!label) {
                 caprl_status st = caprl_err_set(err, CAPRL_ERR_FORMAT,
                                                 "question option line '%.*s' does not match -\\s*([A-F])\\)\\s*(.+)",
                                                 (int)(le - ls > 120 ? 120 : le - ls), q.p + ls);
@@ -206,8 +121,8 @@ caprl_status caprl_present_question(const char *question, char gold, bool shuffl
                 n_opts++;
             }
             opts[k].label = label;
-            opts[k].text = q.p + ls + b + at;
-            opts[k].len = e - b - at;
+            opts[k].text = text;
+            opts[k].len = text_len;
         }
         ls = le + 1;
     }
