@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <utf8proc.h>
 
 #include "core/error_impl.h"
 #include "data/data_impl.h"
@@ -195,19 +196,55 @@ static void put_cp(caprl_sb *b, uint32_t cp) {
     caprl_sb_add(b, u, k);
 }
 
-/* Python's s.lower() (simple mappings plus U+0130 -> "i\u0307"). Caller frees. */
+/* Unicode's Cased and Case_Ignorable (what Python's final-sigma rule reads), from the general category plus the
+ * Word_Break MidLetter / MidNumLet / Single_Quote characters. */
+static bool cp_cased(uint32_t cp) {
+    utf8proc_category_t c = utf8proc_category((utf8proc_int32_t)cp);
+    return c == UTF8PROC_CATEGORY_LU || c == UTF8PROC_CATEGORY_LL || c == UTF8PROC_CATEGORY_LT;
+}
+
+static bool cp_case_ignorable(uint32_t cp) {
+    switch (cp) {
+    case '\'': case '.': case ':': case 0xB7: case 0x387: case 0x5F4: case 0x2018: case 0x2019: case 0x2024:
+    case 0x2027: case 0xFE13: case 0xFE52: case 0xFE55: case 0xFF07: case 0xFF0E: case 0xFF1A:
+        return true;
+    default:
+        break;
+    }
+    utf8proc_category_t c = utf8proc_category((utf8proc_int32_t)cp);
+    return c == UTF8PROC_CATEGORY_MN || c == UTF8PROC_CATEGORY_ME || c == UTF8PROC_CATEGORY_CF ||
+           c == UTF8PROC_CATEGORY_LM || c == UTF8PROC_CATEGORY_SK;
+}
+
+/* Python's s.lower(): simple mappings plus U+0130 -> "i\u0307", and a capital sigma that ends a word (a cased
+ * letter before it and none after it, case-ignorable characters skipped) -> final sigma U+03C2. Caller frees. */
 static char *py_lower(const char *s, size_t n) {
-    caprl_sb b = {0};
+    uint32_t *cps = caprl_xmalloc((n + 1) * sizeof(uint32_t));
+    size_t    m = 0;
     for (size_t i = 0; i < n;) {
-        uint32_t cp;
-        i += next_cp(s, n, i, &cp);
+        i += next_cp(s, n, i, &cps[m++]);
+    }
+    caprl_sb b = {0};
+    for (size_t k = 0; k < m; k++) {
+        uint32_t cp = cps[k];
         if (cp == 0x0130) {
             put_cp(&b, 'i');
             put_cp(&b, 0x0307);
+        } else if (cp == 0x03A3) {
+            size_t j = k;
+            while (j > 0 && cp_case_ignorable(cps[j - 1])) {
+                j--;
+            }
+            bool final = j > 0 && cp_cased(cps[j - 1]);
+            for (j = k + 1; final && j < m && cp_case_ignorable(cps[j]); j++) {
+            }
+            final = final && (j >= m || !cp_cased(cps[j]));
+            put_cp(&b, final ? 0x03C2 : 0x03C3);
         } else {
             put_cp(&b, cp >= 0xDC80 && cp <= 0xDCFF ? cp : caprl_cp_lower(cp));
         }
     }
+    free(cps);
     return caprl_sb_take(&b);
 }
 

@@ -149,6 +149,11 @@ static const score_case k_cases[] = {
     {W("\\text{New York}"), "New York", I, 1,
      "the math rule matches (the name against the same letters); ANLS alone would give 1 - 7 / 15"},
     {W("Paris"), "['paris', 'Lyon']", I, 1, "relaxed matches the first element case-insensitively"},
+    {W("\xce\x9f\xce\x94\xce\x9f\xce\xa3"), "\xce\xbf\xce\xb4\xce\xbf\xcf\x82", C, 1,
+     "Python's lower() ends a word with the final sigma: ODOS -> odos with U+03C2"},
+    {W("\xce\xa3\xce\x91"), "\xcf\x83\xce\xb1", C, 1, "a sigma that starts a word stays U+03C3"},
+    {W("\xce\x9f\xce\x94\xce\x9f\xce\xa3"), "\xce\xbf\xce\xb4\xce\xbf\xcf\x83", C, 0,
+     "so the non-final form does not match"},
     {W("Pariss"), "['Lyon', 'paris']", I, 1.0 - 1.0 / 6.0, "ANLS takes the closest element"},
     {W("Yes"), "Yes", I, 1, "exact"},
 };
