@@ -275,17 +275,13 @@ static char *resolve_image(const char *dir, const char *raw) {
 }
 
 /* Parses one non-blank line; on success appends an image to b. */
-static caprl_status read_line(set_builder *b, const char *path, int64_t line_no, const char *line, size_t n,
-                              caprl_error *err) {
+/* One parsed record, line line_no of a JSON Lines file or element line_no of a JSON array. */
+static caprl_status read_record(set_builder *b, const char *path, int64_t line_no, const struct json_t *doc,
+                                caprl_error *err) {
     char name[64];
     snprintf(name, sizeof name, "line %" PRId64, line_no);
-    struct json_t *doc = NULL, *inner = NULL;
+    struct json_t *inner = NULL;
     caprl_error    e2 = {0};
-    /* With an empty document name jansson's position reads ":1:COL: text"; only the column is worth keeping. */
-    if (caprl_json_parse(&doc, line, n, "", &e2) != CAPRL_OK) {
-        const char *at = strncmp(e2.msg, ":1:", 3) == 0 ? e2.msg + 3 : e2.msg;
-        return caprl_err_set(err, e2.code, "%s:%" PRId64 ": invalid JSON at column %s", path, line_no, at);
-    }
     caprl_json_obj o;
     qa_list        l = {0};
     const char    *image = NULL, *id = NULL;
@@ -328,7 +324,35 @@ static caprl_status read_line(set_builder *b, const char *path, int64_t line_no,
         im->line = line_no;
     }
     caprl_json_free(inner);
+    return st;
+}
+
+static caprl_status read_line(set_builder *b, const char *path, int64_t line_no, const char *line, size_t n,
+                              caprl_error *err) {
+    struct json_t *doc = NULL;
+    caprl_error    e2 = {0};
+    /* With an empty document name jansson's position reads ":1:COL: text"; only the column is worth keeping. */
+    if (caprl_json_parse(&doc, line, n, "", &e2) != CAPRL_OK) {
+        const char *at = strncmp(e2.msg, ":1:", 3) == 0 ? e2.msg + 3 : e2.msg;
+        return caprl_err_set(err, e2.code, "%s:%" PRId64 ": invalid JSON at column %s", path, line_no, at);
+    }
+    caprl_status st = read_record(b, path, line_no, doc, err);
     caprl_json_free(doc);
+    return st;
+}
+
+/* Counts a malformed record under skip_bad (st becomes OK), or passes the error on. */
+static caprl_status take_error(set_builder *b, bool skip_bad, caprl_status st, const caprl_error *e2, caprl_error *err) {
+    if (st == CAPRL_ERR_FORMAT && skip_bad) {
+        if (b->set.n_bad < QA_WARN_MAX) {
+            LOG_WARN("skipped: %s", e2->msg);
+        }
+        b->set.n_bad++;
+        return CAPRL_OK;
+    }
+    if (st != CAPRL_OK && err) {
+        *err = *e2;
+    }
     return st;
 }
 
@@ -350,21 +374,27 @@ caprl_status caprl_qa_set_load(caprl_qa_set *out, const char *path, bool skip_ba
     CAPRL_TRY(caprl_file_read_all(path, QA_FILE_MAX, &data, &size, err));
     set_builder  b = {.dir = dir_of(path)};
     caprl_status st = CAPRL_OK;
-    int64_t      line_no = 0;
-    const char  *line = NULL;
-    size_t       pos = 0, len = 0;
-    while (st == CAPRL_OK && caprl_jsonl_next((const char *)data, size, &pos, &line_no, &line, &len)) {
-        caprl_error e2 = {0};
-        st = read_line(&b, path, line_no, line, len, &e2);
-        if (st == CAPRL_ERR_FORMAT && skip_bad) {
-            if (b.set.n_bad < QA_WARN_MAX) {
-                LOG_WARN("skipped: %s", e2.msg);
-            }
-            b.set.n_bad++;
-            st = CAPRL_OK;
-        } else if (st != CAPRL_OK && err) {
-            *err = e2;
+    size_t       first = 0;
+    while (first < size && (data[first] == ' ' || data[first] == '\t' || data[first] == '\n' || data[first] == '\r')) {
+        first++;
+    }
+    bool is_array = first < size && data[first] == '[';
+    if (is_array) { /* a JSON array of records (a released dataset saved with json.dump): element i is "line" i + 1 */
+        struct json_t *arr = NULL;
+        st = caprl_json_parse(&arr, data, size, path, err);
+        for (size_t i = 0; st == CAPRL_OK && i < caprl_json_array_size(arr); i++) {
+            caprl_error e2 = {0};
+            st = take_error(&b, skip_bad, read_record(&b, path, (int64_t)i + 1, caprl_json_array_get(arr, i), &e2),
+                            &e2, err);
         }
+        caprl_json_free(arr);
+    }
+    int64_t     line_no = 0;
+    const char *line = NULL;
+    size_t      pos = 0, len = 0;
+    while (st == CAPRL_OK && !is_array && caprl_jsonl_next((const char *)data, size, &pos, &line_no, &line, &len)) {
+        caprl_error e2 = {0};
+        st = take_error(&b, skip_bad, read_line(&b, path, line_no, line, len, &e2), &e2, err);
     }
     free(data);
     free(b.dir);

@@ -101,9 +101,14 @@ typedef struct bench_builder {
     const caprl_eval_bench_params *params;
 } bench_builder;
 
+/* A relative image path is opened from the working directory, as the release's process_vision_info does; when no
+ * such file exists there, from the benchmark file's directory (a benchmark moved with its images). */
 static char *resolve(const char *dir, const char *raw) {
     const char *p = strncmp(raw, "file://", 7) == 0 ? raw + 7 : raw;
-    return p[0] == '/' || dir[0] == '\0' ? caprl_xstrdup(p) : caprl_path_join(dir, p);
+    if (p[0] == '/' || dir[0] == '\0' || caprl_path_exists(p)) {
+        return caprl_xstrdup(p);
+    }
+    return caprl_path_join(dir, p);
 }
 
 /* Reads one record; `where` ("record 3" or "line 4") names it in messages. */
@@ -137,7 +142,11 @@ static caprl_status read_record(bench_builder *bb, const struct json_t *rec, int
     if (!answer) {
         return caprl_json_field_error(&o, "answer", CAPRL_ERR_FORMAT, err, "missing");
     }
-    CAPRL_TRY(caprl_json_opt_string(&o, "type", NULL, &type, err));
+    /* "type" names a scoring rule in caprl's own records; the released ones may carry other keys, which the release
+     * ignores */
+    if (it.format == CAPRL_EVAL_FORMAT_SIMPLE) {
+        CAPRL_TRY(caprl_json_opt_string(&o, "type", NULL, &type, err));
+    }
     int32_t rule = bb->params->rule;
     if (rule < 0 && type) {
         rule = caprl_eval_rule_parse(type);

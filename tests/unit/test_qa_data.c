@@ -227,6 +227,33 @@ static void test_load_released(void) {
     caprl_qa_set_free(&s);
 }
 
+/* A JSON array of records (a dataset saved with json.dump) loads like JSON Lines; a bad element is named by its
+ * position and skipped under skip_bad. */
+static void test_load_array(void) {
+    write_file("arr.json",
+               "[{\"image\": \"a.png\", \"qa\": [{\"question\": \"Q?\\n   - A) x\\n   - B) y\", \"answer\": \"B\"}]},\n"
+               " {\"message\": [{\"role\": \"user\", \"content\": [{\"type\": \"image\", \"image\": \"b.png\"}]},"
+               " {\"role\": \"answer\", \"content\": \"[('Q?\\\\n   - A) 1\\\\n   - B) 2', 'A')]\"}]},\n"
+               " {\"image\": \"c.png\", \"qa\": []}]\n");
+    caprl_qa_set s;
+    caprl_error  err = {0};
+    CHECK(caprl_qa_set_load(&s, tmp_path("arr.json"), false, &err) == CAPRL_ERR_FORMAT);
+    char where[4400];
+    snprintf(where, sizeof where, "%s:3: ", tmp_path("arr.json"));
+    CHECK_MSG(strncmp(err.msg, where, strlen(where)) == 0, "%s", err.msg);
+    CHECK_OK(caprl_qa_set_load(&s, tmp_path("arr.json"), true, &err), &err);
+    CHECK(s.n_images == 2 && s.n_bad == 1);
+    if (s.n_images == 2) {
+        CHECK_STR_EQ(s.images[0].image_raw, "a.png");
+        CHECK(s.images[0].qa[0].gold == 'B');
+        CHECK_STR_EQ(s.images[1].image_raw, "b.png");
+        CHECK(s.images[1].qa[0].gold == 'A');
+    }
+    caprl_qa_set_free(&s);
+    write_file("arr_bad.json", "[{\"image\": \"a.png\",");
+    CHECK(caprl_qa_set_load(&s, tmp_path("arr_bad.json"), true, &err) == CAPRL_ERR_FORMAT);
+}
+
 typedef struct bad_case {
     const char *line;
     const char *needle; /* expected in the message */
@@ -306,6 +333,7 @@ int main(void) {
     test_check_question();
     test_load_caprl();
     test_load_released();
+    test_load_array();
     test_bad_records();
     return test_finish("test_qa_data");
 }

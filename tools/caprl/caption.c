@@ -70,8 +70,9 @@ int cmd_caption(int argc, char **argv) {
         "caption",
         "caprl caption --model DIR --images LIST --out captions.jsonl [--prompt TEXT] [-n N] [--batch B] [--shard i/k]",
         "Caption images with a Qwen2.5-VL checkpoint; one JSON line per image, appended and flushed as it finishes.",
-        "LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, or JSON Lines with an\n"
-        "\"image\" field (other fields are copied to the output); relative paths are relative to LIST's folder.\n"
+        "LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, JSON Lines with an\n"
+        "\"image\" field (other fields are copied to the output) or a JSON array of paths; relative paths are\n"
+        "relative to LIST's folder.\n"
         "Output: {\"image\", \"captions\": [...], \"tokens\": [...], \"finish\": [...], ...} or\n"
         "{\"image\", \"error\"} for an image that could not be read. Rerunning the same command resumes: images\n"
         "already in the output (error records included: delete those lines to retry them) are skipped and a torn\n"
@@ -87,7 +88,8 @@ int cmd_caption(int argc, char **argv) {
     int64_t     seed = 0, max_image_pixels = caprl_image_decode_default_params().max_pixels;
     opt_spec    specs[] = {
         {"model", OPT_STRING, &model_dir, "Qwen2.5-VL checkpoint directory", 0, 0, "DIR", 0},
-        {"images", OPT_STRING, &list, "directory, text file of paths, or JSONL with \"image\"", 0, 0, "LIST", 0},
+        {"images", OPT_STRING, &list, "directory, text file of paths, JSONL with \"image\", or JSON array", 0, 0, "LIST",
+         0},
         {"out", OPT_STRING, &out_path, "output JSON Lines (appended; resumed when it exists)", 0, 0, "FILE", 0},
         {"prompt", OPT_STRING, &prompt, "instruction after the image", 0, 0, "TEXT", 0},
         {"system", OPT_STRING, &system, "system prompt (default: Qwen2.5-VL's; \"\" for none)", 0, 0, "TEXT", 0},

@@ -395,7 +395,44 @@ static int list_dir(const char *cmd, const char *dir, tool_image_list *l) {
     return 0;
 }
 
-/* A text file of paths, or JSON Lines with an "image" field; relative paths are relative to the list's folder. */
+/* A JSON array of paths (the released gen_qa.py's --data-path list; entries may also be {"image": ...} objects):
+ * each entry counts as line i + 1 in messages. */
+static int list_json_array(const char *cmd, const char *path, const char *data, size_t len, const char *base,
+                           const char *const *drop_fields, tool_image_list *l) {
+    json_error_t jerr;
+    json_t      *arr = json_loadb(data, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!arr || !json_is_array(arr)) {
+        fprintf(stderr, "caprl %s: error: %s:%d: %s\n", cmd, path, arr ? 1 : jerr.line,
+                arr ? "expected a JSON array of image paths" : jerr.text);
+        json_decref(arr);
+        return EXIT_DATA;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < json_array_size(arr) && rc == 0; i++) {
+        json_t *e = json_array_get(arr, i), *img = json_is_object(e) ? json_object_get(e, "image") : e;
+        if (!json_is_string(img) || json_string_length(img) == 0 ||
+            strlen(json_string_value(img)) != json_string_length(img)) {
+            fprintf(stderr, "caprl %s: error: %s: entry %zu: expected a non-empty path or {\"image\": path}\n", cmd,
+                    path, i + 1);
+            rc = EXIT_DATA;
+            break;
+        }
+        json_t *extra = NULL;
+        if (json_is_object(e)) {
+            extra = json_deep_copy(e);
+            json_object_del(extra, "image");
+            for (size_t k = 0; drop_fields && drop_fields[k]; k++) {
+                json_object_del(extra, drop_fields[k]);
+            }
+        }
+        list_push(l, json_string_value(img), base, extra, (long)i + 1);
+    }
+    json_decref(arr);
+    return rc;
+}
+
+/* A text file of paths, JSON Lines with an "image" field, or a JSON array of paths; relative paths are relative to
+ * the list's folder. */
 static int list_file(const char *cmd, const char *path, const char *const *drop_fields, tool_image_list *l) {
     char  *data = NULL;
     size_t len = 0;
@@ -414,6 +451,12 @@ static int list_file(const char *cmd, const char *path, const char *const *drop_
     size_t first = start;
     while (first < len && (data[first] == ' ' || data[first] == '\n' || data[first] == '\r' || data[first] == '\t')) {
         first++;
+    }
+    if (first < len && data[first] == '[') {
+        rc = list_json_array(cmd, path, data + first, len - first, base, drop_fields, l);
+        free(base);
+        free(data);
+        return rc;
     }
     bool jsonl = first < len && data[first] == '{';
     /* split by hand rather than with strtok: empty lines must still count, or LIST:line would point elsewhere */

@@ -903,7 +903,7 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
 /* ---- results ---------------------------------------------------------------------------------------------------- */
 
 /* Scores every item once all are answered and writes the two released result files; prints the summary. */
-static int write_results(prism *p, int64_t step) {
+static int write_results(prism *p, int64_t step, const char *reader) {
     int64_t n = p->bench.n_items, answered = 0;
     for (int64_t i = 0; i < n; i++) {
         answered += p->answers[i] != NULL;
@@ -914,6 +914,17 @@ static int write_results(prism *p, int64_t step) {
                 "last shard to finish, or by a rerun without --shard)\n",
                 CMD, (long long)answered, (long long)n);
         return 0;
+    }
+    /* the reader's tokenizer counts each output's tokens as the release does, tokenizer(text).input_ids */
+    size_t           tp_len = strlen(reader) + sizeof "/tokenizer.json";
+    char            *tok_path = tool_xmalloc(tp_len);
+    snprintf(tok_path, tp_len, "%s/tokenizer.json", reader);
+    caprl_tokenizer *tok = NULL;
+    caprl_error      terr = {0};
+    caprl_status     tst = caprl_tokenizer_load(&tok, tok_path, &terr);
+    free(tok_path);
+    if (tst != CAPRL_OK) {
+        return tool_fail(CMD, tst, terr.msg);
     }
     int32_t             N = p->n;
     caprl_prism_record *recs = tool_xcalloc((size_t)n, sizeof *recs);
@@ -944,10 +955,12 @@ static int write_results(prism *p, int64_t step) {
             outs[q] = json_string_value(json_array_get(json_object_get(ans, "outputs"), (size_t)k));
             scores[q] = caprl_eval_score(outs[q], it->answer, it->rule, &tr);
             parsed[q] = caprl_eval_parsed_answer(outs[q]);
-            /* the reader's output length as vLLM counts it: the end-of-sequence token included */
-            const char *f = json_string_value(json_array_get(json_object_get(ans, "finish"), (size_t)k));
-            tokens[q] = json_integer_value(json_array_get(json_object_get(ans, "tokens"), (size_t)k)) +
-                        (f && strcmp(f, "eos") == 0 ? 1 : 0);
+            int64_t n_tok = 0;
+            caprl_error e2 = {0};
+            if (caprl_tokenizer_encode(tok, outs[q], strlen(outs[q]), true, NULL, 0, &n_tok, &e2) != CAPRL_OK) {
+                n_tok = json_integer_value(json_array_get(json_object_get(ans, "tokens"), (size_t)k));
+            }
+            tokens[q] = n_tok;
             total_tokens += tokens[q];
             boxed += tr.boxed_found;
             item_sum += scores[q];
@@ -997,6 +1010,11 @@ static int write_results(prism *p, int64_t step) {
                 CMD, (long long)boxed, (long long)answers, answers > 0 ? (double)total_tokens / (double)answers : 0.0,
                 (long long)failed);
         fprintf(stderr, "caprl %s: wrote %s and %s\n", CMD, details, eval);
+        if (failed == n) { /* nothing was evaluated: the images are not where the benchmark says */
+            fprintf(stderr, "caprl %s: error: none of the %lld items could be captioned (see OUT/captions_%s.jsonl for "
+                            "why)\n", CMD, (long long)n, p->tag);
+            rc = EXIT_DATA;
+        }
     }
     caprl_free(details);
     caprl_free(eval);
@@ -1009,6 +1027,7 @@ static int write_results(prism *p, int64_t step) {
     free(tokens);
     free(caps);
     free(outs);
+    caprl_tokenizer_free(tok);
     return rc;
 }
 
@@ -1171,7 +1190,7 @@ int cmd_eval_prism(int argc, char **argv) {
             rc = run_stage2(&p, &o, stage == 0);
         }
         if (rc == 0) {
-            rc = write_results(&p, step);
+            rc = write_results(&p, step, reader);
         }
     }
     free(bench_abs);

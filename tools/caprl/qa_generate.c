@@ -101,12 +101,13 @@ int cmd_qa_generate(int argc, char **argv) {
         "one JSON line per image with the raw response, appended and flushed as it finishes.",
         "The request is the released gen_qa.py's: the CapRL system prompt (--print-prompt shows it), then a user turn\n"
         "with the image and \"Here is the image\"; temperature 0.1, top-p 1, repetition penalty 1.05, at most 2048\n"
-        "new tokens. LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, or JSON\n"
-        "Lines with an \"image\" field (other fields are copied to the output); relative paths are relative to\n"
-        "LIST's folder. Output: {\"id\", \"image\", \"response\", \"tokens\", \"finish\"}, or {\"id\", \"image\",\n"
-        "\"error\"} for an image that could not be read; \"id\" is the list record's own id, else the image as\n"
-        "listed; \"image\" is the listed path when the output sits in LIST's folder, else absolute, so that later\n"
-        "stages find it. `caprl qa parse` turns the responses into QA records. Rerunning the same command resumes:\n"
+        "new tokens. LIST is a directory (its .jpg/.jpeg/.png/.webp files, sorted), a text file of paths, JSON\n"
+        "Lines with an \"image\" field (other fields are copied to the output) or a JSON array of paths; relative\n"
+        "paths are relative to LIST's folder. Output: {\"id\", \"image\", \"response\", \"tokens\", \"finish\"}, or\n"
+        "{\"id\", \"image\", \"error\"} for an image that could not be read; \"id\" is the list record's own id, else\n"
+        "the image as listed; \"image\" is the listed path when the output sits in LIST's folder, else absolute, so\n"
+        "that later stages find it. `caprl qa parse` turns the responses into QA records. Rerunning the same\n"
+        "command resumes:\n"
         "images already in the output are skipped and a torn last line from a killed run is removed; a second\n"
         "process on the same output is refused. --shard i/k takes every k-th image starting at i. Image i (its\n"
         "position in LIST) samples with random stream i: results do not depend on batching, sharding or resuming."};
@@ -117,7 +118,8 @@ int cmd_qa_generate(int argc, char **argv) {
     bool        print_prompt = false;
     opt_spec    specs[] = {
         {"vlm", OPT_STRING, &vlm_dir, "Qwen2.5-VL checkpoint directory (the question writer)", 0, 0, "DIR", 0},
-        {"images", OPT_STRING, &list, "directory, text file of paths, or JSONL with \"image\"", 0, 0, "LIST", 0},
+        {"images", OPT_STRING, &list, "directory, text file of paths, JSONL with \"image\", or JSON array", 0, 0, "LIST",
+         0},
         {"out", OPT_STRING, &out_path, "output JSON Lines (appended; resumed when it exists)", 0, 0, "FILE", 0},
         {"temperature", OPT_FLOAT, &temperature, "sampling temperature (0 = greedy)", 0, 100, "T", 0},
         {"top-p", OPT_FLOAT, &top_p, "nucleus mass in (0, 1]", 1e-6, 1, "P", 0},
