@@ -41,6 +41,8 @@ typedef struct caprl_text_config {
     int32_t image_token_id;        /* <|image_pad|> */
     int32_t vision_start_token_id; /* <|vision_start|> */
     int32_t vision_end_token_id;   /* <|vision_end|> */
+    int32_t video_token_id;        /* <|video_pad|>, -1 if unknown (kept for transformers; caprl has no video) */
+    int32_t vision_token_id;       /* <|vision_pad|>, -1 if unknown (likewise) */
 } caprl_text_config;
 
 /* generation_config.json (Hugging Face defaults where a field is absent). */

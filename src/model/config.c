@@ -496,6 +496,12 @@ static caprl_status parse_vl(const caprl_json_obj *root, const text_src *s, capr
     CAPRL_TRY(caprl_json_opt_i32(root, "image_token_id", 0, hi, 151655, &cfg->image_token_id, err));
     CAPRL_TRY(caprl_json_opt_i32(root, "vision_start_token_id", 0, hi, 151652, &cfg->vision_start_token_id, err));
     CAPRL_TRY(caprl_json_opt_i32(root, "vision_end_token_id", 0, hi, 151653, &cfg->vision_end_token_id, err));
+    /* ids caprl does not use but transformers' get_rope_index reads (4.49-4.51 have no default for video_token_id):
+     * kept to be written back; an absent one is Qwen2.5-VL's value when the vocabulary holds it */
+    CAPRL_TRY(caprl_json_opt_i32(root, "video_token_id", -1, INT32_MAX, 151656, &cfg->video_token_id, err));
+    CAPRL_TRY(caprl_json_opt_i32(root, "vision_token_id", -1, INT32_MAX, 151654, &cfg->vision_token_id, err));
+    cfg->video_token_id = cfg->video_token_id <= hi ? cfg->video_token_id : -1;
+    cfg->vision_token_id = cfg->vision_token_id <= hi ? cfg->vision_token_id : -1;
     /* an absent id takes Qwen2.5-VL's value, which a smaller vocabulary cannot hold: say so instead of writing a
      * config that would not load back */
     const struct {
@@ -529,6 +535,7 @@ static caprl_status parse_root(caprl_text_config *out, const caprl_json_obj *roo
     field_ctx c = {.file = root->file, .prefix = src.text->path, .code = CAPRL_ERR_FORMAT};
     CAPRL_TRY(check_config(&cfg, &c, err));
     cfg.image_token_id = cfg.vision_start_token_id = cfg.vision_end_token_id = -1;
+    cfg.video_token_id = cfg.vision_token_id = -1;
     if (kind == ARCH_QWEN2_5_VL) {
         CAPRL_TRY(parse_vl(root, &src, &cfg, err));
     }
@@ -686,9 +693,15 @@ caprl_status caprl_text_config_to_json(const caprl_text_config *cfg, int32_t dty
     tb_printf(b, "  \"transformers_version\": \"%s\",\n", WRITTEN_TRANSFORMERS_VERSION);
     tb_printf(b, "  \"use_cache\": true,\n");
     tb_printf(b, "  \"use_sliding_window\": false,\n");
+    if (cfg->is_vl && cfg->video_token_id > 0) { /* 0: a config built in memory without it */
+        tb_id(b, "video_token_id", cfg->video_token_id);
+    }
     if (cfg->is_vl) {
         tb_id(b, "vision_end_token_id", cfg->vision_end_token_id);
         tb_id(b, "vision_start_token_id", cfg->vision_start_token_id);
+    }
+    if (cfg->is_vl && cfg->vision_token_id > 0) {
+        tb_id(b, "vision_token_id", cfg->vision_token_id);
     }
     tb_printf(b, "  \"vocab_size\": %d\n}\n", (int)cfg->vocab_size);
     *out = caprl_xstrndup(b->data, b->len);

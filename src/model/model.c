@@ -293,6 +293,7 @@ caprl_status caprl_model_load(caprl_model **out, const char *dir, const caprl_mo
                              dir);
     }
     caprl_model *m = caprl_xcalloc(1, sizeof *m);
+    m->load_dir = caprl_xstrdup(dir);
     char        *cfg_path = caprl_path_join(dir, "config.json");
     caprl_status st = caprl_text_config_load(&m->cfg, cfg_path, err);
     free(cfg_path);
@@ -415,6 +416,20 @@ static caprl_status write_text_file(const char *path, const char *text, caprl_er
     return st;
 }
 
+/* The shortest decimal that reads back as f (0.1f -> "0.1", not 0.100000001): what a Python float of the value
+ * the user wrote prints as. */
+static void short_float(char out[32], float f) {
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(out, 32, "%.*g", digits, (double)f);
+        if (strtof(out, NULL) == f) {
+            break;
+        }
+    }
+    if (!strpbrk(out, ".eni")) { /* 1 -> 1.0: a JSON float, as json.dump writes it */
+        strncat(out, ".0", 31 - strlen(out));
+    }
+}
+
 static char *generation_config_json(const caprl_generation_config *g) {
     char eos[CAPRL_MAX_EOS * 12 + 4] = "[";
     for (int32_t i = 0; i < g->n_eos; i++) {
@@ -422,11 +437,15 @@ static char *generation_config_json(const caprl_generation_config *g) {
         snprintf(eos + len, sizeof eos - len, "%s%d", i ? ", " : "", g->eos_ids[i]);
     }
     strncat(eos, "]", sizeof eos - strlen(eos) - 1);
-    return caprl_xasprintf("{\n  \"do_sample\": %s,\n  \"eos_token_id\": %s,\n  \"temperature\": %.9g,\n"
-                           "  \"top_k\": %d,\n  \"top_p\": %.9g,\n  \"repetition_penalty\": %.9g\n}\n",
-                           g->do_sample ? "true" : "false", eos, (double)g->temperature, g->top_k, (double)g->top_p,
-                           (double)g->repetition_penalty);
+    char t[32], p[32], r[32];
+    short_float(t, g->temperature);
+    short_float(p, g->top_p);
+    short_float(r, g->repetition_penalty);
+    return caprl_xasprintf("{\n  \"do_sample\": %s,\n  \"eos_token_id\": %s,\n  \"temperature\": %s,\n"
+                           "  \"top_k\": %d,\n  \"top_p\": %s,\n  \"repetition_penalty\": %s\n}\n",
+                           g->do_sample ? "true" : "false", eos, t, g->top_k, p, r);
 }
+
 
 static caprl_status copy_file(const char *src, const char *dst, caprl_error *err) {
     uint8_t *data = NULL;
@@ -439,6 +458,20 @@ static caprl_status copy_file(const char *src, const char *dst, caprl_error *err
         st = st == CAPRL_OK ? caprl_atomic_commit(&af, err) : (caprl_atomic_abort(&af), st);
     }
     free(data);
+    return st;
+}
+
+/* dir/name copied to out_dir/name when it exists there (and is not the same file): true when copied. */
+static caprl_status copy_sibling(const char *dir, const char *name, const char *out_dir, bool *copied,
+                                 caprl_error *err) {
+    char        *src = caprl_path_join(dir, name), *dst = caprl_path_join(out_dir, name);
+    caprl_status st = CAPRL_OK;
+    *copied = caprl_path_exists(src);
+    if (*copied && strcmp(src, dst) != 0) {
+        st = copy_file(src, dst, err);
+    }
+    free(src);
+    free(dst);
     return st;
 }
 
@@ -523,6 +556,37 @@ caprl_status caprl_vl_model_save(const caprl_model *m, const caprl_vision *visio
     return model_save(m, vision, dir, err);
 }
 
+/* model.safetensors.index.json for the one file: vLLM and SGLang then load only the tensors it maps (a step
+ * directory also holds training_state.safetensors, which they would otherwise read as weights); transformers
+ * still opens model.safetensors directly. */
+static caprl_status write_weight_index(const char *dir, caprl_error *err) {
+    char              *path = caprl_path_join(dir, "model.safetensors");
+    caprl_safetensors *st = NULL;
+    caprl_status       status = caprl_safetensors_open(&st, path, err);
+    free(path);
+    CAPRL_TRY(status);
+    size_t  total = 0;
+    int64_t n = caprl_safetensors_n_tensors(st);
+    char   *map = caprl_xstrdup("");
+    for (int64_t i = 0; i < n; i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(st, i);
+        total += t->nbytes;
+        char *next = caprl_xasprintf("%s%s    \"%s\": \"model.safetensors\"", map, i ? ",\n" : "", t->name);
+        free(map);
+        map = next;
+    }
+    caprl_safetensors_free(st);
+    char *json = caprl_xasprintf("{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n"
+                                 "  \"weight_map\": {\n%s\n  }\n}\n",
+                                 total, map);
+    free(map);
+    path = caprl_path_join(dir, "model.safetensors.index.json");
+    status = write_text_file(path, json, err);
+    free(path);
+    free(json);
+    return status;
+}
+
 static caprl_status model_save(const caprl_model *m, const caprl_vision *vision, const char *dir, caprl_error *err) {
     CAPRL_TRY(caprl_mkdir_p(dir, err));
     /* Vectors are held as f32; write them back in the dtype they were stored in (exact: they came from it). */
@@ -564,6 +628,9 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
         st = caprl_st_writer_save(w, path, err);
     }
     free(path);
+    if (st == CAPRL_OK) {
+        st = write_weight_index(dir, err);
+    }
     caprl_st_writer_free(w);
     free(half_vectors);
     for (int32_t i = 0; i < m->n_params; i++) {
@@ -574,7 +641,12 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
     if (st == CAPRL_OK) {
         st = vision ? vl_config_json(m, vision, &json, err) : caprl_text_config_to_json(&m->cfg, m->dtype, &json, err);
     }
-    if (st == CAPRL_OK && vision) {
+    /* the files caprl does not change are copied as they were (fields it does not read stay), else written */
+    bool copied = false;
+    if (st == CAPRL_OK && vision && m->load_dir) {
+        st = copy_sibling(m->load_dir, "preprocessor_config.json", dir, &copied, err);
+    }
+    if (st == CAPRL_OK && vision && !copied) {
         caprl_preprocess_config pp = caprl_preprocess_config_default();
         char                   *ppj = preprocessor_config_json(&pp);
         path = caprl_path_join(dir, "preprocessor_config.json");
@@ -588,7 +660,11 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
         free(path);
         caprl_free(json);
     }
-    if (st == CAPRL_OK) {
+    copied = false;
+    if (st == CAPRL_OK && m->load_dir) {
+        st = copy_sibling(m->load_dir, "generation_config.json", dir, &copied, err);
+    }
+    if (st == CAPRL_OK && !copied) {
         char *gen = generation_config_json(&m->gen);
         path = caprl_path_join(dir, "generation_config.json");
         st = write_text_file(path, gen, err);
@@ -601,6 +677,21 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
             st = copy_file(m->tokenizer_path, path, err);
         }
         free(path);
+        /* the tokenizer's companions (eos / pad tokens, the chat template, the slow tokenizer's files), which
+         * transformers' AutoTokenizer and AutoProcessor read */
+        static const char *const side[] = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                                           "vocab.json",            "merges.txt",              "chat_template.json",
+                                           "chat_template.jinja"};
+        char *tok_dir = caprl_xstrdup(m->tokenizer_path), *slash = strrchr(tok_dir, '/');
+        if (slash) {
+            *slash = '\0';
+        } else {
+            strcpy(tok_dir, ".");
+        }
+        for (size_t i = 0; st == CAPRL_OK && i < sizeof side / sizeof side[0]; i++) {
+            st = copy_sibling(tok_dir, side[i], dir, &copied, err);
+        }
+        free(tok_dir);
     }
     return st;
 }
@@ -747,6 +838,7 @@ void caprl_model_free(caprl_model *m) {
     free(m->layers);
     caprl_tokenizer_free(m->tok);
     free(m->tokenizer_path);
+    free(m->load_dir);
     free(m);
 }
 

@@ -57,6 +57,7 @@ struct caprl_model {
     caprl_backend     *be;
     caprl_tokenizer   *tok;
     char              *tokenizer_path; /* the tokenizer.json tok came from (copied by caprl_model_save) */
+    char              *load_dir;       /* the checkpoint directory it was loaded from (NULL: built in memory) */
 
     /* Training (src/train): once bound, every parameter lives in a flat f32 block owned by a trainer (or, after
      * the trainer is freed, by the model: train_block). */

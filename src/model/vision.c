@@ -711,7 +711,7 @@ static caprl_status add_bound_to_writer(const caprl_vision *v, caprl_st_writer *
             data = h;
             h += n;
         }
-        snprintf(name, sizeof name, "visual.%s", p->name);
+        snprintf(name, sizeof name, "%s%s", v->prefix, p->name); /* the naming scheme it was loaded with */
         CAPRL_TRY(caprl_st_writer_add(w, name, p->dtype, p->n_dims, p->shape, data, err));
     }
     return CAPRL_OK;
@@ -724,7 +724,7 @@ caprl_status caprl_vision_add_to_writer(const caprl_vision *v, caprl_st_writer *
     char name[VISION_NAME_CAP + 16];
     for (int32_t i = 0; i < v->n_params; i++) {
         const vision_param *p = &v->params[i];
-        snprintf(name, sizeof name, "visual.%s", p->name);
+        snprintf(name, sizeof name, "%s%s", v->prefix, p->name); /* the naming scheme it was loaded with */
         if (p->matrix) {
             CAPRL_TRY(caprl_st_writer_add(w, name, p->matrix->dtype, p->n_dims, p->shape, p->matrix->data, err));
         } else {

@@ -597,6 +597,75 @@ static void test_soak(void) {
     soak("vl", base, 8, 20);
 }
 
+/* What caprl does not change travels with the weights, byte for byte, so that transformers loads a checkpoint as it
+ * loaded the input: the tokenizer's companions (tokenizer_config.json with its chat template, ...) and, of a VL
+ * model, the generation and preprocessor configs with keys caprl does not read. */
+static void test_side_files(void) {
+    char model[2300], run_dir[2300], cmd[16384], a[2400], b[2400];
+    snprintf(model, sizeof model, "%s/vl_side", g_dir);
+    snprintf(run_dir, sizeof run_dir, "%s/vl_side_run", g_dir);
+    snprintf(cmd, sizeof cmd, "cp -r %s/vl_model %s", g_dir, model);
+    CHECK(run(cmd, NULL, 0) == 0);
+    static const char *const files[][2] = {
+        {"tokenizer_config.json", "{\"eos_token\": \"<|im_end|>\", \"chat_template\": \"{{ messages }}\"}\n"},
+        {"special_tokens_map.json", "{\"pad_token\": \"<|endoftext|>\"}\n"},
+        {"chat_template.json", "{\"chat_template\": \"{{ messages }}\"}\n"},
+        {"generation_config.json", "{\"bos_token_id\": 1, \"pad_token_id\": 2, \"do_sample\": false, "
+                                   "\"max_new_tokens\": 2048, \"temperature\": 0.1, \"repetition_penalty\": 1.05}\n"},
+        {"preprocessor_config.json", NULL}, /* the input's own, with a smaller max_pixels and the fast class */
+    };
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(a, sizeof a, "%s/%s", model, files[i][0]);
+        if (files[i][1]) {
+            FILE *f = fopen(a, "wb");
+            CHECK(f != NULL);
+            if (f) {
+                fputs(files[i][1], f);
+                fclose(f);
+            }
+        } else {
+            snprintf(cmd, sizeof cmd, "sed -i 's/\"max_pixels\": [0-9]*/\"max_pixels\": 50176/; "
+                     "s/Qwen2VLImageProcessor\"/Qwen2VLImageProcessorFast\"/' %s", a);
+            CHECK(run(cmd, NULL, 0) == 0);
+        }
+    }
+    snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s/vl.jsonl --out %s --batch 4 --max-steps 1 --lr 1e-3 "
+             "--micro-batch-tokens 256 --threads 1", CAPRL_CLI, model, g_dir, run_dir);
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
+    CHECK_MSG(rc == 0, "sft exited %d: %s", rc, msg);
+    free(msg);
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(a, sizeof a, "%s/%s", model, files[i][0]);
+        snprintf(b, sizeof b, "%s/step-1/%s", run_dir, files[i][0]);
+        CHECK_MSG(same_file(a, b), "step-1/%s differs from the input's", files[i][0]);
+    }
+    char *pp = read_all(a, NULL);
+    CHECK(pp && strstr(pp, "\"max_pixels\": 50176") != NULL);
+    free(pp);
+    /* model.safetensors.index.json maps every tensor of model.safetensors and nothing else (so that servers which
+     * glob *.safetensors leave training_state.safetensors alone) */
+    snprintf(a, sizeof a, "%s/step-1/model.safetensors.index.json", run_dir);
+    json_error_t jerr;
+    json_t      *idx = json_load_file(a, 0, &jerr);
+    json_t      *map = json_object_get(idx, "weight_map");
+    snprintf(b, sizeof b, "%s/step-1/model.safetensors", run_dir);
+    caprl_safetensors *st = NULL;
+    caprl_error        err = {0};
+    CHECK_OK(caprl_safetensors_open(&st, b, &err), &err);
+    CHECK_MSG(json_is_object(map) && st && (int64_t)json_object_size(map) == caprl_safetensors_n_tensors(st), "%s: %s",
+              a, jerr.text);
+    size_t total = 0;
+    for (int64_t i = 0; st && i < caprl_safetensors_n_tensors(st); i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(st, i);
+        total += t->nbytes;
+        CHECK_STR_EQ(json_string_value(json_object_get(map, t->name)), "model.safetensors");
+    }
+    CHECK_EQ_I64(json_integer_value(json_object_get(json_object_get(idx, "metadata"), "total_size")), (int64_t)total);
+    caprl_safetensors_free(st);
+    json_decref(idx);
+}
+
 /* The init-model preset with the Qwen vocabulary: a short run whose checkpoint caprl generate loads. */
 static void test_qwen_tiny(const char *tok) {
     char model[2300], run_dir[2300], cmd[16384];
@@ -641,6 +710,7 @@ int main(void) {
     } parts[] = {{"reference run", test_reference_run}, {"threads", test_threads},
                  {"kill and resume", test_kill_resume}, {"overfit", test_overfit},
                  {"bad records", test_bad_records},      {"VL", test_vl},
+                 {"side files", test_side_files},
                  {"soak", SFT_LONG ? test_soak : NULL}};
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
         double t0 = now_s();

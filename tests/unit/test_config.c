@@ -380,6 +380,13 @@ static void test_variants(void) {
     CHECK(c.rms_norm_eps == 1e-5f && c.rope_theta == 1e6);
     free(v1);
     free(v2);
+    /* video_token_id / vision_token_id: unused by caprl but kept and written back for transformers */
+    CHECK_OK(parse(&c, k_qwen25_vl_3b, &err), &err);
+    CHECK(c.video_token_id == 151656 && c.vision_token_id == 151654);
+    char *vj = NULL;
+    CHECK_OK(caprl_text_config_to_json(&c, CAPRL_DTYPE_BF16, &vj, &err), &err);
+    CHECK(vj && strstr(vj, "\"video_token_id\": 151656") && strstr(vj, "\"vision_token_id\": 151654"));
+    caprl_free(vj);
     /* mrope_section is t, h, w: any other number of entries is refused */
     char *v3 = edit(k_qwen25_vl_3b, "[16, 24, 24]", "[16, 16, 16, 16]");
     CHECK_EQ_I64(parse(&c, v3, &err), CAPRL_ERR_FORMAT);

@@ -620,6 +620,20 @@ static void test_encode(const char *root) {
     g_bf16_operands = false;
     g_tol = f32_tol;
     check_vs_reference(dnew, "model.visual.", pix, "f16, model.visual.*", false);
+    /* a tower loaded under model.visual.* is written back under the same scheme (its text stack, under
+     * model.language_model.*, keeps its names too: one checkpoint, one scheme) */
+    {
+        caprl_vision *vn = load(dnew, 1);
+        char         *dback = subdir(root, "new_names_back");
+        save_checkpoint(vn, dback);
+        caprl_safetensors *st = NULL;
+        CHECK_OK(caprl_safetensors_open_dir(&st, dback, &err), &err);
+        CHECK(st && caprl_safetensors_find(st, "model.visual.patch_embed.proj.weight") != NULL);
+        CHECK(st && caprl_safetensors_find(st, "visual.patch_embed.proj.weight") == NULL);
+        caprl_safetensors_free(st);
+        caprl_vision_free(vn);
+        free(dback);
+    }
 
     /* a loaded tower computes exactly what the object it was saved from computes */
     caprl_vision *l1 = load(d32, 1), *l2 = load(d32, 2);

@@ -57,6 +57,8 @@ static caprl_text_config preset_tiny_vl(caprl_vision_config *vc) {
     c.mrope_section[2] = 3;
     c.image_token_id = 151655;
     c.vision_start_token_id = 151652;
+    c.video_token_id = 151656;
+    c.vision_token_id = 151654;
     c.vision_end_token_id = 151653;
     memset(vc, 0, sizeof *vc);
     vc->depth = 2;
@@ -204,6 +206,8 @@ int cmd_init_model(int argc, char **argv) {
         lm.image_token_id = cfg.image_token_id;
         lm.vision_start_token_id = cfg.vision_start_token_id;
         lm.vision_end_token_id = cfg.vision_end_token_id;
+        lm.video_token_id = cfg.video_token_id;
+        lm.vision_token_id = cfg.vision_token_id;
         lm.torch_dtype = cfg.torch_dtype;
         cfg = lm;
         vocab = cfg.vocab_size;
@@ -258,10 +262,10 @@ int cmd_init_model(int argc, char **argv) {
         if (vocab < 0) {
             vocab = (n_tok + 63) / 64 * 64;
         }
-        static const char *const names[] = {"<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>",
-                                             "<|vision_end|>"};
-        int32_t ids[5];
-        for (int i = 0; i < 5; i++) {
+        static const char *const names[] = {"<|endoftext|>",  "<|im_end|>",     "<|image_pad|>", "<|vision_start|>",
+                                             "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>"};
+        int32_t ids[7];
+        for (int i = 0; i < 7; i++) {
             ids[i] = caprl_tokenizer_token_id(tok, names[i]);
         }
         caprl_tokenizer_free(tok);
@@ -276,6 +280,8 @@ int cmd_init_model(int argc, char **argv) {
             cfg.image_token_id = ids[2];
             cfg.vision_start_token_id = ids[3];
             cfg.vision_end_token_id = ids[4];
+            cfg.video_token_id = ids[5]; /* -1 when the tokenizer has none: not written */
+            cfg.vision_token_id = ids[6];
         }
     }
     if (vocab < 0) {
