@@ -233,7 +233,9 @@ static caprl_status load_weights(caprl_model *m, const char *dir, caprl_error *e
     }
     if (st == CAPRL_OK) {
         uint8_t *cursor = m->owned;
+        m->file_dtypes = caprl_xcalloc((size_t)m->n_params, sizeof(int32_t));
         for (int32_t i = 0; i < m->n_params; i++) {
+            m->file_dtypes[i] = found[i]->dtype;
             if (m->params[i].kind == PARAM_MATRIX) {
                 caprl_weight_from_tensor(m->params[i].matrix, found[i], &cursor);
             } else {
@@ -493,9 +495,26 @@ static char *preprocessor_config_json(const caprl_preprocess_config *pp) {
 
 /* config.json for a VL checkpoint: the text config with the tower's "vision_config" added before the closing
  * brace. */
+/* The dtype a save writes matrix i in: F16 when the checkpoint had it (in memory it is F32), else as held. */
+static int32_t saved_matrix_dtype(const caprl_model *m, int32_t i) {
+    const param_desc *d = &m->params[i];
+    bool widened = m->file_dtypes && m->file_dtypes[i] == CAPRL_DTYPE_F16 && d->matrix->dtype == CAPRL_DTYPE_F32;
+    return widened ? CAPRL_DTYPE_F16 : d->matrix->dtype;
+}
+
+/* torch_dtype of a saved config: the embedding's dtype as written. */
+static int32_t saved_dtype(const caprl_model *m) {
+    for (int32_t i = 0; i < m->n_params; i++) {
+        if (m->params[i].kind == PARAM_MATRIX && m->params[i].matrix == &m->embed) {
+            return m->stored_dtypes ? m->stored_dtypes[i] : saved_matrix_dtype(m, i);
+        }
+    }
+    return m->dtype;
+}
+
 static caprl_status vl_config_json(const caprl_model *m, const caprl_vision *v, char **out, caprl_error *err) {
     char *text = NULL, *vis = NULL;
-    CAPRL_TRY(caprl_text_config_to_json(&m->cfg, m->dtype, &text, err));
+    CAPRL_TRY(caprl_text_config_to_json(&m->cfg, saved_dtype(m), &text, err));
     caprl_status st = caprl_vision_config_to_json(caprl_vision_get_config(v), &vis, err);
     if (st == CAPRL_OK) {
         char *close = strrchr(text, '}');
@@ -524,23 +543,30 @@ static caprl_status matrix_for_save(const caprl_model *m, int32_t i, int32_t dt,
         *data = d->matrix->data; /* as stored, or the bf16 copies mixed precision keeps in sync */
         return CAPRL_OK;
     }
-    CAPRL_ASSERT(m->train_flat != NULL && (dt == CAPRL_DTYPE_F32 || dt == CAPRL_DTYPE_BF16));
-    const float *master = m->train_flat + m->train_offset[i];
+    /* the f32 values: the training masters, or an F16 matrix widened at load */
+    CAPRL_ASSERT(m->train_flat != NULL || (dt == CAPRL_DTYPE_F16 && d->matrix->dtype == CAPRL_DTYPE_F32));
+    const float *master = m->train_flat ? m->train_flat + m->train_offset[i] : (const float *)d->matrix->data;
     if (dt == CAPRL_DTYPE_F32) {
         *data = master;
         return CAPRL_OK;
     }
+    CAPRL_ASSERT(dt == CAPRL_DTYPE_BF16 || dt == CAPRL_DTYPE_F16);
     size_t    n = (size_t)d->shape[0] * (size_t)d->shape[1];
     uint16_t *h = caprl_try_malloc(n * sizeof(uint16_t));
     if (!h) {
-        return caprl_err_set(err, CAPRL_ERR_OOM, "saving '%s': cannot allocate %zu bytes to convert it to bf16",
-                             d->name, n * sizeof(uint16_t));
+        return caprl_err_set(err, CAPRL_ERR_OOM, "saving '%s': cannot allocate %zu bytes to convert it to %s",
+                             d->name, n * sizeof(uint16_t), dt == CAPRL_DTYPE_BF16 ? "bf16" : "f16");
     }
-    caprl_f32_to_bf16_row(h, master, n);
+    if (dt == CAPRL_DTYPE_BF16) {
+        caprl_f32_to_bf16_row(h, master, n);
+    } else {
+        caprl_f32_to_f16_row(h, master, n);
+    }
     *data = h;
     *buf = h;
     return CAPRL_OK;
 }
+
 
 caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error *err) {
     return model_save(m, NULL, dir, err);
@@ -599,7 +625,7 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
         const param_desc *d = &m->params[i];
         if (d->kind == PARAM_MATRIX) {
             const void *data = NULL;
-            int32_t     dt = m->stored_dtypes ? m->stored_dtypes[i] : d->matrix->dtype;
+            int32_t     dt = m->stored_dtypes ? m->stored_dtypes[i] : saved_matrix_dtype(m, i);
             st = matrix_for_save(m, i, dt, &data, &converted[i], err);
             if (st == CAPRL_OK) {
                 st = caprl_st_writer_add(w, d->name, dt, 2, d->shape, data, err);
@@ -639,7 +665,8 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
     free(converted);
     char *json = NULL;
     if (st == CAPRL_OK) {
-        st = vision ? vl_config_json(m, vision, &json, err) : caprl_text_config_to_json(&m->cfg, m->dtype, &json, err);
+        st = vision ? vl_config_json(m, vision, &json, err)
+                    : caprl_text_config_to_json(&m->cfg, saved_dtype(m), &json, err);
     }
     /* the files caprl does not change are copied as they were (fields it does not read stay), else written */
     bool copied = false;
@@ -729,7 +756,7 @@ caprl_status model_train_bind(caprl_model *m, float *flat, uint16_t *bf16, caprl
         m->stored_dtypes = caprl_xcalloc((size_t)m->n_params, sizeof(int32_t));
         for (int32_t i = 0; i < m->n_params; i++) {
             const param_desc *d = &m->params[i];
-            m->stored_dtypes[i] = d->kind == PARAM_MATRIX ? d->matrix->dtype : *d->vector_dtype;
+            m->stored_dtypes[i] = d->kind == PARAM_MATRIX ? saved_matrix_dtype(m, i) : *d->vector_dtype;
         }
         m->train_offset = caprl_xcalloc((size_t)m->n_params, sizeof(int64_t));
         model_train_layout(m, m->train_offset);
@@ -833,6 +860,7 @@ void caprl_model_free(caprl_model *m) {
     free(m->params);
     free(m->vector_dtypes);
     free(m->stored_dtypes);
+    free(m->file_dtypes);
     free(m->train_offset);
     caprl_aligned_free(m->train_block);
     free(m->layers);

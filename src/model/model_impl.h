@@ -62,6 +62,8 @@ struct caprl_model {
     /* Training (src/train): once bound, every parameter lives in a flat f32 block owned by a trainer (or, after
      * the trainer is freed, by the model: train_block). */
     int32_t  *stored_dtypes; /* (n_params) dtype each tensor had before the first bind: what a save writes */
+    int32_t  *file_dtypes;   /* (n_params) dtype in the checkpoint it was loaded from (F16 matrices are widened to
+                              * F32 in memory and written back as F16); NULL when built in memory */
     int64_t  *train_offset;  /* (n_params) first element of each tensor in the flat layout; NULL until bound */
     float    *train_flat;    /* the f32 masters */
     uint16_t *train_bf16;    /* bf16 copies the matrices point at (mixed precision), or NULL */

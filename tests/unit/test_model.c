@@ -9,6 +9,7 @@
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
 #include "caprl_test.h"
+#include "proc_util.h"
 
 static caprl_text_config tiny_config(bool tied) {
     caprl_text_config c;
@@ -352,6 +353,60 @@ static void check_bad_checkpoints(const char *base) {
     expect_load_error("/nonexistent-dir", CAPRL_ERR_IO, "/nonexistent-dir");
 }
 
+/* An F16 checkpoint (transformers' torch_dtype float16) is held widened to f32 and saved back as F16, bit for bit,
+ * with torch_dtype float16 again. */
+static void check_f16_roundtrip(const char *base) {
+    char src[4200], f16[4200], back[4200], path[4300];
+    snprintf(src, sizeof src, "%s/untied", base);
+    snprintf(f16, sizeof f16, "%s/f16", base);
+    snprintf(back, sizeof back, "%s/f16_back", base);
+    caprl_error        err = {0};
+    caprl_safetensors *st = NULL;
+    snprintf(path, sizeof path, "%s/model.safetensors", src);
+    CHECK_OK(caprl_safetensors_open(&st, path, &err), &err);
+    if (!st) {
+        return;
+    }
+    int64_t          n = caprl_safetensors_n_tensors(st);
+    uint16_t       **halves = calloc((size_t)n, sizeof *halves);
+    caprl_st_writer *w = caprl_st_writer_init();
+    for (int64_t i = 0; i < n; i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(st, i);
+        CHECK(t->dtype == CAPRL_DTYPE_F32);
+        float *v = malloc((size_t)t->numel * sizeof(float));
+        memcpy(v, t->data, (size_t)t->numel * sizeof(float));
+        halves[i] = malloc((size_t)t->numel * sizeof(uint16_t));
+        caprl_f32_to_f16_row(halves[i], v, (size_t)t->numel);
+        free(v);
+        CHECK_OK(caprl_st_writer_add(w, t->name, CAPRL_DTYPE_F16, t->n_dims, t->shape, halves[i], &err), &err);
+    }
+    snprintf(path, sizeof path, "mkdir -p '%s' && sed 's/\"torch_dtype\": \"float32\"/\"torch_dtype\": \"float16\"/' "
+             "'%s/config.json' > '%s/config.json'", f16, src, f16);
+    CHECK(system(path) == 0);
+    snprintf(path, sizeof path, "%s/model.safetensors", f16);
+    CHECK_OK(caprl_st_writer_save(w, path, &err), &err);
+    caprl_st_writer_free(w);
+    caprl_model *m = load(f16, 1);
+    CHECK_OK(caprl_model_save(m, back, &err), &err);
+    caprl_model_free(m);
+    caprl_safetensors *out = NULL;
+    snprintf(path, sizeof path, "%s/model.safetensors", back);
+    CHECK_OK(caprl_safetensors_open(&out, path, &err), &err);
+    for (int64_t i = 0; out && i < n; i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(st, i), *o = caprl_safetensors_find(out, t->name);
+        CHECK_MSG(o && o->dtype == CAPRL_DTYPE_F16 && memcmp(o->data, halves[i], (size_t)t->numel * 2) == 0,
+                  "%s: not written back as the same F16", t->name);
+        free(halves[i]);
+    }
+    free(halves);
+    caprl_safetensors_free(out);
+    caprl_safetensors_free(st);
+    snprintf(path, sizeof path, "%s/config.json", back);
+    char *cfg = read_text(path);
+    CHECK(cfg && strstr(cfg, "\"torch_dtype\": \"float16\"") != NULL);
+    free(cfg);
+}
+
 int main(void) {
     char *base = test_tmpdir("model");
     char  dir[4096];
@@ -371,6 +426,7 @@ int main(void) {
     snprintf(dir, sizeof dir, "%s/bf16", base);
     check_cache_and_batching(dir);
     check_bad_checkpoints(base);
+    check_f16_roundtrip(base);
     free(base);
     return test_finish("test_model");
 }
