@@ -78,6 +78,16 @@ static void test_qa_parse(void) {
         CHECK(s.images[2].qa[0].gold == 'B');
     }
     caprl_qa_set_free(&s);
+    /* written into another folder, the relative image paths become absolute (the raw file's folder + the path), so
+     * that the QA loaders, which resolve against the QA file's folder, still find the images */
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s/elsewhere' && '%s' qa parse '%s/raw.jsonl' --out '%s/elsewhere/qa.jsonl'",
+             g_dir, CAPRL_CLI, g_dir, g_dir);
+    CHECK(run(cmd, NULL, 0) == 0);
+    qa = read_text("elsewhere/qa.jsonl");
+    char want[4400];
+    snprintf(want, sizeof want, "\"image\": \"%s/imgs/1.png\"", g_dir);
+    CHECK_MSG(qa && strstr(qa, want) != NULL, "%s lacks %s", qa ? qa : "(none)", want);
+    free(qa);
 
     /* --append-cannot-answer and --max-options reach the parser */
     snprintf(cmd, sizeof cmd, "qa parse '%s/raw.jsonl' -o '%s/qa2.jsonl' --append-cannot-answer --max-options 2", g_dir,

@@ -59,6 +59,8 @@ typedef struct parse_job {
     caprl_qa_parse_params params;
     bool                  skip_bad;
     const char           *in;
+    char                 *raw_dir;  /* folder of the raw file, against which its relative image paths resolve */
+    bool                  same_dir; /* the output sits in that folder: relative paths stay as written */
     char                 *out, *report;
     size_t                out_len, out_cap, report_len, report_cap;
     bool                  want_report;
@@ -126,8 +128,19 @@ static int parse_line(parse_job *job, const char *line, size_t len, long line_no
             char gold[2] = {r.items[i].gold, '\0'};
             json_array_append_new(qa, json_pack("{s:s, s:s}", "question", r.items[i].question, "answer", gold));
         }
+        /* a relative path is kept when the QA file sits beside the raw one, else made absolute, so that the QA
+         * loaders (which resolve against the QA file's folder) still find the image */
+        char *abs = NULL;
+        if (image[0] != '/' && !job->same_dir && job->raw_dir) {
+            size_t n = strlen(job->raw_dir) + strlen(image) + 2;
+            char  *joined = tool_xmalloc(n);
+            snprintf(joined, n, "%s/%s", job->raw_dir, image);
+            abs = tool_absolute(joined);
+            free(joined);
+        }
         append_json_line(&job->out, &job->out_len, &job->out_cap,
-                         json_pack("{s:s, s:s, s:o}", "id", id, "image", image, "qa", qa));
+                         json_pack("{s:s, s:s, s:o}", "id", id, "image", abs ? abs : image, "qa", qa));
+        free(abs);
         job->t.images_kept++;
         job->t.questions += r.n_items;
     }
@@ -204,10 +217,15 @@ static int qa_parse(int argc, char **argv) {
     job.params.append_cannot_answer = append_cannot;
     job.skip_bad = skip_bad;
     job.in = pos[0];
+    job.raw_dir = tool_folder_of(pos[0]);
+    char *out_dir = tool_folder_of(out);
+    job.same_dir = job.raw_dir && out_dir && strcmp(job.raw_dir, out_dir) == 0;
+    free(out_dir);
     job.want_report = report != NULL;
     char  *data = NULL;
     size_t size = 0;
     if ((rc = tool_read_file(info.name, pos[0], RAW_FILE_MAX, &data, &size))) {
+        free(job.raw_dir);
         return rc;
     }
     long line_no = 0;
@@ -237,6 +255,7 @@ static int qa_parse(int argc, char **argv) {
     }
     free(job.out);
     free(job.report);
+    free(job.raw_dir);
     return rc;
 }
 

@@ -329,7 +329,7 @@ static void add_record(out_buf *o, const job *j, const caprl_reward_result *r, c
     }
     json_object_set_new(rec, "mode", json_string(caprl_reward_mode_name(p->mode)));
     json_object_set_new(rec, p->mode == CAPRL_REWARD_EXPECTED ? "tau" : "temperature",
-                        json_real((double)(p->mode == CAPRL_REWARD_EXPECTED ? p->tau : p->temperature)));
+                        json_real(tool_typed_float(p->mode == CAPRL_REWARD_EXPECTED ? p->tau : p->temperature)));
     json_object_set_new(rec, "reader_tokens", json_integer(r->reader_tokens));
     json_t *qs = json_array();
     for (int32_t k = 0; k < r->n_questions; k++) {
