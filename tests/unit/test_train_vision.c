@@ -186,9 +186,9 @@ static void check_table(const caprl_vision *v, const float *flat, const char *sa
         CHECK_EQ_I64(info.offset, off);
         CHECK_EQ_I64(info.group, CAPRL_GROUP_VISION);
         CHECK_MSG(strncmp(info.name, prefix, strlen(prefix)) == 0, "%s lacks the prefix %s", info.name, prefix);
-        char name[160];
-        snprintf(name, sizeof name, "visual.%s", info.name + strlen(prefix));
-        const caprl_st_tensor *t = caprl_safetensors_find(st, name);
+        /* saved under the naming scheme it was loaded with, the name the trainer reports */
+        const caprl_st_tensor *t = caprl_safetensors_find(st, info.name);
+        const char            *name = info.name;
         CHECK_MSG(t != NULL, "%s not in the saved tower", name);
         if (!t) {
             continue;
@@ -243,7 +243,9 @@ static float *bind_and_check(caprl_vision *v, uint16_t **shadow_out, bool shadow
     caprl_error        err = {0};
     caprl_safetensors *st = NULL;
     CHECK_OK(caprl_safetensors_open(&st, later, &err), &err);
-    const caprl_st_tensor *t = st ? caprl_safetensors_find(st, "visual.merger.mlp.2.bias") : NULL;
+    char bias_name[64];
+    snprintf(bias_name, sizeof bias_name, "%smerger.mlp.2.bias", prefix);
+    const caprl_st_tensor *t = st ? caprl_safetensors_find(st, bias_name) : NULL;
     CHECK(t && read_elem(t, OUT - 1) == 0.5);
     caprl_safetensors_free(st);
     flat[n - 1] = keep;
