@@ -120,10 +120,12 @@ typedef struct caprl_eval_bench {
 } caprl_eval_bench;
 
 typedef struct caprl_eval_bench_params {
-    int32_t rule;     /* CAPRL_EVAL_RULE_* for every item, or -1 (default): a record's "type" if it has one,
-                         else caprl_eval_rule_for_bench of the file's name (its last path component; the release
-                         looks at the whole path) */
+    int32_t rule;     /* CAPRL_EVAL_RULE_* for every item, or -1 (default): a simple record's "type" if it has
+                         one, else caprl_eval_rule_for_bench of the benchmark's path as given (the release's
+                         data_path.lower()) */
     bool    skip_bad; /* default false: the first malformed record fails the load */
+    const char *image_root; /* relative image paths are under this folder (the release's --image-root); NULL
+                               (default): the working directory, else the benchmark file's folder */
 } caprl_eval_bench_params;
 
 CAPRL_API caprl_eval_bench_params caprl_eval_bench_default_params(void);

@@ -103,8 +103,11 @@ typedef struct bench_builder {
 
 /* A relative image path is opened from the working directory, as the release's process_vision_info does; when no
  * such file exists there, from the benchmark file's directory (a benchmark moved with its images). */
-static char *resolve(const char *dir, const char *raw) {
+static char *resolve(const char *dir, const char *root, const char *raw) {
     const char *p = strncmp(raw, "file://", 7) == 0 ? raw + 7 : raw;
+    if (p[0] != '/' && root) {
+        return caprl_path_join(root, p);
+    }
     if (p[0] == '/' || dir[0] == '\0' || caprl_path_exists(p)) {
         return caprl_xstrdup(p);
     }
@@ -169,7 +172,7 @@ static caprl_status read_record(bench_builder *bb, const struct json_t *rec, int
     }
     it.rule = rule;
     it.image_raw = caprl_xstrdup(ref.path);
-    it.image = resolve(bb->dir, ref.path);
+    it.image = resolve(bb->dir, bb->params->image_root, ref.path);
     it.min_pixels = ref.min_pixels;
     it.max_pixels = ref.max_pixels;
     it.answer = caprl_py_str_of_json(answer);
@@ -255,8 +258,8 @@ caprl_status caprl_eval_bench_load(caprl_eval_bench *out, const char *path, cons
     uint8_t *data = NULL;
     size_t   size = 0;
     CAPRL_TRY(caprl_file_read_all(path, BENCH_FILE_MAX, &data, &size, err));
-    const char   *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    bench_builder bb = {.path = path, .dir = dir_of(path), .file_rule = caprl_eval_rule_for_bench(base), .params = &pp};
+    /* the release lowercases the whole data path it was given and looks for "info" / "char" in it */
+    bench_builder bb = {.path = path, .dir = dir_of(path), .file_rule = caprl_eval_rule_for_bench(path), .params = &pp};
     size_t        first = 0;
     while (first < size && (data[first] == ' ' || data[first] == '\t' || data[first] == '\n' || data[first] == '\r')) {
         first++;

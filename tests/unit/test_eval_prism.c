@@ -104,6 +104,27 @@ static void test_load(void) {
     CHECK_OK(caprl_eval_bench_load(&b, tmp_path("simple.jsonl"), &p, &err), &err);
     CHECK(b.n_items == 2 && b.items[0].rule == CAPRL_EVAL_RULE_INFO && b.items[1].rule == CAPRL_EVAL_RULE_INFO);
     caprl_eval_bench_free(&b);
+
+    /* the release lowercases its whole --data-path: a folder named Charts/ makes a chart set; a released record's
+     * other keys, "type" among them, are ignored */
+    char dir[4400];
+    snprintf(dir, sizeof dir, "mkdir -p '%s/Charts'", g_tmp);
+    CHECK(system(dir) == 0);
+    write_file("Charts/lmm_eval_x.json",
+               "[{\"image\": \"/abs/a.png\", \"prompt\": \"P\", \"answer\": \"1\", \"type\": \"open\"}]");
+    CHECK_OK(caprl_eval_bench_load(&b, tmp_path("Charts/lmm_eval_x.json"), NULL, &err), &err);
+    CHECK(b.n_items == 1 && b.items[0].rule == CAPRL_EVAL_RULE_CHART);
+    caprl_eval_bench_free(&b);
+    /* image_root (the release's --image-root) takes the relative paths */
+    p = caprl_eval_bench_default_params();
+    p.image_root = "/data/root";
+    CHECK_OK(caprl_eval_bench_load(&b, tmp_path("lmm_eval_chartqa.json"), &p, &err), &err);
+    CHECK(b.n_items == 3);
+    if (b.n_items == 3) {
+        CHECK_STR_EQ(b.items[0].image, "/data/root/imgs/a.png");
+        CHECK_STR_EQ(b.items[1].image, "/abs/b.png");
+    }
+    caprl_eval_bench_free(&b);
 }
 
 static void test_bad(void) {

@@ -903,7 +903,7 @@ static int run_stage2(prism *p, const stage2_opts *o, bool have_captions) {
 /* ---- results ---------------------------------------------------------------------------------------------------- */
 
 /* Scores every item once all are answered and writes the two released result files; prints the summary. */
-static int write_results(prism *p, int64_t step, const char *reader) {
+static int write_results(prism *p, int64_t step, const char *tokenizer_dir) {
     int64_t n = p->bench.n_items, answered = 0;
     for (int64_t i = 0; i < n; i++) {
         answered += p->answers[i] != NULL;
@@ -915,10 +915,10 @@ static int write_results(prism *p, int64_t step, const char *reader) {
                 CMD, (long long)answered, (long long)n);
         return 0;
     }
-    /* the reader's tokenizer counts each output's tokens as the release does, tokenizer(text).input_ids */
-    size_t           tp_len = strlen(reader) + sizeof "/tokenizer.json";
+    /* each output's tokens counted as the release does, original_tokenizer(text).input_ids */
+    size_t           tp_len = strlen(tokenizer_dir) + sizeof "/tokenizer.json";
     char            *tok_path = tool_xmalloc(tp_len);
-    snprintf(tok_path, tp_len, "%s/tokenizer.json", reader);
+    snprintf(tok_path, tp_len, "%s/tokenizer.json", tokenizer_dir);
     caprl_tokenizer *tok = NULL;
     caprl_error      terr = {0};
     caprl_status     tst = caprl_tokenizer_load(&tok, tok_path, &terr);
@@ -1073,7 +1073,8 @@ int cmd_eval_prism(int argc, char **argv) {
         "OUT/{captions,answers}_{tag}.shard-i-of-k.jsonl; the shard that completes the set (or any later run)\n"
         "writes the results. Caption k of image u samples with random stream u*n+k, answer k of item i with i*n+k:\n"
         "results do not depend on batching, sharding or resuming."};
-    const char *captioner = NULL, *reader = NULL, *bench_path = NULL, *tag = NULL, *out_dir = NULL, *shard = NULL;
+    const char *captioner = NULL, *reader = NULL, *bench_path = NULL, *tag = NULL, *out_dir = NULL, *shard = NULL,
+                *image_root = NULL;
     const char *rule_name = NULL, *instruction = NULL, *captions_file = NULL;
     int32_t     n = 4, stage = 0, max_new = 2048, reader_max_new = 2048, threads = 0, batch = 1, reader_batch = 8;
     float       temperature = 1.0f, top_p = 1.0f, reader_temperature = 1.0f, reader_top_p = 1.0f;
@@ -1086,6 +1087,9 @@ int cmd_eval_prism(int argc, char **argv) {
         {"reader", OPT_STRING, &reader, "stage 2: text checkpoint that answers from captions", 0, 0, "DIR", 0},
         {"bench", OPT_STRING, &bench_path, "benchmark: released lmm_eval_*.json or caprl simple JSONL", 0, 0, "FILE",
          0},
+        {"image-root", OPT_STRING, &image_root, "folder of the benchmark's relative image paths (the release's "
+                                                "--image-root; default: the working directory, else the benchmark's "
+                                                "folder)", 0, 0, "DIR", 0},
         {"tag", OPT_STRING, &tag, "name of this evaluation in the output file names", 0, 0, "T", 0},
         {"out", OPT_STRING, &out_dir, "output directory (created)", 0, 0, "DIR", 0},
         {"n-captions", OPT_INT, &n, "captions per image (answers per question)", 1, 1024, "N", 'n'},
@@ -1139,6 +1143,7 @@ int cmd_eval_prism(int argc, char **argv) {
         return tool_usage_error(info.name, "--shard expects i/k with 0 <= i < k, got '%s'", shard);
     }
     caprl_eval_bench_params bp = caprl_eval_bench_default_params();
+    bp.image_root = image_root;
     if (rule_name && (bp.rule = caprl_eval_rule_parse(rule_name)) < 0) {
         return tool_usage_error(info.name, "--rule must be math, chart or info, got '%s'", rule_name);
     }
@@ -1190,7 +1195,8 @@ int cmd_eval_prism(int argc, char **argv) {
             rc = run_stage2(&p, &o, stage == 0);
         }
         if (rc == 0) {
-            rc = write_results(&p, step, reader);
+            /* the release counts output tokens with the captioner's tokenizer (its original_tokenizer) */
+            rc = write_results(&p, step, captioner ? captioner : reader);
         }
     }
     free(bench_abs);
