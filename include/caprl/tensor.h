@@ -46,6 +46,10 @@ CAPRL_API void caprl_f32_to_bf16_row(uint16_t *dst, const float *src, size_t n);
 CAPRL_API void caprl_f16_to_f32_row(float *dst, const uint16_t *src, size_t n);
 CAPRL_API void caprl_f32_to_f16_row(uint16_t *dst, const float *src, size_t n);
 
+/* The shortest decimal that reads back as f ("0.1" for 0.1f, not 0.100000001): the value a user typed, as Python
+ * would print it. out holds at least 32 bytes. */
+CAPRL_API void caprl_f32_shortest(float f, char *out);
+
 #ifdef __cplusplus
 }
 #endif

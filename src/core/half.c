@@ -1,4 +1,6 @@
 /* dtype table and bf16 / f16 conversions (bit-exact with PyTorch's round-to-nearest-even). */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "caprl/tensor.h"
@@ -136,5 +138,14 @@ void caprl_f16_to_f32_row(float *dst, const uint16_t *src, size_t n) {
 void caprl_f32_to_f16_row(uint16_t *dst, const float *src, size_t n) {
     for (size_t i = 0; i < n; i++) {
         dst[i] = caprl_f32_to_f16(src[i]);
+    }
+}
+
+void caprl_f32_shortest(float f, char *out) {
+    for (int digits = 1; digits <= 9; digits++) { /* 9 significant digits always read back as the same float */
+        snprintf(out, 32, "%.*g", digits, (double)f);
+        if (strtof(out, NULL) == f) {
+            return;
+        }
     }
 }

@@ -997,7 +997,6 @@ static bool num_pow(num_val *out, const num_val *base, const num_val *e) {
         num_val t = r;
         num_mul(&r, &t, base);
     }
-    r.is_float = base->is_float;
     if (e->p < 0) {
         r.v = 1.0 / r.v;
         int64_t t = r.p;

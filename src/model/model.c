@@ -418,16 +418,10 @@ static caprl_status write_text_file(const char *path, const char *text, caprl_er
     return st;
 }
 
-/* The shortest decimal that reads back as f (0.1f -> "0.1", not 0.100000001): what a Python float of the value
- * the user wrote prints as. */
+/* f as json.dump writes the float the user typed: its shortest decimal, with ".0" on an integer value. */
 static void short_float(char out[32], float f) {
-    for (int digits = 1; digits <= 9; digits++) {
-        snprintf(out, 32, "%.*g", digits, (double)f);
-        if (strtof(out, NULL) == f) {
-            break;
-        }
-    }
-    if (!strpbrk(out, ".eni")) { /* 1 -> 1.0: a JSON float, as json.dump writes it */
+    caprl_f32_shortest(f, out);
+    if (!strpbrk(out, ".eni")) {
         strncat(out, ".0", 31 - strlen(out));
     }
 }

@@ -4,11 +4,11 @@
  * multinomial draw. The uniform for the draw is Philox(seed, stream, step): no hidden state. */
 #include <float.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "caprl/sampler.h"
+#include "caprl/tensor.h"
 #include "core/error_impl.h"
 #include "core/rng_impl.h"
 
@@ -20,6 +20,7 @@ struct caprl_sampler {
     uint32_t             *seen;   /* (V) stamp per id, for "once per distinct id" */
     uint32_t              stamp;
     int32_t              *cand;   /* (V) candidate ids */
+    float                 top_p_cut; /* 1 - top_p as transformers compares it (see select_candidates) */
 };
 
 caprl_sampling_params caprl_sampling_default_params(void) {
@@ -61,6 +62,11 @@ caprl_status caprl_sampler_init(caprl_sampler **out, int32_t n_vocab, const capr
     }
     caprl_sampler *s = caprl_xcalloc(1, sizeof *s);
     s->p = p;
+    /* 1 - top_p taken as Python computes it from the decimal the user wrote (0.8 -> 0.19999999999999996 -> 0.2f)
+     * rather than from the float 0.8f, so that exact ties at the boundary (equal logits) fall the same way */
+    char typed[32];
+    caprl_f32_shortest(p.top_p, typed);
+    s->top_p_cut = (float)(1.0 - strtod(typed, NULL));
     s->n_vocab = n_vocab;
     s->work = caprl_xmalloc((size_t)n_vocab * sizeof(float));
     s->probs = caprl_xmalloc((size_t)n_vocab * sizeof(float));
@@ -166,18 +172,6 @@ static float kth_largest(const float *x, int32_t n, int32_t k, float *scratch) {
     return scratch[want];
 }
 
-/* The shortest decimal that reads back as f (0.8f -> 0.8): the value the user wrote, in double. */
-static double decimal_of_float(float f) {
-    char buf[32];
-    for (int digits = 1; digits <= 9; digits++) {
-        snprintf(buf, sizeof buf, "%.*g", digits, (double)f);
-        if (strtof(buf, NULL) == f) {
-            return strtod(buf, NULL);
-        }
-    }
-    return (double)f;
-}
-
 /* Collects the ids that survive top-k and top-p into s->cand in ascending id order; returns their count. work holds
  * the logits after penalty and temperature; -INFINITY marks removed ids. */
 static int32_t select_candidates(caprl_sampler *s) {
@@ -202,10 +196,8 @@ static int32_t select_candidates(caprl_sampler *s) {
         return n;
     }
     /* transformers' TopPLogitsWarper: over the ascending order, remove every id whose cumulative probability (f32)
-     * is <= 1 - top_p, the most likely always kept. 1 - top_p is taken as Python computes it from the decimal the
-     * user wrote (0.8 -> 0.19999999999999996 -> 0.2f) rather than from the float 0.8f, so that exact ties at the
-     * boundary (equal logits) fall the same way. */
-    const float threshold = (float)(1.0 - decimal_of_float(s->p.top_p));
+     * is <= 1 - top_p, the most likely always kept */
+    const float threshold = s->top_p_cut;
     float       mx = -INFINITY;
     for (int32_t j = 0; j < n; j++) {
         mx = fmaxf(mx, w[s->cand[j]]);
@@ -219,23 +211,16 @@ static int32_t select_candidates(caprl_sampler *s) {
     const double cut = (double)threshold / (double)n;
     double       removed_mass = 0.0;
     int32_t      kept = 0;
-    float        top = -INFINITY;
-    int32_t      top_id = s->cand[0];
     for (int32_t j = 0; j < n; j++) {
         double pj = exp((double)(w[s->cand[j]] - mx)) / total;
-        if (w[s->cand[j]] > top) {
-            top = w[s->cand[j]];
-            top_id = s->cand[j];
-        }
         if (pj < cut) {
             removed_mass += pj;
         } else {
             s->cand[kept++] = s->cand[j];
         }
     }
-    if (kept == 0) { /* cannot happen with exact arithmetic (some id has p >= 1 / n); keep the most likely */
-        s->cand[kept++] = top_id;
-    }
+    /* the most likely id has p = 1 / total >= 1 / n >= cut (total sums n terms <= 1), so one stays */
+    CAPRL_ASSERT(kept > 0);
     qsort_r(s->cand, (size_t)kept, sizeof(int32_t), cmp_ascending_logit, w);
     double  cum = removed_mass;
     int32_t first_kept = kept - 1; /* the most likely is always kept */

@@ -50,7 +50,8 @@ typedef struct rl_seq {
     float    adv;
     bool     keep;    /* takes part in the update */
     int32_t  n_loss;  /* response tokens that carry loss (0 when masked) */
-    int32_t  n_text;  /* tokens of the decoded caption re-encoded (the length term's count, as CapRL++ takes it) */
+    int32_t  n_text;  /* tokens of the decoded caption re-encoded (the length term's count, as CapRL++ takes it;
+                       * -1 when the term is off) */
     float   *old_lp;  /* (n_resp) old-policy log-probs, when needed */
     float   *ref_lp;  /* (n_resp) reference log-probs, when needed */
     char    *caption;
@@ -429,8 +430,10 @@ static caprl_status decode_captions(rl_run *r, caprl_error *err) {
         free(q->caption);
         q->caption = caprl_xmalloc(len + 1);
         CAPRL_TRY(caprl_tokenizer_decode(tok, q->resp, q->n_resp, true, q->caption, len + 1, &len, err));
-        int64_t n_text = 0;
-        CAPRL_TRY(caprl_tokenizer_encode(tok, q->caption, len, false, NULL, 0, &n_text, err));
+        int64_t n_text = -1; /* only the length term reads it */
+        if (r->cfg->reward.length_weight > 0.0f) {
+            CAPRL_TRY(caprl_tokenizer_encode(tok, q->caption, len, false, NULL, 0, &n_text, err));
+        }
         q->n_text = (int32_t)(n_text > INT32_MAX ? INT32_MAX : n_text);
     }
     return CAPRL_OK;

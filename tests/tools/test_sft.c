@@ -32,6 +32,14 @@ static char g_model[2300]; /* the small byte-level model most runs train */
 /* ---- helpers ------------------------------------------------------------------------------------------------- */
 
 /* RUN/metrics.jsonl as an array of objects; every line must be complete JSON. */
+/* Runs cmd and checks that it succeeds, naming what in the message with the command's stderr. */
+static void run_ok(const char *cmd, const char *what) {
+    int   rc = run(cmd, NULL, 0);
+    char *msg = last_stderr();
+    CHECK_MSG(rc == 0, "%s exited %d: %s", what, rc, msg);
+    free(msg);
+}
+
 static json_t *load_metrics(const char *run_dir) {
     char path[2300];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);
@@ -220,10 +228,7 @@ static void test_reference_run(void) {
     /* the checkpoint is a model directory caprl generate loads */
     snprintf(cmd, sizeof cmd, "'%s' generate --model %s/step-6 --prompt 'What color is the sky?' --chat --greedy "
              "--max-new-tokens 4", CAPRL_CLI, run_dir);
-    rc = run(cmd, NULL, 0);
-    msg = last_stderr();
-    CHECK_MSG(rc == 0, "generate on the checkpoint exited %d: %s", rc, msg);
-    free(msg);
+    run_ok(cmd, "generate on the checkpoint");
 
     /* RUN is not empty: refused without --resume; with it, a complete run is left alone */
     sft_cmd(cmd, sizeof cmd, run_dir, "");
@@ -631,10 +636,7 @@ static void test_side_files(void) {
     }
     snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s/vl.jsonl --out %s --batch 4 --max-steps 1 --lr 1e-3 "
              "--micro-batch-tokens 256 --threads 1", CAPRL_CLI, model, g_dir, run_dir);
-    int   rc = run(cmd, NULL, 0);
-    char *msg = last_stderr();
-    CHECK_MSG(rc == 0, "sft exited %d: %s", rc, msg);
-    free(msg);
+    run_ok(cmd, "sft");
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         snprintf(a, sizeof a, "%s/%s", model, files[i][0]);
         snprintf(b, sizeof b, "%s/step-1/%s", run_dir, files[i][0]);
@@ -676,10 +678,7 @@ static void test_qwen_tiny(const char *tok) {
     CHECK_EQ_I64(run(cmd, NULL, 0), 0);
     snprintf(cmd, sizeof cmd, "'%s' sft --model %s --data %s/train.jsonl --out %s --batch 2 --max-steps 1 --lr 1e-3 "
              "--freeze embed --precision bf16 --threads 2", CAPRL_CLI, model, g_dir, run_dir);
-    int   rc = run(cmd, NULL, 0);
-    char *msg = last_stderr();
-    CHECK_MSG(rc == 0, "sft on the init-model preset exited %d: %s", rc, msg);
-    free(msg);
+    run_ok(cmd, "sft on the init-model preset");
     json_t *m = load_metrics(run_dir);
     CHECK_EQ_I64(json_array_size(m), 1);
     CHECK_MSG(fabs(metric(m, 0, "loss") - log(151936.0)) < 1.0, "first loss %.4f, ln(V) = 11.93",
@@ -687,10 +686,7 @@ static void test_qwen_tiny(const char *tok) {
     json_decref(m);
     snprintf(cmd, sizeof cmd, "'%s' generate --model %s/step-1 --prompt 'What color is the sky?' --chat --greedy "
              "--max-new-tokens 4", CAPRL_CLI, run_dir);
-    rc = run(cmd, NULL, 0);
-    msg = last_stderr();
-    CHECK_MSG(rc == 0, "generate on the checkpoint exited %d: %s", rc, msg);
-    free(msg);
+    run_ok(cmd, "generate on the checkpoint");
 }
 
 int main(void) {

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "caprl/tensor.h"
 #include "caprl/vlm.h"
 #include "common.h"
 #include "opts.h"
@@ -176,8 +177,15 @@ double tool_now(void) {
 
 double tool_typed_float(float x) {
     char buf[32];
-    snprintf(buf, sizeof buf, "%.7g", (double)x);
+    caprl_f32_shortest(x, buf);
     return strtod(buf, NULL);
+}
+
+char *tool_path_join(const char *dir, const char *name) {
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char  *p = tool_xmalloc(n);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
 }
 
 char *tool_folder_of(const char *path) {
@@ -395,6 +403,16 @@ static int list_dir(const char *cmd, const char *dir, tool_image_list *l) {
     return 0;
 }
 
+/* A list record's fields carried to the output: all but "image" and drop_fields. */
+static json_t *carried_fields(const json_t *rec, const char *const *drop_fields) {
+    json_t *extra = json_deep_copy(rec);
+    json_object_del(extra, "image");
+    for (size_t i = 0; drop_fields && drop_fields[i]; i++) {
+        json_object_del(extra, drop_fields[i]);
+    }
+    return extra;
+}
+
 /* A JSON array of paths (the released gen_qa.py's --data-path list; entries may also be {"image": ...} objects):
  * each entry counts as line i + 1 in messages. */
 static int list_json_array(const char *cmd, const char *path, const char *data, size_t len, const char *base,
@@ -417,15 +435,8 @@ static int list_json_array(const char *cmd, const char *path, const char *data, 
             rc = EXIT_DATA;
             break;
         }
-        json_t *extra = NULL;
-        if (json_is_object(e)) {
-            extra = json_deep_copy(e);
-            json_object_del(extra, "image");
-            for (size_t k = 0; drop_fields && drop_fields[k]; k++) {
-                json_object_del(extra, drop_fields[k]);
-            }
-        }
-        list_push(l, json_string_value(img), base, extra, (long)i + 1);
+        list_push(l, json_string_value(img), base, json_is_object(e) ? carried_fields(e, drop_fields) : NULL,
+                  (long)i + 1);
     }
     json_decref(arr);
     return rc;
@@ -495,12 +506,7 @@ static int list_file(const char *cmd, const char *path, const char *const *drop_
             rc = EXIT_DATA;
             break;
         }
-        json_t *extra = json_deep_copy(rec);
-        json_object_del(extra, "image");
-        for (size_t i = 0; drop_fields && drop_fields[i]; i++) {
-            json_object_del(extra, drop_fields[i]);
-        }
-        list_push(l, json_string_value(img), base, extra, line_no);
+        list_push(l, json_string_value(img), base, carried_fields(rec, drop_fields), line_no);
         json_decref(rec);
     }
     free(base);

@@ -64,6 +64,9 @@ char *tool_folder_of(const char *path);
 /* path made absolute: realpath when it exists, else joined to the working directory. malloc'd. */
 char *tool_absolute(const char *path);
 
+/* dir + "/" + name, malloc'd. */
+char *tool_path_join(const char *dir, const char *name);
+
 /* malloc, calloc, realloc and strdup for the program's own buffers: out of memory, they report the size on stderr
  * and exit with EXIT_BACKEND (the library's large allocations fail with CAPRL_ERR_OOM instead, which the commands
  * map to the same code). A zero size is allocated as one byte. Never NULL. */

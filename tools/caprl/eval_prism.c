@@ -916,9 +916,7 @@ static int write_results(prism *p, int64_t step, const char *tokenizer_dir) {
         return 0;
     }
     /* each output's tokens counted as the release does, original_tokenizer(text).input_ids */
-    size_t           tp_len = strlen(tokenizer_dir) + sizeof "/tokenizer.json";
-    char            *tok_path = tool_xmalloc(tp_len);
-    snprintf(tok_path, tp_len, "%s/tokenizer.json", tokenizer_dir);
+    char            *tok_path = tool_path_join(tokenizer_dir, "tokenizer.json");
     caprl_tokenizer *tok = NULL;
     caprl_error      terr = {0};
     caprl_status     tst = caprl_tokenizer_load(&tok, tok_path, &terr);

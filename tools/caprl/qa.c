@@ -132,9 +132,7 @@ static int parse_line(parse_job *job, const char *line, size_t len, long line_no
          * loaders (which resolve against the QA file's folder) still find the image */
         char *abs = NULL;
         if (image[0] != '/' && !job->same_dir && job->raw_dir) {
-            size_t n = strlen(job->raw_dir) + strlen(image) + 2;
-            char  *joined = tool_xmalloc(n);
-            snprintf(joined, n, "%s/%s", job->raw_dir, image);
+            char *joined = tool_path_join(job->raw_dir, image);
             abs = tool_absolute(joined);
             free(joined);
         }

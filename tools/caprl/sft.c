@@ -66,13 +66,6 @@ typedef struct sft_run {
 
 /* ---- files of the run directory --------------------------------------------------------------------------- */
 
-static char *path_in(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char  *p = tool_xmalloc(n);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
 static int mkdir_parents(const char *dir) {
     char *p = tool_xstrdup(dir);
     for (char *s = p + 1; *s; s++) {
@@ -122,7 +115,7 @@ static void remove_leftovers(const char *run) {
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         if (strncmp(e->d_name, "config.json.tmp.", 16) == 0 || strncmp(e->d_name, "metrics.jsonl.tmp.", 18) == 0) {
-            char *p = path_in(run, e->d_name);
+            char *p = tool_path_join(run, e->d_name);
             unlink(p);
             free(p);
         }
@@ -248,7 +241,7 @@ static json_t *resolved_config(const sft_run *r, const caprl_adamw_params *ap) {
 /* Writes RUN/config.json when the run starts; on resume checks the stored one against this invocation's settings
  * instead. */
 static int write_config(const sft_run *r, const caprl_adamw_params *ap) {
-    char   *path = path_in(r->o->out, "config.json");
+    char   *path = tool_path_join(r->o->out, "config.json");
     json_t *now = resolved_config(r, ap);
     int     rc = 0;
     bool    keep = r->o->resume && access(path, F_OK) == 0; /* the run's own record stays as it started */
@@ -342,7 +335,7 @@ static int load_data(sft_run *r, const char *path, caprl_sft_data **out) {
     caprl_error  err = {0};
     caprl_status st = CAPRL_OK;
     if (r->vision) {
-        char *pp_path = path_in(o->model_dir, "preprocessor_config.json");
+        char *pp_path = tool_path_join(o->model_dir, "preprocessor_config.json");
         if (access(pp_path, F_OK) == 0) {
             st = caprl_preprocess_config_load(&sp.pp, pp_path, &err);
         }
@@ -675,7 +668,7 @@ static int open_run_dir(sft_run *r) {
     if (rc) {
         return rc;
     }
-    char *lock = path_in(o->out, ".lock");
+    char *lock = tool_path_join(o->out, ".lock");
     r->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     free(lock);
     if (r->lock_fd < 0 || flock(r->lock_fd, LOCK_EX | LOCK_NB) != 0) {
@@ -687,7 +680,7 @@ static int open_run_dir(sft_run *r) {
 }
 
 static int open_metrics(sft_run *r, int64_t start) {
-    char *path = path_in(r->o->out, "metrics.jsonl");
+    char *path = tool_path_join(r->o->out, "metrics.jsonl");
     int   rc = truncate_metrics(path, start);
     if (rc == 0) {
         r->metrics = fopen(path, "ab");
