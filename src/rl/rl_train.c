@@ -917,6 +917,12 @@ static caprl_status prepare_run_dir(const caprl_rl_config *cfg, bool resume, con
     CAPRL_TRY(check_run_dir(cfg, resume, fp, err));
     if (resume) {
         caprl_checkpoint_clean(cfg->out); /* what a killed run left: half-written or half-pruned checkpoints */
+        /* a kill between a save and its pruning leaves one checkpoint too many, even when the run is complete */
+        caprl_error prune_err = {0};
+        if (cfg->save_total_limit > 0 &&
+            caprl_checkpoint_prune(cfg->out, cfg->save_total_limit, &prune_err) != CAPRL_OK) {
+            LOG_WARN("%s", prune_err.msg); /* as a pruning after a save: not fatal */
+        }
     }
     int64_t latest = caprl_checkpoint_latest(cfg->out);
     if (resume && latest >= 0) {
