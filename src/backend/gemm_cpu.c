@@ -36,7 +36,8 @@ enum {
     KC_AVX512 = 1024,      /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
     SMALL_M = 16,          /* row blocks up to this take each weight tile from memory once (and widen bf16 in
                             * registers); larger ones widen a bf16 weight block once into scratch */
-    NBLK_CHUNKED = 60,     /* most weight rows per job when K is chunked (bounds the parked accumulators) */
+    NBLK_CHUNKED_AVX2 = 60,    /* most weight rows per job when K is chunked (bounds the parked accumulators) */
+    NBLK_CHUNKED_AVX512 = 120, /* (measured 8-15% faster than 60 or 96 on Zen 5, 1 MB L2) */
 };
 
 /* One job's block of the product: out rows [0, mrows) x columns [0, ncols), pointers already offset to it. */
@@ -411,7 +412,8 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     int64_t nblk = (c->l2_bytes / 2) / ((chunk ? kc_max : (K > 0 ? K : 1)) * 4);
     nblk = nblk / NR_ALIGN * NR_ALIGN;
     nblk = nblk < NR_ALIGN ? NR_ALIGN : nblk;
-    nblk = chunk && nblk > NBLK_CHUNKED ? NBLK_CHUNKED : nblk;
+    int64_t nblk_chunked = c->isa >= CAPRL_ISA_AVX512 ? NBLK_CHUNKED_AVX512 : NBLK_CHUNKED_AVX2;
+    nblk = chunk && nblk > nblk_chunked ? nblk_chunked : nblk;
     int64_t n_mblocks = caprl_ceil_div(M, MBLK);
     if (nt > 1 && n_mblocks * caprl_ceil_div(N, nblk) < JOBS_PER_THREAD * nt) {
         int64_t n_nblocks = caprl_ceil_div(JOBS_PER_THREAD * nt, n_mblocks);

@@ -214,6 +214,11 @@ int main(void) {
     CHECK(run(cmd, out, sizeof out) == 0);
     CHECK(strstr(out, "\"fp32_fma_gflops\"") && strstr(out, "\"mem_bw_gbs\"") && strstr(out, "\"decode16_over_decode1\"") &&
           strstr(out, "\"tokenizer_mb_per_s_1_thread\""));
+    /* a prompt shorter than the 16-sequence decode batch */
+    snprintf(cmd, sizeof cmd, "%s bench --quick --json --threads 2 --no-vision --prompt-tokens 8 --decode-steps 2",
+             CAPRL_CLI);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    CHECK(strstr(out, "\"decode16_over_decode1\"") != NULL);
     free(tmp);
     return test_finish("test_cli");
 }

@@ -165,8 +165,8 @@ static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int
     caprl_context_params cp = caprl_context_default_params();
     cp.n_seq_max = 16;
     cp.n_ctx = T + 2 * steps + 2; /* sequence 0 runs both decode measurements */
-    cp.n_batch_max = T;
-    cp.n_logits_max = T;
+    cp.n_batch_max = T > 16 ? T : 16; /* the 16-sequence decode steps, even after a shorter prompt */
+    cp.n_logits_max = cp.n_batch_max;
     caprl_context *ctx = NULL;
     st = caprl_context_init(&ctx, m, &cp, err);
     int32_t *ids = tool_xmalloc((size_t)T * sizeof(int32_t));
