@@ -164,6 +164,11 @@ char *caprl_path_join(const char *dir, const char *name) {
     return caprl_xasprintf("%s%s%s", dir, dir[n - 1] == '/' ? "" : "/", name);
 }
 
+char *caprl_path_dir(const char *path) {
+    const char *slash = strrchr(path, '/');
+    return !slash ? caprl_xstrdup("") : slash == path ? caprl_xstrdup("/") : caprl_xstrndup(path, (size_t)(slash - path));
+}
+
 bool caprl_path_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;

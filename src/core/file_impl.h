@@ -31,6 +31,8 @@ void         caprl_atomic_abort(caprl_atomic_file *af); /* NULL-safe; no-op afte
 
 /* Joins dir and name with one '/'; caller frees. */
 char *caprl_path_join(const char *dir, const char *name);
+/* The folder part of path: "" when it has none, "/" for a file at the root; caller frees. */
+char *caprl_path_dir(const char *path);
 bool  caprl_path_exists(const char *path);
 /* Creates dir and any missing parents (mode 0755); an existing directory is fine. */
 caprl_status caprl_mkdir_p(const char *dir, caprl_error *err);

@@ -274,8 +274,8 @@ static char *resolve_image(const char *dir, const char *raw) {
     return caprl_path_join(dir, p);
 }
 
-/* Parses one non-blank line; on success appends an image to b. */
-/* One parsed record, line line_no of a JSON Lines file or element line_no of a JSON array. */
+/* One parsed record, line line_no of a JSON Lines file or element line_no of a JSON array; on success appends an
+ * image to b. */
 static caprl_status read_record(set_builder *b, const char *path, int64_t line_no, const struct json_t *doc,
                                 caprl_error *err) {
     char name[64];
@@ -327,6 +327,7 @@ static caprl_status read_record(set_builder *b, const char *path, int64_t line_n
     return st;
 }
 
+/* Parses one non-blank line as a record. */
 static caprl_status read_line(set_builder *b, const char *path, int64_t line_no, const char *line, size_t n,
                               caprl_error *err) {
     struct json_t *doc = NULL;
@@ -356,14 +357,6 @@ static caprl_status take_error(set_builder *b, bool skip_bad, caprl_status st, c
     return st;
 }
 
-static char *dir_of(const char *path) {
-    const char *slash = strrchr(path, '/');
-    if (!slash) {
-        return caprl_xstrdup("");
-    }
-    return slash == path ? caprl_xstrdup("/") : caprl_xstrndup(path, (size_t)(slash - path));
-}
-
 caprl_status caprl_qa_set_load(caprl_qa_set *out, const char *path, bool skip_bad, caprl_error *err) {
     memset(out, 0, sizeof *out);
     if (!path) {
@@ -372,13 +365,9 @@ caprl_status caprl_qa_set_load(caprl_qa_set *out, const char *path, bool skip_ba
     uint8_t *data = NULL;
     size_t   size = 0;
     CAPRL_TRY(caprl_file_read_all(path, QA_FILE_MAX, &data, &size, err));
-    set_builder  b = {.dir = dir_of(path)};
+    set_builder  b = {.dir = caprl_path_dir(path)};
     caprl_status st = CAPRL_OK;
-    size_t       first = 0;
-    while (first < size && (data[first] == ' ' || data[first] == '\t' || data[first] == '\n' || data[first] == '\r')) {
-        first++;
-    }
-    bool is_array = first < size && data[first] == '[';
+    bool         is_array = caprl_json_starts_array((const char *)data, size);
     if (is_array) { /* a JSON array of records (a released dataset saved with json.dump): element i is "line" i + 1 */
         struct json_t *arr = NULL;
         st = caprl_json_parse(&arr, data, size, path, err);

@@ -206,11 +206,6 @@ static caprl_status take(bench_builder *bb, caprl_status st, const caprl_error *
     return caprl_err_set(err, st, "%s: %s", bb->path, e2->msg);
 }
 
-static char *dir_of(const char *path) {
-    const char *slash = strrchr(path, '/');
-    return !slash ? caprl_xstrdup("") : slash == path ? caprl_xstrdup("/") : caprl_xstrndup(path, (size_t)(slash - path));
-}
-
 static caprl_status load_array(bench_builder *bb, const char *data, size_t size, caprl_error *err) {
     struct json_t *doc = NULL;
     CAPRL_TRY(caprl_json_parse(&doc, data, size, bb->path, err));
@@ -259,12 +254,9 @@ caprl_status caprl_eval_bench_load(caprl_eval_bench *out, const char *path, cons
     size_t   size = 0;
     CAPRL_TRY(caprl_file_read_all(path, BENCH_FILE_MAX, &data, &size, err));
     /* the release lowercases the whole data path it was given and looks for "info" / "char" in it */
-    bench_builder bb = {.path = path, .dir = dir_of(path), .file_rule = caprl_eval_rule_for_bench(path), .params = &pp};
-    size_t        first = 0;
-    while (first < size && (data[first] == ' ' || data[first] == '\t' || data[first] == '\n' || data[first] == '\r')) {
-        first++;
-    }
-    caprl_status st = first < size && data[first] == '['
+    bench_builder bb = {
+        .path = path, .dir = caprl_path_dir(path), .file_rule = caprl_eval_rule_for_bench(path), .params = &pp};
+    caprl_status st = caprl_json_starts_array((const char *)data, size)
                           ? load_array(&bb, (const char *)data, size, err)
                           : load_lines(&bb, (const char *)data, size, err);
     free(data);

@@ -46,6 +46,14 @@ static bool blank_byte(char c) {
     return c == ' ' || c == '\t' || c == '\r';
 }
 
+bool caprl_json_starts_array(const char *data, size_t size) {
+    size_t i = 0;
+    while (i < size && (data[i] == ' ' || data[i] == '\t' || data[i] == '\n' || data[i] == '\r')) {
+        i++;
+    }
+    return i < size && data[i] == '[';
+}
+
 bool caprl_jsonl_next(const char *data, size_t size, size_t *pos, int64_t *line_no, const char **line, size_t *len) {
     while (*pos < size) {
         const char *start = data + *pos;

@@ -39,6 +39,9 @@ void         caprl_json_free(struct json_t *j); /* NULL-safe */
  * in *line / *len; *line_no counts every line passed (1-based). false at the end of the data. */
 bool caprl_jsonl_next(const char *data, size_t size, size_t *pos, int64_t *line_no, const char **line, size_t *len);
 
+/* Whether a document's first non-blank character is '[' (a JSON array rather than JSON Lines of objects). */
+bool caprl_json_starts_array(const char *data, size_t size);
+
 /* Makes o the root of document j (named file); CAPRL_ERR_FORMAT if j is not an object. */
 caprl_status caprl_json_root(caprl_json_obj *o, const struct json_t *j, const char *file, caprl_error *err);
 

@@ -442,7 +442,6 @@ static char *generation_config_json(const caprl_generation_config *g) {
                            g->do_sample ? "true" : "false", eos, t, g->top_k, p, r);
 }
 
-
 static caprl_status copy_file(const char *src, const char *dst, caprl_error *err) {
     uint8_t *data = NULL;
     size_t   n = 0;
@@ -487,8 +486,6 @@ static char *preprocessor_config_json(const caprl_preprocess_config *pp) {
                            pp->temporal_patch_size);
 }
 
-/* config.json for a VL checkpoint: the text config with the tower's "vision_config" added before the closing
- * brace. */
 /* The dtype a save writes matrix i in: F16 when the checkpoint had it (in memory it is F32), else as held. */
 static int32_t saved_matrix_dtype(const caprl_model *m, int32_t i) {
     const param_desc *d = &m->params[i];
@@ -506,6 +503,8 @@ static int32_t saved_dtype(const caprl_model *m) {
     return m->dtype;
 }
 
+/* config.json for a VL checkpoint: the text config with the tower's "vision_config" added before the closing
+ * brace. */
 static caprl_status vl_config_json(const caprl_model *m, const caprl_vision *v, char **out, caprl_error *err) {
     char *text = NULL, *vis = NULL;
     CAPRL_TRY(caprl_text_config_to_json(&m->cfg, saved_dtype(m), &text, err));
@@ -560,7 +559,6 @@ static caprl_status matrix_for_save(const caprl_model *m, int32_t i, int32_t dt,
     *buf = h;
     return CAPRL_OK;
 }
-
 
 caprl_status caprl_model_save(const caprl_model *m, const char *dir, caprl_error *err) {
     return model_save(m, NULL, dir, err);
@@ -703,12 +701,7 @@ static caprl_status model_save(const caprl_model *m, const caprl_vision *vision,
         static const char *const side[] = {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                                            "vocab.json",            "merges.txt",              "chat_template.json",
                                            "chat_template.jinja"};
-        char *tok_dir = caprl_xstrdup(m->tokenizer_path), *slash = strrchr(tok_dir, '/');
-        if (slash) {
-            *slash = '\0';
-        } else {
-            strcpy(tok_dir, ".");
-        }
+        char *tok_dir = caprl_path_dir(m->tokenizer_path);
         for (size_t i = 0; st == CAPRL_OK && i < sizeof side / sizeof side[0]; i++) {
             st = copy_sibling(tok_dir, side[i], dir, &copied, err);
         }

@@ -31,7 +31,6 @@ static char g_model[2300]; /* the small byte-level model most runs train */
 
 /* ---- helpers ------------------------------------------------------------------------------------------------- */
 
-/* RUN/metrics.jsonl as an array of objects; every line must be complete JSON. */
 /* Runs cmd and checks that it succeeds, naming what in the message with the command's stderr. */
 static void run_ok(const char *cmd, const char *what) {
     int   rc = run(cmd, NULL, 0);
@@ -40,6 +39,7 @@ static void run_ok(const char *cmd, const char *what) {
     free(msg);
 }
 
+/* RUN/metrics.jsonl as an array of objects; every line must be complete JSON. */
 static json_t *load_metrics(const char *run_dir) {
     char path[2300];
     snprintf(path, sizeof path, "%s/metrics.jsonl", run_dir);

@@ -188,8 +188,7 @@ static void check_table(const caprl_vision *v, const float *flat, const char *sa
         CHECK_MSG(strncmp(info.name, prefix, strlen(prefix)) == 0, "%s lacks the prefix %s", info.name, prefix);
         /* saved under the naming scheme it was loaded with, the name the trainer reports */
         const caprl_st_tensor *t = caprl_safetensors_find(st, info.name);
-        const char            *name = info.name;
-        CHECK_MSG(t != NULL, "%s not in the saved tower", name);
+        CHECK_MSG(t != NULL, "%s not in the saved tower", info.name);
         if (!t) {
             continue;
         }
