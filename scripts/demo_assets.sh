@@ -10,12 +10,17 @@
 #                        partial caption and a shuffled question -> " X." or " F." when the caption does not say;
 #                        the same in the Prism stage-2 form -> <answer>\boxed{X}</answer>; and the answer in words
 #                        for questions without options (finding the fact apart from choosing its letter)
+#                     3. the same records of the demo's world, whose questions have distractors the image lacks
+#                        (synth --question-style absent): the caption's mention of a value answers
 #   base            Qwen2.5-VL: the stage-1 reader's decoder (init-model --language-model) under a new 2-block
 #                   vision tower, SFT on dense object lists under its own instruction (sft_describe.jsonl): the
 #                   stand-in for the vision-language pretraining a real base model has
 #   captioner/      base, SFT on the SHORT captions (one or two objects): the SFT baseline that GRPO starts from
-#   filter/         base, SFT on the queries `caprl qa filter` makes: with the image it answers the letter; without
-#                   it, "None" unless the wording gives the answer away
+#   filter/         the curation model: the stage-3 reader's decoder under a new vision tower, SFT (1) on the dense
+#                   object lists mixed with letter-binding records in its own question form (sft_filter_bind.jsonl:
+#                   the decoder would lose the binding while it learns to see), then (2) on the queries `caprl qa
+#                   filter` makes (with the image: the letter; without: "None" unless the wording gives the answer
+#                   away), still mixed with those binding records
 # Every step is a pure function of its inputs and seeds, and caprl's results do not depend on the thread count.
 set -euo pipefail
 BUILD=${1:-build}
@@ -30,6 +35,7 @@ mkdir -p "$WORK" "$OUT"
 # 512 scenes are the same).
 "$C" synth --out "$WORK/world512" --train 512 --test 64 --seed 0 --reader-template "$T"
 "$C" synth --out "$WORK/world" --train 8192 --test 64 --seed 0 --reader-template "$T"
+"$C" synth --out "$WORK/world-absent" --train 8192 --test 64 --seed 0 --reader-template "$T" --question-style absent
 "$C" tokenizer train --corpus "$WORK/world512/corpus.txt" --vocab-size 1024 --out "$WORK/tokenizer.json"
 
 "$C" init-model --out "$WORK/reader0" --preset tiny --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
@@ -38,9 +44,12 @@ mkdir -p "$WORK" "$OUT"
 "$C" sft --model "$WORK/reader0" --data "$WORK/world/sft_reader_bind.jsonl" --out "$WORK/reader-bind" \
   --lr 5e-4 --batch 128 --micro-batch-tokens 8192 --max-steps 700 --warmup 50 --schedule constant --seed 0 \
   --save-every 700
-"$C" sft --model "$WORK/reader-bind/step-700" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-run" \
+"$C" sft --model "$WORK/reader-bind/step-700" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-lookup" \
   --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 3000 --warmup 20 --schedule constant --seed 4 \
   --save-every 500
+"$C" sft --model "$WORK/reader-lookup/step-3000" --data "$WORK/world-absent/sft_reader.jsonl" \
+  --out "$WORK/reader-run" --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 1000 --warmup 20 \
+  --schedule constant --seed 5 --save-every 250
 
 VISION=(--vision-depth 2 --vision-hidden 64 --vision-heads 4 --vision-intermediate 128 --window-size 84)
 "$C" init-model --out "$WORK/vl0" --preset tiny-vl --language-model "$WORK/reader-bind/step-700" "${VISION[@]}" \
@@ -51,9 +60,19 @@ VISION=(--vision-depth 2 --vision-hidden 64 --vision-heads 4 --vision-intermedia
 "$C" sft --model "$WORK/base/step-768" --data "$WORK/world/sft_captioner.jsonl" --out "$WORK/captioner-run" \
   --lr 5e-4 --batch 32 --micro-batch-tokens 4096 --max-steps 192 --warmup 10 --schedule constant --seed 1 \
   --save-every 64
-"$C" sft --model "$WORK/base/step-768" --data "$WORK/world/sft_filter.jsonl" --out "$WORK/filter-run" \
-  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 1000 --warmup 10 --schedule constant --seed 3 \
-  --save-every 200
+
+"$C" init-model --out "$WORK/vlf0" --preset tiny-vl --language-model "$WORK/reader-run/step-1000" "${VISION[@]}" \
+  --dtype f32 --std 0.05
+W="$WORK/world-absent"
+# one binding record per image beside each object list; then every binding record beside the curation queries
+cat "$W/sft_describe.jsonl" <(awk 'NR % 9 == 1' "$W/sft_filter_bind.jsonl") > "$WORK/filter_see.jsonl"
+cat "$W/sft_filter.jsonl" "$W/sft_filter_bind.jsonl" > "$WORK/filter_mix.jsonl"
+"$C" sft --model "$WORK/vlf0" --data "$WORK/filter_see.jsonl" --out "$WORK/filter-see" \
+  --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps 1536 --warmup 20 --schedule constant --seed 0 \
+  --save-every 1536
+"$C" sft --model "$WORK/filter-see/step-1536" --data "$WORK/filter_mix.jsonl" --out "$WORK/filter-run" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps FILTER_STEPS --warmup 10 --schedule constant --seed 3 \
+  --save-every 400
 
 # The final checkpoint of each run, without its training state.
 for m in reader captioner filter; do

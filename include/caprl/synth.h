@@ -33,8 +33,8 @@ typedef struct caprl_synth_params {
     const char *reader_template; /* reader prompt of sft_reader.jsonl: NULL = the CapRL template (spec/caprl.md
                                     §6.3); else a template with exactly two "{}" (caption, question), the one the
                                     reward will use (`caprl train --reader-template`) */
-    int32_t question_style; /* CAPRL_SYNTH_LOOKUP (default) or CAPRL_SYNTH_STATEMENT: how the per-object valid
-                               questions ask (see enum below) */
+    int32_t question_style; /* CAPRL_SYNTH_LOOKUP (default), _STATEMENT or _ABSENT: how the valid questions ask
+                               (see enum below) */
 } caprl_synth_params;
 
 /* How the valid questions about one object's colour, shape or position ask:
@@ -42,8 +42,18 @@ typedef struct caprl_synth_params {
  *   object named by the others);
  * - STATEMENT: "Which of these objects does the image show?" with the object's full description ("a large red
  *   circle at the top left") against three that change its colour (or shape, or position) to one the image lacks:
- *   answered by matching a description against the caption's sentences. */
-enum { CAPRL_SYNTH_LOOKUP = 0, CAPRL_SYNTH_STATEMENT = 1 };
+ *   answered by matching a description against the caption's sentences;
+ * - ABSENT: the lookup questions, with distractors the image does not have wherever it allows ("What color is the
+ *   object at the top left?": the gold colour and three colours no object has; "Where is the red circle?": its cell
+ *   and three empty ones): a caption that names the gold value answers, one that does not leaves nothing to choose
+ *   by. What the question measures is whether the caption mentions the fact, which is the reward CapRL wants; it
+ *   asks less of the reader than lookup does (finding a value, not which object holds it). */
+enum { CAPRL_SYNTH_LOOKUP = 0, CAPRL_SYNTH_STATEMENT = 1, CAPRL_SYNTH_ABSENT = 2 };
+
+/* "lookup", "statement", "absent"; "?" for any other value. */
+CAPRL_API const char *caprl_synth_style_name(int32_t style);
+/* The style named s (one of the names above); -1 when none. */
+CAPRL_API int32_t caprl_synth_style_parse(const char *s);
 
 CAPRL_API caprl_synth_params caprl_synth_default_params(void);
 
@@ -60,6 +70,7 @@ typedef struct caprl_synth_summary {
     int64_t n_reader_cannot;   /* of those, with target F (the caption does not state the answer) */
     int64_t n_reader_free;     /* answer-in-words records in sft_reader.jsonl (besides the n_reader_records) */
     int64_t n_reader_bind;     /* letter-binding records in sft_reader_bind.jsonl */
+    int64_t n_filter_bind;     /* the same in the curation model's form, in sft_filter_bind.jsonl */
     int64_t bytes_written;     /* all files together */
 } caprl_synth_summary;
 

@@ -260,7 +260,10 @@ bool caprl_synth_answerable(const caprl_synth_question *q, uint32_t listed, bool
     if ((q->need_a & listed) == q->need_a) {
         return true;
     }
-    return q->need_b != 0 && (q->need_b & listed) == q->need_b;
+    if (q->need_b != 0 && (q->need_b & listed) == q->need_b) {
+        return true;
+    }
+    return (q->gold_shown & listed) != 0;
 }
 
 /* Indices of the scene's objects by property, and the (shape, colour) pairs it lacks. */
@@ -348,25 +351,38 @@ static void split_values(const int32_t *count, int32_t n_values, int32_t gold, i
     }
 }
 
-static void options_color(caprl_rng *r, const scene_index *ix, int32_t gold, caprl_synth_question *q) {
-    int32_t pref[CAPRL_SYNTH_N_COLORS], rest[CAPRL_SYNTH_N_COLORS], np, nr;
-    split_values(ix->n_color, CAPRL_SYNTH_N_COLORS, gold, pref, &np, rest, &nr);
-    fill_options(r, q, gold, pref, np, rest, nr, name_color);
+/* Distractors by property: the scene's other values first (the lookup style: the caption must say which object has
+ * which), or, in the absent style, values the scene lacks first (a caption that names the gold value anywhere
+ * answers, one that does not gives nothing to choose by). */
+static void options_of(caprl_rng *r, const int32_t *count, int32_t n_values, int32_t gold, bool absent_first,
+                       const char *(*name)(int32_t), caprl_synth_question *q) {
+    int32_t pref[CAPRL_SYNTH_N_CELLS], rest[CAPRL_SYNTH_N_CELLS], np, nr;
+    CAPRL_ASSERT(n_values <= CAPRL_SYNTH_N_CELLS);
+    split_values(count, n_values, gold, pref, &np, rest, &nr);
+    if (absent_first) {
+        fill_options(r, q, gold, rest, nr, pref, np, name);
+    } else {
+        fill_options(r, q, gold, pref, np, rest, nr, name);
+    }
 }
 
-static void options_shape(caprl_rng *r, const scene_index *ix, int32_t gold, caprl_synth_question *q) {
-    int32_t pref[CAPRL_SYNTH_N_SHAPES], rest[CAPRL_SYNTH_N_SHAPES], np, nr;
-    split_values(ix->n_shape, CAPRL_SYNTH_N_SHAPES, gold, pref, &np, rest, &nr);
-    fill_options(r, q, gold, pref, np, rest, nr, name_shape);
+static void options_color(caprl_rng *r, const scene_index *ix, int32_t gold, bool absent_first,
+                          caprl_synth_question *q) {
+    options_of(r, ix->n_color, CAPRL_SYNTH_N_COLORS, gold, absent_first, name_color, q);
 }
 
-static void options_cell(caprl_rng *r, const scene_index *ix, int32_t gold, caprl_synth_question *q) {
-    int32_t occ[CAPRL_SYNTH_N_CELLS], pref[CAPRL_SYNTH_N_CELLS], rest[CAPRL_SYNTH_N_CELLS], np, nr;
+static void options_shape(caprl_rng *r, const scene_index *ix, int32_t gold, bool absent_first,
+                          caprl_synth_question *q) {
+    options_of(r, ix->n_shape, CAPRL_SYNTH_N_SHAPES, gold, absent_first, name_shape, q);
+}
+
+static void options_cell(caprl_rng *r, const scene_index *ix, int32_t gold, bool absent_first,
+                         caprl_synth_question *q) {
+    int32_t occ[CAPRL_SYNTH_N_CELLS];
     for (int32_t c = 0; c < CAPRL_SYNTH_N_CELLS; c++) {
         occ[c] = ix->occupied[c] ? 1 : 0;
     }
-    split_values(occ, CAPRL_SYNTH_N_CELLS, gold, pref, &np, rest, &nr);
-    fill_options(r, q, gold, pref, np, rest, nr, name_cell);
+    options_of(r, occ, CAPRL_SYNTH_N_CELLS, gold, absent_first, name_cell, q);
 }
 
 /* Four consecutive counts within [lo, hi] holding gold at a random rank (where the range allows). */
@@ -392,32 +408,35 @@ static void pair_text(char *out, const char *article, int32_t pair) {
              k_shapes[pair / CAPRL_SYNTH_N_COLORS]);
 }
 
-/* The (shape, colour) pairs absent from the scene, shuffled, those sharing a shape or a colour with an object of
- * the scene first (plausible distractors). Returns how many (>= 24 - 9). */
-static int32_t absent_pairs(caprl_rng *r, const scene_index *ix, int32_t *out) {
-    int32_t pref[CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS], rest[CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS];
-    int32_t np = 0, nr = 0;
-    for (int32_t p = 0; p < CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS; p++) {
+/* The (shape, colour) pairs absent from the scene, shuffled, then ordered by how much they share with the scene's
+ * objects. Lookup style: pairs sharing a shape or a colour with an object first (plausible distractors). Absent
+ * style: pairs sharing nothing first, then those sharing only the shape, then the colour (so that the caption's
+ * colour words tell the gold apart where the scene allows). Returns how many (>= 24 - 9). */
+static int32_t absent_pairs(caprl_rng *r, const scene_index *ix, bool absent_first, int32_t *out) {
+    enum { N_PAIRS = CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS };
+    int32_t tier[3][N_PAIRS], n_tier[3] = {0, 0, 0};
+    for (int32_t p = 0; p < N_PAIRS; p++) {
         if (ix->has_pair[p]) {
             continue;
         }
-        if (ix->n_shape[p / CAPRL_SYNTH_N_COLORS] > 0 || ix->n_color[p % CAPRL_SYNTH_N_COLORS] > 0) {
-            pref[np++] = p;
-        } else {
-            rest[nr++] = p;
-        }
+        bool shares_shape = ix->n_shape[p / CAPRL_SYNTH_N_COLORS] > 0;
+        bool shares_color = ix->n_color[p % CAPRL_SYNTH_N_COLORS] > 0;
+        int32_t t = absent_first ? (shares_color ? 2 : shares_shape ? 1 : 0) : (shares_shape || shares_color ? 0 : 2);
+        tier[t][n_tier[t]++] = p;
     }
-    shuffle_i32(r, pref, np);
-    shuffle_i32(r, rest, nr);
-    memcpy(out, pref, (size_t)np * sizeof *out);
-    memcpy(out + np, rest, (size_t)nr * sizeof *out);
-    return np + nr;
+    int32_t n = 0;
+    for (int32_t t = 0; t < 3; t++) {
+        shuffle_i32(r, tier[t], n_tier[t]);
+        memcpy(out + n, tier[t], (size_t)n_tier[t] * sizeof *out);
+        n += n_tier[t];
+    }
+    return n;
 }
 
 /* "Which of these objects is <size>?": gold one object of that size, distractors objects of the other size, then
  * absent pairs. Needs at least one object of each size. */
 static void make_size(caprl_rng *r, const caprl_synth_scene *s, const scene_index *ix, int32_t size,
-                      caprl_synth_question *q) {
+                      bool absent_first, caprl_synth_question *q) {
     int32_t same[CAPRL_SYNTH_N_CELLS], other[CAPRL_SYNTH_N_CELLS], ns = 0, no = 0;
     for (int32_t i = 0; i < s->n; i++) {
         if (s->obj[i].size == size) {
@@ -430,7 +449,7 @@ static void make_size(caprl_rng *r, const caprl_synth_scene *s, const scene_inde
     int32_t gold = same[below(r, ns)];
     shuffle_i32(r, other, no);
     int32_t absent[CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS];
-    (void)absent_pairs(r, ix, absent);
+    (void)absent_pairs(r, ix, absent_first, absent);
     snprintf(q->text, sizeof q->text, "Which of these objects is %s?", k_sizes[size]);
     pair_text(q->options[0], "the", obj_pair(&s->obj[gold]));
     q->need_a = 1u << gold;
@@ -449,9 +468,9 @@ static void make_size(caprl_rng *r, const caprl_synth_scene *s, const scene_inde
 }
 
 static void make_exists(caprl_rng *r, const caprl_synth_scene *s, const scene_index *ix, int32_t obj,
-                        caprl_synth_question *q) {
+                        bool absent_first, caprl_synth_question *q) {
     int32_t absent[CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS];
-    (void)absent_pairs(r, ix, absent);
+    (void)absent_pairs(r, ix, absent_first, absent);
     snprintf(q->text, sizeof q->text, "Which of these objects is in the image?");
     pair_text(q->options[0], "a", obj_pair(&s->obj[obj]));
     for (int32_t k = 1; k < CAPRL_SYNTH_N_OPTIONS; k++) {
@@ -463,9 +482,9 @@ static void make_exists(caprl_rng *r, const caprl_synth_scene *s, const scene_in
 
 /* Needs at least 3 objects: all three present ones must be listed to single out the absent one. */
 static void make_not_exists(caprl_rng *r, const caprl_synth_scene *s, const scene_index *ix,
-                            caprl_synth_question *q) {
+                            bool absent_first, caprl_synth_question *q) {
     int32_t absent[CAPRL_SYNTH_N_SHAPES * CAPRL_SYNTH_N_COLORS], objs[CAPRL_SYNTH_N_CELLS];
-    (void)absent_pairs(r, ix, absent);
+    (void)absent_pairs(r, ix, absent_first, absent);
     for (int32_t i = 0; i < s->n; i++) {
         objs[i] = i;
     }
@@ -531,6 +550,32 @@ static bool make_statement(caprl_rng *r, const caprl_synth_scene *s, int32_t obj
     return true;
 }
 
+/* The attribute a question about one object (a type up to POSITION) asks for. */
+static int32_t attr_asked(int32_t t) {
+    return t == CAPRL_SYNTH_Q_POSITION                                    ? ATTR_CELL
+           : t == CAPRL_SYNTH_Q_COLOR_AT || t == CAPRL_SYNTH_Q_COLOR_OF_SHAPE ? ATTR_COLOR
+                                                                              : ATTR_SHAPE;
+}
+
+/* The absent style's rule for a question about one attribute (attr) of an object: no object of the scene may have
+ * a distractor's value. Sets gold_shown to the objects with the gold value; false when the rule fails. */
+static bool distractors_absent(const caprl_synth_scene *s, int32_t attr, caprl_synth_question *q) {
+    for (int32_t i = 0; i < s->n; i++) {
+        const caprl_synth_object *o = &s->obj[i];
+        const char *v = attr == ATTR_COLOR ? k_colors[o->color] : attr == ATTR_SHAPE ? k_shapes[o->shape]
+                                                                                      : k_cells[o->cell];
+        for (int32_t k = 0; k < CAPRL_SYNTH_N_OPTIONS; k++) {
+            if (strcmp(v, q->options[k]) == 0) {
+                if (k != q->gold) {
+                    return false;
+                }
+                q->gold_shown |= 1u << i;
+            }
+        }
+    }
+    return true;
+}
+
 /* One valid question of type t about arg (an object index, a size, a colour or a shape, by type); in the statement
  * style the colour, shape and position types become statement questions about the object. false when the scene
  * cannot give that question. */
@@ -538,42 +583,40 @@ static bool make_valid(caprl_rng *r, const caprl_synth_scene *s, const scene_ind
                        int32_t style, caprl_synth_question *q) {
     memset(q, 0, sizeof *q);
     if (style == CAPRL_SYNTH_STATEMENT && t <= CAPRL_SYNTH_Q_POSITION) {
-        int32_t attr = t == CAPRL_SYNTH_Q_POSITION                                    ? ATTR_CELL
-                       : t == CAPRL_SYNTH_Q_COLOR_AT || t == CAPRL_SYNTH_Q_COLOR_OF_SHAPE ? ATTR_COLOR
-                                                                                      : ATTR_SHAPE;
-        if (!make_statement(r, s, arg, attr, q)) {
+        if (!make_statement(r, s, arg, attr_asked(t), q)) {
             return false;
         }
         shuffle_options(r, q);
         return true;
     }
     q->type = t;
+    bool absent_first = style == CAPRL_SYNTH_ABSENT;
     /* types up to POSITION are about one object, arg */
     const caprl_synth_object *o = t <= CAPRL_SYNTH_Q_POSITION ? &s->obj[arg] : NULL;
     switch (t) {
         case CAPRL_SYNTH_Q_COLOR_AT:
             snprintf(q->text, sizeof q->text, "What color is the object at the %s?", k_cells[o->cell]);
-            options_color(r, ix, o->color, q);
+            options_color(r, ix, o->color, absent_first, q);
             break;
         case CAPRL_SYNTH_Q_COLOR_OF_SHAPE:
             snprintf(q->text, sizeof q->text, "What color is the %s?", k_shapes[o->shape]);
-            options_color(r, ix, o->color, q);
+            options_color(r, ix, o->color, absent_first, q);
             break;
         case CAPRL_SYNTH_Q_SHAPE_AT:
             snprintf(q->text, sizeof q->text, "What shape is the object at the %s?", k_cells[o->cell]);
-            options_shape(r, ix, o->shape, q);
+            options_shape(r, ix, o->shape, absent_first, q);
             break;
         case CAPRL_SYNTH_Q_SHAPE_OF_COLOR:
             snprintf(q->text, sizeof q->text, "What shape is the %s object?", k_colors[o->color]);
-            options_shape(r, ix, o->shape, q);
+            options_shape(r, ix, o->shape, absent_first, q);
             break;
         case CAPRL_SYNTH_Q_POSITION:
             snprintf(q->text, sizeof q->text, "Where is the %s %s?", k_colors[o->color], k_shapes[o->shape]);
-            options_cell(r, ix, o->cell, q);
+            options_cell(r, ix, o->cell, absent_first, q);
             break;
-        case CAPRL_SYNTH_Q_SIZE: make_size(r, s, ix, arg, q); break;
-        case CAPRL_SYNTH_Q_EXISTS: make_exists(r, s, ix, arg, q); break;
-        case CAPRL_SYNTH_Q_NOT_EXISTS: make_not_exists(r, s, ix, q); break;
+        case CAPRL_SYNTH_Q_SIZE: make_size(r, s, ix, arg, absent_first, q); break;
+        case CAPRL_SYNTH_Q_EXISTS: make_exists(r, s, ix, arg, absent_first, q); break;
+        case CAPRL_SYNTH_Q_NOT_EXISTS: make_not_exists(r, s, ix, absent_first, q); break;
         case CAPRL_SYNTH_Q_COUNT_ALL:
             snprintf(q->text, sizeof q->text, "How many objects are there?");
             options_count(r, s->n, 1, CAPRL_SYNTH_N_CELLS, q);
@@ -590,6 +633,9 @@ static bool make_valid(caprl_rng *r, const caprl_synth_scene *s, const scene_ind
     }
     if (o) {
         q->need_a = 1u << arg;
+        if (absent_first && !distractors_absent(s, attr_asked(t), q)) {
+            return false;
+        }
     }
     q->needs_count = t >= CAPRL_SYNTH_Q_COUNT_ALL && t <= CAPRL_SYNTH_Q_COUNT_SHAPE;
     shuffle_options(r, q);
@@ -608,13 +654,13 @@ static void make_leaky(caprl_rng *r, const caprl_synth_scene *s, const scene_ind
         case CAPRL_SYNTH_Q_LEAK_COLOR:
             snprintf(q->text, sizeof q->text, "What color is the %s %s?", k_colors[o->color],
                      k_shapes[o->shape]);
-            options_color(r, ix, o->color, q);
+            options_color(r, ix, o->color, false, q);
             q->need_a = 1u << obj;
             break;
         case CAPRL_SYNTH_Q_LEAK_SHAPE:
             snprintf(q->text, sizeof q->text, "What shape is the %s %s?", k_colors[o->color],
                      k_shapes[o->shape]);
-            options_shape(r, ix, o->shape, q);
+            options_shape(r, ix, o->shape, false, q);
             q->need_a = 1u << obj;
             break;
         case CAPRL_SYNTH_Q_LEAK_SIDES: {

@@ -28,13 +28,14 @@ enum { CAPRL_SYNTH_SPLIT_TRAIN = 0, CAPRL_SYNTH_SPLIT_TEST = 1 };
 
 /* Random streams: one per (seed, split, image index, purpose). */
 enum {
-    CAPRL_SYNTH_PURPOSE_SCENE = 1,   /* objects */
-    CAPRL_SYNTH_PURPOSE_QA = 2,      /* valid questions */
-    CAPRL_SYNTH_PURPOSE_LEAKY = 3,   /* leaky questions and where they go */
-    CAPRL_SYNTH_PURPOSE_CAPTION = 4, /* which objects the short caption names */
-    CAPRL_SYNTH_PURPOSE_READER = 5,  /* the reader's SFT records: captions and option shuffles */
-    CAPRL_SYNTH_PURPOSE_FILTER = 6,  /* the curation model's SFT records: option shuffles */
-    CAPRL_SYNTH_PURPOSE_BIND = 7,    /* the reader's letter-binding records */
+    CAPRL_SYNTH_PURPOSE_SCENE = 1,        /* objects */
+    CAPRL_SYNTH_PURPOSE_QA = 2,           /* valid questions */
+    CAPRL_SYNTH_PURPOSE_LEAKY = 3,        /* leaky questions and where they go */
+    CAPRL_SYNTH_PURPOSE_CAPTION = 4,      /* which objects the short caption names */
+    CAPRL_SYNTH_PURPOSE_READER = 5,       /* the reader's SFT records: captions and option shuffles */
+    CAPRL_SYNTH_PURPOSE_FILTER = 6,       /* the curation model's SFT records: option shuffles */
+    CAPRL_SYNTH_PURPOSE_BIND = 7,         /* the reader's letter-binding records */
+    CAPRL_SYNTH_PURPOSE_FILTER_BIND = 8,  /* the curation model's letter-binding records */
 };
 void caprl_synth_rng(caprl_rng *r, uint64_t seed, int32_t split, int64_t index, int32_t purpose);
 
@@ -127,7 +128,9 @@ typedef struct caprl_synth_question {
     bool     needs_count; /* the count sentence (only the dense caption has it) */
     bool     no_caption;  /* world knowledge (leaky sides / round): no caption states it */
     uint32_t need_a;      /* answerable when every object of need_a is listed, */
-    uint32_t need_b;      /* or (need_b != 0) every object of need_b (elimination) */
+    uint32_t need_b;      /* or (need_b != 0) every object of need_b (elimination), */
+    uint32_t gold_shown;  /* or (the absent style) any object of gold_shown: it has the gold value, and no object
+                             has another option's, so naming the value answers */
 } caprl_synth_question;
 
 /* Whether a caption listing the objects of `listed` (bit i = s->obj[i]), with the count sentence or not,

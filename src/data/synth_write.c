@@ -32,11 +32,27 @@
 #define FLUSH_BYTES ((size_t)1 << 20)
 #define MAX_QUESTIONS 20 /* qa_per_image (16) + leaky_per_image (4) */
 #define BIND_PER_IMAGE 24
+#define FILTER_BIND_PER_IMAGE 9
 
 static const char k_caption_instruction[] = "Please describe this image in detail.";
 /* The instruction of the perception records (sft_describe.jsonl), deliberately not the captioning one: they stand
  * for the vision-language pretraining a real base model had before its short-caption SFT. */
 static const char k_describe_instruction[] = "List every object in this image.";
+
+static const char *const k_style_names[] = {"lookup", "statement", "absent"};
+
+const char *caprl_synth_style_name(int32_t style) {
+    return style >= 0 && style < (int32_t)(sizeof k_style_names / sizeof *k_style_names) ? k_style_names[style] : "?";
+}
+
+int32_t caprl_synth_style_parse(const char *s) {
+    for (int32_t k = 0; k < (int32_t)(sizeof k_style_names / sizeof *k_style_names); k++) {
+        if (strcmp(s, k_style_names[k]) == 0) {
+            return k;
+        }
+    }
+    return -1;
+}
 
 caprl_synth_params caprl_synth_default_params(void) {
     caprl_synth_params p;
@@ -81,9 +97,9 @@ caprl_status caprl_synth_params_check(const caprl_synth_params *p, caprl_error *
     if (p->qa_per_image < 1 || p->qa_per_image > 16) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "qa-per-image: %d is outside 1..16", (int)p->qa_per_image);
     }
-    if (p->question_style != CAPRL_SYNTH_LOOKUP && p->question_style != CAPRL_SYNTH_STATEMENT) {
-        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "question-style: %d is neither lookup (0) nor statement (1)",
-                             (int)p->question_style);
+    if (p->question_style < CAPRL_SYNTH_LOOKUP || p->question_style > CAPRL_SYNTH_ABSENT) {
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
+                             "question-style: %d is none of lookup (0), statement (1), absent (2)", (int)p->question_style);
     }
     int32_t holes = 0;
     for (const char *c = p->reader_template; c && (c = strstr(c, "{}")) != NULL; c += 2) {
@@ -171,13 +187,14 @@ enum {
     F_TRAIN_VALID,
     F_SFT_READER_BIND,
     F_SFT_DESCRIBE,
+    F_SFT_FILTER_BIND,
     N_FILES
 };
 
 static const char *const k_file_names[N_FILES] = {
     "scenes.jsonl",        "train.jsonl",       "test_qa.jsonl",      "leaky_ids.json", "captions_dense.jsonl",
     "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",    "corpus.txt",
-    "sft_filter.jsonl", "train_valid.jsonl", "sft_reader_bind.jsonl", "sft_describe.jsonl",
+    "sft_filter.jsonl", "train_valid.jsonl", "sft_reader_bind.jsonl", "sft_describe.jsonl", "sft_filter_bind.jsonl",
 };
 
 typedef struct out_file {
@@ -534,6 +551,21 @@ static void bind_option(caprl_rng *r, char *out, size_t cap) {
     }
 }
 
+/* Four distinct binding options and the gold one's index. */
+static int32_t bind_draw(caprl_rng *r, char options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP]) {
+    for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
+        bool distinct;
+        do {
+            bind_option(r, options[i], CAPRL_SYNTH_OPTION_CAP);
+            distinct = true;
+            for (int32_t j = 0; j < i; j++) {
+                distinct = distinct && strcmp(options[i], options[j]) != 0;
+            }
+        } while (!distinct);
+    }
+    return (int32_t)caprl_rng_below(r, CAPRL_SYNTH_N_OPTIONS);
+}
+
 /* The reader's letter-binding records of one training image (sft_reader_bind.jsonl): the caption is one option's
  * text, the question has no words, and the target is that option's letter. A small reader trained from scratch
  * on the full reader records stays at chance on the letter; this first stage teaches it to find the option that
@@ -543,18 +575,8 @@ static void put_bind_records(writer *w, int64_t index, const char *id) {
     caprl_rng r;
     caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_BIND);
     for (int32_t k = 0; k < BIND_PER_IMAGE; k++) {
-        char options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
-        for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
-            bool distinct;
-            do {
-                bind_option(&r, options[i], sizeof options[i]);
-                distinct = true;
-                for (int32_t j = 0; j < i; j++) {
-                    distinct = distinct && strcmp(options[i], options[j]) != 0;
-                }
-            } while (!distinct);
-        }
-        int32_t gold = (int32_t)caprl_rng_below(&r, CAPRL_SYNTH_N_OPTIONS);
+        char    options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
+        int32_t gold = bind_draw(&r, options);
         sbuf    question = {0};
         sb_puts(&question, "?");
         for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
@@ -569,6 +591,32 @@ static void put_bind_records(writer *w, int64_t index, const char *id) {
         free(caption);
         free(question.p);
         w->sum.n_reader_bind++;
+    }
+}
+
+/* The same binding in the curation model's form (sft_filter_bind.jsonl, text only): "Which of these is <option>?"
+ * with the options as `caprl qa filter` lists them, "E) None of the above" in half of them, answered with the
+ * letter. The curation model's decoder loses the binding while it learns to see (sft_describe.jsonl); these
+ * records, mixed into its training, keep it. */
+static void put_filter_bind_records(writer *w, int64_t index, const char *id) {
+    sbuf     *b = &w->f[F_SFT_FILTER_BIND].b;
+    caprl_rng r;
+    caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_FILTER_BIND);
+    for (int32_t k = 0; k < FILTER_BIND_PER_IMAGE; k++) {
+        char    options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
+        int32_t gold = bind_draw(&r, options);
+        sbuf    user = {0};
+        sb_printf(&user, "Which of these is %s?", options[gold]);
+        for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
+            sb_printf(&user, "\n   - %c) %s", 'A' + i, options[i]);
+        }
+        sb_printf(&user, "%s. Answer the question with only the correct letter",
+                  caprl_rng_below(&r, 2) ? "\n   - E) None of the above" : "");
+        sb_printf(b, "{\"id\": \"%s-g%d\", \"messages\": [{\"role\": \"user\", \"content\": ", id, (int)k);
+        json_str(b, user.p);
+        sb_printf(b, "}, {\"role\": \"assistant\", \"content\": \"%c\"}]}\n", 'A' + gold);
+        free(user.p);
+        w->sum.n_filter_bind++;
     }
 }
 
@@ -670,6 +718,7 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
         put_image_chat(&w->f[F_SFT_DESCRIBE].b, id, image, k_describe_instruction, dense);
         put_reader_records(w, i, id, &s, q, n_q, short_listed);
         put_bind_records(w, i, id);
+        put_filter_bind_records(w, i, id);
         put_filter_records(w, i, id, image, q, n_q);
         for (int32_t k = 0; k < n_q; k++) {
             w->sum.n_train_questions++;
@@ -723,14 +772,14 @@ static caprl_status write_manifest(writer *w, caprl_error *err) {
               "  \"leaky_per_image\": %d,\n  \"qa_per_image\": %d,\n  \"question_style\": \"%s\",\n",
               (unsigned long long)p->seed, (int)p->size, (int)p->n_train, (int)p->n_test, (int)p->min_objects,
               (int)p->max_objects, (int)p->leaky_per_image, (int)p->qa_per_image,
-              p->question_style == CAPRL_SYNTH_STATEMENT ? "statement" : "lookup");
+              caprl_synth_style_name(p->question_style));
     sb_printf(&b,
               "  \"train_questions\": %lld,\n  \"leaky_questions\": %lld,\n  \"test_questions\": %lld,\n"
               "  \"reader_records\": %lld,\n  \"reader_cannot_answer\": %lld,\n  \"reader_free_records\": %lld,\n"
-              "  \"reader_bind_records\": %lld,\n",
+              "  \"reader_bind_records\": %lld,\n  \"filter_bind_records\": %lld,\n",
               (long long)w->sum.n_train_questions, (long long)w->sum.n_leaky, (long long)w->sum.n_test_questions,
               (long long)w->sum.n_reader_records, (long long)w->sum.n_reader_cannot, (long long)w->sum.n_reader_free,
-              (long long)w->sum.n_reader_bind);
+              (long long)w->sum.n_reader_bind, (long long)w->sum.n_filter_bind);
     sb_puts(&b, "  \"caption_instruction\": ");
     json_str(&b, k_caption_instruction);
     struct {

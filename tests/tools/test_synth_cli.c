@@ -10,7 +10,7 @@
 static const char *const k_files[] = {
     "synth.json",         "scenes.jsonl",         "train.jsonl",         "test_qa.jsonl",    "leaky_ids.json",
     "captions_dense.jsonl", "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",
-    "corpus.txt",         "sft_reader_bind.jsonl", "sft_describe.jsonl", "sft_filter.jsonl",
+    "corpus.txt",         "sft_reader_bind.jsonl", "sft_describe.jsonl", "sft_filter.jsonl", "sft_filter_bind.jsonl",
     "images/train/00000.png", "images/train/00009.png", "images/test/00000.png", "images/test/00002.png",
 };
 
@@ -66,7 +66,26 @@ int main(void) {
     if (f) {
         fclose(f);
     }
-    CHECK(strstr(man, "\"size\": 84") && strstr(man, "\"seed\": 5") && strstr(man, "\"leaky_per_image\": 1"));
+    CHECK(strstr(man, "\"size\": 84") && strstr(man, "\"seed\": 5") && strstr(man, "\"leaky_per_image\": 1") &&
+          strstr(man, "\"question_style\": \"lookup\"") && strstr(man, "\"filter_bind_records\": 90"));
+    /* The absent style: named in the manifest, the same images */
+    snprintf(args, sizeof args, "synth --out '%s/w4' --train 10 --test 3 --seed 5 --question-style absent", dir);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 0);
+    snprintf(path, sizeof path, "%s/w4/synth.json", dir);
+    f = fopen(path, "rb");
+    n = f ? fread(man, 1, sizeof man - 1, f) : 0;
+    man[n] = '\0';
+    if (f) {
+        fclose(f);
+    }
+    CHECK_MSG(strstr(man, "\"question_style\": \"absent\""), "%s", man);
+    snprintf(path, sizeof path, "%s/w4/images/train/00009.png", dir);
+    snprintf(d2, sizeof d2, "%s/w1/images/train/00009.png", dir);
+    CHECK(same_file(path, d2));
+    snprintf(args, sizeof args, "synth --out '%s/bad' --question-style vague", dir);
+    CHECK_EQ_I64(run_cli(args, NULL, 0), 1);
+    read_stderr(err, sizeof err);
+    CHECK_MSG(strstr(err, "--question-style") && strstr(err, "vague"), "%s", err);
     snprintf(args, sizeof args, "synth --out '%s/w3' --train 10 --test 3 --seed 6 --size 56", dir);
     CHECK_EQ_I64(run_cli(args, NULL, 0), 0);
     char a[4400], b[4400];

@@ -158,6 +158,33 @@ static const tobj *find_obj(const tcap *c, const char *color, const char *shape,
 
 enum { UNKNOWN = -1, UNPARSED = -2 };
 
+/* The absent style's convention, which a reader of that world learns: the options of a question about one
+ * attribute are values of which only the gold one is in the image, so the one option that the caption names for
+ * any object is the answer. g_absent turns it on. */
+static bool g_absent;
+
+static const char *obj_attr(const tobj *o, char attr) {
+    return attr == 'c' ? o->color : attr == 's' ? o->shape : o->pos;
+}
+
+/* o's attr value as an option, else (the absent convention) the one option some listed object has as its attr. */
+static int answer_attr(const tq *q, const tcap *c, const tobj *o, char attr) {
+    if (o) {
+        return find_opt(q, obj_attr(o, attr));
+    }
+    int found = UNKNOWN, n_found = 0;
+    for (int i = 0; g_absent && i < q->n_opt; i++) {
+        for (int j = 0; j < c->n; j++) {
+            if (!strcmp(q->opt[i], obj_attr(&c->o[j], attr))) {
+                found = i;
+                n_found++;
+                break;
+            }
+        }
+    }
+    return n_found == 1 ? found : UNKNOWN;
+}
+
 /* What a careful reader concludes from caption c (NULL: no caption) about q: the index of the option the
  * caption or the wording determines, UNKNOWN if it does not, UNPARSED for a question this oracle does not
  * know. Questions presuppose what they say (one circle in "the circle"); a caption without its count sentence
@@ -170,31 +197,26 @@ static int oracle(const tq *q, const tcap *c) {
     const tobj *o;
     if (take(&p, "What color is the object at the ")) {
         snprintf(rest, sizeof rest, "%.*s", (int)strlen(p) - 1, p);
-        o = find_obj(c, NULL, NULL, rest);
-        return o ? find_opt(q, o->color) : UNKNOWN;
+        return answer_attr(q, c, find_obj(c, NULL, NULL, rest), 'c');
     }
     if (take(&p, "What shape is the object at the ")) {
         snprintf(rest, sizeof rest, "%.*s", (int)strlen(p) - 1, p);
-        o = find_obj(c, NULL, NULL, rest);
-        return o ? find_opt(q, o->shape) : UNKNOWN;
+        return answer_attr(q, c, find_obj(c, NULL, NULL, rest), 's');
     }
     if (sscanf(q->text, "What color is the %31s %31[^?]?", a, b) == 2) { /* leaky: the answer is in the wording */
         return find_opt(q, a);
     }
     if (sscanf(q->text, "What color is the %31[^?]?", a) == 1) {
-        o = find_obj(c, NULL, a, NULL);
-        return o ? find_opt(q, o->color) : UNKNOWN;
+        return answer_attr(q, c, find_obj(c, NULL, a, NULL), 'c');
     }
     if (sscanf(q->text, "What shape is the %31s object?", a) == 1 && strstr(q->text, " object?")) {
-        o = find_obj(c, a, NULL, NULL);
-        return o ? find_opt(q, o->shape) : UNKNOWN;
+        return answer_attr(q, c, find_obj(c, a, NULL, NULL), 's');
     }
     if (sscanf(q->text, "What shape is the %31s %31[^?]?", a, b) == 2) {
         return find_opt(q, b);
     }
     if (sscanf(q->text, "Where is the %31s %31[^?]?", a, b) == 2) {
-        o = find_obj(c, a, b, NULL);
-        return o ? find_opt(q, o->pos) : UNKNOWN;
+        return answer_attr(q, c, find_obj(c, a, b, NULL), 'p');
     }
     if (sscanf(q->text, "How many sides does the %31s %31s have?", a, b) == 2 ||
         sscanf(q->text, "How many sides does a %31s have?", b) == 1) {
@@ -504,11 +526,12 @@ static void check_question(const caprl_synth_scene *s, const caprl_synth_questio
 }
 
 static void test_questions(void) {
-    int        n_valid = 0, n_short_ok = 0, n_short_total = 0, letters[4] = {0};
+    int        n_valid = 0, n_short_ok = 0, n_short_total = 0, letters[4] = {0}, n_absent_attr = 0;
     caprl_rng  r;
     caprl_rng_init(&r, 99, 0, 0);
-    for (uint64_t seed = 0; seed < 4; seed++) {
-        int32_t style = seed < 2 ? CAPRL_SYNTH_LOOKUP : CAPRL_SYNTH_STATEMENT;
+    for (uint64_t seed = 0; seed < 6; seed++) {
+        int32_t style = seed < 2 ? CAPRL_SYNTH_LOOKUP : seed < 4 ? CAPRL_SYNTH_STATEMENT : CAPRL_SYNTH_ABSENT;
+        g_absent = style == CAPRL_SYNTH_ABSENT;
         for (int64_t i = 0; i < 200; i++) {
             int32_t           split = (int32_t)(i % 2);
             caprl_synth_scene s;
@@ -519,15 +542,30 @@ static void test_questions(void) {
             int32_t              n2 = caprl_synth_questions(&s, seed, split, i, 8, 3, style, q2);
             CHECK(n2 == n && memcmp(q, q2, (size_t)n * sizeof *q) == 0);
             CHECK_EQ_I64(n, n0 + 3);
-            /* the statement style asks one question of each of its three lines per image */
-            CHECK(style == CAPRL_SYNTH_STATEMENT ? n0 >= 4 : s.n < 2 || n0 == 8);
+            /* the statement style asks one question of each of its three lines per image, and the absent style
+             * none about an attribute whose values the scene's objects nearly all have */
+            CHECK_MSG(style == CAPRL_SYNTH_LOOKUP ? s.n < 2 || n0 == 8 : n0 >= (style == CAPRL_SYNTH_ABSENT ? 3 : 4),
+                      "style %d: %d questions of a %d-object scene", (int)style, (int)n0, (int)s.n);
             int32_t n_statement = 0;
             for (int32_t k = 0; k < n0; k++) {
                 n_statement += q0[k].type == CAPRL_SYNTH_Q_STATEMENT;
                 CHECK(style == CAPRL_SYNTH_STATEMENT || q0[k].type != CAPRL_SYNTH_Q_STATEMENT);
-                CHECK(style == CAPRL_SYNTH_LOOKUP || q0[k].type > CAPRL_SYNTH_Q_POSITION);
+                CHECK(style != CAPRL_SYNTH_STATEMENT || q0[k].type > CAPRL_SYNTH_Q_POSITION);
+                n_absent_attr += style == CAPRL_SYNTH_ABSENT && q0[k].type <= CAPRL_SYNTH_Q_POSITION;
+                /* absent style: no object of the scene has a distractor's colour, shape or position */
+                for (int32_t m = 0; style == CAPRL_SYNTH_ABSENT && q0[k].type <= CAPRL_SYNTH_Q_POSITION && m < 4; m++) {
+                    for (int32_t oi = 0; m != q0[k].gold && oi < s.n; oi++) {
+                        const caprl_synth_object *o = &s.obj[oi];
+                        const char *v[3] = {caprl_synth_color_name(o->color), caprl_synth_shape_name(o->shape),
+                                            caprl_synth_cell_name(o->cell)};
+                        for (int a = 0; a < 3; a++) {
+                            CHECK_MSG(strcmp(q0[k].options[m], v[a]) != 0, "%s: option %s is in the image",
+                                      q0[k].text, q0[k].options[m]);
+                        }
+                    }
+                }
             }
-            CHECK(style == CAPRL_SYNTH_LOOKUP || (n_statement >= 2 && n_statement <= 3));
+            CHECK(style != CAPRL_SYNTH_STATEMENT || (n_statement >= 2 && n_statement <= 3));
             /* leaky questions do not move the valid ones */
             int32_t j = 0, n_leaky = 0, n_count = 0;
             for (int32_t k = 0; k < n; k++) {
@@ -563,6 +601,9 @@ static void test_questions(void) {
             free(dense);
         }
     }
+    g_absent = false;
+    /* the absent style still asks about single attributes, where the scene allows it */
+    CHECK_MSG(n_absent_attr > 400, "%d absent-style attribute questions", n_absent_attr);
     /* Short captions leave most questions open; gold letters are about uniform. */
     CHECK_MSG(n_short_ok * 2 < n_short_total, "%d of %d answerable from the short caption", n_short_ok,
               n_short_total);

@@ -36,8 +36,9 @@ int cmd_synth(int argc, char **argv) {
         {"leaky-per-image", OPT_INT, &p.leaky_per_image, "leaky questions planted per training image", 0, 4, "K", 0},
         {"qa-per-image", OPT_INT, &p.qa_per_image, "valid questions per image", 1, 16, "Q", 0},
         {"threads", OPT_INT, &p.n_threads, THREADS_HELP, 0, 4096, "T", 0},
-        {"question-style", OPT_STRING, &style, "how questions about one object ask: lookup (\"Where is the red "
-                                               "circle?\") or statement (full descriptions, one true)", 0, 0, "S", 0},
+        {"question-style", OPT_STRING, &style, "how questions ask: lookup (\"Where is the red circle?\"), "
+                                               "statement (full descriptions, one true) or absent (lookup with "
+                                               "distractors the image lacks)", 0, 0, "S", 0},
         {"reader-template", OPT_STRING, &tmpl_path, "reader prompt template file (two {}) for sft_reader.jsonl; "
                                                   "default: the CapRL prompt", 0, 0, "FILE", 0},
         {0},
@@ -50,10 +51,9 @@ int cmd_synth(int argc, char **argv) {
         return tool_usage_error(info.name, "--out is required");
     }
     p.seed = (uint64_t)seed;
-    if (strcmp(style, "statement") == 0) {
-        p.question_style = CAPRL_SYNTH_STATEMENT;
-    } else if (strcmp(style, "lookup") != 0) {
-        return tool_usage_error(info.name, "--question-style: '%s' is neither lookup nor statement", style);
+    p.question_style = caprl_synth_style_parse(style);
+    if (p.question_style < 0) {
+        return tool_usage_error(info.name, "--question-style: '%s' is none of lookup, statement, absent", style);
     }
     char *tmpl = NULL;
     if (tmpl_path) {
@@ -74,10 +74,11 @@ int cmd_synth(int argc, char **argv) {
     }
     fprintf(stderr,
             "caprl synth: wrote %s: %lld images, %lld training questions (%lld leaky), %lld test questions, "
-            "%lld reader records (%lld answer F; %lld more in words, %lld letter-binding), %.1f MB in %.2f s\n",
+            "%lld reader records (%lld answer F; %lld more in words, %lld letter-binding), %lld curation letter-binding, "
+            "%.1f MB in %.2f s\n",
             out, (long long)sum.n_images, (long long)sum.n_train_questions, (long long)sum.n_leaky,
             (long long)sum.n_test_questions, (long long)sum.n_reader_records, (long long)sum.n_reader_cannot,
-            (long long)sum.n_reader_free, (long long)sum.n_reader_bind,
+            (long long)sum.n_reader_free, (long long)sum.n_reader_bind, (long long)sum.n_filter_bind,
             (double)sum.bytes_written / 1e6, tool_now() - t0);
     return EXIT_OK;
 }
