@@ -2,7 +2,7 @@
 # make demo-assets: builds the demo's three tiny models from nothing, with caprl alone, deterministically, into
 # demo/assets/ (shipped in the repository so that `make demo` does not retrain them). Hours on 2 cores.
 #   tokenizer.json  byte-level BPE fitted to the synthetic world's text (caprl tokenizer train)
-#   reader/         Qwen2 text model (4 layers, hidden 128), SFT in two stages:
+#   reader/         Qwen2 text model (4 layers, hidden 128), SFT in three stages:
 #                     1. letter binding (sft_reader_bind.jsonl): the caption is one option's text, the target its
 #                        letter. Trained from scratch on the full task a model this small stays at chance on the
 #                        letter; this stage forms the "find the matching option, answer its letter" circuit first.
@@ -20,7 +20,7 @@
 #                   object lists mixed with letter-binding records in its own question form (sft_filter_bind.jsonl:
 #                   the decoder would lose the binding while it learns to see), then (2) on the queries `caprl qa
 #                   filter` makes (with the image: the letter; without: "None" unless the wording gives the answer
-#                   away), still mixed with those binding records
+#                   away) of the images past the demo's, still mixed with those binding records, lr annealed last
 # Every step is a pure function of its inputs and seeds, and caprl's results do not depend on the thread count.
 set -euo pipefail
 BUILD=${1:-build}
@@ -64,15 +64,20 @@ VISION=(--vision-depth 2 --vision-hidden 64 --vision-heads 4 --vision-intermedia
 "$C" init-model --out "$WORK/vlf0" --preset tiny-vl --language-model "$WORK/reader-run/step-1000" "${VISION[@]}" \
   --dtype f32 --std 0.05
 W="$WORK/world-absent"
-# one binding record per image beside each object list; then every binding record beside the curation queries
+# One binding record per image beside each object list; then every binding record beside the curation queries of
+# the images past the demo's 512 (make demo filters questions of its first 24: the model must not have seen them).
 cat "$W/sft_describe.jsonl" <(awk 'NR % 9 == 1' "$W/sft_filter_bind.jsonl") > "$WORK/filter_see.jsonl"
-cat "$W/sft_filter.jsonl" "$W/sft_filter_bind.jsonl" > "$WORK/filter_mix.jsonl"
+cat <(awk -F'"' '$4 >= "train-00512"' "$W/sft_filter.jsonl") "$W/sft_filter_bind.jsonl" > "$WORK/filter_mix.jsonl"
 "$C" sft --model "$WORK/vlf0" --data "$WORK/filter_see.jsonl" --out "$WORK/filter-see" \
   --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps 1536 --warmup 20 --schedule constant --seed 0 \
   --save-every 1536
-"$C" sft --model "$WORK/filter-see/step-1536" --data "$WORK/filter_mix.jsonl" --out "$WORK/filter-run" \
-  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps FILTER_STEPS --warmup 10 --schedule constant --seed 3 \
+"$C" sft --model "$WORK/filter-see/step-1536" --data "$WORK/filter_mix.jsonl" --out "$WORK/filter-const" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 4000 --warmup 10 --schedule constant --seed 3 \
   --save-every 400
+# and the learning rate annealed to 0 over 800 more steps
+"$C" sft --model "$WORK/filter-const/step-4000" --data "$WORK/filter_mix.jsonl" --out "$WORK/filter-run" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 800 --warmup 0 --schedule cosine --min-lr-ratio 0 \
+  --seed 23 --save-every 400
 
 # The final checkpoint of each run, without its training state.
 for m in reader captioner filter; do

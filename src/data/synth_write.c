@@ -551,8 +551,10 @@ static void bind_option(caprl_rng *r, char *out, size_t cap) {
     }
 }
 
-/* Four distinct binding options and the gold one's index. */
-static int32_t bind_draw(caprl_rng *r, char options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP]) {
+/* Four distinct binding options, appended to listing as the question lists them ("\n   - A) ..."), and the gold
+ * one: its text into gold_text, its letter returned. */
+static char bind_draw(caprl_rng *r, sbuf *listing, char gold_text[CAPRL_SYNTH_OPTION_CAP]) {
+    char options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
     for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
         bool distinct;
         do {
@@ -562,8 +564,11 @@ static int32_t bind_draw(caprl_rng *r, char options[CAPRL_SYNTH_N_OPTIONS][CAPRL
                 distinct = distinct && strcmp(options[i], options[j]) != 0;
             }
         } while (!distinct);
+        sb_printf(listing, "\n   - %c) %s", 'A' + i, options[i]);
     }
-    return (int32_t)caprl_rng_below(r, CAPRL_SYNTH_N_OPTIONS);
+    int32_t gold = (int32_t)caprl_rng_below(r, CAPRL_SYNTH_N_OPTIONS);
+    memcpy(gold_text, options[gold], CAPRL_SYNTH_OPTION_CAP);
+    return (char)('A' + gold);
 }
 
 /* The reader's letter-binding records of one training image (sft_reader_bind.jsonl): the caption is one option's
@@ -575,18 +580,15 @@ static void put_bind_records(writer *w, int64_t index, const char *id) {
     caprl_rng r;
     caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_BIND);
     for (int32_t k = 0; k < BIND_PER_IMAGE; k++) {
-        char    options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
-        int32_t gold = bind_draw(&r, options);
-        sbuf    question = {0};
+        char gold_text[CAPRL_SYNTH_OPTION_CAP];
+        sbuf question = {0};
         sb_puts(&question, "?");
-        for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
-            sb_printf(&question, "\n   - %c) %s", 'A' + i, options[i]);
-        }
-        char *caption = caprl_xasprintf("%s.", options[gold]);
+        char  letter = bind_draw(&r, &question, gold_text);
+        char *caption = caprl_xasprintf("%s.", gold_text);
         char *prompt = caprl_synth_reader_prompt(w->p->reader_template, caption, question.p);
         sb_printf(b, "{\"id\": \"%s-b%d\", \"prompt\": ", id, (int)k);
         json_str(b, prompt);
-        sb_printf(b, ", \"completion\": \" %c.\"}\n", 'A' + gold);
+        sb_printf(b, ", \"completion\": \" %c.\"}\n", letter);
         free(prompt);
         free(caption);
         free(question.p);
@@ -603,18 +605,15 @@ static void put_filter_bind_records(writer *w, int64_t index, const char *id) {
     caprl_rng r;
     caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_FILTER_BIND);
     for (int32_t k = 0; k < FILTER_BIND_PER_IMAGE; k++) {
-        char    options[CAPRL_SYNTH_N_OPTIONS][CAPRL_SYNTH_OPTION_CAP];
-        int32_t gold = bind_draw(&r, options);
-        sbuf    user = {0};
-        sb_printf(&user, "Which of these is %s?", options[gold]);
-        for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
-            sb_printf(&user, "\n   - %c) %s", 'A' + i, options[i]);
-        }
-        sb_printf(&user, "%s. Answer the question with only the correct letter",
-                  caprl_rng_below(&r, 2) ? "\n   - E) None of the above" : "");
+        char gold_text[CAPRL_SYNTH_OPTION_CAP];
+        sbuf listing = {0}, user = {0};
+        char letter = bind_draw(&r, &listing, gold_text);
+        sb_printf(&user, "Which of these is %s?%s%s. Answer the question with only the correct letter", gold_text,
+                  listing.p, caprl_rng_below(&r, 2) ? "\n   - E) None of the above" : "");
         sb_printf(b, "{\"id\": \"%s-g%d\", \"messages\": [{\"role\": \"user\", \"content\": ", id, (int)k);
         json_str(b, user.p);
-        sb_printf(b, "}, {\"role\": \"assistant\", \"content\": \"%c\"}]}\n", 'A' + gold);
+        sb_printf(b, "}, {\"role\": \"assistant\", \"content\": \"%c\"}]}\n", letter);
+        free(listing.p);
         free(user.p);
         w->sum.n_filter_bind++;
     }

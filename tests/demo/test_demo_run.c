@@ -18,7 +18,7 @@
 #include "caprl_test.h"
 #include "cli_util.h"
 
-#define SHORT_STEPS 60
+#define SHORT_STEPS 100
 #define CAPTIONS_PER_STEP (16 * 8)
 #define Z_SIGNIFICANT 3.0
 
