@@ -578,7 +578,7 @@ static bool distractors_absent(const caprl_synth_scene *s, int32_t attr, caprl_s
 
 /* One valid question of type t about arg (an object index, a size, a colour or a shape, by type); in the statement
  * style the colour, shape and position types become statement questions about the object. false when the scene
- * cannot give that question. */
+ * cannot give that question (in the absent style: when three values of the attribute asked are not left absent). */
 static bool make_valid(caprl_rng *r, const caprl_synth_scene *s, const scene_index *ix, int32_t t, int32_t arg,
                        int32_t style, caprl_synth_question *q) {
     memset(q, 0, sizeof *q);

@@ -140,8 +140,8 @@ bool caprl_synth_answerable(const caprl_synth_question *q, uint32_t listed, bool
 /* The questions of one image: up to n_valid distinct valid questions (colour, shape, position, size, existence,
  * at most one count question; families taken in turn) and then n_leaky leaky ones (distinct templates) inserted
  * at random places. Options are shuffled, so the gold letter is uniform. out has room for n_valid + n_leaky
- * (n_valid <= 16, n_leaky <= 4). style (CAPRL_SYNTH_LOOKUP or _STATEMENT) is how the colour, shape and position
- * families ask. Returns the number written. A pure function of (seed, split, index, n_valid, n_leaky, style) and
+ * (n_valid <= 16, n_leaky <= 4). style (CAPRL_SYNTH_LOOKUP, _STATEMENT or _ABSENT) is how the valid questions
+ * ask. Returns the number written. A pure function of (seed, split, index, n_valid, n_leaky, style) and
  * the scene; the lookup style gives the questions it always gave. */
 int32_t caprl_synth_questions(const caprl_synth_scene *s, uint64_t seed, int32_t split, int64_t index,
                               int32_t n_valid, int32_t n_leaky, int32_t style, caprl_synth_question *out);

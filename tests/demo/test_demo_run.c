@@ -5,7 +5,8 @@
  *     demo's 200. Asserted: the training reward and the held-out Prism Mean accuracy both rise by more than
  *     Z_SIGNIFICANT standard errors. The reward's standard error comes from each step's reward_std over its 128
  *     captions, as in test_grpo_learns; the Prism gain's from the paired per-image differences (an image's
- *     questions share its captions, so images, not questions, are the independent units).
+ *     questions share its captions, so images, not questions, are the independent units). Measured: reward
+ *     0.188 -> 0.431 (28.5 standard errors), Prism Mean +16.4 points (5.5); about 3.5 minutes, run alone.
  *   - test_demo_full (label "slow", `ctest -L slow`): the demo as `make demo` runs it. Asserted: the issue's figures,
  *     reward rise >= 0.2, Prism Mean gain >= 15 points, and the curation filter's (>= 90% of the planted leaky
  *     questions removed, >= 80% of the valid ones kept).
