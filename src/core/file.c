@@ -166,7 +166,10 @@ char *caprl_path_join(const char *dir, const char *name) {
 
 char *caprl_path_dir(const char *path) {
     const char *slash = strrchr(path, '/');
-    return !slash ? caprl_xstrdup("") : slash == path ? caprl_xstrdup("/") : caprl_xstrndup(path, (size_t)(slash - path));
+    if (!slash) {
+        return caprl_xstrdup("");
+    }
+    return slash == path ? caprl_xstrdup("/") : caprl_xstrndup(path, (size_t)(slash - path));
 }
 
 bool caprl_path_exists(const char *path) {

@@ -98,8 +98,8 @@ caprl_status caprl_synth_params_check(const caprl_synth_params *p, caprl_error *
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "qa-per-image: %d is outside 1..16", (int)p->qa_per_image);
     }
     if (p->question_style < CAPRL_SYNTH_LOOKUP || p->question_style > CAPRL_SYNTH_ABSENT) {
-        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
-                             "question-style: %d is none of lookup (0), statement (1), absent (2)", (int)p->question_style);
+        return caprl_err_set(err, CAPRL_ERR_INVALID_ARG, "question-style: %d is none of lookup (0), statement (1), "
+                             "absent (2)", (int)p->question_style);
     }
     int32_t holes = 0;
     for (const char *c = p->reader_template; c && (c = strstr(c, "{}")) != NULL; c += 2) {
