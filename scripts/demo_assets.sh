@@ -22,71 +22,79 @@
 #                   filter` makes (with the image: the letter; without: "None" unless the wording gives the answer
 #                   away) of the images past the demo's, still mixed with those binding records, lr annealed last
 # Every step is a pure function of its inputs and seeds, and caprl's results do not depend on the thread count.
+# Usage: scripts/demo_assets.sh [BUILD]. For a quick check that the recipe runs end to end (tests/demo/
+# test_demo_assets.c), DEMO_ASSETS_OUT and DEMO_ASSETS_WORK move the models and the work directory, DEMO_ASSETS_TRAIN
+# shrinks the 8,192-image worlds and DEMO_ASSETS_MAX_STEPS caps every SFT run.
 set -euo pipefail
 BUILD=${1:-build}
 C="$BUILD/caprl"
-WORK="$BUILD/demo-assets"
-OUT=demo/assets
+WORK=${DEMO_ASSETS_WORK:-$BUILD/demo-assets}
+OUT=${DEMO_ASSETS_OUT:-demo/assets}
+N_TRAIN=${DEMO_ASSETS_TRAIN:-8192}
+MAX_STEPS=${DEMO_ASSETS_MAX_STEPS:-0}
 T=demo/reader_template.txt
 rm -rf "$WORK"
 mkdir -p "$WORK" "$OUT"
 
+steps() { if [ "$MAX_STEPS" -gt 0 ] && [ "$1" -gt "$MAX_STEPS" ]; then echo "$MAX_STEPS"; else echo "$1"; fi; }
+last() { echo "$1/step-$(ls -d "$1"/step-* | sed 's/.*step-//' | sort -n | tail -1)"; }
+
 # The tokenizer is fitted on a 512-image world's text; everything is trained on the 8,192-image world (whose first
 # 512 scenes are the same).
 "$C" synth --out "$WORK/world512" --train 512 --test 64 --seed 0 --reader-template "$T"
-"$C" synth --out "$WORK/world" --train 8192 --test 64 --seed 0 --reader-template "$T"
-"$C" synth --out "$WORK/world-absent" --train 8192 --test 64 --seed 0 --reader-template "$T" --question-style absent
+"$C" synth --out "$WORK/world" --train "$N_TRAIN" --test 64 --seed 0 --reader-template "$T"
+"$C" synth --out "$WORK/world-absent" --train "$N_TRAIN" --test 64 --seed 0 --reader-template "$T" \
+  --question-style absent
 "$C" tokenizer train --corpus "$WORK/world512/corpus.txt" --vocab-size 1024 --out "$WORK/tokenizer.json"
 
 "$C" init-model --out "$WORK/reader0" --preset tiny --tokenizer "$WORK/tokenizer.json" --vocab-size -1 \
   --hidden 128 --intermediate 384 --layers 4 --heads 4 --kv-heads 2 --dtype f32 --std 0.05
 # constant 5e-4: at 2e-3 the binding never leaves chance
 "$C" sft --model "$WORK/reader0" --data "$WORK/world/sft_reader_bind.jsonl" --out "$WORK/reader-bind" \
-  --lr 5e-4 --batch 128 --micro-batch-tokens 8192 --max-steps 700 --warmup 50 --schedule constant --seed 0 \
+  --lr 5e-4 --batch 128 --micro-batch-tokens 8192 --max-steps "$(steps 700)" --warmup 50 --schedule constant --seed 0 \
   --save-every 700
-"$C" sft --model "$WORK/reader-bind/step-700" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-lookup" \
-  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 3000 --warmup 20 --schedule constant --seed 4 \
+"$C" sft --model "$(last "$WORK/reader-bind")" --data "$WORK/world/sft_reader.jsonl" --out "$WORK/reader-lookup" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps "$(steps 3000)" --warmup 20 --schedule constant --seed 4 \
   --save-every 500
-"$C" sft --model "$WORK/reader-lookup/step-3000" --data "$WORK/world-absent/sft_reader.jsonl" \
-  --out "$WORK/reader-run" --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 1000 --warmup 20 \
+"$C" sft --model "$(last "$WORK/reader-lookup")" --data "$WORK/world-absent/sft_reader.jsonl" \
+  --out "$WORK/reader-run" --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps "$(steps 1000)" --warmup 20 \
   --schedule constant --seed 5 --save-every 250
 
 VISION=(--vision-depth 2 --vision-hidden 64 --vision-heads 4 --vision-intermediate 128 --window-size 84)
-"$C" init-model --out "$WORK/vl0" --preset tiny-vl --language-model "$WORK/reader-bind/step-700" "${VISION[@]}" \
+"$C" init-model --out "$WORK/vl0" --preset tiny-vl --language-model "$(last "$WORK/reader-bind")" "${VISION[@]}" \
   --dtype f32 --std 0.05
 "$C" sft --model "$WORK/vl0" --data "$WORK/world/sft_describe.jsonl" --out "$WORK/base" \
-  --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps 768 --warmup 20 --schedule constant --seed 0 \
+  --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps "$(steps 768)" --warmup 20 --schedule constant --seed 0 \
   --save-every 256
-"$C" sft --model "$WORK/base/step-768" --data "$WORK/world/sft_captioner.jsonl" --out "$WORK/captioner-run" \
-  --lr 5e-4 --batch 32 --micro-batch-tokens 4096 --max-steps 192 --warmup 10 --schedule constant --seed 1 \
+"$C" sft --model "$(last "$WORK/base")" --data "$WORK/world/sft_captioner.jsonl" --out "$WORK/captioner-run" \
+  --lr 5e-4 --batch 32 --micro-batch-tokens 4096 --max-steps "$(steps 192)" --warmup 10 --schedule constant --seed 1 \
   --save-every 64
 
-"$C" init-model --out "$WORK/vlf0" --preset tiny-vl --language-model "$WORK/reader-run/step-1000" "${VISION[@]}" \
+"$C" init-model --out "$WORK/vlf0" --preset tiny-vl --language-model "$(last "$WORK/reader-run")" "${VISION[@]}" \
   --dtype f32 --std 0.05
 W="$WORK/world-absent"
 # One binding record per image beside each object list; then every binding record beside the curation queries of
 # the images past the demo's 512 (make demo filters questions of its first 24: the model must not have seen them).
-cat "$W/sft_describe.jsonl" <(awk 'NR % 9 == 1' "$W/sft_filter_bind.jsonl") > "$WORK/filter_see.jsonl"
-cat <(awk -F'"' '$4 >= "train-00512"' "$W/sft_filter.jsonl") "$W/sft_filter_bind.jsonl" > "$WORK/filter_mix.jsonl"
-"$C" sft --model "$WORK/vlf0" --data "$WORK/filter_see.jsonl" --out "$WORK/filter-see" \
-  --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps 1536 --warmup 20 --schedule constant --seed 0 \
+cat "$W/sft_describe.jsonl" <(awk 'NR % 9 == 1' "$W/sft_filter_bind.jsonl") > "$W/filter_see.jsonl"
+cat <(awk -F'"' '$4 >= "train-00512"' "$W/sft_filter.jsonl") "$W/sft_filter_bind.jsonl" > "$W/filter_mix.jsonl"
+"$C" sft --model "$WORK/vlf0" --data "$W/filter_see.jsonl" --out "$WORK/filter-see" \
+  --lr 1e-3 --batch 32 --micro-batch-tokens 4096 --max-steps "$(steps 1536)" --warmup 20 --schedule constant --seed 0 \
   --save-every 1536
-"$C" sft --model "$WORK/filter-see/step-1536" --data "$WORK/filter_mix.jsonl" --out "$WORK/filter-const" \
-  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 4000 --warmup 10 --schedule constant --seed 3 \
+"$C" sft --model "$(last "$WORK/filter-see")" --data "$W/filter_mix.jsonl" --out "$WORK/filter-const" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps "$(steps 4000)" --warmup 10 --schedule constant --seed 3 \
   --save-every 400
 # and the learning rate annealed to 0 over 800 more steps
-"$C" sft --model "$WORK/filter-const/step-4000" --data "$WORK/filter_mix.jsonl" --out "$WORK/filter-run" \
-  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps 800 --warmup 0 --schedule cosine --min-lr-ratio 0 \
-  --seed 23 --save-every 400
+"$C" sft --model "$(last "$WORK/filter-const")" --data "$W/filter_mix.jsonl" --out "$WORK/filter-run" \
+  --lr 5e-4 --batch 64 --micro-batch-tokens 4096 --max-steps "$(steps 800)" --warmup 0 --schedule cosine \
+  --min-lr-ratio 0 --seed 23 --save-every 400
 
 # The final checkpoint of each run, without its training state.
 for m in reader captioner filter; do
-  run="$WORK/$m-run"
-  last=$(ls -d "$run"/step-* | sed 's/.*step-//' | sort -n | tail -1)
+  final=$(last "$WORK/$m-run")
   rm -rf "${OUT:?}/$m"
   mkdir -p "$OUT/$m"
   for f in config.json generation_config.json model.safetensors tokenizer.json preprocessor_config.json; do
-    if [ -f "$run/step-$last/$f" ]; then cp "$run/step-$last/$f" "$OUT/$m/"; fi
+    if [ -f "$final/$f" ]; then cp "$final/$f" "$OUT/$m/"; fi
   done
 done
 cp "$WORK/tokenizer.json" "$OUT/tokenizer.json"
