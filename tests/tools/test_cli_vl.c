@@ -8,12 +8,15 @@
  *   repeated --image, --prompt without --image: the right exit code and one line naming the problem, and no
  *   output file from a failed forward;
  * - init-model --language-model: a VL model built on a text model gives that text model's logits on text (M-RoPE
- *   with equal components is RoPE), and refuses a non-VL preset, shape overrides, a VL source and another dtype. */
+ *   with equal components is RoPE), and refuses a non-VL preset, shape overrides, a VL source and another dtype;
+ * - init-model --vision-model: every visual.* tensor is the vision source's and every text tensor the language
+ *   model's, byte for byte; a text-only source or one of another vision shape is refused and leaves nothing. */
 #include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "caprl/image.h"
 #include "caprl/model.h"
+#include "caprl/safetensors.h"
 #include "caprl/tokenizer.h"
 #include "caprl/vision.h"
 #include "caprl/vlm.h"
@@ -283,6 +286,55 @@ static void check_language_model(const char *tmp) {
     CHECK_MSG(!file_exists(x), "a refused init-model left %s behind", x);
 }
 
+/* Tensors of the built model (dir/built) equal to the source's (dir/source): the visual.* ones when vision is set,
+ * else the others; returns how many were compared. */
+static int64_t check_taken(const char *built, const char *source, bool vision) {
+    caprl_safetensors *b = NULL, *s = NULL;
+    caprl_error        err = {0};
+    CHECK_OK(caprl_safetensors_open_dir(&b, built, &err), &err);
+    CHECK_OK(caprl_safetensors_open_dir(&s, source, &err), &err);
+    int64_t n = 0;
+    for (int64_t i = 0; b && s && i < caprl_safetensors_n_tensors(b); i++) {
+        const caprl_st_tensor *t = caprl_safetensors_tensor(b, i);
+        if ((strncmp(t->name, "visual.", 7) == 0) != vision) {
+            continue;
+        }
+        const caprl_st_tensor *u = caprl_safetensors_find(s, t->name);
+        CHECK_MSG(u && u->nbytes == t->nbytes && memcmp(u->data, t->data, t->nbytes) == 0,
+                  "%s: tensor %s is not %s's", built, t->name, source);
+        n++;
+    }
+    caprl_safetensors_free(b);
+    caprl_safetensors_free(s);
+    return n;
+}
+
+static void check_vision_model(const char *tmp) {
+    char cmd[8192], lm[4200], vsrc[4200], built[4200];
+    snprintf(lm, sizeof lm, "%s/lm", tmp); /* check_language_model's text model */
+    snprintf(vsrc, sizeof vsrc, "%s/vsrc", tmp);
+    snprintf(built, sizeof built, "%s/built", tmp);
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny-vl --seed 21", CAPRL_CLI, vsrc);
+    CHECK(run(cmd, NULL, 0) == 0);
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny-vl --seed 3 --language-model %s --vision-model %s",
+             CAPRL_CLI, built, lm, vsrc);
+    CHECK(run(cmd, NULL, 0) == 0);
+    CHECK_MSG(check_taken(built, vsrc, true) >= 20, "fewer vision tensors than a 2-block tower has");
+    CHECK_MSG(check_taken(built, lm, false) > 0, "no text tensor compared");
+    char x[4200];
+    snprintf(x, sizeof x, "%s/x", tmp);
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny-vl --vision-model %s", CAPRL_CLI, x, lm);
+    expect_fail(cmd, 2, "not a Qwen2.5-VL checkpoint");
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny-vl --vision-hidden 48 --vision-model %s", CAPRL_CLI,
+             x, vsrc);
+    expect_fail(cmd, 2, "differs in dtype or shape");
+    snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny --vision-model %s", CAPRL_CLI, x, vsrc);
+    expect_fail(cmd, 1, "need --preset tiny-vl");
+    char partial[4300];
+    snprintf(partial, sizeof partial, "%s.partial", x);
+    CHECK_MSG(!file_exists(x) && !file_exists(partial), "a refused init-model left %s behind", x);
+}
+
 int main(void) {
     char *tmp = test_tmpdir("cli_vl");
     snprintf(g_dir, sizeof g_dir, "%s", tmp);
@@ -300,6 +352,7 @@ int main(void) {
     }
     lib_close(&l);
     check_language_model(tmp);
+    check_vision_model(tmp);
     /* the dumps are tens of MB: keep them only when something failed */
     if (g_test_failures == 0) {
         snprintf(cmd, sizeof cmd, "rm -f %s/a.bin %s/b.bin %s/c.bin", tmp, tmp, tmp);

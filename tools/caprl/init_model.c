@@ -1,8 +1,10 @@
 /* caprl init-model: write a Qwen2 checkpoint with random weights in exact Hugging Face layout (for tests,
  * benchmarks and the demo: no weights can be downloaded here). */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "caprl/model.h"
 #include "caprl/safetensors.h"
@@ -77,38 +79,72 @@ static caprl_text_config preset_tiny_vl(caprl_vision_config *vc) {
     return c;
 }
 
-/* Replaces, in the checkpoint just written to out, every tensor that the language model in lm_dir also has (the
- * whole text stack: both use the Qwen2 names) by lm_dir's, so only the vision tower keeps its random weights. */
-static caprl_status take_language_model(const char *out, const char *lm_dir, const caprl_safetensors *lm,
-                                        caprl_error *err) {
-    char path[4096];
+/* Removes a checkpoint directory that init-model wrote (its files only, then the directory). */
+static void remove_checkpoint_dir(const char *dir) {
+    static const char *const files[] = {"config.json", "generation_config.json", "preprocessor_config.json",
+                                        "model.safetensors", "model.safetensors.index.json", "tokenizer.json"};
+    char path[4400];
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+        remove(path);
+    }
+    rmdir(dir);
+}
+
+/* A trained checkpoint whose weights replace the fresh model's: a language model gives every tensor both have (the
+ * whole text stack, under the same Qwen2 names); a vision source (prefix "visual.") gives the vision tower and the
+ * merger, every one of whose tensors it must have. */
+typedef struct weight_source {
+    const char              *dir;
+    const caprl_safetensors *st;
+    const char              *prefix; /* NULL: any tensor the source has */
+} weight_source;
+
+/* Rewrites the checkpoint just written to out with the sources' tensors in place of the fresh ones. */
+static caprl_status take_weights(const char *out, const weight_source src[2], int n_src, caprl_error *err) {
+    char path[4400];
     snprintf(path, sizeof path, "%s/model.safetensors", out);
     caprl_safetensors *fresh = NULL;
     caprl_status       st = caprl_safetensors_open(&fresh, path, err);
     caprl_st_writer *w = caprl_st_writer_init();
-    int64_t          n_taken = 0;
+    int64_t          n_taken[2] = {0, 0};
     for (int64_t i = 0; st == CAPRL_OK && i < caprl_safetensors_n_tensors(fresh); i++) {
-        const caprl_st_tensor *t = caprl_safetensors_tensor(fresh, i);
-        const caprl_st_tensor *src = caprl_safetensors_find(lm, t->name);
-        if (src) {
-            bool same = src->dtype == t->dtype && src->n_dims == t->n_dims;
-            for (int32_t d = 0; same && d < t->n_dims; d++) {
-                same = src->shape[d] == t->shape[d];
-            }
-            if (!same) {
-                snprintf(err->msg, sizeof err->msg, "%s: tensor '%s' differs in dtype or shape from the one the new "
-                         "model needs (give --dtype as the language model's)", lm_dir, t->name);
+        const caprl_st_tensor *t = caprl_safetensors_tensor(fresh, i), *use = t;
+        for (int k = 0; k < n_src && use == t; k++) {
+            bool in_part = !src[k].prefix || strncmp(t->name, src[k].prefix, strlen(src[k].prefix)) == 0;
+            const caprl_st_tensor *from = in_part ? caprl_safetensors_find(src[k].st, t->name) : NULL;
+            if (in_part && !from && src[k].prefix) {
+                snprintf(err->msg, sizeof err->msg, "%s: no tensor '%s' (a Qwen2.5-VL checkpoint with the vision "
+                         "shape the --vision-* options give is needed)", src[k].dir, t->name);
                 st = err->code = CAPRL_ERR_FORMAT;
                 break;
             }
-            n_taken++;
+            if (!from) {
+                continue;
+            }
+            bool same = from->dtype == t->dtype && from->n_dims == t->n_dims;
+            for (int32_t d = 0; same && d < t->n_dims; d++) {
+                same = from->shape[d] == t->shape[d];
+            }
+            if (!same) {
+                snprintf(err->msg, sizeof err->msg, "%s: tensor '%s' differs in dtype or shape from the one the new "
+                         "model needs (give --dtype%s as the source's)", src[k].dir, t->name,
+                         src[k].prefix ? " and the --vision-* shape" : "");
+                st = err->code = CAPRL_ERR_FORMAT;
+                break;
+            }
+            use = from;
+            n_taken[k]++;
         }
-        const caprl_st_tensor *use = src ? src : t;
-        st = caprl_st_writer_add(w, use->name, (int32_t)use->dtype, use->n_dims, use->shape, use->data, err);
+        if (st == CAPRL_OK) {
+            st = caprl_st_writer_add(w, use->name, (int32_t)use->dtype, use->n_dims, use->shape, use->data, err);
+        }
     }
-    if (st == CAPRL_OK && n_taken == 0) {
-        snprintf(err->msg, sizeof err->msg, "%s: no tensor of the language model matches the new model's names", lm_dir);
-        st = err->code = CAPRL_ERR_FORMAT;
+    for (int k = 0; st == CAPRL_OK && k < n_src; k++) {
+        if (n_taken[k] == 0) {
+            snprintf(err->msg, sizeof err->msg, "%s: no tensor matches the new model's names", src[k].dir);
+            st = err->code = CAPRL_ERR_FORMAT;
+        }
     }
     if (st == CAPRL_OK) {
         st = caprl_st_writer_set_metadata(w, "format", "pt", err);
@@ -131,8 +167,11 @@ int cmd_init_model(int argc, char **argv) {
         "Weights are uniform with the given standard deviation; norm weights near 1. Deterministic in --seed.\n"
         "With --preset tiny-vl --language-model DIR the text part is DIR's Qwen2 model, shape and weights (and its\n"
         "tokenizer unless --tokenizer is given): a vision-language model built from a trained language model and a\n"
-        "new vision tower, as Qwen2.5-VL was. M-RoPE on text alone is DIR's RoPE, so its text behaviour is kept."};
+        "new vision tower, as Qwen2.5-VL was. M-RoPE on text alone is DIR's RoPE, so its text behaviour is kept.\n"
+        "--vision-model DIR takes the vision tower and merger (the visual.* tensors) from DIR, a Qwen2.5-VL\n"
+        "checkpoint of the shape the --vision-* options give: a trained tower under another language model."};
     const char *out = NULL, *preset = "tiny", *dtype_name = "bf16", *tok_path = NULL, *lm_dir = NULL;
+    const char *vision_dir = NULL;
     int64_t     seed = 1;
     float       stddev = 0.02f;
     int32_t     layers = 0, vocab = 0, hidden = 0, inter = 0, heads = 0, kv_heads = 0, head_dim = 0;
@@ -157,6 +196,8 @@ int cmd_init_model(int argc, char **argv) {
         {"tokenizer", OPT_STRING, &tok_path, "tokenizer.json to include", 0, 0, "FILE", 0},
         {"language-model", OPT_STRING, &lm_dir, "tiny-vl: take the text part (shape and weights) from this Qwen2 "
                                                 "checkpoint", 0, 0, "DIR", 0},
+        {"vision-model", OPT_STRING, &vision_dir, "tiny-vl: take the vision tower and merger weights from this "
+                                                  "Qwen2.5-VL checkpoint", 0, 0, "DIR", 0},
         {"seed", OPT_I64, &seed, "random seed", 0, 9.2e18, "S", 0},
         {"std", OPT_FLOAT, &stddev, "standard deviation of matrix weights", 1e-6, 10, "X", 0},
         {0},
@@ -238,7 +279,7 @@ int cmd_init_model(int argc, char **argv) {
         cfg.mrope_section[0] = t;
         cfg.mrope_section[1] = h;
         cfg.mrope_section[2] = half - t - h;
-    } else if (v_depth || v_hidden || v_heads || v_inter || v_window) {
+    } else if (v_depth || v_hidden || v_heads || v_inter || v_window || vision_dir) {
         return tool_usage_error(info.name, "the --vision-* and --window-size options need --preset tiny-vl");
     }
     int32_t dtype;
@@ -290,11 +331,27 @@ int cmd_init_model(int argc, char **argv) {
     if (vocab > 0) {
         cfg.vocab_size = vocab;
     }
-    caprl_safetensors *lm_weights = NULL;
+    caprl_safetensors *lm_weights = NULL, *vision_weights = NULL;
+    if (vision_dir) {
+        st = caprl_safetensors_open_dir(&vision_weights, vision_dir, &err);
+        if (st != CAPRL_OK) {
+            return tool_fail(info.name, st, err.msg);
+        }
+        const caprl_st_tensor *pe = caprl_safetensors_find(vision_weights, "visual.patch_embed.proj.weight");
+        if (!pe || (int32_t)pe->dtype != dtype) {
+            char msg[4400];
+            snprintf(msg, sizeof msg, "%s: %s", vision_dir,
+                     !pe ? "no tensor 'visual.patch_embed.proj.weight': not a Qwen2.5-VL checkpoint"
+                         : "its vision weights are not of the --dtype given");
+            caprl_safetensors_free(vision_weights);
+            return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
+        }
+    }
     if (lm_dir) {
         /* checked before anything is written: a failed run must not leave a random model behind */
         st = caprl_safetensors_open_dir(&lm_weights, lm_dir, &err);
         if (st != CAPRL_OK) {
+            caprl_safetensors_free(vision_weights);
             return tool_fail(info.name, st, err.msg);
         }
         const caprl_st_tensor *embed = caprl_safetensors_find(lm_weights, "model.embed_tokens.weight");
@@ -306,6 +363,7 @@ int cmd_init_model(int argc, char **argv) {
                      : embed->dtype == CAPRL_DTYPE_BF16    ? "the weights are BF16: give --dtype bf16"
                                                            : "the weights are neither F32 nor BF16");
             caprl_safetensors_free(lm_weights);
+            caprl_safetensors_free(vision_weights);
             return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
         }
     }
@@ -320,17 +378,42 @@ int cmd_init_model(int argc, char **argv) {
     if (st == CAPRL_OK && vl) {
         st = caprl_vision_init_random(&vision, &vcfg, dtype, (uint64_t)seed + 1, stddev, 0, &err);
     }
-    if (st == CAPRL_OK) {
-        st = vl ? caprl_vl_model_save(model, vision, out, &err) : caprl_model_save(model, out, &err);
+    weight_source sources[2];
+    int           n_sources = 0;
+    if (lm_dir) {
+        sources[n_sources++] = (weight_source){lm_dir, lm_weights, NULL};
     }
-    if (st == CAPRL_OK && lm_dir) {
-        st = take_language_model(out, lm_dir, lm_weights, &err);
+    if (vision_dir) {
+        sources[n_sources++] = (weight_source){vision_dir, vision_weights, "visual."};
+    }
+    /* with weights to take, the model is put together beside out and renamed into place once complete, so that a
+     * source of the wrong shape leaves nothing behind */
+    char partial[4200];
+    snprintf(partial, sizeof partial, "%s.partial", out);
+    const char *write_to = n_sources > 0 ? partial : out;
+    if (n_sources > 0) {
+        remove_checkpoint_dir(partial);
+    }
+    if (st == CAPRL_OK) {
+        st = vl ? caprl_vl_model_save(model, vision, write_to, &err) : caprl_model_save(model, write_to, &err);
+    }
+    if (st == CAPRL_OK && n_sources > 0) {
+        st = take_weights(partial, sources, n_sources, &err);
+        if (st == CAPRL_OK && rename(partial, out) != 0) {
+            snprintf(err.msg, sizeof err.msg, "%.200s: cannot rename the complete model into place: %s", out,
+                     strerror(errno));
+            st = err.code = CAPRL_ERR_IO;
+        }
+        if (st != CAPRL_OK) {
+            remove_checkpoint_dir(partial);
+        }
     }
     if (st == CAPRL_OK) {
         fprintf(stderr, "caprl init-model: wrote %s (%lld parameters, %s)\n", out,
                 (long long)caprl_model_n_params(model), caprl_dtype_name(dtype));
     }
     caprl_safetensors_free(lm_weights);
+    caprl_safetensors_free(vision_weights);
     caprl_vision_free(vision);
     caprl_model_free(model);
     return st == CAPRL_OK ? EXIT_OK : tool_fail(info.name, st, err.msg);
