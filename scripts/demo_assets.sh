@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo-assets: builds the demo's three tiny models from nothing, with caprl alone, deterministically, into
-# demo/assets/ (shipped in the repository so that `make demo` does not retrain them). Hours on 2 cores.
+# demo/assets/ (shipped in the repository so that `make demo` does not retrain them). Over an hour on 2 cores.
 #   tokenizer.json  byte-level BPE fitted to the synthetic world's text (caprl tokenizer train)
 #   reader/         Qwen2 text model (4 layers, hidden 128), SFT in three stages:
 #                     1. letter binding (sft_reader_bind.jsonl): the caption is one option's text, the target its
