@@ -79,6 +79,31 @@ static caprl_text_config preset_tiny_vl(caprl_vision_config *vc) {
     return c;
 }
 
+/* Opens the checkpoint in dir whose weights init-model takes, after checking that it has the tensor key (missing:
+ * what its absence means) in the dtype of the model being made. */
+static caprl_status open_weight_source(caprl_safetensors **out, const char *dir, const char *key, int32_t dtype,
+                                       const char *missing, caprl_error *err) {
+    caprl_status st = caprl_safetensors_open_dir(out, dir, err);
+    if (st != CAPRL_OK) {
+        return st;
+    }
+    const caprl_st_tensor *t = caprl_safetensors_find(*out, key);
+    if (t && (int32_t)t->dtype == dtype) {
+        return CAPRL_OK;
+    }
+    if (!t) {
+        snprintf(err->msg, sizeof err->msg, "%s: no tensor '%s'%s", dir, key, missing);
+    } else {
+        snprintf(err->msg, sizeof err->msg, "%s: %s", dir,
+                 t->dtype == CAPRL_DTYPE_F32    ? "the weights are F32: give --dtype f32"
+                 : t->dtype == CAPRL_DTYPE_BF16 ? "the weights are BF16: give --dtype bf16"
+                                                : "the weights are neither F32 nor BF16");
+    }
+    caprl_safetensors_free(*out);
+    *out = NULL;
+    return err->code = CAPRL_ERR_FORMAT;
+}
+
 /* Removes a checkpoint directory that init-model wrote (its files only, then the directory). */
 static void remove_checkpoint_dir(const char *dir) {
     static const char *const files[] = {"config.json", "generation_config.json", "preprocessor_config.json",
@@ -331,41 +356,18 @@ int cmd_init_model(int argc, char **argv) {
     if (vocab > 0) {
         cfg.vocab_size = vocab;
     }
+    /* the sources are checked before anything is written: a failed run must not leave a random model behind */
     caprl_safetensors *lm_weights = NULL, *vision_weights = NULL;
-    if (vision_dir) {
-        st = caprl_safetensors_open_dir(&vision_weights, vision_dir, &err);
-        if (st != CAPRL_OK) {
-            return tool_fail(info.name, st, err.msg);
-        }
-        const caprl_st_tensor *pe = caprl_safetensors_find(vision_weights, "visual.patch_embed.proj.weight");
-        if (!pe || (int32_t)pe->dtype != dtype) {
-            char msg[4400];
-            snprintf(msg, sizeof msg, "%s: %s", vision_dir,
-                     !pe ? "no tensor 'visual.patch_embed.proj.weight': not a Qwen2.5-VL checkpoint"
-                         : "its vision weights are not of the --dtype given");
-            caprl_safetensors_free(vision_weights);
-            return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
-        }
-    }
     if (lm_dir) {
-        /* checked before anything is written: a failed run must not leave a random model behind */
-        st = caprl_safetensors_open_dir(&lm_weights, lm_dir, &err);
-        if (st != CAPRL_OK) {
-            caprl_safetensors_free(vision_weights);
-            return tool_fail(info.name, st, err.msg);
-        }
-        const caprl_st_tensor *embed = caprl_safetensors_find(lm_weights, "model.embed_tokens.weight");
-        if (!embed || (int32_t)embed->dtype != dtype) {
-            char msg[4400];
-            snprintf(msg, sizeof msg, "%s: %s", lm_dir,
-                     !embed                                ? "no tensor 'model.embed_tokens.weight'"
-                     : embed->dtype == CAPRL_DTYPE_F32     ? "the weights are F32: give --dtype f32"
-                     : embed->dtype == CAPRL_DTYPE_BF16    ? "the weights are BF16: give --dtype bf16"
-                                                           : "the weights are neither F32 nor BF16");
-            caprl_safetensors_free(lm_weights);
-            caprl_safetensors_free(vision_weights);
-            return tool_fail(info.name, CAPRL_ERR_FORMAT, msg);
-        }
+        st = open_weight_source(&lm_weights, lm_dir, "model.embed_tokens.weight", dtype, "", &err);
+    }
+    if (st == CAPRL_OK && vision_dir) {
+        st = open_weight_source(&vision_weights, vision_dir, "visual.patch_embed.proj.weight", dtype,
+                                ": not a Qwen2.5-VL checkpoint", &err);
+    }
+    if (st != CAPRL_OK) {
+        caprl_safetensors_free(lm_weights);
+        return tool_fail(info.name, st, err.msg);
     }
     caprl_model_params mp = caprl_model_default_params();
     mp.load_tokenizer = false;
