@@ -401,6 +401,9 @@ int cmd_init_model(int argc, char **argv) {
     }
     if (st == CAPRL_OK && n_sources > 0) {
         st = take_weights(partial, sources, n_sources, &err);
+        if (st == CAPRL_OK) {
+            remove_checkpoint_dir(out); /* a model written there before is replaced, as without sources */
+        }
         if (st == CAPRL_OK && rename(partial, out) != 0) {
             snprintf(err.msg, sizeof err.msg, "%.200s: cannot rename the complete model into place: %s", out,
                      strerror(errno));
