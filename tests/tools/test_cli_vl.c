@@ -321,11 +321,19 @@ static void check_vision_model(const char *tmp) {
     CHECK(run(cmd, NULL, 0) == 0);
     CHECK_MSG(check_taken(built, vsrc, true) >= 20, "fewer vision tensors than a 2-block tower has");
     CHECK_MSG(check_taken(built, lm, false) > 0, "no text tensor compared");
-    /* into an existing model directory: replaced, as a run without sources overwrites */
+    /* into an existing model directory: its model replaced, as a run without sources overwrites; other files kept */
+    char keep[4300];
+    snprintf(keep, sizeof keep, "%s/notes.txt", built);
+    FILE *f = fopen(keep, "w");
+    CHECK(f != NULL);
+    if (f) {
+        fclose(f);
+    }
     snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny-vl --seed 3 --language-model %s --vision-model %s",
              CAPRL_CLI, built, lm, vsrc);
     CHECK(run(cmd, NULL, 0) == 0);
     CHECK_MSG(check_taken(built, vsrc, true) >= 20, "a rerun into the same directory did not take the tower");
+    CHECK_MSG(file_exists(keep), "a rerun into the same directory lost %s", keep);
     char x[4200];
     snprintf(x, sizeof x, "%s/x", tmp);
     snprintf(cmd, sizeof cmd, "%s init-model --out %s --preset tiny-vl --vision-model %s", CAPRL_CLI, x, lm);

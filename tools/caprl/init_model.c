@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "caprl/model.h"
@@ -104,16 +105,41 @@ static caprl_status open_weight_source(caprl_safetensors **out, const char *dir,
     return err->code = CAPRL_ERR_FORMAT;
 }
 
+/* The files of a checkpoint directory that init-model writes. */
+static const char *const k_checkpoint_files[] = {"config.json", "generation_config.json", "preprocessor_config.json",
+                                                 "model.safetensors", "model.safetensors.index.json",
+                                                 "tokenizer.json"};
+enum { N_CHECKPOINT_FILES = sizeof k_checkpoint_files / sizeof *k_checkpoint_files };
+
 /* Removes a checkpoint directory that init-model wrote (its files only, then the directory). */
 static void remove_checkpoint_dir(const char *dir) {
-    static const char *const files[] = {"config.json", "generation_config.json", "preprocessor_config.json",
-                                        "model.safetensors", "model.safetensors.index.json", "tokenizer.json"};
     char path[4400];
-    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
-        snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+    for (int i = 0; i < N_CHECKPOINT_FILES; i++) {
+        snprintf(path, sizeof path, "%s/%s", dir, k_checkpoint_files[i]);
         remove(path);
     }
     rmdir(dir);
+}
+
+/* Moves the complete checkpoint in partial into out file by file (each rename replaces a file of a model already
+ * there at once, and other files of out stay, as a run without sources writes), then removes partial. */
+static caprl_status move_checkpoint(const char *partial, const char *out, caprl_error *err) {
+    if (mkdir(out, 0755) != 0 && errno != EEXIST) {
+        snprintf(err->msg, sizeof err->msg, "%.200s: cannot create directory: %s", out, strerror(errno));
+        return err->code = CAPRL_ERR_IO;
+    }
+    char from[4400], to[4400];
+    for (int i = 0; i < N_CHECKPOINT_FILES; i++) {
+        snprintf(from, sizeof from, "%s/%s", partial, k_checkpoint_files[i]);
+        snprintf(to, sizeof to, "%s/%s", out, k_checkpoint_files[i]);
+        if (rename(from, to) != 0 && errno != ENOENT) {
+            snprintf(err->msg, sizeof err->msg, "%.200s: cannot move %s into place: %s", out, k_checkpoint_files[i],
+                     strerror(errno));
+            return err->code = CAPRL_ERR_IO;
+        }
+    }
+    rmdir(partial);
+    return CAPRL_OK;
 }
 
 /* A trained checkpoint whose weights replace the fresh model's: a language model gives every tensor both have (the
@@ -388,7 +414,7 @@ int cmd_init_model(int argc, char **argv) {
     if (vision_dir) {
         sources[n_sources++] = (weight_source){vision_dir, vision_weights, "visual."};
     }
-    /* with weights to take, the model is put together beside out and renamed into place once complete, so that a
+    /* with weights to take, the model is put together beside out and moved into place once complete, so that a
      * source of the wrong shape leaves nothing behind */
     char partial[4200];
     snprintf(partial, sizeof partial, "%s.partial", out);
@@ -402,12 +428,7 @@ int cmd_init_model(int argc, char **argv) {
     if (st == CAPRL_OK && n_sources > 0) {
         st = take_weights(partial, sources, n_sources, &err);
         if (st == CAPRL_OK) {
-            remove_checkpoint_dir(out); /* a model written there before is replaced, as without sources */
-        }
-        if (st == CAPRL_OK && rename(partial, out) != 0) {
-            snprintf(err.msg, sizeof err.msg, "%.200s: cannot rename the complete model into place: %s", out,
-                     strerror(errno));
-            st = err.code = CAPRL_ERR_IO;
+            st = move_checkpoint(partial, out, &err);
         }
         if (st != CAPRL_OK) {
             remove_checkpoint_dir(partial);
