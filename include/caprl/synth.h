@@ -71,6 +71,7 @@ typedef struct caprl_synth_summary {
     int64_t n_reader_free;     /* answer-in-words records in sft_reader.jsonl (besides the n_reader_records) */
     int64_t n_reader_bind;     /* letter-binding records in sft_reader_bind.jsonl */
     int64_t n_filter_bind;     /* the same in the curation model's form, in sft_filter_bind.jsonl */
+    int64_t n_filter_keyed;    /* keyed lookups with the image, in sft_filter_keyed.jsonl */
     int64_t bytes_written;     /* all files together */
 } caprl_synth_summary;
 

@@ -36,6 +36,7 @@ enum {
     CAPRL_SYNTH_PURPOSE_FILTER = 6,       /* the curation model's SFT records: option shuffles */
     CAPRL_SYNTH_PURPOSE_BIND = 7,         /* the reader's letter-binding records */
     CAPRL_SYNTH_PURPOSE_FILTER_BIND = 8,  /* the curation model's letter-binding records */
+    CAPRL_SYNTH_PURPOSE_FILTER_KEYED = 9, /* the curation model's keyed lookups: option shuffles */
 };
 void caprl_synth_rng(caprl_rng *r, uint64_t seed, int32_t split, int64_t index, int32_t purpose);
 

@@ -188,6 +188,7 @@ enum {
     F_SFT_READER_BIND,
     F_SFT_DESCRIBE,
     F_SFT_FILTER_BIND,
+    F_SFT_FILTER_KEYED,
     N_FILES
 };
 
@@ -195,6 +196,7 @@ static const char *const k_file_names[N_FILES] = {
     "scenes.jsonl",        "train.jsonl",       "test_qa.jsonl",      "leaky_ids.json", "captions_dense.jsonl",
     "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",    "corpus.txt",
     "sft_filter.jsonl", "train_valid.jsonl", "sft_reader_bind.jsonl", "sft_describe.jsonl", "sft_filter_bind.jsonl",
+    "sft_filter_keyed.jsonl",
 };
 
 typedef struct out_file {
@@ -619,6 +621,85 @@ static void put_filter_bind_records(writer *w, int64_t index, const char *id) {
     }
 }
 
+/* One record of sft_filter_keyed.jsonl: the question about the image, answered with `answer`. */
+static void put_keyed_record(writer *w, const char *id, int32_t *n_image, const char *image, const char *question,
+                             const char *answer) {
+    sbuf *b = &w->f[F_SFT_FILTER_KEYED].b;
+    sb_printf(b, "{\"id\": \"%s-k%d\", \"image\": ", id, (int)(*n_image)++);
+    json_str(b, image);
+    sb_puts(b, ", \"messages\": [{\"role\": \"user\", \"content\": ");
+    json_str(b, question);
+    sb_puts(b, "}, {\"role\": \"assistant\", \"content\": ");
+    json_str(b, answer);
+    sb_puts(b, "}]}\n");
+    w->sum.n_filter_keyed++;
+}
+
+/* A keyed lookup twice: answered in words, then as `caprl qa filter` asks it, over `options` (n, the gold first)
+ * shuffled plus "E) None of the above", answered with the letter. */
+static void put_keyed_pair(writer *w, caprl_rng *r, const char *id, int32_t *n_image, const char *image,
+                           const char *question, const char *const *options, int32_t n) {
+    int32_t order[CAPRL_SYNTH_N_OPTIONS] = {0, 1, 2, 3};
+    for (int32_t i = n - 1; i > 0; i--) {
+        int32_t j = (int32_t)caprl_rng_below(r, (uint64_t)(i + 1));
+        int32_t t = order[i];
+        order[i] = order[j];
+        order[j] = t;
+    }
+    sbuf user = {0};
+    char letter[2] = {0, 0};
+    sb_puts(&user, question);
+    for (int32_t i = 0; i < n; i++) {
+        sb_printf(&user, "\n   - %c) %s", 'A' + i, options[order[i]]);
+        letter[0] = order[i] == 0 ? (char)('A' + i) : letter[0];
+    }
+    sb_puts(&user, "\n   - E) None of the above. Answer the question with only the correct letter");
+    put_keyed_record(w, id, n_image, image, question, options[0]);
+    put_keyed_record(w, id, n_image, image, user.p, letter);
+    free(user.p);
+}
+
+/* The curation model's keyed lookups of one training image (sft_filter_keyed.jsonl): for an object whose colour is
+ * unique in the scene, "What shape is the red object?"; for one whose shape is unique, "What color is the circle?".
+ * The questions of the absent style can be answered by spotting which option's value is in the image at all; these
+ * make the model find the object the question names and read another of its attributes, which the shape questions
+ * and the counts of a shape need. */
+static void put_filter_keyed_records(writer *w, int64_t index, const char *id, const char *image,
+                                     const caprl_synth_scene *s) {
+    caprl_rng r;
+    caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_FILTER_KEYED);
+    int32_t n_image = 0;
+    for (int32_t k = 0; k < s->n; k++) {
+        const caprl_synth_object *o = &s->obj[k];
+        int32_t                   same_color = 0, same_shape = 0;
+        for (int32_t j = 0; j < s->n; j++) {
+            same_color += s->obj[j].color == o->color;
+            same_shape += s->obj[j].shape == o->shape;
+        }
+        char question[96];
+        if (same_color == 1) {
+            const char *shapes[CAPRL_SYNTH_N_SHAPES];
+            for (int32_t i = 0; i < CAPRL_SYNTH_N_SHAPES; i++) {
+                shapes[i] = caprl_synth_shape_name((o->shape + i) % CAPRL_SYNTH_N_SHAPES);
+            }
+            snprintf(question, sizeof question, "What shape is the %s object?", caprl_synth_color_name(o->color));
+            put_keyed_pair(w, &r, id, &n_image, image, question, shapes, CAPRL_SYNTH_N_SHAPES);
+        }
+        if (same_shape == 1) {
+            const char *colors[CAPRL_SYNTH_N_OPTIONS];
+            colors[0] = caprl_synth_color_name(o->color);
+            uint32_t others = caprl_synth_subset(&r, CAPRL_SYNTH_N_COLORS - 1, CAPRL_SYNTH_N_OPTIONS - 1);
+            for (int32_t i = 0, n = 1; i < CAPRL_SYNTH_N_COLORS - 1; i++) {
+                if (others & (1u << i)) {
+                    colors[n++] = caprl_synth_color_name((o->color + 1 + i) % CAPRL_SYNTH_N_COLORS);
+                }
+            }
+            snprintf(question, sizeof question, "What color is the %s?", caprl_synth_shape_name(o->shape));
+            put_keyed_pair(w, &r, id, &n_image, image, question, colors, CAPRL_SYNTH_N_OPTIONS);
+        }
+    }
+}
+
 /* The curation model's SFT records of one training image, in the form `caprl qa filter` asks: every question
  * (valid and leaky) once with the image, options shuffled plus "E) None of the above", answered with the gold
  * letter; and once without the image, answered with the gold letter when the wording gives it away (leaky) and
@@ -719,6 +800,7 @@ static caprl_status write_text_image(writer *w, int32_t split, int64_t i, caprl_
         put_bind_records(w, i, id);
         put_filter_bind_records(w, i, id);
         put_filter_records(w, i, id, image, q, n_q);
+        put_filter_keyed_records(w, i, id, image, &s);
         for (int32_t k = 0; k < n_q; k++) {
             w->sum.n_train_questions++;
             w->sum.n_leaky += q[k].leaky ? 1 : 0;
@@ -775,10 +857,12 @@ static caprl_status write_manifest(writer *w, caprl_error *err) {
     sb_printf(&b,
               "  \"train_questions\": %lld,\n  \"leaky_questions\": %lld,\n  \"test_questions\": %lld,\n"
               "  \"reader_records\": %lld,\n  \"reader_cannot_answer\": %lld,\n  \"reader_free_records\": %lld,\n"
-              "  \"reader_bind_records\": %lld,\n  \"filter_bind_records\": %lld,\n",
+              "  \"reader_bind_records\": %lld,\n  \"filter_bind_records\": %lld,\n"
+              "  \"filter_keyed_records\": %lld,\n",
               (long long)w->sum.n_train_questions, (long long)w->sum.n_leaky, (long long)w->sum.n_test_questions,
               (long long)w->sum.n_reader_records, (long long)w->sum.n_reader_cannot, (long long)w->sum.n_reader_free,
-              (long long)w->sum.n_reader_bind, (long long)w->sum.n_filter_bind);
+              (long long)w->sum.n_reader_bind, (long long)w->sum.n_filter_bind,
+              (long long)w->sum.n_filter_keyed);
     sb_puts(&b, "  \"caption_instruction\": ");
     json_str(&b, k_caption_instruction);
     struct {

@@ -11,7 +11,8 @@ static const char *const k_files[] = {
     "synth.json",         "scenes.jsonl",         "train.jsonl",         "test_qa.jsonl",    "leaky_ids.json",
     "captions_dense.jsonl", "captions_short.jsonl", "sft_captioner.jsonl", "sft_reader.jsonl", "bench.jsonl",
     "corpus.txt",         "sft_reader_bind.jsonl", "sft_describe.jsonl", "sft_filter.jsonl", "sft_filter_bind.jsonl",
-    "images/train/00000.png", "images/train/00009.png", "images/test/00000.png", "images/test/00002.png",
+    "sft_filter_keyed.jsonl", "images/train/00000.png", "images/train/00009.png", "images/test/00000.png",
+    "images/test/00002.png",
 };
 
 static void check_same_world(const char *d1, const char *d2) {

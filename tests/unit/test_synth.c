@@ -847,6 +847,70 @@ static void check_bind_records(json_t *bind) {
     }
 }
 
+/* The curation model's keyed lookups against the dense captions: one pair (in words, then over four options plus
+ * "E) None of the above" with the letter) per object whose colour is unique in its scene and per object whose shape
+ * is, and the word answer is that object's other attribute. */
+static void check_keyed_records(json_t *keyed, json_t *dense, int32_t n_train) {
+    size_t expected = 0;
+    for (int32_t i = 0; i < n_train; i++) {
+        tcap c;
+        CHECK(parse_caption(jstr(json_array_get(dense, (size_t)i), "caption"), &c));
+        for (int a = 0; a < c.n; a++) {
+            int same_color = 0, same_shape = 0;
+            for (int b = 0; b < c.n; b++) {
+                same_color += !strcmp(c.o[a].color, c.o[b].color);
+                same_shape += !strcmp(c.o[a].shape, c.o[b].shape);
+            }
+            expected += 2 * (size_t)(same_color == 1) + 2 * (size_t)(same_shape == 1);
+        }
+    }
+    CHECK_EQ_I64(json_array_size(keyed), (int64_t)expected);
+    int per_letter[4] = {0};
+    for (size_t i = 0; i + 1 < json_array_size(keyed); i += 2) {
+        json_t     *words = json_array_get(keyed, i), *letter = json_array_get(keyed, i + 1);
+        const char *id = jstr(words, "id"), *image = jstr(words, "image");
+        CHECK(!strcmp(image, jstr(letter, "image")) && strncmp(id, jstr(letter, "id"), 11) == 0);
+        json_t     *wm = json_object_get(words, "messages"), *lm = json_object_get(letter, "messages");
+        const char *question = jstr(json_array_get(wm, 0), "content");
+        const char *answer = jstr(json_array_get(wm, 1), "content");
+        char        key[16], id11[16];
+        snprintf(id11, sizeof id11, "%.11s", id);
+        tcap c;
+        CHECK(parse_caption(dense_of(dense, id11), &c));
+        int found = 0;
+        for (int a = 0; a < c.n; a++) {
+            bool by_color = sscanf(question, "What shape is the %15s object?", key) == 1 && !strcmp(key, c.o[a].color);
+            bool by_shape = sscanf(question, "What color is the %15[a-z]?", key) == 1 && !strcmp(key, c.o[a].shape);
+            found += by_color && !strcmp(answer, c.o[a].shape);
+            found += by_shape && !strcmp(answer, c.o[a].color);
+        }
+        CHECK_MSG(found == 1, "%s: '%s' answered '%s' fits %d objects, not one", id, question, answer, found);
+        const char *mcq = jstr(json_array_get(lm, 0), "content"), *gold = jstr(json_array_get(lm, 1), "content");
+        char        opts[4][32];
+        size_t      qlen = strlen(question);
+        CHECK(strncmp(mcq, question, qlen) == 0);
+        CHECK(sscanf(mcq + qlen,
+                     "\n   - A) %31[^\n]\n   - B) %31[^\n]\n   - C) %31[^\n]\n   - D) %31[^\n]\n   - E) None of the above. "
+                     "Answer the question with only the correct letter",
+                     opts[0], opts[1], opts[2], opts[3]) == 4);
+        CHECK(strlen(gold) == 1 && gold[0] >= 'A' && gold[0] <= 'D');
+        if (strlen(gold) == 1 && gold[0] >= 'A' && gold[0] <= 'D') {
+            per_letter[gold[0] - 'A']++;
+            CHECK_MSG(!strcmp(opts[gold[0] - 'A'], answer), "%s: letter %s is '%s', not '%s'", jstr(letter, "id"),
+                      gold, opts[gold[0] - 'A'], answer);
+        }
+        for (int a = 0; a < 4; a++) {
+            for (int b = a + 1; b < 4; b++) {
+                CHECK(strcmp(opts[a], opts[b]) != 0);
+            }
+        }
+    }
+    for (int l = 0; l < 4; l++) {
+        CHECK_MSG(per_letter[l] * 8 > (int)json_array_size(keyed) / 2, "letter %c is the target of %d of %zu",
+                  'A' + l, per_letter[l], json_array_size(keyed) / 2);
+    }
+}
+
 static void check_reader_records(json_t *reader, json_t *dense) {
     int    n_f = 0, n_free = 0;
     size_t n = 0;
@@ -1046,6 +1110,9 @@ static void check_world(const char *dir, const caprl_synth_params *p) {
         CHECK(!strcmp(jstr(json_array_get(msgs, 1), "content"), jstr(json_array_get(dense, i), "caption")));
     }
     json_decref(describe);
+    json_t *keyed = load_jsonl(dir, "sft_filter_keyed.jsonl");
+    check_keyed_records(keyed, dense, p->n_train);
+    json_decref(keyed);
 
     /* The corpus holds every caption. */
     char  *cp = path2(dir, "corpus.txt");

@@ -75,10 +75,10 @@ int cmd_synth(int argc, char **argv) {
     fprintf(stderr,
             "caprl synth: wrote %s: %lld images, %lld training questions (%lld leaky), %lld test questions, "
             "%lld reader records (%lld answer F; %lld more in words, %lld letter-binding), "
-            "%lld curation letter-binding, %.1f MB in %.2f s\n",
+            "%lld curation letter-binding, %lld keyed lookups, %.1f MB in %.2f s\n",
             out, (long long)sum.n_images, (long long)sum.n_train_questions, (long long)sum.n_leaky,
             (long long)sum.n_test_questions, (long long)sum.n_reader_records, (long long)sum.n_reader_cannot,
             (long long)sum.n_reader_free, (long long)sum.n_reader_bind, (long long)sum.n_filter_bind,
-            (double)sum.bytes_written / 1e6, tool_now() - t0);
+            (long long)sum.n_filter_keyed, (double)sum.bytes_written / 1e6, tool_now() - t0);
     return EXIT_OK;
 }
