@@ -13,12 +13,13 @@ int cmd_synth(int argc, char **argv) {
         "caprl synth --out DIR [--train N] [--test M] [--seed S] [--size PX] [--min-objects A] [--max-objects B]\n"
         "            [--leaky-per-image K] [--qa-per-image Q] [--reader-template FILE] [--threads T]",
         "Write a synthetic world of coloured shapes for the demo: PNG scenes, multiple-choice questions from their\n"
-        "ground truth (with planted leaky ones), dense and short captions, SFT data for a captioner and a reader,\n"
-        "a held-out Prism benchmark and a text corpus for a tokenizer.",
+        "ground truth (with planted leaky ones), dense and short captions, SFT data for a captioner, a reader and a\n"
+        "curation model, a held-out Prism benchmark and a text corpus for a tokenizer.",
         "Files in DIR (docs/formats.md, \"Synthetic world\"): images/{train,test}/NNNNN.png, scenes.jsonl,\n"
-        "train.jsonl (valid + leaky questions), leaky_ids.json, test_qa.jsonl, captions_dense.jsonl,\n"
-        "captions_short.jsonl, sft_captioner.jsonl, sft_reader.jsonl, bench.jsonl, corpus.txt and, last,\n"
-        "synth.json (the manifest: a directory with it is complete).\n"
+        "train.jsonl (valid + leaky questions), train_valid.jsonl, leaky_ids.json, test_qa.jsonl,\n"
+        "captions_dense.jsonl, captions_short.jsonl, sft_captioner.jsonl, sft_describe.jsonl, sft_reader.jsonl,\n"
+        "sft_reader_bind.jsonl, sft_filter.jsonl, sft_filter_bind.jsonl, sft_filter_keyed.jsonl, bench.jsonl,\n"
+        "corpus.txt and, last, synth.json (the manifest: a directory with it is complete).\n"
         "Each image is a 3x3 grid of PX / 3 pixel cells (84: one cell = one merged vision token) holding 2-6 objects\n"
         "(4 shapes, 6 colours, 2 sizes). The output is the same bytes for the same options at any --threads.\n"
         "Exit codes: 0 ok, 1 usage (including values out of range), 2 the directory cannot be written."};
