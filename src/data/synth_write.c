@@ -460,6 +460,19 @@ static void put_scene(sbuf *b, const char *id, const char *image, int32_t split,
     sb_puts(b, "]}\n");
 }
 
+/* order = 0..3 uniformly shuffled: order[i] is the option shown at letter 'A' + i. */
+static void shuffle_options(caprl_rng *r, int32_t order[CAPRL_SYNTH_N_OPTIONS]) {
+    for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
+        order[i] = i;
+    }
+    for (int32_t i = CAPRL_SYNTH_N_OPTIONS - 1; i > 0; i--) {
+        int32_t j = (int32_t)caprl_rng_below(r, (uint64_t)(i + 1));
+        int32_t t = order[i];
+        order[i] = order[j];
+        order[j] = t;
+    }
+}
+
 /* The reader's SFT records of one training image: each valid question once, with the dense, the short or a
  * partial caption (a random proper subset of the objects), its options reshuffled and F appended as the reward
  * presents them; the target is the gold letter when the caption states the answer, F otherwise. */
@@ -479,13 +492,8 @@ static void put_reader_records(writer *w, int64_t index, const char *id, const c
         if (kind == 2 && s->n >= 2) {
             listed = caprl_synth_subset(&r, s->n, 1 + (int32_t)caprl_rng_below(&r, (uint64_t)(s->n - 1)));
         }
-        int32_t order[CAPRL_SYNTH_N_OPTIONS] = {0, 1, 2, 3};
-        for (int32_t i = CAPRL_SYNTH_N_OPTIONS - 1; i > 0; i--) {
-            int32_t j = (int32_t)caprl_rng_below(&r, (uint64_t)(i + 1));
-            int32_t t = order[i];
-            order[i] = order[j];
-            order[j] = t;
-        }
+        int32_t order[CAPRL_SYNTH_N_OPTIONS];
+        shuffle_options(&r, order);
         char letter = 'F';
         if (caprl_synth_answerable(&q[k], listed, kind == 0)) {
             for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
@@ -635,21 +643,16 @@ static void put_keyed_record(writer *w, const char *id, int32_t *n_image, const 
     w->sum.n_filter_keyed++;
 }
 
-/* A keyed lookup twice: answered in words, then as `caprl qa filter` asks it, over `options` (n, the gold first)
- * shuffled plus "E) None of the above", answered with the letter. */
+/* A keyed lookup twice: answered in words, then as `caprl qa filter` asks it, over the four `options` (the gold
+ * first) shuffled plus "E) None of the above", answered with the letter. */
 static void put_keyed_pair(writer *w, caprl_rng *r, const char *id, int32_t *n_image, const char *image,
-                           const char *question, const char *const *options, int32_t n) {
-    int32_t order[CAPRL_SYNTH_N_OPTIONS] = {0, 1, 2, 3};
-    for (int32_t i = n - 1; i > 0; i--) {
-        int32_t j = (int32_t)caprl_rng_below(r, (uint64_t)(i + 1));
-        int32_t t = order[i];
-        order[i] = order[j];
-        order[j] = t;
-    }
+                           const char *question, const char *const options[CAPRL_SYNTH_N_OPTIONS]) {
+    int32_t order[CAPRL_SYNTH_N_OPTIONS];
+    shuffle_options(r, order);
     sbuf user = {0};
     char letter[2] = {0, 0};
     sb_puts(&user, question);
-    for (int32_t i = 0; i < n; i++) {
+    for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
         sb_printf(&user, "\n   - %c) %s", 'A' + i, options[order[i]]);
         letter[0] = order[i] == 0 ? (char)('A' + i) : letter[0];
     }
@@ -683,7 +686,7 @@ static void put_filter_keyed_records(writer *w, int64_t index, const char *id, c
                 shapes[i] = caprl_synth_shape_name((o->shape + i) % CAPRL_SYNTH_N_SHAPES);
             }
             snprintf(question, sizeof question, "What shape is the %s object?", caprl_synth_color_name(o->color));
-            put_keyed_pair(w, &r, id, &n_image, image, question, shapes, CAPRL_SYNTH_N_SHAPES);
+            put_keyed_pair(w, &r, id, &n_image, image, question, shapes);
         }
         if (same_shape == 1) {
             const char *colors[CAPRL_SYNTH_N_OPTIONS];
@@ -695,7 +698,7 @@ static void put_filter_keyed_records(writer *w, int64_t index, const char *id, c
                 }
             }
             snprintf(question, sizeof question, "What color is the %s?", caprl_synth_shape_name(o->shape));
-            put_keyed_pair(w, &r, id, &n_image, image, question, colors, CAPRL_SYNTH_N_OPTIONS);
+            put_keyed_pair(w, &r, id, &n_image, image, question, colors);
         }
     }
 }
@@ -711,13 +714,8 @@ static void put_filter_records(writer *w, int64_t index, const char *id, const c
     caprl_synth_rng(&r, w->p->seed, CAPRL_SYNTH_SPLIT_TRAIN, index, CAPRL_SYNTH_PURPOSE_FILTER);
     for (int32_t k = 0; k < n_q; k++) {
         for (int32_t with_image = 1; with_image >= 0; with_image--) {
-            int32_t order[CAPRL_SYNTH_N_OPTIONS] = {0, 1, 2, 3};
-            for (int32_t i = CAPRL_SYNTH_N_OPTIONS - 1; i > 0; i--) {
-                int32_t j = (int32_t)caprl_rng_below(&r, (uint64_t)(i + 1));
-                int32_t t = order[i];
-                order[i] = order[j];
-                order[j] = t;
-            }
+            int32_t order[CAPRL_SYNTH_N_OPTIONS];
+            shuffle_options(&r, order);
             char letter = 0;
             for (int32_t i = 0; i < CAPRL_SYNTH_N_OPTIONS; i++) {
                 letter = order[i] == q[k].gold ? (char)('A' + i) : letter;
