@@ -1,6 +1,6 @@
 /* make demo-assets end to end, shrunk: scripts/demo_assets.sh with worlds of 520 training images and every SFT run
  * capped at 2 steps, into a scratch directory (the shipped demo/assets are not touched). The full recipe takes about
- * an hour on 2 cores; this checks in half a minute that every stage still runs and hands the next one its input:
+ * two hours on 2 cores; this checks in half a minute that every stage still runs and hands the next one its input:
  * each of the three models it writes loads and generates (the captioner and the curation model with an image), and
  * the curation model's questions about images come only from images past the demo's 512, whose questions make demo
  * filters. */
