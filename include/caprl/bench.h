@@ -23,6 +23,27 @@ typedef struct caprl_machine_peaks {
 /* Runs the probes on n_threads threads (0 = all cores); takes about a second. */
 CAPRL_API caprl_status caprl_measure_peaks(int32_t n_threads, caprl_machine_peaks *out, caprl_error *err);
 
+/* Which product of a linear layer y = x W^T (W: N x K, x: M x K) caprl_bench_matmul times. */
+typedef enum caprl_matmul_pass {
+    CAPRL_MATMUL_FWD = 0,        /* y (M, N) = x W^T */
+    CAPRL_MATMUL_BWD_DATA = 1,   /* dx (M, K) = dy W */
+    CAPRL_MATMUL_BWD_WEIGHT = 2, /* dW (N, K) += dy^T x */
+} caprl_matmul_pass;
+
+typedef struct caprl_matmul_bench {
+    int64_t M, N, K;      /* in: rows of x, out features, in features */
+    int32_t weight_dtype; /* in: CAPRL_DTYPE_F32 or CAPRL_DTYPE_BF16 */
+    int32_t pass;         /* in: caprl_matmul_pass */
+    int32_t reps;         /* in: timed calls after one warm-up call (at least 1) */
+    double  seconds;      /* out: the fastest timed call */
+    double  gflops;       /* out: 2 M N K / seconds */
+    char    kernel[16];   /* out: what ran: "amx-bf16", "avx512", "avx2" or "scalar" */
+} caprl_matmul_bench;
+
+/* Times one matmul of the CPU backend on n_threads threads (0 = all cores) with random operands, the weight
+ * prepared as the model and the trainer prepare theirs (packed for the tile unit where there is one). */
+CAPRL_API caprl_status caprl_bench_matmul(int32_t n_threads, caprl_matmul_bench *b, caprl_error *err);
+
 #ifdef __cplusplus
 }
 #endif

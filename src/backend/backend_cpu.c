@@ -1,7 +1,9 @@
 /* The CPU backend: the op table over the kernels of src/ops and gemm_cpu.c, the ISA choice (made once, from
  * caprl_cpu(), so a backend always runs one code path) and the per-thread scratch the kernels share.
  * Thread safety: one backend is driven by one thread at a time (its pool is not re-entrant). */
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "backend/gemm_impl.h"
@@ -222,6 +224,28 @@ static int32_t machine_isa(void) {
     return CAPRL_ISA_SCALAR;
 }
 
+/* The AMX blocking: the defaults, then CAPRL_AMX_TUNE's "key=value" pairs (kc, mb), for tuning runs such as
+ * `caprl bench gemm`. Parsing stops at anything else (blocking never changes a result). */
+static caprl_amx_tuning amx_tuning_from_env(void) {
+    caprl_amx_tuning tu = {.kc_tiles = 16, .row_block_kb = 0};
+    const char      *v = getenv("CAPRL_AMX_TUNE");
+    while (v && *v) {
+        char key[8] = {0};
+        int  val = 0, used = 0;
+        if (sscanf(v, "%7[a-z]=%d%n", key, &val, &used) != 2 || val < 0) {
+            break;
+        }
+        if (strcmp(key, "kc") == 0) {
+            tu.kc_tiles = val;
+        } else if (strcmp(key, "mb") == 0) {
+            tu.row_block_kb = val;
+        }
+        v += used;
+        v += *v == ',';
+    }
+    return tu;
+}
+
 caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, int32_t max_isa, bool allow_amx,
                                         caprl_error *err) {
     /* Feature detection first: it requests the AMX tile permission, which the pool's threads then share. */
@@ -235,6 +259,7 @@ caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, 
     c->isa = isa < max_isa ? isa : max_isa;
     c->amx = allow_amx && f->amx_usable && machine_isa() == CAPRL_ISA_AVX512;
     c->l2_bytes = l2_bytes();
+    c->amx_tuning = amx_tuning_from_env();
     c->threads = caprl_xcalloc((size_t)c->n_threads, sizeof *c->threads);
     caprl_backend *be = caprl_xcalloc(1, sizeof *be);
     be->ops = &k_cpu_ops;

@@ -272,9 +272,10 @@ void caprl_gemm_release(caprl_weight *w) {
 #    define CAPRL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 enum {
-    AMX_NALIGN = 32,      /* columns per job are a multiple of this (two 16-column B panels per block) */
-    AMX_KC_TILES = 16,    /* k tiles (32 wide) per reduction chunk: the two B panels' chunk is 32 KB, in L1 */
+    AMX_NALIGN = 32, /* columns per job are a multiple of this (two 16-column B panels per block) */
     AMX_JOBS_PER_THREAD = 4,
+    AMX_LONG_K_ROWS = 64,   /* fewer rows of the whole reduction than this in half of L2: a long reduction */
+    AMX_LONG_K_BLOCK = 256, /* rows and columns of a job over a long reduction */
 };
 
 typedef struct amx_task {
@@ -284,6 +285,7 @@ typedef struct amx_task {
     const caprl_amx_panels *p;     /* B; C has p->n columns */
     const float            *bias;  /* (p->n) or NULL */
     bool                    accum; /* C starts from out (else from zero) */
+    int64_t                 kc_tiles; /* k tiles per reduction chunk (caprl_amx_tuning.kc_tiles, 0: all) */
     int64_t                 R;
     int64_t                 mblk, nblk; /* rows and columns of one job */
     int64_t                 n_nblocks;  /* jobs per row block: job j covers rows of block j / n_nblocks */
@@ -423,7 +425,7 @@ static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *
     }
 }
 
-/* Jobs [j0, j1). Within a job the reduction runs in chunks of AMX_KC_TILES k tiles: a chunk of the two B panels
+/* Jobs [j0, j1). Within a job the reduction runs in chunks of t->kc_tiles k tiles: a chunk of the two B panels
  * (2 KB per k tile) stays in L1 while every 32-row block of the job's rows streams its A tiles from L2 against it;
  * without chunks both operands would come from L2 for each block (the whole K of a panel does not fit in L1). Jobs
  * holding a partial 32 x 32 block run their whole K in one chunk (partial sums are parked in out only for full
@@ -435,7 +437,7 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
     const uint16_t *b = t->p->data;
     _Alignas(64) float cbuf[32 * 32];
     caprl_amx_config_tiles();
-    int64_t n_chunks = caprl_ceil_div(kt, AMX_KC_TILES), chunk = caprl_ceil_div(kt, n_chunks);
+    int64_t n_chunks = caprl_ceil_div(kt, t->kc_tiles > 0 ? t->kc_tiles : kt), chunk = caprl_ceil_div(kt, n_chunks);
     for (int64_t j = j0; j < j1; j++) {
         int64_t mb = j / t->n_nblocks, nb = j % t->n_nblocks;
         int64_t n0 = nb * t->nblk, n1 = n0 + t->nblk < N ? n0 + t->nblk : N;
@@ -462,20 +464,29 @@ static void amx_run(caprl_cpu_ctx *c, amx_task *t) {
     /* Jobs are row blocks x column ranges, row-block major, and each thread takes a contiguous run of them: a
      * thread keeps its row block of A (bf16) in L2 while the B panels stream past it, so B is read once per row
      * block and A once in all. Row blocks fill half of L2 (multiples of the 32-row step); large images (R in the
-     * thousands) would otherwise stream all of A from L3 once per column range. */
-    int64_t mblk = (c->l2_bytes / 2) / (p->k_pad * 2) / 32 * 32;
+     * thousands) would otherwise stream all of A from L3 once per column range. A 32-column B panel is
+     * k_pad * 128 bytes; a job gets a few hundred KB of them, fewer for balance. */
+    const caprl_amx_tuning *tu = &c->amx_tuning;
+    int64_t row_block_bytes = tu->row_block_kb > 0 ? 1024 * (int64_t)tu->row_block_kb : c->l2_bytes / 2;
+    int64_t mblk = row_block_bytes / (p->k_pad * 2) / 32 * 32;
+    int64_t nblk = caprl_round_up(256 * 1024 / (p->k_pad * 128) * 32, AMX_NALIGN);
+    if (mblk < AMX_LONG_K_ROWS && tu->row_block_kb == 0 && tu->kc_tiles > 0) {
+        /* A long reduction (the lm_head's data gradient: K = the vocabulary): no row block's whole reduction fits
+         * L2, and 32 x 32 jobs would stream both operands from memory at 16 FLOP per byte. Square jobs run it in
+         * chunks whose A and B parts (256 rows and columns x kc_tiles) stay in L2: 128 FLOP per byte. */
+        mblk = AMX_LONG_K_BLOCK;
+        nblk = AMX_LONG_K_BLOCK;
+    }
     mblk = mblk < 32 ? 32 : mblk;
     mblk = mblk < caprl_round_up(R, 32) ? mblk : caprl_round_up(R, 32);
+    nblk = nblk < AMX_NALIGN ? AMX_NALIGN : nblk;
     int64_t n_mblocks = caprl_ceil_div(R, mblk);
-    /* A 32-column B panel is k_pad * 128 bytes; give a job a few hundred KB of them, fewer for balance. */
-    int64_t nblk = caprl_round_up(256 * 1024 / (p->k_pad * 128) * 32, AMX_NALIGN);
-    if (nblk < AMX_NALIGN) {
-        nblk = AMX_NALIGN;
-    }
     if (nt > 1 && n_mblocks * caprl_ceil_div(N, nblk) < AMX_JOBS_PER_THREAD * nt) {
-        int64_t want = caprl_round_up(caprl_ceil_div(N, caprl_ceil_div(AMX_JOBS_PER_THREAD * nt, n_mblocks)), AMX_NALIGN);
+        int64_t per_row_block = caprl_ceil_div(AMX_JOBS_PER_THREAD * nt, n_mblocks);
+        int64_t want = caprl_round_up(caprl_ceil_div(N, per_row_block), AMX_NALIGN);
         nblk = want < nblk ? want : nblk;
     }
+    t->kc_tiles = tu->kc_tiles;
     t->mblk = mblk;
     t->nblk = nblk;
     t->n_nblocks = caprl_ceil_div(N, nblk);

@@ -45,12 +45,21 @@ typedef struct caprl_cpu_thread {
     char     pad_[32];
 } caprl_cpu_thread;
 
+/* How the AMX matmul blocks its work (gemm_amx.c). Blocking never changes a result, only speed; CAPRL_AMX_TUNE
+ * (e.g. "kc=8,mb=256") overrides the defaults for tuning runs (`caprl bench gemm`). */
+typedef struct caprl_amx_tuning {
+    int32_t kc_tiles;     /* k tiles (32 wide) per reduction chunk; 0 = the whole reduction in one chunk */
+    int32_t row_block_kb; /* bf16 activations per row block in KB; 0 = half of L2 (and long reductions blocked
+                             square) */
+} caprl_amx_tuning;
+
 typedef struct caprl_cpu_ctx {
     caprl_pool       *pool;      /* borrowed from the backend */
     int32_t           n_threads;
     int32_t           isa;       /* CAPRL_ISA_*, fixed for the context's life */
     bool              amx;       /* matmul may use AMX-BF16 on prepared bf16 weights */
     int64_t           l2_bytes;  /* per-core L2 size used for cache blocking */
+    caprl_amx_tuning  amx_tuning; /* AMX blocking (speed only; gemm_impl.h) */
     caprl_cpu_thread *threads;   /* (n_threads) */
     uint64_t          gemm_seq;  /* bumped by every matmul call (scratch tags) */
     void             *shared;    /* AMX: the activations converted to bf16 */

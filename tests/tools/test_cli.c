@@ -1,7 +1,7 @@
 /* The caprl program end to end: every subcommand's --help, exit codes for bad usage and bad files, init-model ->
  * generate / tokenize / detokenize / forward on a checkpoint the test creates, forward's dump equal to the
  * library's logits, tokenize / detokenize over every case of the Hugging Face golden file (NUL included), and
- * bench --quick --json. */
+ * bench --quick --json, bench gemm. */
 #include <jansson.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -219,6 +219,17 @@ int main(void) {
              CAPRL_CLI);
     CHECK(run(cmd, out, sizeof out) == 0);
     CHECK(strstr(out, "\"decode16_over_decode1\"") != NULL);
+    /* bench gemm: one odd shape, every pass; then bad options */
+    snprintf(cmd, sizeof cmd, "%s bench gemm --m 37 --n 50 --k 133 --pass all --reps 1 --threads 2 --json", CAPRL_CLI);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    CHECK(strstr(out, "\"pass\":\"fwd\"") && strstr(out, "\"pass\":\"bwd-data\"") &&
+          strstr(out, "\"pass\":\"bwd-weight\"") && strstr(out, "\"m\":37,\"n\":50,\"k\":133"));
+    snprintf(cmd, sizeof cmd, "%s bench gemm --dtype f16", CAPRL_CLI);
+    expect_fail(cmd, 1, "--dtype");
+    snprintf(cmd, sizeof cmd, "%s bench gemm --m 4 --n 4", CAPRL_CLI);
+    expect_fail(cmd, 1, "--k");
+    snprintf(cmd, sizeof cmd, "%s bench gemm --pass sideways", CAPRL_CLI);
+    expect_fail(cmd, 1, "--pass");
     free(tmp);
     return test_finish("test_cli");
 }

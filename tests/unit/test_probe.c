@@ -1,6 +1,8 @@
 /* caprl_measure_peaks: positive finite figures, a sane unit string, the thread count honoured, the CPU
- * description filled in. */
+ * description filled in. caprl_bench_matmul: every pass of odd shapes times and names its kernel; bad shapes,
+ * passes and dtypes are refused with the shape in the message. */
 #include "caprl/bench.h"
+#include "caprl/tensor.h"
 #include "caprl_test.h"
 
 static void check_peaks(int32_t n_threads) {
@@ -23,7 +25,40 @@ static void check_peaks(int32_t n_threads) {
     }
 }
 
+static void check_matmul_bench(void) {
+    static const int64_t shapes[][3] = {{1, 1, 1}, {37, 50, 133}, {64, 96, 9000}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        for (int32_t dtype = CAPRL_DTYPE_F32; dtype <= CAPRL_DTYPE_BF16; dtype++) {
+            for (int32_t pass = CAPRL_MATMUL_FWD; pass <= CAPRL_MATMUL_BWD_WEIGHT; pass++) {
+                caprl_matmul_bench b = {
+                    .M = shapes[s][0], .N = shapes[s][1], .K = shapes[s][2], .weight_dtype = dtype, .pass = pass,
+                    .reps = 2};
+                caprl_error err = {0};
+                CHECK_OK(caprl_bench_matmul(2, &b, &err), &err);
+                CHECK(b.seconds > 0 && isfinite(b.gflops) && b.gflops > 0);
+                CHECK(fabs(b.gflops - 2e-9 * (double)(b.M * b.N * b.K) / b.seconds) <= 1e-9 * b.gflops);
+                bool known = strcmp(b.kernel, "amx-bf16") == 0 || strcmp(b.kernel, "avx512") == 0 ||
+                             strcmp(b.kernel, "avx2") == 0 || strcmp(b.kernel, "scalar") == 0;
+                CHECK_MSG(known, "kernel \"%s\"", b.kernel);
+                CHECK(dtype == CAPRL_DTYPE_BF16 || strcmp(b.kernel, "amx-bf16") != 0);
+            }
+        }
+    }
+    caprl_matmul_bench bad[] = {
+        {.M = 0, .N = 4, .K = 4, .weight_dtype = CAPRL_DTYPE_F32, .pass = CAPRL_MATMUL_FWD, .reps = 1},
+        {.M = 4, .N = 4, .K = 4, .weight_dtype = CAPRL_DTYPE_F32, .pass = 3, .reps = 1},
+        {.M = 4, .N = 4, .K = 4, .weight_dtype = CAPRL_DTYPE_F16, .pass = CAPRL_MATMUL_FWD, .reps = 1},
+        {.M = 4, .N = 4, .K = 4, .weight_dtype = CAPRL_DTYPE_F32, .pass = CAPRL_MATMUL_FWD, .reps = 0},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        caprl_error err = {0};
+        CHECK_STATUS(caprl_bench_matmul(1, &bad[i], &err), CAPRL_ERR_INVALID_ARG);
+        CHECK(strstr(err.msg, "matmul bench") != NULL);
+    }
+}
+
 int main(void) {
+    check_matmul_bench();
     check_peaks(1);
     check_peaks(2);
     caprl_error err = {0};

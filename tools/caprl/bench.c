@@ -18,6 +18,7 @@
 #include "commands.h"
 #include "common.h"
 #include "opts.h"
+#include "subcommands.h"
 
 typedef struct model_figures {
     const char *dtype;
@@ -932,7 +933,9 @@ int cmd_bench(int argc, char **argv) {
         "caprl bench reward [options]: the CapRL reward with prefix-shared KV caches against naive full-prompt\n"
         "scoring (caprl bench reward --help).\n"
         "caprl bench train [options]: forward + backward + AdamW training speed in f32 and bf16 mixed precision, with\n"
-        "the step's planned memory (caprl bench train --help)."};
+        "the step's planned memory (caprl bench train --help).\n"
+        "caprl bench gemm [options]: each linear layer's matmul of these models on its own, forward and backward\n"
+        "(caprl bench gemm --help)."};
     int32_t     threads = 0, T = 512, steps = 16;
     bool        json = false, quick = false, vision = true;
     const char *dtypes = "both", *tok_path = NULL;
@@ -952,6 +955,9 @@ int cmd_bench(int argc, char **argv) {
     }
     if (argc >= 2 && strcmp(argv[1], "train") == 0) {
         return bench_train(argc - 1, argv + 1);
+    }
+    if (argc >= 2 && strcmp(argv[1], "gemm") == 0) {
+        return cmd_bench_gemm(argc - 1, argv + 1);
     }
     int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
     if (rc) {
