@@ -103,9 +103,7 @@ static CAPRL_AVX2 void ukr_avx2(const float *a, const float *b, int64_t kc, floa
     }
 }
 
-#    define CAPRL_BW_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-
-static CAPRL_BW_AVX512 void ukr_avx512(const float *a, const float *b, int64_t kc, float *c, int64_t ldc, bool zero) {
+static CAPRL_AVX512 void ukr_avx512(const float *a, const float *b, int64_t kc, float *c, int64_t ldc, bool zero) {
     __m512 acc[BW_MR][4];
 #    pragma GCC unroll 4
     for (int i = 0; i < BW_MR; i++) {
@@ -373,12 +371,6 @@ static void bw_run(caprl_cpu_ctx *c, bw_task *t) {
     caprl_parallel_for(c->pool, t->n_rjobs * t->n_cjobs, bw_range, t);
 }
 
-/* w prepared for training on a context that runs AMX: the backward products run on the tile unit. */
-static bool amx_backward(const caprl_cpu_ctx *c, const caprl_weight *w) {
-    return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed &&
-           ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
-}
-
 static void out_of_scratch(int64_t M, const caprl_weight *w) {
     caprl_abort(__FILE__, __LINE__,
                 "out of memory for the bf16 operands of a %lld-row backward of a %lld x %lld matmul", (long long)M,
@@ -393,7 +385,7 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
         return;
     }
 #if CAPRL_X86
-    if (amx_backward(c, w)) {
+    if (caprl_gemm_amx_trains(c, w)) {
         if (!caprl_gemm_amx_bwd_data(c, dx, dy, w, M)) {
             out_of_scratch(M, w);
         }
@@ -452,7 +444,7 @@ void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const floa
         return;
     }
 #if CAPRL_X86
-    if (amx_backward(c, w)) {
+    if (caprl_gemm_amx_trains(c, w)) {
         if (!caprl_gemm_amx_bwd_weight(c, dw, dy, x, M, N, K)) {
             out_of_scratch(M, w);
         }

@@ -237,9 +237,6 @@ static CAPRL_AVX2 void widen_avx2(float *dst, const uint16_t *src, int64_t n) {
 /* ---- AVX-512: 16 lanes, 4 x 6 tile (24 accumulators + 6 weight vectors + 1 input vector = 31 zmm) ---------
  * Same structure as AVX2. Reduction of an output: lane l + lane l+8, then the 8-lane tree, then + bias. */
 
-#    define CAPRL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-#    define CAPRL_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
-
 static CAPRL_AVX512_INLINE __m512 bf16x16_avx512(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }

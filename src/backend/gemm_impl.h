@@ -4,6 +4,7 @@
 #define CAPRL_GEMM_IMPL_H
 
 #include "backend/backend.h"
+#include "caprl/tensor.h"
 #include "ops/ops_impl.h"
 
 /* out (M, N) = in (M, K) @ w (N, K)^T (+ bias (N)). On a context with AMX enabled and a weight packed by
@@ -93,6 +94,12 @@ bool caprl_gemm_amx_fwd(caprl_cpu_ctx *c, float *out, const float *in, const cap
 bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const caprl_weight *w, int64_t M);
 bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, const float *x, int64_t M, int64_t N,
                                int64_t K);
+
+/* w prepared for training on a context that runs AMX: the backward products run on the tile unit. */
+static inline bool caprl_gemm_amx_trains(const caprl_cpu_ctx *c, const caprl_weight *w) {
+    return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed &&
+           ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
+}
 
 /* caprl_backend_cpu_init with the kernels limited to max_isa (CAPRL_ISA_*) and AMX allowed or not; the
  * machine's own features still apply (asking for AVX-512 on an AVX2 machine gives AVX2). */

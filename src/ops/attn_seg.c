@@ -7,10 +7,11 @@
  * - the keys of every segment are first packed, per head, into panels of SEG_BK keys transposed to (D, SEG_BK)
  *   (zero-padded past the segment's end): O(N D) work against O(N L D) for the products, and each panel is one
  *   contiguous 20 KB block (D = 80) instead of D rows a whole head apart;
- * - a tile of 8 queries of one head shares every pass over a panel and its SEG_BK value rows, which stay in L1
- *   while both 4-query halves and every column chunk use them;
- * - both products are broadcast-FMA micro-kernels (4 queries x 16 keys for the scores, 4 queries x 16 columns for
- *   P.V) with no horizontal sums, loading 6 values per 8 FMAs.
+ * - a tile of up to 32 queries of one head shares every pass over a panel and its SEG_BK value rows, which stay
+ *   in L1 while every query group and column chunk uses them (its score rows, 32 x the segment, stay in L2);
+ * - both products are broadcast-FMA micro-kernels with no horizontal sums: on AVX2 4 queries x 16 keys for the
+ *   scores and 4 queries x 16 columns for P.V (6 loads per 8 FMAs); on AVX-512 8 queries x 32 keys and 4 queries x
+ *   64 columns (10 loads per 16 FMAs, 8 per 16), the same arithmetic per element, so the same bits.
  *
  * Determinism: every query's arithmetic is fixed whatever tile, panel or thread it lands in: a score is one FMA
  * chain over d = 0..D-1; the softmax sum one 8-lane chain over the keys in order and one tree; each output element
@@ -24,7 +25,8 @@
 #include "ops/ops_impl.h"
 
 enum {
-    SEG_TQ = 8,        /* queries per tile */
+    SEG_TQ = 32,       /* queries per tile: each key panel and value block is used by all of them */
+    SEG_QG = 8,        /* the AVX-512 score kernel's queries at once; a tile runs whole groups of these */
     SEG_BK = 64,       /* keys per panel */
     SEG_UNIT_COST = 8, /* per-tile overhead in key-equivalents, for the work split */
     SEG_INLINE_WORK = 32768,
@@ -221,22 +223,23 @@ static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *t
     float       *ob = sc + SEG_TQ * lp; /* (SEG_TQ, D) unnormalised outputs */
     float        inv[SEG_TQ];
     __m256       scale = _mm256_set1_ps(t->scale);
-    for (int q = 0; q < SEG_TQ; q++) {
+    int          nq = (tl->nq + 3) / 4 * 4; /* whole groups of 4; the extra rows repeat the last query */
+    for (int q = 0; q < nq; q++) {
         qr[q] = t->q + (base + tl->row0 + (q < tl->nq ? q : tl->nq - 1)) * D;
     }
     for (int64_t k0 = 0, b = 0; k0 < L; k0 += SEG_BK, b++) {
-        for (int g = 0; g < SEG_TQ; g += 4) {
+        for (int g = 0; g < nq; g += 4) {
             scores_panel_avx2(sc + g * lp + k0, lp, qr + g, panels + b * D * SEG_BK, D, scale);
         }
     }
-    for (int q = 0; q < SEG_TQ; q++) {
+    for (int q = 0; q < tl->nq; q++) {
         float mx;
         inv[q] = 1.0f / caprl_softmax_numerators_avx2(sc + q * lp, L, &mx);
     }
-    memset(ob, 0, (size_t)(SEG_TQ * D) * sizeof(float));
+    memset(ob, 0, (size_t)(nq * D) * sizeof(float));
     for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
         int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;
-        for (int g = 0; g < SEG_TQ; g += 4) {
+        for (int g = 0; g < nq; g += 4) {
             pv_block_avx2(ob + g * D, D, vb, D, sc + g * lp, lp, k0, k1);
         }
     }
@@ -253,6 +256,129 @@ static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *t
         }
     }
 }
+
+/* ---- AVX-512 -------------------------------------------------------------------------------------------- */
+
+/* The AVX2 tile's arithmetic on 16 lanes with more accumulators: every score is the same FMA chain over d, every
+ * output element the same chain over the keys, and the softmax is the shared AVX2 one, so both tiles give the
+ * same bits. Scores: all 8 queries against 32 keys at a time (16 accumulators, 2 key loads and 8 broadcasts per
+ * 16 FMAs). P.V: 4 queries x up to 4 column vectors (16 accumulators). */
+static CAPRL_AVX512_INLINE void scores_panel_avx512(float *sc, int64_t lp, const float *const *qr,
+                                                    const float *panel, int64_t D, __m512 scale) {
+    for (int64_t j = 0; j < SEG_BK; j += 32) {
+        __m512 acc[SEG_QG][2];
+#    pragma GCC unroll 8
+        for (int q = 0; q < SEG_QG; q++) {
+            acc[q][0] = _mm512_setzero_ps();
+            acc[q][1] = _mm512_setzero_ps();
+        }
+        for (int64_t d = 0; d < D; d++) {
+            __m512 k0 = _mm512_loadu_ps(panel + d * SEG_BK + j), k1 = _mm512_loadu_ps(panel + d * SEG_BK + j + 16);
+#    pragma GCC unroll 8
+            for (int q = 0; q < SEG_QG; q++) {
+                __m512 qd = _mm512_set1_ps(qr[q][d]);
+                acc[q][0] = _mm512_fmadd_ps(qd, k0, acc[q][0]);
+                acc[q][1] = _mm512_fmadd_ps(qd, k1, acc[q][1]);
+            }
+        }
+#    pragma GCC unroll 8
+        for (int q = 0; q < SEG_QG; q++) {
+            _mm512_storeu_ps(sc + q * lp + j, _mm512_mul_ps(acc[q][0], scale));
+            _mm512_storeu_ps(sc + q * lp + j + 16, _mm512_mul_ps(acc[q][1], scale));
+        }
+    }
+}
+
+/* ob[q][0 .. 16 nv) += sum_{i in [i0, i1)} p_q,i v_i[...] for 4 queries; the last of the nv vectors takes the lanes
+ * of `last` (all 16 unless it is D's tail). */
+static CAPRL_AVX512_INLINE void pv4_avx512(const int nv, __mmask16 last, float *ob, int64_t ostride, const float *vb,
+                                           int64_t D, const float *p, int64_t lp, int64_t i0, int64_t i1) {
+    __m512 acc[4][4];
+#    pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+#    pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            acc[q][j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, ob + q * ostride + 16 * j);
+        }
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        const float *vr = vb + i * D;
+        __m512       v[4];
+#    pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            v[j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, vr + 16 * j);
+        }
+#    pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            __m512 pq = _mm512_set1_ps(p[q * lp + i]);
+#    pragma GCC unroll 4
+            for (int j = 0; j < nv; j++) {
+                acc[q][j] = _mm512_fmadd_ps(pq, v[j], acc[q][j]);
+            }
+        }
+    }
+#    pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+#    pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            _mm512_mask_storeu_ps(ob + q * ostride + 16 * j, j == nv - 1 ? last : (__mmask16)0xFFFF, acc[q][j]);
+        }
+    }
+}
+
+static CAPRL_AVX512_INLINE void pv_block_avx512(float *ob, int64_t ostride, const float *vb, int64_t D,
+                                                const float *p, int64_t lp, int64_t i0, int64_t i1) {
+    for (int64_t d = 0; d < D; d += 64) {
+        int64_t   cols = D - d < 64 ? D - d : 64;
+        int       nv = (int)((cols + 15) / 16);
+        __mmask16 last = (__mmask16)(cols % 16 ? (1u << (cols % 16)) - 1u : 0xFFFFu);
+        switch (nv) { /* constant nv per call, so each body keeps its accumulators in registers */
+        case 1: pv4_avx512(1, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
+        case 2: pv4_avx512(2, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
+        case 3: pv4_avx512(3, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
+        default: pv4_avx512(4, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
+        }
+    }
+}
+
+static CAPRL_AVX512 void tile_avx512(const seg_task *t, int64_t h, const seg_tile *tl, float *sc) {
+    int64_t      D = t->D, base = h * t->N, L = tl->L, lp = t->lp_max;
+    const float *panels = t->kp + (h * t->n_panels + tl->panel) * D * SEG_BK;
+    const float *vb = t->v + (base + tl->a) * D;
+    const float *qr[SEG_TQ];
+    float       *ob = sc + SEG_TQ * lp; /* (SEG_TQ, D) unnormalised outputs */
+    float        inv[SEG_TQ];
+    __m512       scale = _mm512_set1_ps(t->scale);
+    int          nq = (tl->nq + SEG_QG - 1) / SEG_QG * SEG_QG; /* whole groups; extra rows repeat the last query */
+    for (int q = 0; q < nq; q++) {
+        qr[q] = t->q + (base + tl->row0 + (q < tl->nq ? q : tl->nq - 1)) * D;
+    }
+    for (int64_t k0 = 0, b = 0; k0 < L; k0 += SEG_BK, b++) {
+        for (int g = 0; g < nq; g += SEG_QG) {
+            scores_panel_avx512(sc + g * lp + k0, lp, qr + g, panels + b * D * SEG_BK, D, scale);
+        }
+    }
+    for (int q = 0; q < tl->nq; q++) {
+        float mx;
+        inv[q] = 1.0f / caprl_softmax_numerators_avx2(sc + q * lp, L, &mx);
+    }
+    memset(ob, 0, (size_t)(nq * D) * sizeof(float));
+    for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
+        int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;
+        for (int g = 0; g < nq; g += 4) {
+            pv_block_avx512(ob + g * D, D, vb, D, sc + g * lp, lp, k0, k1);
+        }
+    }
+    for (int32_t q = 0; q < tl->nq; q++) {
+        float       *o = t->out + (base + tl->row0 + q) * D;
+        const float *src = ob + q * D;
+        __m512       iv = _mm512_set1_ps(inv[q]);
+        for (int64_t d = 0; d < D; d += 16) {
+            __mmask16 m = (__mmask16)(D - d >= 16 ? 0xFFFFu : (1u << (D - d)) - 1u);
+            _mm512_mask_storeu_ps(o + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + d), iv));
+        }
+    }
+}
 #endif
 
 /* ---- driver --------------------------------------------------------------------------------------------- */
@@ -264,6 +390,10 @@ static void seg_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
         int64_t         h = u / t->n_tiles;
         const seg_tile *tl = &t->tiles[u % t->n_tiles];
 #if CAPRL_X86
+        if (t->kp && t->c->isa >= CAPRL_ISA_AVX512) {
+            tile_avx512(t, h, tl, sc);
+            continue;
+        }
         if (t->kp) {
             tile_avx2(t, h, tl, sc);
             continue;

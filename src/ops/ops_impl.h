@@ -53,13 +53,16 @@ typedef struct caprl_amx_tuning {
                              square) */
 } caprl_amx_tuning;
 
+typedef struct caprl_cpu_profile caprl_cpu_profile;
+
 typedef struct caprl_cpu_ctx {
     caprl_pool       *pool;      /* borrowed from the backend */
     int32_t           n_threads;
     int32_t           isa;       /* CAPRL_ISA_*, fixed for the context's life */
     bool              amx;       /* matmul may use AMX-BF16 on prepared bf16 weights */
     int64_t           l2_bytes;  /* per-core L2 size used for cache blocking */
-    caprl_amx_tuning  amx_tuning; /* AMX blocking (speed only; gemm_impl.h) */
+    caprl_amx_tuning  amx_tuning; /* AMX blocking (speed only) */
+    caprl_cpu_profile *profile;  /* per-op times when CAPRL_PROFILE is set (backend_cpu.c), else NULL */
     caprl_cpu_thread *threads;   /* (n_threads) */
     uint64_t          gemm_seq;  /* bumped by every matmul call (scratch tags) */
     void             *shared;    /* AMX: the activations converted to bf16 */
@@ -240,6 +243,8 @@ static inline float caprl_expf_ref(float x) {
 #if CAPRL_X86
 #    define CAPRL_AVX2 __attribute__((target("avx2,fma,f16c")))
 #    define CAPRL_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+#    define CAPRL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#    define CAPRL_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
 
 static CAPRL_AVX2_INLINE __m256 caprl_exp8_avx2(__m256 x) {
     __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(CAPRL_EXP_LO)), _mm256_set1_ps(CAPRL_EXP_HI));

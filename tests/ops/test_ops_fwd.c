@@ -511,7 +511,7 @@ static void test_attention(void) {
     static const struct {
         int64_t M, Hq, Hkv, D, max_len;
     } cases[] = {{7, 6, 2, 8, 9}, {9, 14, 2, 64, 40}, {5, 6, 2, 20, 17}, {6, 4, 4, 80, 33}, {4, 2, 1, 3, 5},
-                 {20, 6, 2, 64, 50}, {3, 14, 2, 128, 70}};
+                 {20, 6, 2, 64, 50}, {3, 14, 2, 128, 70}, {5, 4, 2, 150, 23}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         attn_case a = make_attn(cases[ci].M, cases[ci].Hq, cases[ci].Hkv, cases[ci].D, cases[ci].max_len);
         float     scale = 1.0f / sqrtf((float)a.D);
@@ -630,7 +630,53 @@ static void test_swiglu_add(void) {
     free(o2);
 }
 
+/* CAPRL_PROFILE=1: a backend created under it logs, when freed, each op's calls and time, matmuls split by unit
+ * and by row count (<= 16 rows: decode) with their GFLOP/s; without it, nothing is logged. */
+static char g_log[8192];
+
+static void capture_log(int32_t level, const char *msg, void *user_data) {
+    (void)level, (void)user_data;
+    size_t used = strlen(g_log);
+    snprintf(g_log + used, sizeof g_log - used, "%s\n", msg);
+}
+
+static void profile_matmuls(void) {
+    caprl_error    err = {0};
+    caprl_backend *be = NULL;
+    float         *x = fvec(20 * 24), *wf = fvec(40 * 24), *y = fvec(20 * 40);
+    caprl_weight   w = {.dtype = CAPRL_DTYPE_F32, .rows = 40, .cols = 24, .data = wf};
+    CHECK_OK(caprl_backend_cpu_init(&be, 2, &err), &err);
+    be->ops->matmul_fwd(be, y, x, &w, NULL, 20);
+    be->ops->matmul_fwd(be, y, x, &w, NULL, 20);
+    be->ops->matmul_fwd(be, y, x, &w, NULL, 3);
+    be->ops->add_fwd(be, y, x, 8);
+    caprl_backend_free(be);
+}
+
+static void test_profile(void) {
+    g_log[0] = '\0';
+    caprl_log_set_callback(capture_log, NULL);
+    profile_matmuls();
+    CHECK_MSG(g_log[0] == '\0', "logged without CAPRL_PROFILE: %s", g_log);
+    setenv("CAPRL_PROFILE", "1", 1);
+    profile_matmuls();
+    unsetenv("CAPRL_PROFILE");
+    caprl_log_set_callback(NULL, NULL);
+    const char *many = strstr(g_log, "matmul_fwd (fma) "), *few = strstr(g_log, "matmul_fwd (fma, <= 16 rows)");
+    const char *add = strstr(g_log, "add_fwd");
+    CHECK_MSG(strstr(g_log, "op profile, 2 threads") && many && few && add, "profile log: %s", g_log);
+    if (many && few && add) {
+        long calls_many = strtol(many + strlen("matmul_fwd (fma) "), NULL, 10);
+        long calls_few = strtol(few + strlen("matmul_fwd (fma, <= 16 rows)"), NULL, 10);
+        long calls_add = strtol(add + strlen("add_fwd"), NULL, 10);
+        CHECK_MSG(calls_many == 2 && calls_few == 1 && calls_add == 1, "calls %ld %ld %ld", calls_many, calls_few,
+                  calls_add);
+        CHECK(strstr(many, "GFLOP/s") != NULL && strchr(many, '\n') > strstr(many, "GFLOP/s"));
+    }
+}
+
 int main(void) {
+    test_profile();
     make_backends();
     test_exp();
     test_matmul_shapes();
