@@ -901,7 +901,8 @@ static int64_t att_max_len(const att_cfg *c) {
 }
 
 /* Runs the kernels on every ISA and thread count and checks them against the float64 references in d: forward
- * (out, lse), backward (dq, dk, dv); threads bit-identical; out vs attn_fwd. */
+ * (out, lse), backward (dq, dk, dv); threads bit-identical; AVX-512 bit-identical to AVX2 (the same chains on wider
+ * vectors); out vs attn_fwd. */
 static void att_check(const att_cfg *c, const att_data *d, const char *name) {
     int64_t nq = c->M * c->Hq * c->D, nk = c->M * c->Hkv * c->D, nl = c->M * c->Hq;
     double  kf = 4.0 * (double)(att_max_len(c) + c->D) + 32;
@@ -914,6 +915,7 @@ static void att_check(const att_cfg *c, const att_data *d, const char *name) {
         row0[i] = a;
         len[i] = (int32_t)(e - a);
     }
+    float *avx2[5] = {NULL, NULL, NULL, NULL, NULL}; /* out, lse, dq, dk, dv of the AVX2 kernels */
     for (int32_t isa = 0; isa < N_ISA; isa++) {
         if (!g_have[isa]) {
             continue;
@@ -948,6 +950,15 @@ static void att_check(const att_cfg *c, const att_data *d, const char *name) {
                           bits_equal(dq[0], dq[t], nq) && bits_equal(dk[0], dk[t], nk) && bits_equal(dv[0], dv[t], nk),
                       "attn %s %s %s: %d threads differ from 1", name, cz, isa_name(isa), t + 1);
         }
+        if (isa == CAPRL_ISA_AVX2) {
+            avx2[0] = fcopy(out[0], nq), avx2[1] = fcopy(lse[0], nl), avx2[2] = fcopy(dq[0], nq);
+            avx2[3] = fcopy(dk[0], nk), avx2[4] = fcopy(dv[0], nk);
+        } else if (isa == CAPRL_ISA_AVX512 && avx2[0]) {
+            CHECK_MSG(bits_equal(out[0], avx2[0], nq) && bits_equal(lse[0], avx2[1], nl) &&
+                          bits_equal(dq[0], avx2[2], nq) && bits_equal(dk[0], avx2[3], nk) &&
+                          bits_equal(dv[0], avx2[4], nk),
+                      "attn %s %s: AVX-512 differs from AVX2", name, cz);
+        }
         /* the inference kernel on the same rows */
         caprl_backend *be = g_be[isa][1];
         be->ops->attn_fwd(be, ref_fwd_attn, d->q, d->k, d->v, row0, len, c->Hkv * c->D, c->M, c->Hq, c->Hkv, c->D,
@@ -961,6 +972,9 @@ static void att_check(const att_cfg *c, const att_data *d, const char *name) {
         }
     }
     free(ref_fwd_attn), free(row0), free(len);
+    for (int i = 0; i < 5; i++) {
+        free(avx2[i]);
+    }
 }
 
 /* Small shapes: the float64 formulas and the kernels against finite differences. */
@@ -1003,10 +1017,11 @@ static void test_attn_fd(void) {
  * same segment in the batch. */
 static void test_attn_big(void) {
     static const int64_t seg[] = {0, 1, 80, 150, 160};
-    static const int64_t D_list[] = {20, 40}; /* 16 + masked 4; 16 + 16 + 8 */
-    for (int di = 0; di < 2; di++) {
+    /* 16 + masked 4; 16 + 16 + 8; 64 + masked 6 (the AVX-512 products' 4-vector pass) */
+    static const int64_t D_list[] = {20, 40, 70}, Hq_list[] = {4, 3, 2}, Hkv_list[] = {1, 3, 1};
+    for (int di = 0; di < 3; di++) {
         for (int causal = 0; causal < 2; causal++) {
-            att_cfg  c = {.M = 160, .Hq = di == 0 ? 4 : 3, .Hkv = di == 0 ? 1 : 3, .D = D_list[di], .n_seg = 4,
+            att_cfg  c = {.M = 160, .Hq = Hq_list[di], .Hkv = Hkv_list[di], .D = D_list[di], .n_seg = 4,
                           .seg = seg,
                           .scale = 1.0 / sqrt((double)D_list[di]), .causal = causal != 0};
             att_data d = att_make(&c);
