@@ -651,6 +651,7 @@ static void profile_matmuls(void) {
     be->ops->matmul_fwd(be, y, x, &w, NULL, 3);
     be->ops->add_fwd(be, y, x, 8);
     caprl_backend_free(be);
+    free(x), free(wf), free(y);
 }
 
 static void test_profile(void) {
