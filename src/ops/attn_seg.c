@@ -262,7 +262,7 @@ static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *t
 /* The AVX2 tile's arithmetic on 16 lanes with more accumulators: every score is the same FMA chain over d, every
  * output element the same chain over the keys, and the softmax is the shared AVX2 one, so both tiles give the
  * same bits. Scores: all 8 queries against 32 keys at a time (16 accumulators, 2 key loads and 8 broadcasts per
- * 16 FMAs). P.V: 4 queries x up to 4 column vectors (16 accumulators). */
+ * 16 FMAs). P.V: caprl_accum4xd_avx512, 4 queries x up to 4 column vectors (16 accumulators). */
 static CAPRL_AVX512_INLINE void scores_panel_avx512(float *sc, int64_t lp, const float *const *qr,
                                                     const float *panel, int64_t D, __m512 scale) {
     for (int64_t j = 0; j < SEG_BK; j += 32) {
@@ -285,58 +285,6 @@ static CAPRL_AVX512_INLINE void scores_panel_avx512(float *sc, int64_t lp, const
         for (int q = 0; q < SEG_QG; q++) {
             _mm512_storeu_ps(sc + q * lp + j, _mm512_mul_ps(acc[q][0], scale));
             _mm512_storeu_ps(sc + q * lp + j + 16, _mm512_mul_ps(acc[q][1], scale));
-        }
-    }
-}
-
-/* ob[q][0 .. 16 nv) += sum_{i in [i0, i1)} p_q,i v_i[...] for 4 queries; the last of the nv vectors takes the lanes
- * of `last` (all 16 unless it is D's tail). */
-static CAPRL_AVX512_INLINE void pv4_avx512(const int nv, __mmask16 last, float *ob, int64_t ostride, const float *vb,
-                                           int64_t D, const float *p, int64_t lp, int64_t i0, int64_t i1) {
-    __m512 acc[4][4];
-#    pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) {
-#    pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            acc[q][j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, ob + q * ostride + 16 * j);
-        }
-    }
-    for (int64_t i = i0; i < i1; i++) {
-        const float *vr = vb + i * D;
-        __m512       v[4];
-#    pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            v[j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, vr + 16 * j);
-        }
-#    pragma GCC unroll 4
-        for (int q = 0; q < 4; q++) {
-            __m512 pq = _mm512_set1_ps(p[q * lp + i]);
-#    pragma GCC unroll 4
-            for (int j = 0; j < nv; j++) {
-                acc[q][j] = _mm512_fmadd_ps(pq, v[j], acc[q][j]);
-            }
-        }
-    }
-#    pragma GCC unroll 4
-    for (int q = 0; q < 4; q++) {
-#    pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            _mm512_mask_storeu_ps(ob + q * ostride + 16 * j, j == nv - 1 ? last : (__mmask16)0xFFFF, acc[q][j]);
-        }
-    }
-}
-
-static CAPRL_AVX512_INLINE void pv_block_avx512(float *ob, int64_t ostride, const float *vb, int64_t D,
-                                                const float *p, int64_t lp, int64_t i0, int64_t i1) {
-    for (int64_t d = 0; d < D; d += 64) {
-        int64_t   cols = D - d < 64 ? D - d : 64;
-        int       nv = (int)((cols + 15) / 16);
-        __mmask16 last = (__mmask16)(cols % 16 ? (1u << (cols % 16)) - 1u : 0xFFFFu);
-        switch (nv) { /* constant nv per call, so each body keeps its accumulators in registers */
-        case 1: pv4_avx512(1, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
-        case 2: pv4_avx512(2, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
-        case 3: pv4_avx512(3, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
-        default: pv4_avx512(4, last, ob + d, ostride, vb + d, D, p, lp, i0, i1); break;
         }
     }
 }
@@ -366,7 +314,7 @@ static CAPRL_AVX512 void tile_avx512(const seg_task *t, int64_t h, const seg_til
     for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
         int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;
         for (int g = 0; g < nq; g += 4) {
-            pv_block_avx512(ob + g * D, D, vb, D, sc + g * lp, lp, k0, k1);
+            caprl_accum4xd_avx512(ob + g * D, D, sc + g * lp + k0, lp, 1, vb + k0 * D, D, k1 - k0, D);
         }
     }
     for (int32_t q = 0; q < tl->nq; q++) {

@@ -183,8 +183,8 @@ static CAPRL_AVX2 void accum_avx2(float *o, int64_t ldo, const float *A, int64_t
     }
 }
 
-/* AVX-512 forms of the two products: the same chain per score (over d) and per element (over the summed index),
- * 32 keys or 64 columns per pass instead of 16, so the same bits as AVX2. */
+/* AVX-512 scores: the same chain per score (over d), 32 keys per pass instead of 16, so the same bits as AVX2 (the
+ * weighted sums are caprl_accum4xd_avx512, ops_impl.h). */
 static CAPRL_AVX512 void scores_avx512(float *c, int64_t ldc, const float *const *rows, const float *panel,
                                        int64_t nb, int64_t D, float scale) {
     __m512 sv = _mm512_set1_ps(scale);
@@ -222,56 +222,6 @@ static CAPRL_AVX512 void scores_avx512(float *c, int64_t ldc, const float *const
             if (two) {
                 _mm512_storeu_ps(c + r * ldc + j + 16, _mm512_mul_ps(acc[r][1], sv));
             }
-        }
-    }
-}
-
-/* 4 rows x (16 nv) columns of accum; the last vector takes the lanes of `last`. */
-static CAPRL_AVX512_INLINE void accum4_avx512(const int nv, __mmask16 last, float *o, int64_t ldo, const float *A,
-                                              int64_t ars, int64_t ats, const float *B, int64_t ldb, int64_t n) {
-    __m512 acc[4][4];
-#    pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) {
-#    pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            acc[r][j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, o + r * ldo + 16 * j);
-        }
-    }
-    for (int64_t t = 0; t < n; t++) {
-        const float *br = B + t * ldb, *at = A + t * ats;
-        __m512       b[4];
-#    pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            b[j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, br + 16 * j);
-        }
-#    pragma GCC unroll 4
-        for (int r = 0; r < 4; r++) {
-            __m512 a = _mm512_set1_ps(at[r * ars]);
-#    pragma GCC unroll 4
-            for (int j = 0; j < nv; j++) {
-                acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
-            }
-        }
-    }
-#    pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) {
-#    pragma GCC unroll 4
-        for (int j = 0; j < nv; j++) {
-            _mm512_mask_storeu_ps(o + r * ldo + 16 * j, j == nv - 1 ? last : (__mmask16)0xFFFF, acc[r][j]);
-        }
-    }
-}
-
-static CAPRL_AVX512 void accum_avx512(float *o, int64_t ldo, const float *A, int64_t ars, int64_t ats,
-                                      const float *B, int64_t ldb, int64_t n, int64_t D) {
-    for (int64_t d = 0; d < D; d += 64) {
-        int64_t   cols = D - d < 64 ? D - d : 64;
-        __mmask16 last = (__mmask16)(cols % 16 ? (1u << (cols % 16)) - 1u : 0xFFFFu);
-        switch ((cols + 15) / 16) { /* constant nv per call, so each body keeps its accumulators in registers */
-        case 1: accum4_avx512(1, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
-        case 2: accum4_avx512(2, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
-        case 3: accum4_avx512(3, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
-        default: accum4_avx512(4, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
         }
     }
 }
@@ -364,7 +314,7 @@ static void accum(const at_task *t, float *o, int64_t ldo, const float *A, int64
                   int64_t ldb, int64_t n) {
 #if CAPRL_X86
     if (t->isa >= CAPRL_ISA_AVX512) {
-        accum_avx512(o, ldo, A, ars, ats, B, ldb, n, t->D);
+        caprl_accum4xd_avx512(o, ldo, A, ars, ats, B, ldb, n, t->D);
         return;
     }
     if (t->isa >= CAPRL_ISA_AVX2) {

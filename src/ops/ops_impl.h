@@ -327,6 +327,60 @@ static CAPRL_AVX2_INLINE float caprl_softmax_numerators_avx2(float *row, int64_t
     *mx_out = mx;
     return caprl_hsum8_avx2(sumv);
 }
+
+/* o (4 rows, stride ldo) += A B over t < n: o[r][c] += A[t ats + r ars] B[t ldb + c], one FMA chain over t per
+ * element, for the 16 nv columns at o (the last vector takes the lanes of `last`). The weighted sums of the
+ * attention kernels (P.V, dS.K, P^T.dout, dS^T.q); the AVX2 forms compute the same chains 8 columns at a time. */
+static CAPRL_AVX512_INLINE void caprl_accum4_avx512(const int nv, __mmask16 last, float *o, int64_t ldo,
+                                                    const float *A, int64_t ars, int64_t ats, const float *B,
+                                                    int64_t ldb, int64_t n) {
+    __m512 acc[4][4];
+#    pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+#    pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            acc[r][j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, o + r * ldo + 16 * j);
+        }
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const float *br = B + t * ldb, *at = A + t * ats;
+        __m512       b[4];
+#    pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            b[j] = _mm512_maskz_loadu_ps(j == nv - 1 ? last : (__mmask16)0xFFFF, br + 16 * j);
+        }
+#    pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            __m512 a = _mm512_set1_ps(at[r * ars]);
+#    pragma GCC unroll 4
+            for (int j = 0; j < nv; j++) {
+                acc[r][j] = _mm512_fmadd_ps(a, b[j], acc[r][j]);
+            }
+        }
+    }
+#    pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+#    pragma GCC unroll 4
+        for (int j = 0; j < nv; j++) {
+            _mm512_mask_storeu_ps(o + r * ldo + 16 * j, j == nv - 1 ? last : (__mmask16)0xFFFF, acc[r][j]);
+        }
+    }
+}
+
+/* The same over all D columns of o, 64 at a time (not forced inline: callers dispatch to it from plain code). */
+static CAPRL_AVX512 inline void caprl_accum4xd_avx512(float *o, int64_t ldo, const float *A, int64_t ars, int64_t ats,
+                                                       const float *B, int64_t ldb, int64_t n, int64_t D) {
+    for (int64_t d = 0; d < D; d += 64) {
+        int64_t   cols = D - d < 64 ? D - d : 64;
+        __mmask16 last = (__mmask16)(cols % 16 ? (1u << (cols % 16)) - 1u : 0xFFFFu);
+        switch ((cols + 15) / 16) { /* constant nv per call, so each body keeps its accumulators in registers */
+        case 1: caprl_accum4_avx512(1, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
+        case 2: caprl_accum4_avx512(2, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
+        case 3: caprl_accum4_avx512(3, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
+        default: caprl_accum4_avx512(4, last, o + d, ldo, A, ars, ats, B + d, ldb, n); break;
+        }
+    }
+}
 #endif
 
 #endif /* CAPRL_OPS_IMPL_H */
