@@ -215,6 +215,34 @@ static CAPRL_AVX2_INLINE void pv_block_avx2(float *ob, int64_t ostride, const fl
     }
 }
 
+/* Parts shared by the AVX2 and AVX-512 tiles. The query rows of a tile in whole groups of `group` (the extra rows
+ * repeat the last query); returns the rows with the padding. */
+static int tile_queries(const seg_task *t, int64_t h, const seg_tile *tl, const float **qr, int group) {
+    int nq = (tl->nq + group - 1) / group * group;
+    for (int q = 0; q < nq; q++) {
+        qr[q] = t->q + (h * t->N + tl->row0 + (q < tl->nq ? q : tl->nq - 1)) * t->D;
+    }
+    return nq;
+}
+
+/* Each real query's score row to softmax numerators; inv[q] = 1 / their sum. */
+static CAPRL_AVX2 void tile_softmax(const seg_tile *tl, float *sc, int64_t lp, float *inv) {
+    for (int q = 0; q < tl->nq; q++) {
+        float mx;
+        inv[q] = 1.0f / caprl_softmax_numerators_avx2(sc + q * lp, tl->L, &mx);
+    }
+}
+
+/* out rows = the unnormalised rows ob times inv (one multiply per element, as a vector multiply does). */
+static void tile_store(const seg_task *t, int64_t h, const seg_tile *tl, const float *ob, const float *inv) {
+    for (int32_t q = 0; q < tl->nq; q++) {
+        float *o = t->out + (h * t->N + tl->row0 + q) * t->D;
+        for (int64_t d = 0; d < t->D; d++) {
+            o[d] = ob[q * t->D + d] * inv[q];
+        }
+    }
+}
+
 static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *tl, float *sc) {
     int64_t      D = t->D, base = h * t->N, L = tl->L, lp = t->lp_max;
     const float *panels = t->kp + (h * t->n_panels + tl->panel) * D * SEG_BK;
@@ -223,19 +251,13 @@ static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *t
     float       *ob = sc + SEG_TQ * lp; /* (SEG_TQ, D) unnormalised outputs */
     float        inv[SEG_TQ];
     __m256       scale = _mm256_set1_ps(t->scale);
-    int          nq = (tl->nq + 3) / 4 * 4; /* whole groups of 4; the extra rows repeat the last query */
-    for (int q = 0; q < nq; q++) {
-        qr[q] = t->q + (base + tl->row0 + (q < tl->nq ? q : tl->nq - 1)) * D;
-    }
+    int          nq = tile_queries(t, h, tl, qr, 4);
     for (int64_t k0 = 0, b = 0; k0 < L; k0 += SEG_BK, b++) {
         for (int g = 0; g < nq; g += 4) {
             scores_panel_avx2(sc + g * lp + k0, lp, qr + g, panels + b * D * SEG_BK, D, scale);
         }
     }
-    for (int q = 0; q < tl->nq; q++) {
-        float mx;
-        inv[q] = 1.0f / caprl_softmax_numerators_avx2(sc + q * lp, L, &mx);
-    }
+    tile_softmax(tl, sc, lp, inv);
     memset(ob, 0, (size_t)(nq * D) * sizeof(float));
     for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
         int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;
@@ -243,18 +265,7 @@ static CAPRL_AVX2 void tile_avx2(const seg_task *t, int64_t h, const seg_tile *t
             pv_block_avx2(ob + g * D, D, vb, D, sc + g * lp, lp, k0, k1);
         }
     }
-    for (int32_t q = 0; q < tl->nq; q++) {
-        float       *o = t->out + (base + tl->row0 + q) * D;
-        const float *src = ob + q * D;
-        __m256       iv = _mm256_set1_ps(inv[q]);
-        int64_t      d = 0;
-        for (; d + 8 <= D; d += 8) {
-            _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(src + d), iv));
-        }
-        for (; d < D; d++) {
-            o[d] = src[d] * inv[q];
-        }
-    }
+    tile_store(t, h, tl, ob, inv);
 }
 
 /* ---- AVX-512 -------------------------------------------------------------------------------------------- */
@@ -297,19 +308,13 @@ static CAPRL_AVX512 void tile_avx512(const seg_task *t, int64_t h, const seg_til
     float       *ob = sc + SEG_TQ * lp; /* (SEG_TQ, D) unnormalised outputs */
     float        inv[SEG_TQ];
     __m512       scale = _mm512_set1_ps(t->scale);
-    int          nq = (tl->nq + SEG_QG - 1) / SEG_QG * SEG_QG; /* whole groups; extra rows repeat the last query */
-    for (int q = 0; q < nq; q++) {
-        qr[q] = t->q + (base + tl->row0 + (q < tl->nq ? q : tl->nq - 1)) * D;
-    }
+    int          nq = tile_queries(t, h, tl, qr, SEG_QG);
     for (int64_t k0 = 0, b = 0; k0 < L; k0 += SEG_BK, b++) {
         for (int g = 0; g < nq; g += SEG_QG) {
             scores_panel_avx512(sc + g * lp + k0, lp, qr + g, panels + b * D * SEG_BK, D, scale);
         }
     }
-    for (int q = 0; q < tl->nq; q++) {
-        float mx;
-        inv[q] = 1.0f / caprl_softmax_numerators_avx2(sc + q * lp, L, &mx);
-    }
+    tile_softmax(tl, sc, lp, inv);
     memset(ob, 0, (size_t)(nq * D) * sizeof(float));
     for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
         int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;
@@ -317,15 +322,7 @@ static CAPRL_AVX512 void tile_avx512(const seg_task *t, int64_t h, const seg_til
             caprl_accum4xd_avx512(ob + g * D, D, sc + g * lp + k0, lp, 1, vb + k0 * D, D, k1 - k0, D);
         }
     }
-    for (int32_t q = 0; q < tl->nq; q++) {
-        float       *o = t->out + (base + tl->row0 + q) * D;
-        const float *src = ob + q * D;
-        __m512       iv = _mm512_set1_ps(inv[q]);
-        for (int64_t d = 0; d < D; d += 16) {
-            __mmask16 m = (__mmask16)(D - d >= 16 ? 0xFFFFu : (1u << (D - d)) - 1u);
-            _mm512_mask_storeu_ps(o + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + d), iv));
-        }
-    }
+    tile_store(t, h, tl, ob, inv);
 }
 #endif
 
