@@ -44,6 +44,27 @@ typedef struct caprl_matmul_bench {
  * prepared as the model and the trainer prepare theirs (packed for the tile unit where there is one). */
 CAPRL_API caprl_status caprl_bench_matmul(int32_t n_threads, caprl_matmul_bench *b, caprl_error *err);
 
+/* Which attention kernel caprl_bench_attention times. */
+typedef enum caprl_attn_kind {
+    CAPRL_ATTN_DECODER = 0,  /* attn_fwd: causal prefill of `tokens` rows, GQA */
+    CAPRL_ATTN_TRAIN = 1,    /* the trainer's causal attention, forward then backward */
+    CAPRL_ATTN_SEGMENTS = 2, /* the vision tower's: non-causal within segments of `segment` rows */
+} caprl_attn_kind;
+
+typedef struct caprl_attn_bench {
+    int32_t kind;                      /* in: caprl_attn_kind */
+    int64_t tokens, heads, kv_heads;   /* in: rows, query heads, KV heads (== heads for CAPRL_ATTN_SEGMENTS) */
+    int64_t head_dim, segment;         /* in: D; rows per segment for CAPRL_ATTN_SEGMENTS (0 = one segment) */
+    int32_t max_isa;                   /* in: 0 = the machine's widest vectors; 1 = AVX2; 2 = AVX-512 */
+    int32_t reps;                      /* in: timed calls after one warm-up (at least 1) */
+    double  seconds, backward_seconds; /* out: the fastest forward (and, for CAPRL_ATTN_TRAIN, backward) */
+    double  flops;                     /* out: 4 x heads x D x (query, key) pairs, the forward's two products */
+    char    isa[16];                   /* out: "avx512", "avx2" or "scalar" */
+} caprl_attn_bench;
+
+/* Times one attention kernel of the CPU backend on n_threads threads (0 = all cores) with random inputs. */
+CAPRL_API caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl_error *err);
+
 #ifdef __cplusplus
 }
 #endif

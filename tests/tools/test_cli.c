@@ -230,6 +230,18 @@ int main(void) {
     expect_fail(cmd, 1, "--k");
     snprintf(cmd, sizeof cmd, "%s bench gemm --pass sideways", CAPRL_CLI);
     expect_fail(cmd, 1, "--pass");
+    /* bench attn: the training kind on a small shape; then bad options */
+    snprintf(cmd, sizeof cmd, "%s bench attn --kind train --tokens 40 --heads 4 --kv-heads 2 --head-dim 24 --reps 1 "
+             "--threads 2 --json", CAPRL_CLI);
+    CHECK(run(cmd, out, sizeof out) == 0);
+    CHECK(strstr(out, "\"name\":\"train\"") && strstr(out, "\"tokens\":40,\"heads\":4,\"kv_heads\":2") &&
+          strstr(out, "\"backward_seconds\"") && !strstr(out, "decoder"));
+    snprintf(cmd, sizeof cmd, "%s bench attn --kind sideways", CAPRL_CLI);
+    expect_fail(cmd, 1, "--kind");
+    snprintf(cmd, sizeof cmd, "%s bench attn --isa sse2", CAPRL_CLI);
+    expect_fail(cmd, 1, "--isa");
+    snprintf(cmd, sizeof cmd, "%s bench attn --kind decoder --heads 3 --kv-heads 2", CAPRL_CLI);
+    expect_fail(cmd, 1, "kv_heads");
     free(tmp);
     return test_finish("test_cli");
 }

@@ -935,7 +935,8 @@ int cmd_bench(int argc, char **argv) {
         "caprl bench train [options]: forward + backward + AdamW training speed in f32 and bf16 mixed precision, with\n"
         "the step's planned memory (caprl bench train --help).\n"
         "caprl bench gemm [options]: each linear layer's matmul of these models on its own, forward and backward\n"
-        "(caprl bench gemm --help)."};
+        "(caprl bench gemm --help).\n"
+        "caprl bench attn [options]: the attention kernels of these models on their own (caprl bench attn --help)."};
     int32_t     threads = 0, T = 512, steps = 16;
     bool        json = false, quick = false, vision = true;
     const char *dtypes = "both", *tok_path = NULL;
@@ -958,6 +959,9 @@ int cmd_bench(int argc, char **argv) {
     }
     if (argc >= 2 && strcmp(argv[1], "gemm") == 0) {
         return cmd_bench_gemm(argc - 1, argv + 1);
+    }
+    if (argc >= 2 && strcmp(argv[1], "attn") == 0) {
+        return cmd_bench_attn(argc - 1, argv + 1);
     }
     int rc = opts_parse(&info, specs, argc, argv, NULL, 0, NULL);
     if (rc) {
