@@ -4,11 +4,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "backend/gemm_impl.h"
 #include "caprl/tensor.h"
+#include "core/clock_impl.h"
 #include "core/cpu_impl.h"
 #include "core/error_impl.h"
 #include "core/log_impl.h"
@@ -77,20 +77,14 @@ struct caprl_cpu_profile {
     int64_t calls[PROF_COUNT];
 };
 
-static double profile_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 #define PROFILED(be, slot, flop_count, call)                                                                     \
     do {                                                                                                         \
         caprl_cpu_profile *prof_ = ((caprl_cpu_ctx *)(be)->impl)->profile;                                      \
-        double             t0_ = prof_ ? profile_now() : 0.0;                                                   \
+        double             t0_ = prof_ ? caprl_seconds_now() : 0.0;                                                   \
         call;                                                                                                    \
         if (prof_) {                                                                                             \
             int slot_ = (slot);                                                                                  \
-            prof_->seconds[slot_] += profile_now() - t0_;                                                        \
+            prof_->seconds[slot_] += caprl_seconds_now() - t0_;                                                        \
             prof_->flops[slot_] += (flop_count);                                                                 \
             prof_->calls[slot_]++;                                                                               \
         }                                                                                                        \
@@ -136,7 +130,7 @@ static caprl_cpu_ctx *ctx_of(caprl_backend *be) {
 static void cpu_matmul_fwd(caprl_backend *be, float *out, const float *in, const caprl_weight *w, const float *bias,
                            int64_t M) {
     caprl_cpu_ctx *c = ctx_of(be);
-    bool           amx = c->amx && w->packed && w->dtype == CAPRL_DTYPE_BF16;
+    bool           amx = caprl_gemm_amx_runs(c, w);
     int            slot = M <= 16 ? (amx ? PROF_MATMUL_FWD_AMX_FEW : PROF_MATMUL_FWD_FEW)
                                   : (amx ? PROF_MATMUL_FWD_AMX : PROF_MATMUL_FWD); /* decode apart from prefill */
     PROFILED(be, slot, matmul_flops(w, M), caprl_gemm(c, out, in, w, bias, M));
@@ -233,7 +227,7 @@ static void cpu_attn_train_bwd(caprl_backend *be, float *dq, float *dk, float *d
                                float scale, bool causal) {
     PROFILED(be, PROF_ATTN_TRAIN_BWD, 0.0,
              caprl_op_attn_train_bwd(ctx_of(be), dq, dk, dv, dout, q, k, v, out, lse, seg, n_seg, M, Hq, Hkv, D, scale,
-                            causal));
+                                     causal));
 }
 
 static void cpu_swiglu_bwd(caprl_backend *be, float *dgate, float *dup, const float *dout, const float *gate,

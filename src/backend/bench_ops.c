@@ -4,19 +4,13 @@
  * attention, at a chosen vector width). */
 #include <math.h>
 #include <stdio.h>
-#include <time.h>
 
 #include "backend/gemm_impl.h"
 #include "caprl/bench.h"
 #include "caprl/tensor.h"
+#include "core/clock_impl.h"
 #include "core/error_impl.h"
 #include "ops/ops_impl.h"
-
-static double seconds_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Element i of a stream: uniform in [-1, 1) from a hash of (stream, i), cheap enough for a 136M-element weight.
  * Never zeros, which would run faster than real data on some units. */
@@ -44,8 +38,18 @@ static const char *isa_name(int32_t isa) {
     return isa == CAPRL_ISA_AVX512 ? "avx512" : isa == CAPRL_ISA_AVX2 ? "avx2" : "scalar";
 }
 
-static const char *kernel_name(const caprl_backend *be, const caprl_weight *w) {
-    return w->packed ? "amx-bf16" : isa_name(((const caprl_cpu_ctx *)be->impl)->isa);
+/* The unit a pass runs on, by the backend's own dispatch rules. */
+static const char *kernel_name(const caprl_backend *be, const caprl_weight *w, int32_t pass) {
+    const caprl_cpu_ctx *c = be->impl;
+    bool amx = pass == CAPRL_MATMUL_FWD ? caprl_gemm_amx_runs(c, w) : caprl_gemm_amx_trains(c, w);
+    return amx ? "amx-bf16" : isa_name(c->isa);
+}
+
+/* best = the smaller of best and t, best 0 meaning none yet. */
+static void keep_fastest(double *best, double t) {
+    if (*best == 0.0 || t < *best) {
+        *best = t;
+    }
 }
 
 static void run_pass(caprl_backend *be, const caprl_matmul_bench *b, const caprl_weight *w, float *x, float *y,
@@ -97,14 +101,13 @@ caprl_status caprl_bench_matmul(int32_t n_threads, caprl_matmul_bench *b, caprl_
         st = be->ops->weight_prepare(be, &w, err);
     }
     if (st == CAPRL_OK) {
-        snprintf(b->kernel, sizeof b->kernel, "%s", kernel_name(be, &w));
+        snprintf(b->kernel, sizeof b->kernel, "%s", kernel_name(be, &w, b->pass));
         b->seconds = 0.0;
         for (int32_t r = 0; r <= b->reps; r++) { /* call 0 warms the caches and the scratch up */
-            double t0 = seconds_now();
+            double t0 = caprl_seconds_now();
             run_pass(be, b, &w, x, y, dw);
-            double dt = seconds_now() - t0;
-            if (r > 0 && (b->seconds == 0.0 || dt < b->seconds)) {
-                b->seconds = dt;
+            if (r > 0) {
+                keep_fastest(&b->seconds, caprl_seconds_now() - t0);
             }
         }
         b->gflops = 2.0 * (double)b->M * (double)b->N * (double)b->K / b->seconds * 1e-9;
@@ -171,24 +174,24 @@ caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl
         snprintf(b->isa, sizeof b->isa, "%s", isa_name(caprl_backend_cpu_isa(be)));
         b->seconds = b->backward_seconds = 0.0;
         for (int32_t r = 0; r <= b->reps; r++) { /* call 0 warms the caches and the scratch up */
-            double t0 = seconds_now(), t1 = 0.0;
+            double t0 = caprl_seconds_now(), t1 = 0.0;
             switch (b->kind) {
             case CAPRL_ATTN_DECODER:
                 ops->attn_fwd(be, out, q, k, v, row0, len, Hkv * D, T, Hq, Hkv, D, scale);
                 break;
             case CAPRL_ATTN_TRAIN:
                 ops->attn_train_fwd(be, out, lse, q, k, v, seg, n_seg, T, Hq, Hkv, D, scale, true);
-                t1 = seconds_now();
+                t1 = caprl_seconds_now();
                 ops->attn_train_bwd(be, dq, dk, dv, dout, q, k, v, out, lse, seg, n_seg, T, Hq, Hkv, D, scale, true);
                 break;
             default: ops->attn_seg_fwd(be, out, q, k, v, seg, n_seg, T, Hq, D, scale); break;
             }
-            double t2 = seconds_now(), fwd = t1 > 0.0 ? t1 - t0 : t2 - t0;
-            if (r > 0 && (b->seconds == 0.0 || fwd < b->seconds)) {
-                b->seconds = fwd;
+            double t2 = caprl_seconds_now();
+            if (r > 0) {
+                keep_fastest(&b->seconds, t1 > 0.0 ? t1 - t0 : t2 - t0);
             }
-            if (r > 0 && t1 > 0.0 && (b->backward_seconds == 0.0 || t2 - t1 < b->backward_seconds)) {
-                b->backward_seconds = t2 - t1;
+            if (r > 0 && t1 > 0.0) {
+                keep_fastest(&b->backward_seconds, t2 - t1);
             }
         }
     }

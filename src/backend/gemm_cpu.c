@@ -459,7 +459,7 @@ void caprl_gemm(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weigh
         return;
     }
 #if CAPRL_X86
-    if (c->amx && w->packed && w->dtype == CAPRL_DTYPE_BF16) {
+    if (caprl_gemm_amx_runs(c, w)) {
         /* The scratch only fails to grow when memory is gone; there is no status to return here. */
         if (!caprl_gemm_amx_fwd(c, out, in, w, bias, M)) {
             caprl_abort(__FILE__, __LINE__, "out of memory for the bf16 activations of a %lld x %lld matmul",

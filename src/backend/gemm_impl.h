@@ -95,10 +95,14 @@ bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const
 bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, const float *x, int64_t M, int64_t N,
                                int64_t K);
 
+/* w prepared (packed) on a context that runs AMX: the forward product runs on the tile unit. */
+static inline bool caprl_gemm_amx_runs(const caprl_cpu_ctx *c, const caprl_weight *w) {
+    return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed;
+}
+
 /* w prepared for training on a context that runs AMX: the backward products run on the tile unit. */
 static inline bool caprl_gemm_amx_trains(const caprl_cpu_ctx *c, const caprl_weight *w) {
-    return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed &&
-           ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
+    return caprl_gemm_amx_runs(c, w) && ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
 }
 
 /* caprl_backend_cpu_init with the kernels limited to max_isa (CAPRL_ISA_*) and AMX allowed or not; the

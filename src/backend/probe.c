@@ -5,10 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "caprl/bench.h"
+#include "core/clock_impl.h"
 #include "core/cpu_impl.h"
 #include "core/error_impl.h"
 #include "core/pool_impl.h"
@@ -18,12 +18,6 @@
 #define PROBE_SECONDS 0.2         /* per compute probe */
 #define PROBE_WARMUP_SECONDS 0.05
 enum { TRIAD_REPS = 4 };
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Keeps the probe results observable so the compiler cannot drop the loops. */
 static volatile float g_probe_sink;
@@ -178,16 +172,16 @@ static void compute_range(void *ctx, int64_t i0, int64_t i1, int32_t tid) {
     const compute_task *t = ctx;
     /* Warm-up: clocks ramp and, for AMX, the tile state and the unit's power-up (measured: a cold start gives
      * half the AMX rate). */
-    double t0 = now_s(), t1 = t0;
+    double t0 = caprl_seconds_now(), t1 = t0;
     while (t1 - t0 < PROBE_WARMUP_SECONDS) {
         t->kernel(t->chunk);
-        t1 = now_s();
+        t1 = caprl_seconds_now();
     }
     double flops = 0;
-    t0 = t1 = now_s();
+    t0 = t1 = caprl_seconds_now();
     while (t1 - t0 < t->seconds) {
         flops += t->kernel(t->chunk);
-        t1 = now_s();
+        t1 = caprl_seconds_now();
     }
     t->flops[tid] = flops;
     t->elapsed[tid] = t1 - t0;
@@ -337,9 +331,9 @@ static caprl_status run_triad(caprl_pool *pool, double *gbs, double *read_gbs, c
     t.init = false;
     double best = 0;
     for (int r = 0; r < TRIAD_REPS; r++) {
-        double t0 = now_s();
+        double t0 = caprl_seconds_now();
         caprl_parallel_for(pool, n, triad_range, &t);
-        double dt = now_s() - t0;
+        double dt = caprl_seconds_now() - t0;
         double rate = dt > 0 ? 12.0 * (double)n / dt * 1e-9 : 0;
         best = rate > best ? rate : best;
     }
@@ -348,9 +342,9 @@ static caprl_status run_triad(caprl_pool *pool, double *gbs, double *read_gbs, c
     t.read_only = true;
     double best_read = 0;
     for (int r = 0; r < TRIAD_REPS; r++) {
-        double t0 = now_s();
+        double t0 = caprl_seconds_now();
         caprl_parallel_for(pool, n, triad_range, &t);
-        double dt = now_s() - t0;
+        double dt = caprl_seconds_now() - t0;
         double rate = dt > 0 ? 8.0 * (double)n / dt * 1e-9 : 0;
         best_read = rate > best_read ? rate : best_read;
     }

@@ -14,12 +14,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "caprl/image.h"
 #include "caprl/qa.h"
 #include "caprl/rl.h"
+#include "core/clock_impl.h"
 #include "caprl/vlm.h"
 #include "core/error_impl.h"
 #include "core/file_impl.h"
@@ -630,12 +630,6 @@ static caprl_status update(rl_run *r, const int32_t *list, int32_t n, bool use_o
 
 /* ---- files ------------------------------------------------------------------------------------------------- */
 
-static double seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static caprl_status append_line(const char *dir, const char *name, const char *line, caprl_error *err) {
     char *path = caprl_path_join(dir, name);
     FILE *f = fopen(path, "a");
@@ -748,13 +742,13 @@ static caprl_status run_step(rl_run *r, int64_t step, caprl_rl_step_metrics *m, 
     int32_t B = cfg->rollout_batch, G = cfg->group_size, N = B * G;
     memset(m, 0, sizeof *m);
     m->step = step + 1;
-    double t0 = seconds();
+    double t0 = caprl_seconds_now();
     CAPRL_TRY(prepare_images(r, step, err));
     CAPRL_TRY(rollout(r, err));
     CAPRL_TRY(decode_captions(r, err));
-    double t1 = seconds();
+    double t1 = caprl_seconds_now();
     CAPRL_TRY(score(r, &m->reader_tokens, err));
-    double t2 = seconds();
+    double t2 = caprl_seconds_now();
 
     int32_t *all = caprl_xmalloc((size_t)N * sizeof(int32_t));
     for (int32_t s = 0; s < N; s++) {
@@ -852,7 +846,7 @@ static caprl_status run_step(rl_run *r, int64_t step, caprl_rl_step_metrics *m, 
     free(rewards);
     free(adv);
     free(n_tok);
-    double t3 = seconds();
+    double t3 = caprl_seconds_now();
     m->seconds_rollout = t1 - t0;
     m->seconds_reward = t2 - t1;
     m->seconds_update = t3 - t2;
