@@ -1,5 +1,6 @@
-/* Whether caprl's default CPU backend on this machine runs bf16 matmuls on AMX (then the activations entering each
- * weight matmul of a bf16 model are rounded to bf16, and float64 references that check bf16 models mirror it). */
+/* Whether caprl's default CPU backend on this machine runs bf16 matmuls on a bf16 matrix unit, AMX or vdpbf16ps
+ * (then the activations entering each weight matmul of a bf16 model are rounded to bf16, and float64 references
+ * that check bf16 models mirror it). */
 #ifndef CAPRL_AMX_UTIL_H
 #define CAPRL_AMX_UTIL_H
 
@@ -9,15 +10,15 @@
 #include "backend/gemm_impl.h"
 #include "core/cpu_impl.h"
 
-static inline bool default_backend_uses_amx(void) {
+static inline bool default_backend_rounds_bf16(void) {
     caprl_backend *be = NULL;
     caprl_error    err = {0};
     if (caprl_backend_cpu_init(&be, 1, &err) != CAPRL_OK) {
         return false;
     }
-    bool amx = caprl_backend_cpu_amx(be);
+    bool rounds = caprl_backend_cpu_bf16_inputs(be);
     caprl_backend_free(be);
-    return amx;
+    return rounds;
 }
 
 /* Whether AMX can run here; if not, says on stderr what is skipped. */
@@ -29,8 +30,9 @@ static inline bool amx_usable_or_skip(const char *what) {
     return true;
 }
 
-/* A 1-thread and a 3-thread CPU backend with AMX on. */
-static inline caprl_status amx_backends(caprl_backend **be1, caprl_backend **be3, caprl_error *err) {
+/* A 1-thread and a 3-thread CPU backend with the bf16 matrix units allowed (AMX where usable, else vdpbf16ps where
+ * the CPU has AVX512-BF16). */
+static inline caprl_status bf16_unit_backends(caprl_backend **be1, caprl_backend **be3, caprl_error *err) {
     caprl_status st = caprl_backend_cpu_init_isa(be1, 1, CAPRL_ISA_AVX512, true, err);
     return st != CAPRL_OK ? st : caprl_backend_cpu_init_isa(be3, 3, CAPRL_ISA_AVX512, true, err);
 }

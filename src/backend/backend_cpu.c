@@ -53,8 +53,10 @@ void *caprl_cpu_shared_reserve(caprl_cpu_ctx *c, size_t bytes) {
 
 #define PROF_SLOTS(X)                                                                                            \
     X(MATMUL_FWD_AMX, "matmul_fwd (amx-bf16)")                                                                   \
+    X(MATMUL_FWD_DOT, "matmul_fwd (avx512-bf16)")                                                                \
     X(MATMUL_FWD, "matmul_fwd (fma)")                                                                            \
     X(MATMUL_FWD_AMX_FEW, "matmul_fwd (amx-bf16, <= 16 rows)")                                                   \
+    X(MATMUL_FWD_DOT_FEW, "matmul_fwd (avx512-bf16, <= 16 rows)")                                                \
     X(MATMUL_FWD_FEW, "matmul_fwd (fma, <= 16 rows)")                                                            \
     X(MATMUL_BWD_DATA_AMX, "matmul_bwd_data (amx-bf16)")                                                         \
     X(MATMUL_BWD_DATA, "matmul_bwd_data (fma)")                                                                  \
@@ -130,9 +132,11 @@ static caprl_cpu_ctx *ctx_of(caprl_backend *be) {
 static void cpu_matmul_fwd(caprl_backend *be, float *out, const float *in, const caprl_weight *w, const float *bias,
                            int64_t M) {
     caprl_cpu_ctx *c = ctx_of(be);
-    bool           amx = caprl_gemm_amx_runs(c, w);
-    int            slot = M <= 16 ? (amx ? PROF_MATMUL_FWD_AMX_FEW : PROF_MATMUL_FWD_FEW)
-                                  : (amx ? PROF_MATMUL_FWD_AMX : PROF_MATMUL_FWD); /* decode apart from prefill */
+    bool           amx = caprl_gemm_amx_runs(c, w), dot = caprl_gemm_bf16_dot_runs(c, w);
+    int            slot = amx ? PROF_MATMUL_FWD_AMX : dot ? PROF_MATMUL_FWD_DOT : PROF_MATMUL_FWD;
+    if (M <= 16) { /* decode apart from prefill: each slot's "<= 16 rows" twin follows it */
+        slot += PROF_MATMUL_FWD_AMX_FEW - PROF_MATMUL_FWD_AMX;
+    }
     PROFILED(be, slot, matmul_flops(w, M), caprl_gemm(c, out, in, w, bias, M));
 }
 
@@ -340,8 +344,8 @@ static caprl_amx_tuning amx_tuning_from_env(void) {
     return tu;
 }
 
-caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, int32_t max_isa, bool allow_amx,
-                                        caprl_error *err) {
+caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, int32_t max_isa,
+                                        bool allow_bf16_units, caprl_error *err) {
     /* Feature detection first: it requests the AMX tile permission, which the pool's threads then share. */
     const caprl_cpu_features *f = caprl_cpu();
     caprl_pool               *pool = NULL;
@@ -351,7 +355,8 @@ caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, 
     c->n_threads = caprl_pool_n_threads(pool);
     int32_t isa = machine_isa();
     c->isa = isa < max_isa ? isa : max_isa;
-    c->amx = allow_amx && f->amx_usable && machine_isa() == CAPRL_ISA_AVX512;
+    c->amx = allow_bf16_units && f->amx_usable && machine_isa() == CAPRL_ISA_AVX512;
+    c->bf16_dot = allow_bf16_units && !c->amx && f->avx512_bf16 && c->isa == CAPRL_ISA_AVX512;
     c->l2_bytes = l2_bytes();
     c->amx_tuning = amx_tuning_from_env();
     const char *profile = getenv("CAPRL_PROFILE");
@@ -367,15 +372,20 @@ caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, 
     return CAPRL_OK;
 }
 
-/* CAPRL_AMX=0 in the environment keeps bf16 matmuls off the AMX units (f32 operands on the FMA units): for
- * comparing numerics with f32-arithmetic references, as ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA do. */
-static bool amx_allowed_by_env(void) {
-    const char *v = getenv("CAPRL_AMX");
-    return !(v && v[0] == '0' && v[1] == '\0');
+/* CAPRL_BF16_UNITS=0 in the environment (or its older spelling CAPRL_AMX=0) keeps bf16 matmuls off the bf16
+ * matrix units, AMX or vdpbf16ps (f32 operands on the FMA units): for comparing numerics with f32-arithmetic
+ * references, as ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA do. */
+static bool env_is_zero(const char *name) {
+    const char *v = getenv(name);
+    return v && v[0] == '0' && v[1] == '\0';
+}
+
+static bool bf16_units_allowed_by_env(void) {
+    return !env_is_zero("CAPRL_BF16_UNITS") && !env_is_zero("CAPRL_AMX");
 }
 
 caprl_status caprl_backend_cpu_init(caprl_backend **out, int32_t n_threads, caprl_error *err) {
-    return caprl_backend_cpu_init_isa(out, n_threads, CAPRL_ISA_AVX512, amx_allowed_by_env(), err);
+    return caprl_backend_cpu_init_isa(out, n_threads, CAPRL_ISA_AVX512, bf16_units_allowed_by_env(), err);
 }
 
 int32_t caprl_backend_cpu_isa(const caprl_backend *be) {
@@ -384,6 +394,11 @@ int32_t caprl_backend_cpu_isa(const caprl_backend *be) {
 
 bool caprl_backend_cpu_amx(const caprl_backend *be) {
     return ((const caprl_cpu_ctx *)be->impl)->amx;
+}
+
+bool caprl_backend_cpu_bf16_inputs(const caprl_backend *be) {
+    const caprl_cpu_ctx *c = be->impl;
+    return c->amx || c->bf16_dot;
 }
 
 void caprl_backend_free(caprl_backend *be) {

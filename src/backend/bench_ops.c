@@ -42,7 +42,8 @@ static const char *isa_name(int32_t isa) {
 static const char *kernel_name(const caprl_backend *be, const caprl_weight *w, int32_t pass) {
     const caprl_cpu_ctx *c = be->impl;
     bool amx = pass == CAPRL_MATMUL_FWD ? caprl_gemm_amx_runs(c, w) : caprl_gemm_amx_trains(c, w);
-    return amx ? "amx-bf16" : isa_name(c->isa);
+    bool dot = pass == CAPRL_MATMUL_FWD && caprl_gemm_bf16_dot_runs(c, w);
+    return amx ? "amx-bf16" : dot ? "avx512-bf16" : isa_name(c->isa);
 }
 
 /* best = the smaller of best and t, best 0 meaning none yet. */

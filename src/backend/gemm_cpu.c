@@ -15,7 +15,9 @@
  * bf16 weights are widened exactly (bits << 16), in registers for small row blocks, or once per weight block into
  * the thread's scratch for large ones (the f32 kernel then runs at full speed); both give the same products.
  *
- * Prepared bf16 weights on a machine with AMX-BF16 take the tile unit instead (gemm_amx.c), for every M. */
+ * Where the CPU has a bf16 matrix unit, bf16 weights use it instead, for every M, with the inputs rounded to bf16:
+ * AMX-BF16 tiles for prepared weights (gemm_amx.c), or else AVX512-BF16 dot products (vdpbf16ps, below; twice
+ * the FMA peak on Zen 4 and 5), through the same blocking and tiles as the AVX-512 f32 kernel. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +36,7 @@ enum {
     KC_MIN_CHUNKED = 1024, /* K up to this runs in one pass (measured: chunking costs more than it saves) */
     KC_AVX2 = 768,         /* longest K chunk: 4 input rows (12 KB) + 3 weight rows (9 KB) fit a 32 KB L1 */
     KC_AVX512 = 1024,      /* 4 input rows (16 KB) + 6 weight rows (24 KB) fit a 48 KB L1 */
+    KC_AVX512BF16 = 2048,  /* the same in bf16: 4 input rows (16 KB) + 6 weight rows (24 KB) */
     SMALL_M = 16,          /* row blocks up to this take each weight tile from memory once (and widen bf16 in
                             * registers); larger ones widen a bf16 weight block once into scratch */
     NBLK_CHUNKED_AVX2 = 60,    /* most weight rows per job when K is chunked (bounds the parked accumulators) */
@@ -44,7 +47,8 @@ enum {
 typedef struct gemm_blk {
     float       *out;  /* (mrows, ldo) */
     int64_t      ldo;
-    const float *in;   /* (mrows, K) */
+    const void  *in;   /* (mrows, lda): f32, or bf16 for the AVX512-BF16 kernel */
+    int64_t      lda;  /* elements */
     int64_t      K;
     const void  *w;    /* (ncols, ldw) f32 or bf16 */
     int64_t      ldw;
@@ -60,7 +64,8 @@ typedef struct gemm_task {
     caprl_cpu_ctx *c;
     block_fn       block;
     float         *out;  /* (M, N) */
-    const float   *in;   /* (M, K) */
+    const void    *in;   /* (M, K), f32 or (the bf16 dot products) bf16 */
+    int64_t        insz; /* bytes per element of in */
     const void    *w;    /* (N, K) f32 or bf16 */
     bool           wbf16;
     bool           widen;     /* bf16 blocks widened into scratch before the f32 kernel */
@@ -84,7 +89,7 @@ static void block_scalar(const gemm_blk *b, bool wbf16) {
         for (int64_t n = 0; n < b->ncols; n++) {
             float s = 0.0f;
             for (int64_t k = 0; k < b->K; k++) {
-                s += b->in[m * b->K + k] * wval(b->w, n * b->ldw + k, wbf16);
+                s += ((const float *)b->in)[m * b->lda + k] * wval(b->w, n * b->ldw + k, wbf16);
             }
             b->out[m * b->ldo + n] = b->bias ? s + b->bias[n] : s;
         }
@@ -140,9 +145,10 @@ static CAPRL_AVX2_INLINE void store_row_avx2(const int nr, float *out, const __m
  * last: reduce and store (else park the accumulators in st). pf: weight rows to prefetch at the same k (the next
  * tile, on the paths that stream weights from memory), or NULL. */
 static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
-                                        const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
+                                        const void *in_rows, int64_t lda, int64_t k0, int64_t k1, const void *w,
                                         int64_t ldw, const float *bias, float *st, int64_t lds, bool first,
                                         bool last, const char *pf) {
+    const float    *in = in_rows;
     const float    *wf = wbf16 ? NULL : (const float *)w;
     const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
     const int64_t   esz = wbf16 ? 2 : 4;
@@ -169,7 +175,7 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
         }
 #    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
-            __m256 a = _mm256_loadu_ps(in + i * K + k);
+            __m256 a = _mm256_loadu_ps(in + i * lda + k);
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 acc[i][j] = _mm256_fmadd_ps(a, wv[j], acc[i][j]);
@@ -192,7 +198,7 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
         }
 #    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
-            __m256 a = _mm256_maskload_ps(in + i * K + k, mask);
+            __m256 a = _mm256_maskload_ps(in + i * lda + k, mask);
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 acc[i][j] = _mm256_fmadd_ps(a, wv[j], acc[i][j]);
@@ -222,6 +228,9 @@ static CAPRL_AVX2_INLINE void tile_avx2(const int mr, const int nr, const bool w
 #    define GB_NR NR_AVX2
 #    define GB_KC KC_AVX2
 #    define GB_VL 8
+#    define GB_KSTEP 8
+#    define GB_INSZ 4
+#    define GB_PF_TILES 1
 #    include "backend/gemm_block.inc"
 
 static CAPRL_AVX2 void widen_avx2(float *dst, const uint16_t *src, int64_t n) {
@@ -262,9 +271,10 @@ static CAPRL_AVX512_INLINE void store_row_avx512(const int nr, float *out, const
 }
 
 static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
-                                            const float *in, int64_t K, int64_t k0, int64_t k1, const void *w,
+                                            const void *in_rows, int64_t lda, int64_t k0, int64_t k1, const void *w,
                                             int64_t ldw, const float *bias, float *st, int64_t lds, bool first,
                                             bool last, const char *pf) {
+    const float    *in = in_rows;
     const float    *wf = wbf16 ? NULL : (const float *)w;
     const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
     const int64_t   esz = wbf16 ? 2 : 4;
@@ -292,7 +302,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
         }
 #    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
-            __m512 a = _mm512_loadu_ps(in + i * K + k);
+            __m512 a = _mm512_loadu_ps(in + i * lda + k);
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 acc[i][j] = _mm512_fmadd_ps(a, wv[j], acc[i][j]);
@@ -309,7 +319,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
         }
 #    pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
-            __m512 a = _mm512_maskz_loadu_ps(mask, in + i * K + k);
+            __m512 a = _mm512_maskz_loadu_ps(mask, in + i * lda + k);
 #    pragma GCC unroll 6
             for (int j = 0; j < nr; j++) {
                 acc[i][j] = _mm512_fmadd_ps(a, wv[j], acc[i][j]);
@@ -339,7 +349,128 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
 #    define GB_NR NR_AVX512
 #    define GB_KC KC_AVX512
 #    define GB_VL 16
+#    define GB_KSTEP 16
+#    define GB_INSZ 4
+#    define GB_PF_TILES 1
 #    include "backend/gemm_block.inc"
+
+/* ---- AVX512-BF16: vdpbf16ps, the bf16 matrix arithmetic of CPUs that have it without AMX (Zen 4 and 5) --------
+ * bf16 weights only. The input rows are rounded to bf16 once per call (caprl_f32_to_bf16, as on AMX), and each
+ * vdpbf16ps adds to lane l the products of the k pair (2l, 2l + 1) of a 32-k step, exactly (bf16 x bf16 fits f32),
+ * in the instruction's own order. Same 4 x 6 tile, chunking, parking and reduction as the AVX-512 f32 kernel, so
+ * an output again depends only on its input row and weight row. The K tail is one masked step (0 x 0 adds 0). */
+
+
+#    define CAPRL_AVX512BF16 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#    define CAPRL_AVX512BF16_INLINE                                                                            \
+        __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
+
+static CAPRL_AVX512BF16_INLINE void tile_avx512bf16(const int mr, const int nr, const bool wbf16, float *out,
+                                                    int64_t ldo, const void *in_rows, int64_t lda, int64_t k0,
+                                                    int64_t k1, const void *w, int64_t ldw, const float *bias,
+                                                    float *st, int64_t lds, bool first, bool last, const char *pf) {
+    (void)wbf16; /* always bf16 */
+    const uint16_t *in = in_rows, *wh = w;
+    __m512          acc[6][6];
+#    pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * lds + j) * 16);
+        }
+    }
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) { /* one 64-byte line of each weight row per step */
+        __m512i wv[6];
+        if (pf) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm_prefetch(pf + (j * ldw + k) * 2, _MM_HINT_T0);
+                _mm_prefetch(pf + ((nr + j) * ldw + k) * 2, _MM_HINT_T1);
+            }
+        }
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            wv[j] = _mm512_loadu_si512(wh + j * ldw + k);
+        }
+#    pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+            __m512bh a = (__m512bh)_mm512_loadu_si512(in + i * lda + k);
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, (__m512bh)wv[j]);
+            }
+        }
+    }
+    if (k < k1) {
+        __mmask32 mask = (__mmask32)((1ull << (k1 - k)) - 1u);
+        __m512i   wv[6];
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            wv[j] = _mm512_maskz_loadu_epi16(mask, wh + j * ldw + k);
+        }
+#    pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+            __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(mask, in + i * lda + k);
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, (__m512bh)wv[j]);
+            }
+        }
+    }
+    if (!last) {
+#    pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm512_storeu_ps(st + (i * lds + j) * 16, acc[i][j]);
+            }
+        }
+        return;
+    }
+#    pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        store_row_avx512(nr, out + i * ldo, acc[i], bias);
+    }
+}
+
+#    define GB_ISA avx512bf16
+#    define GB_INLINE CAPRL_AVX512BF16_INLINE
+#    define GB_TARGET CAPRL_AVX512BF16
+#    define GB_MR MR_AVX512
+#    define GB_NR NR_AVX512
+#    define GB_KC KC_AVX512BF16
+#    define GB_VL 16
+#    define GB_KSTEP 32
+#    define GB_INSZ 2
+#    define GB_PF_TILES 2
+#    include "backend/gemm_block.inc"
+
+/* Sixteen f32 -> bf16 with caprl_f32_to_bf16's rounding (nearest even; NaN kept quiet with its sign). */
+static CAPRL_AVX512_INLINE __m256i bf16_round16_avx512(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+typedef struct round_task {
+    uint16_t    *dst; /* (M, K) */
+    const float *src; /* (M, K) */
+    int64_t      K;
+} round_task;
+
+static CAPRL_AVX512 void round_rows_avx512(void *ctx, int64_t m0, int64_t m1, int32_t tid) {
+    (void)tid;
+    const round_task *t = ctx;
+    for (int64_t i = m0 * t->K, end = m1 * t->K; i < end; i += 16) {
+        __mmask16 m = end - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - i)) - 1u);
+        _mm256_mask_storeu_epi16(t->dst + i, m, bf16_round16_avx512(_mm512_maskz_loadu_ps(m, t->src + i)));
+    }
+}
 #endif /* CAPRL_X86 */
 
 /* ---- the f32 driver ------------------------------------------------------------------------------------- */
@@ -378,15 +509,18 @@ static void gemm_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
             w = (const char *)g->w + (size_t)(n0 * g->K) * (wbf16 ? 2u : 4u);
         }
         gemm_blk b = {
-            .out = g->out + m0 * g->N + n0, .ldo = g->N, .in = g->in + m0 * g->K, .K = g->K, .w = w, .ldw = g->K,
+            .out = g->out + m0 * g->N + n0, .ldo = g->N, .in = (const char *)g->in + m0 * g->K * g->insz, .lda = g->K, .K = g->K, .w = w, .ldw = g->K,
             .bias = g->bias ? g->bias + n0 : NULL, .st = g->chunk ? t->buf : NULL, .mrows = m1 - m0, .ncols = n1 - n0,
         };
         g->block(&b, wbf16);
     }
 }
 
-static block_fn pick_block(const caprl_cpu_ctx *c) {
+static block_fn pick_block(const caprl_cpu_ctx *c, bool bf16_dot) {
 #if CAPRL_X86
+    if (bf16_dot) {
+        return block_avx512bf16;
+    }
     if (c->isa >= CAPRL_ISA_AVX512) {
         return block_avx512;
     }
@@ -395,18 +529,36 @@ static block_fn pick_block(const caprl_cpu_ctx *c) {
     }
 #endif
     (void)c;
+    (void)bf16_dot;
     return block_scalar;
+}
+
+/* `in` rounded to bf16 rows (M, K) in the shared scratch for the AVX512-BF16 kernel; NULL when memory is gone. */
+static const uint16_t *round_inputs(caprl_cpu_ctx *c, const float *in, int64_t M, int64_t K) {
+#if CAPRL_X86
+    uint16_t *dst = caprl_cpu_shared_reserve(c, (size_t)(M * K) * sizeof(uint16_t));
+    if (dst) {
+        round_task t = {.dst = dst, .src = in, .K = K};
+        caprl_parallel_for(c->pool, M, round_rows_avx512, &t);
+    }
+    return dst;
+#else
+    (void)c, (void)in, (void)M, (void)K;
+    return NULL;
+#endif
 }
 
 static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,
                      int64_t M) {
     int64_t N = w->rows, K = w->cols;
     int64_t nt = c->n_threads;
-    int64_t kc_max = c->isa >= CAPRL_ISA_AVX512 ? KC_AVX512 : KC_AVX2;
-    bool    chunk = c->isa >= CAPRL_ISA_AVX2 && K > KC_MIN_CHUNKED;
-    /* The weight rows of a job (one K chunk of them when chunked, as f32) take about half of L2, leaving room
-     * for the streamed input rows and the parked accumulators. */
-    int64_t nblk = (c->l2_bytes / 2) / ((chunk ? kc_max : (K > 0 ? K : 1)) * 4);
+    bool    wbf16 = w->dtype == CAPRL_DTYPE_BF16;
+    bool    bf16_dot = caprl_gemm_bf16_dot_runs(c, w);
+    int64_t kc_max = bf16_dot ? KC_AVX512BF16 : c->isa >= CAPRL_ISA_AVX512 ? KC_AVX512 : KC_AVX2;
+    bool    chunk = c->isa >= CAPRL_ISA_AVX2 && K > (bf16_dot ? KC_AVX512BF16 : KC_MIN_CHUNKED);
+    /* The weight rows of a job (one K chunk of them when chunked; f32, or bf16 for the bf16 dot products) take
+     * about half of L2, leaving room for the streamed input rows and the parked accumulators. */
+    int64_t nblk = (c->l2_bytes / 2) / ((chunk ? kc_max : (K > 0 ? K : 1)) * (bf16_dot ? 2 : 4));
     nblk = nblk / NR_ALIGN * NR_ALIGN;
     nblk = nblk < NR_ALIGN ? NR_ALIGN : nblk;
     int64_t nblk_chunked = c->isa >= CAPRL_ISA_AVX512 ? NBLK_CHUNKED_AVX512 : NBLK_CHUNKED_AVX2;
@@ -419,9 +571,16 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
             nblk = want < NR_ALIGN ? NR_ALIGN : want;
         }
     }
-    bool    wbf16 = w->dtype == CAPRL_DTYPE_BF16;
+    const void *in_rows = in;
+    if (bf16_dot) {
+        in_rows = round_inputs(c, in, M, K);
+        if (!in_rows) { /* the scratch only fails to grow when memory is gone; there is no status to return */
+            caprl_abort(__FILE__, __LINE__, "out of memory for the bf16 activations of a %lld x %lld matmul",
+                        (long long)M, (long long)K);
+        }
+    }
     /* Widening into scratch pays off once a block is reused by several row groups. */
-    bool    widen = wbf16 && (M < MBLK ? M : MBLK) > SMALL_M;
+    bool    widen = wbf16 && !bf16_dot && (M < MBLK ? M : MBLK) > SMALL_M;
     int64_t st_floats = chunk ? caprl_round_up((M < MBLK ? M : MBLK) * nblk * 16, 16) : 0;
     size_t  bytes = (size_t)(st_floats + (widen ? nblk * K : 0)) * sizeof(float);
     if (bytes > 0 && !caprl_cpu_scratch_reserve(c, bytes)) {
@@ -430,9 +589,10 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     }
     gemm_task g = {
         .c = c,
-        .block = pick_block(c),
+        .block = pick_block(c, bf16_dot),
         .out = out,
-        .in = in,
+        .in = in_rows,
+        .insz = bf16_dot ? 2 : 4,
         .w = w->data,
         .wbf16 = wbf16,
         .widen = widen,

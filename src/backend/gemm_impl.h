@@ -8,9 +8,10 @@
 #include "ops/ops_impl.h"
 
 /* out (M, N) = in (M, K) @ w (N, K)^T (+ bias (N)). On a context with AMX enabled and a weight packed by
- * caprl_gemm_prepare, the operands are rounded to bf16 and multiplied on the tile unit (f32 accumulation);
- * otherwise the f32 kernels of c->isa run, widening bf16 weights exactly. Either way every output row is a
- * function of its input row alone (bit-identical for any M, N blocking and thread count). */
+ * caprl_gemm_prepare, the operands are rounded to bf16 and multiplied on the tile unit (f32 accumulation); on
+ * one with c->bf16_dot, a bf16 weight's inputs are rounded to bf16 and multiplied with vdpbf16ps (f32
+ * accumulation); otherwise the f32 kernels of c->isa run, widening bf16 weights exactly. Either way every output
+ * row is a function of its input row alone (bit-identical for any M, N blocking and thread count). */
 void caprl_gemm(caprl_cpu_ctx *c,
                 float *out,            /* (M, N) */
                 const float *in,       /* (M, K) */
@@ -100,18 +101,26 @@ static inline bool caprl_gemm_amx_runs(const caprl_cpu_ctx *c, const caprl_weigh
     return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed;
 }
 
+/* The forward product of w runs on vdpbf16ps (AVX512-BF16 without AMX), its inputs rounded to bf16. */
+static inline bool caprl_gemm_bf16_dot_runs(const caprl_cpu_ctx *c, const caprl_weight *w) {
+    return c->bf16_dot && w->dtype == CAPRL_DTYPE_BF16;
+}
+
 /* w prepared for training on a context that runs AMX: the backward products run on the tile unit. */
 static inline bool caprl_gemm_amx_trains(const caprl_cpu_ctx *c, const caprl_weight *w) {
     return caprl_gemm_amx_runs(c, w) && ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
 }
 
-/* caprl_backend_cpu_init with the kernels limited to max_isa (CAPRL_ISA_*) and AMX allowed or not; the
- * machine's own features still apply (asking for AVX-512 on an AVX2 machine gives AVX2). */
-caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, int32_t max_isa, bool allow_amx,
-                                        caprl_error *err);
+/* caprl_backend_cpu_init with the kernels limited to max_isa (CAPRL_ISA_*) and the bf16 matrix units (AMX, or
+ * vdpbf16ps on AVX512-BF16 CPUs without AMX) allowed or not; the machine's own features still apply (asking for
+ * AVX-512 on an AVX2 machine gives AVX2). */
+caprl_status caprl_backend_cpu_init_isa(caprl_backend **out, int32_t n_threads, int32_t max_isa,
+                                        bool allow_bf16_units, caprl_error *err);
 
 /* The ISA level and AMX switch a CPU backend runs (for tests and bench reports). */
 int32_t caprl_backend_cpu_isa(const caprl_backend *be);
 bool    caprl_backend_cpu_amx(const caprl_backend *be);
+/* Whether bf16-weight matmuls round their inputs to bf16 (AMX or vdpbf16ps) rather than widen the weights. */
+bool    caprl_backend_cpu_bf16_inputs(const caprl_backend *be);
 
 #endif /* CAPRL_GEMM_IMPL_H */

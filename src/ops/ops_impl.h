@@ -60,12 +60,13 @@ typedef struct caprl_cpu_ctx {
     int32_t           n_threads;
     int32_t           isa;       /* CAPRL_ISA_*, fixed for the context's life */
     bool              amx;       /* matmul may use AMX-BF16 on prepared bf16 weights */
+    bool              bf16_dot;  /* no AMX but AVX512-BF16: bf16-weight matmuls run on vdpbf16ps */
     int64_t           l2_bytes;  /* per-core L2 size used for cache blocking */
     caprl_amx_tuning  amx_tuning; /* AMX blocking (speed only) */
     caprl_cpu_profile *profile;  /* per-op times when CAPRL_PROFILE is set (backend_cpu.c), else NULL */
     caprl_cpu_thread *threads;   /* (n_threads) */
     uint64_t          gemm_seq;  /* bumped by every matmul call (scratch tags) */
-    void             *shared;    /* AMX: the activations converted to bf16 */
+    void             *shared;    /* AMX and vdpbf16ps: the activations converted to bf16 */
     size_t            shared_cap;
 } caprl_cpu_ctx;
 

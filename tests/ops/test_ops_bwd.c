@@ -423,7 +423,7 @@ static void test_matmul_bwd_amx(void) {
     }
     caprl_error    err = {0};
     caprl_backend *be1 = NULL, *be3 = NULL;
-    CHECK_OK(amx_backends(&be1, &be3, &err), &err);
+    CHECK_OK(bf16_unit_backends(&be1, &be3, &err), &err);
     CHECK(caprl_backend_cpu_amx(be1));
     /* N = 9000: the data gradient's reduction is too long for a row block to hold it in L2 (square jobs over
      * chunks, as for the lm_head), with full jobs only and with a partial column range */

@@ -241,38 +241,53 @@ static void test_matmul_edges(void) {
     free_weight(&wb);
 }
 
-/* AMX (only where usable): bf16 activations x bf16 weights, checked against the reference with the inputs
- * rounded to bf16, plus the same determinism contract as the f32 kernels. */
-static void test_matmul_amx(void) {
-    if (!amx_usable_or_skip("AMX matmul test")) {
-        return;
-    }
+/* The bf16 matrix unit (AMX, or vdpbf16ps on AVX512-BF16 CPUs without AMX; only where there is one): bf16
+ * activations x bf16 weights, checked against the reference with the inputs rounded to bf16, plus the same
+ * determinism contract as the f32 kernels (any thread count, rows alone or in any batch). */
+static void test_matmul_bf16_unit(void) {
     caprl_error    err = {0};
     caprl_backend *be1 = NULL, *be3 = NULL;
-    CHECK_OK(amx_backends(&be1, &be3, &err), &err);
-    CHECK(caprl_backend_cpu_amx(be1));
+    CHECK_OK(bf16_unit_backends(&be1, &be3, &err), &err);
+    if (!caprl_backend_cpu_bf16_inputs(be1)) {
+        fprintf(stderr, "no bf16 matrix unit here (AMX or AVX512-BF16): bf16-unit matmul test skipped\n");
+        caprl_backend_free(be1);
+        caprl_backend_free(be3);
+        return;
+    }
+    bool        amx = caprl_backend_cpu_amx(be1);
+    const char *unit = amx ? "amx-bf16" : "avx512-bf16";
     static const struct {
         int64_t M, N, K;
-    } shapes[] = {{1, 1, 1}, {37, 50, 133}, {5, 100, 64}, {70, 33, 31}, {16, 129, 200}, {100, 64, 1000}};
+    } shapes[] = {{1, 1, 1},       {37, 50, 133},  {5, 100, 64},  {70, 33, 31},
+                  {16, 129, 200}, {100, 64, 1000}, {23, 30, 2100}, {61, 7, 4161}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int64_t M = shapes[s].M, N = shapes[s].N, K = shapes[s].K;
         wbuf    wb = make_weight(N, K, CAPRL_DTYPE_BF16);
         CHECK_OK(be1->ops->weight_prepare(be1, &wb.w, &err), &err);
-        CHECK(wb.w.packed != NULL);
+        CHECK(amx == (wb.w.packed != NULL)); /* only AMX packs */
         float *in = fvec(M * K), *bias = s % 2 ? fvec(N) : NULL;
+        if (s == 2) { /* halfway cases: rounding to nearest even, not away, moves each by 2^-8 relative */
+            for (int64_t i = 0; i < M * K; i++) {
+                in[i] = ldexpf(i % 3 ? 1.0f + 0x1p-8f : 1.0f + 0x3p-8f, (int)(i % 7) - 3) * (i % 2 ? -1.0f : 1.0f);
+            }
+        }
         float *ref = malloc((size_t)(M * N) * sizeof(float)), *got = malloc((size_t)(M * N) * sizeof(float));
         be1->ops->matmul_fwd(be1, ref, in, &wb.w, bias, M);
-        int bad = check_matmul(ref, in, &wb, bias, M, N, K, true, "amx");
-        CHECK_MSG(bad == 0, "amx M=%lld N=%lld K=%lld: %d wrong outputs", (long long)M, (long long)N, (long long)K,
-                  bad);
+        int bad = check_matmul(ref, in, &wb, bias, M, N, K, true, unit);
+        CHECK_MSG(bad == 0, "%s M=%lld N=%lld K=%lld: %d wrong outputs", unit, (long long)M, (long long)N,
+                  (long long)K, bad);
         be3->ops->matmul_fwd(be3, got, in, &wb.w, bias, M);
-        CHECK_MSG(bits_equal(ref, got, M * N), "amx: 3 threads differ from 1");
+        CHECK_MSG(bits_equal(ref, got, M * N), "%s: 3 threads differ from 1", unit);
         bool rows_ok = true;
         for (int64_t m = 0; m < M; m++) {
             be3->ops->matmul_fwd(be3, got, in + m * K, &wb.w, bias, 1);
             rows_ok = rows_ok && bits_equal(got, ref + m * N, N);
         }
-        CHECK_MSG(rows_ok, "amx M=%lld N=%lld K=%lld: rows computed alone differ", (long long)M, (long long)N,
+        for (int64_t m0 = 0; m0 + 5 <= M; m0 += 5) { /* row groups of 4 and a leftover row */
+            be1->ops->matmul_fwd(be1, got, in + m0 * K, &wb.w, bias, 5);
+            rows_ok = rows_ok && bits_equal(got, ref + m0 * N, 5 * N);
+        }
+        CHECK_MSG(rows_ok, "%s M=%lld N=%lld K=%lld: rows computed alone differ", unit, (long long)M, (long long)N,
                   (long long)K);
         be1->ops->weight_release(be1, &wb.w);
         CHECK(wb.w.packed == NULL);
@@ -683,7 +698,7 @@ int main(void) {
     test_matmul_shapes();
     test_matmul_determinism();
     test_matmul_edges();
-    test_matmul_amx();
+    test_matmul_bf16_unit();
     test_embed();
     test_rmsnorm();
     test_rope();

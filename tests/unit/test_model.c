@@ -416,7 +416,7 @@ int main(void) {
         snprintf(dir, sizeof dir, "%s/%s", base, variant == 0 ? "tied" : variant == 1 ? "untied" : "bf16");
         make_checkpoint(dir, tied, dtype);
         caprl_text_config cfg = tiny_config(tied);
-        g_ref_bf16_operands = dtype == CAPRL_DTYPE_BF16 && default_backend_uses_amx();
+        g_ref_bf16_operands = dtype == CAPRL_DTYPE_BF16 && default_backend_rounds_bf16();
         check_against_reference(dir, &cfg);
         g_ref_bf16_operands = false;
     }

@@ -59,8 +59,9 @@ int cmd_bench_gemm(int argc, char **argv) {
         "Shapes: the Qwen2.5-0.5B decoder at 512 tokens (text) and the Qwen2.5-VL-3B vision tower at 1036x756,\n"
         "3996 patches (vision). A pass is the forward y = x W^T, the data gradient dx = dy W or the weight\n"
         "gradient dW += dy^T x (bf16 weights prepared for training). GFLOP/s = 2 M N K / the fastest of --reps\n"
-        "calls after one warm-up. bf16 on a CPU with AMX runs on the tile unit and is measured against the AMX\n"
-        "probe; everything else against the fp32 FMA probe. CAPRL_AMX_TUNE=\"kc=T,mb=KB\" sets the AMX blocking\n"
+        "calls after one warm-up. bf16 on a CPU with a bf16 matrix unit runs on it (AMX tiles; or, forward only,\n"
+        "AVX512-BF16 dot products) and is measured against that unit's probe; everything else against the fp32\n"
+        "FMA probe. CAPRL_AMX_TUNE=\"kc=T,mb=KB\" sets the AMX blocking\n"
         "for tuning (T k tiles of 32 per reduction chunk, 0 = none; KB of bf16 activations per row block, 0 = half\n"
         "of L2); blocking never changes a result."};
     int32_t     threads = 0, reps = 3;
@@ -132,7 +133,9 @@ int cmd_bench_gemm(int argc, char **argv) {
             fprintf(stderr, "bench gemm: %s %s %lld x %lld x %lld...\n", r->name, k_pass_names[p],
                     (long long)r->b.M, (long long)r->b.N, (long long)r->b.K);
             st = caprl_bench_matmul(threads, &r->b, &err);
-            double ceiling = strcmp(r->b.kernel, "amx-bf16") == 0 ? peaks.bf16_matrix_gflops : peaks.fp32_fma_gflops;
+            /* a bf16 unit's kernel against that unit's probe, the FMA kernels against the FMA probe */
+            bool   on_bf16_unit = strcmp(r->b.kernel, peaks.bf16_unit) == 0;
+            double ceiling = on_bf16_unit ? peaks.bf16_matrix_gflops : peaks.fp32_fma_gflops;
             r->frac = ceiling > 0 ? r->b.gflops / ceiling : 0.0;
             n_rows += st == CAPRL_OK;
         }
