@@ -52,16 +52,18 @@ void *caprl_cpu_shared_reserve(caprl_cpu_ctx *c, size_t bytes) {
  * or a training step spends its time, op by op (llama.cpp's perf mode, in short). Off, it costs one branch per op. */
 
 #define PROF_SLOTS(X)                                                                                            \
+    X(MATMUL_FWD, "matmul_fwd (fma)")                                                                            \
     X(MATMUL_FWD_AMX, "matmul_fwd (amx-bf16)")                                                                   \
     X(MATMUL_FWD_DOT, "matmul_fwd (avx512-bf16)")                                                                \
-    X(MATMUL_FWD, "matmul_fwd (fma)")                                                                            \
+    X(MATMUL_FWD_FEW, "matmul_fwd (fma, <= 16 rows)")                                                            \
     X(MATMUL_FWD_AMX_FEW, "matmul_fwd (amx-bf16, <= 16 rows)")                                                   \
     X(MATMUL_FWD_DOT_FEW, "matmul_fwd (avx512-bf16, <= 16 rows)")                                                \
-    X(MATMUL_FWD_FEW, "matmul_fwd (fma, <= 16 rows)")                                                            \
-    X(MATMUL_BWD_DATA_AMX, "matmul_bwd_data (amx-bf16)")                                                         \
     X(MATMUL_BWD_DATA, "matmul_bwd_data (fma)")                                                                  \
-    X(MATMUL_BWD_WEIGHT_AMX, "matmul_bwd_weight (amx-bf16)")                                                     \
+    X(MATMUL_BWD_DATA_AMX, "matmul_bwd_data (amx-bf16)")                                                         \
+    X(MATMUL_BWD_DATA_DOT, "matmul_bwd_data (avx512-bf16)")                                                      \
     X(MATMUL_BWD_WEIGHT, "matmul_bwd_weight (fma)")                                                              \
+    X(MATMUL_BWD_WEIGHT_AMX, "matmul_bwd_weight (amx-bf16)")                                                     \
+    X(MATMUL_BWD_WEIGHT_DOT, "matmul_bwd_weight (avx512-bf16)")                                                  \
     X(EMBED_FWD, "embed_fwd") X(RMSNORM_FWD, "rmsnorm_fwd") X(ROPE_FWD, "rope_fwd") X(ATTN_FWD, "attn_fwd")       \
     X(SWIGLU_FWD, "swiglu_fwd") X(ADD_FWD, "add_fwd") X(GELU_FWD, "gelu_fwd") X(ROPE_SECT_FWD, "rope_sect_fwd")  \
     X(ATTN_SEG_FWD, "attn_seg_fwd") X(EMBED_BWD, "embed_bwd") X(RMSNORM_BWD, "rmsnorm_bwd")                      \
@@ -72,6 +74,12 @@ void *caprl_cpu_shared_reserve(caprl_cpu_ctx *c, size_t bytes) {
 #define PROF_ENUM(slot, name) PROF_##slot,
 #define PROF_NAME(slot, name) name,
 enum { PROF_SLOTS(PROF_ENUM) PROF_COUNT };
+_Static_assert(PROF_MATMUL_FWD_AMX == PROF_MATMUL_FWD + CAPRL_UNIT_AMX &&
+                   PROF_MATMUL_FWD_DOT == PROF_MATMUL_FWD + CAPRL_UNIT_DOT &&
+                   PROF_MATMUL_FWD_DOT_FEW == PROF_MATMUL_FWD_FEW + CAPRL_UNIT_DOT &&
+                   PROF_MATMUL_BWD_DATA_DOT == PROF_MATMUL_BWD_DATA + CAPRL_UNIT_DOT &&
+                   PROF_MATMUL_BWD_WEIGHT_DOT == PROF_MATMUL_BWD_WEIGHT + CAPRL_UNIT_DOT,
+               "each matmul kind's profile slots follow caprl_matmul_unit");
 static const char *const k_prof_names[PROF_COUNT] = {PROF_SLOTS(PROF_NAME)};
 
 struct caprl_cpu_profile {
@@ -132,11 +140,8 @@ static caprl_cpu_ctx *ctx_of(caprl_backend *be) {
 static void cpu_matmul_fwd(caprl_backend *be, float *out, const float *in, const caprl_weight *w, const float *bias,
                            int64_t M) {
     caprl_cpu_ctx *c = ctx_of(be);
-    bool           amx = caprl_gemm_amx_runs(c, w), dot = caprl_gemm_bf16_dot_runs(c, w);
-    int            slot = amx ? PROF_MATMUL_FWD_AMX : dot ? PROF_MATMUL_FWD_DOT : PROF_MATMUL_FWD;
-    if (M <= 16) { /* decode apart from prefill: each slot's "<= 16 rows" twin follows it */
-        slot += PROF_MATMUL_FWD_AMX_FEW - PROF_MATMUL_FWD_AMX;
-    }
+    /* the slots of each matmul kind follow caprl_matmul_unit's order; decode (<= 16 rows) apart from prefill */
+    int            slot = (M <= 16 ? PROF_MATMUL_FWD_FEW : PROF_MATMUL_FWD) + (int)caprl_gemm_fwd_unit(c, w);
     PROFILED(be, slot, matmul_flops(w, M), caprl_gemm(c, out, in, w, bias, M));
 }
 
@@ -190,15 +195,15 @@ static void cpu_attn_seg_fwd(caprl_backend *be, float *out, const float *q, cons
 
 static void cpu_matmul_bwd_data(caprl_backend *be, float *dx, const float *dy, const caprl_weight *w, int64_t M) {
     caprl_cpu_ctx *c = ctx_of(be);
-    PROFILED(be, caprl_gemm_amx_trains(c, w) ? PROF_MATMUL_BWD_DATA_AMX : PROF_MATMUL_BWD_DATA, matmul_flops(w, M),
+    PROFILED(be, PROF_MATMUL_BWD_DATA + (int)caprl_gemm_bwd_unit(c, w), matmul_flops(w, M),
              caprl_gemm_bwd_data(c, dx, dy, w, M));
 }
 
 static void cpu_matmul_bwd_weight(caprl_backend *be, float *dw, float *dbias, const float *dy, const float *x,
                                   const caprl_weight *w, int64_t M) {
     caprl_cpu_ctx *c = ctx_of(be);
-    PROFILED(be, caprl_gemm_amx_trains(c, w) ? PROF_MATMUL_BWD_WEIGHT_AMX : PROF_MATMUL_BWD_WEIGHT,
-             matmul_flops(w, M), caprl_gemm_bwd_weight(c, dw, dbias, dy, x, w, M));
+    PROFILED(be, PROF_MATMUL_BWD_WEIGHT + (int)caprl_gemm_bwd_unit(c, w), matmul_flops(w, M),
+             caprl_gemm_bwd_weight(c, dw, dbias, dy, x, w, M));
 }
 
 static void cpu_embed_bwd(caprl_backend *be, float *dtable, const int32_t *ids, const float *dy, int64_t M,

@@ -41,9 +41,8 @@ static const char *isa_name(int32_t isa) {
 /* The unit a pass runs on, by the backend's own dispatch rules. */
 static const char *kernel_name(const caprl_backend *be, const caprl_weight *w, int32_t pass) {
     const caprl_cpu_ctx *c = be->impl;
-    bool amx = pass == CAPRL_MATMUL_FWD ? caprl_gemm_amx_runs(c, w) : caprl_gemm_amx_trains(c, w);
-    bool dot = pass == CAPRL_MATMUL_FWD && caprl_gemm_bf16_dot_runs(c, w);
-    return amx ? "amx-bf16" : dot ? "avx512-bf16" : isa_name(c->isa);
+    caprl_matmul_unit u = pass == CAPRL_MATMUL_FWD ? caprl_gemm_fwd_unit(c, w) : caprl_gemm_bwd_unit(c, w);
+    return u == CAPRL_UNIT_FMA ? isa_name(c->isa) : caprl_matmul_unit_name(u);
 }
 
 /* best = the smaller of best and t, best 0 meaning none yet. */

@@ -230,31 +230,39 @@ static size_t panels_bytes(const caprl_amx_panels *p) {
 }
 
 caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *err) {
-    if (!c->amx || w->dtype != CAPRL_DTYPE_BF16 || w->rows <= 0 || w->cols <= 0) {
+    /* AMX multiplies from panels in every pass; vdpbf16ps only in the backward ones (its forward kernel reads the
+     * weight as stored, gemm_cpu.c) */
+    bool fwd_panels = c->amx, bwd_panels = (c->amx || c->bf16_dot) && w->backward;
+    if ((!fwd_panels && !bwd_panels) || w->dtype != CAPRL_DTYPE_BF16 || w->rows <= 0 || w->cols <= 0) {
         return CAPRL_OK;
     }
     caprl_amx_panels fwd = panels_of(w->rows, w->cols), bwd = panels_of(w->cols, w->rows);
     caprl_amx_weight *pw = w->packed;
-    if (pw && (pw->fwd.n != fwd.n || pw->fwd.k != fwd.k || (pw->bwd.data != NULL) != w->backward)) {
+    if (pw && (pw->fwd.n != fwd.n || pw->fwd.k != fwd.k || (pw->fwd.data != NULL) != fwd_panels ||
+               (pw->bwd.data != NULL) != bwd_panels)) {
         caprl_gemm_release(w);
         pw = NULL;
     }
     if (!pw) { /* the header, then the panels (64-byte aligned) */
         size_t head = caprl_round_up((int64_t)sizeof(caprl_amx_weight), 64);
-        size_t bytes = head + panels_bytes(&fwd) + (w->backward ? panels_bytes(&bwd) : 0);
+        size_t fwd_bytes = fwd_panels ? panels_bytes(&fwd) : 0;
+        size_t bytes = head + fwd_bytes + (bwd_panels ? panels_bytes(&bwd) : 0);
         pw = caprl_try_aligned_alloc(bytes);
         if (!pw) {
             return caprl_err_set(err, CAPRL_ERR_OOM, "cannot allocate %zu bytes for a packed %lld x %lld weight",
                                  bytes, (long long)w->rows, (long long)w->cols);
         }
+        uint16_t *panels = (uint16_t *)(void *)((char *)pw + head);
         pw->fwd = fwd;
-        pw->fwd.data = (uint16_t *)(void *)((char *)pw + head);
+        pw->fwd.data = fwd_panels ? panels : NULL;
         pw->bwd = bwd;
-        pw->bwd.data = w->backward ? pw->fwd.data + fwd.n_pad * fwd.k_pad : NULL;
+        pw->bwd.data = bwd_panels ? panels + fwd_bytes / sizeof(uint16_t) : NULL;
         w->packed = pw;
     }
     /* a weight updated in place by the optimizer is packed again into the same memory */
-    caprl_amx_pack_weight(c, &pw->fwd, w->data, false);
+    if (pw->fwd.data) {
+        caprl_amx_pack_weight(c, &pw->fwd, w->data, false);
+    }
     if (pw->bwd.data) {
         caprl_amx_pack_weight(c, &pw->bwd, w->data, true);
     }
@@ -270,6 +278,7 @@ void caprl_gemm_release(caprl_weight *w) {
 
 #if CAPRL_X86
 #    define CAPRL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#    define CAPRL_DOT __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 enum {
     AMX_NALIGN = 32, /* columns per job are a multiple of this (two 16-column B panels per block) */
@@ -285,6 +294,7 @@ typedef struct amx_task {
     const caprl_amx_panels *p;     /* B; C has p->n columns */
     const float            *bias;  /* (p->n) or NULL */
     bool                    accum; /* C starts from out (else from zero) */
+    bool                    dot;   /* the blocks on vdpbf16ps (AVX512-BF16 without AMX) instead of the tiles */
     int64_t                 kc_tiles; /* k tiles per reduction chunk (caprl_amx_tuning.kc_tiles, 0: all) */
     int64_t                 R;
     int64_t                 mblk, nblk; /* rows and columns of one job */
@@ -299,7 +309,7 @@ typedef struct convert_task {
 
 /* A = bf16(in) row by row into tile blocks, f32 -> bf16 with round-to-nearest-even, NaN kept quiet
  * (caprl_f32_to_bf16's rule), zero beyond R and K. */
-static CAPRL_AMX void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
+static CAPRL_AVX512 void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
     (void)tid;
     const convert_task *t = ctx;
     for (int64_t m = r0; m < r1; m++) {
@@ -425,18 +435,67 @@ static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *
     }
 }
 
+/* The same 32 x 32 block on vdpbf16ps, for CPUs with AVX512-BF16 and no AMX, from the same A tile blocks and B
+ * panels: row r of a B tile holds the k pair (2r, 2r + 1) of 16 columns, so one vdpbf16ps with the pair of a row
+ * of A broadcast adds both products to 16 outputs. Eight rows at a time (16 accumulators, two B rows, one
+ * broadcast); each output is one chain over the k pairs in order, started from zero or from out and parked in out
+ * (exact) between chunks, so again nothing depends on the blocking. Rows past R (up to the 16-row padding of A,
+ * zeros) are computed and not stored. */
+static CAPRL_DOT void dot_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
+                                int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols) {
+    (void)cbuf;
+    int64_t   kp = t->p->k_pad;
+    bool      from_out = k0 > 0 || t->accum, last = k1 == kp / 32;
+    __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+    __mmask16 m1 = (__mmask16)(cols >= 32 ? 0xFFFFu : cols > 16 ? (1u << (cols - 16)) - 1u : 0u);
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+        float  *o = t->out + (m + i0) * t->ldo + n;
+        int64_t nr = rows - i0 < 8 ? rows - i0 : 8;
+        __m512  acc[8][2];
+#    pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            bool load = from_out && i < nr;
+            acc[i][0] = load ? _mm512_maskz_loadu_ps(m0, o + i * t->ldo) : _mm512_setzero_ps();
+            acc[i][1] = load ? _mm512_maskz_loadu_ps(m1, o + i * t->ldo + 16) : _mm512_setzero_ps();
+        }
+        for (int64_t tk = k0; tk < k1; tk++) {
+            /* rows m + i0 .. + 7 lie in one 16-row tile block (m is a multiple of 32, i0 of 8) */
+            const uint16_t *a = t->a + caprl_amx_a_index(m + i0, 32 * tk, kp);
+            const uint16_t *w0 = b0 + tk * 512, *w1 = b1 + tk * 512;
+            for (int r = 0; r < 16; r++) {
+                __m512bh wv0 = (__m512bh)_mm512_loadu_si512(w0 + 32 * r);
+                __m512bh wv1 = (__m512bh)_mm512_loadu_si512(w1 + 32 * r);
+#    pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    int32_t pair;
+                    memcpy(&pair, a + 32 * i + 2 * r, sizeof pair);
+                    __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, wv0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, wv1);
+                }
+            }
+        }
+        __m512 bias0 = last && t->bias ? _mm512_maskz_loadu_ps(m0, t->bias + n) : _mm512_setzero_ps();
+        __m512 bias1 = last && t->bias ? _mm512_maskz_loadu_ps(m1, t->bias + n + 16) : _mm512_setzero_ps();
+        for (int i = 0; i < nr; i++) {
+            _mm512_mask_storeu_ps(o + i * t->ldo, m0, last && t->bias ? _mm512_add_ps(acc[i][0], bias0) : acc[i][0]);
+            _mm512_mask_storeu_ps(o + i * t->ldo + 16, m1,
+                                  last && t->bias ? _mm512_add_ps(acc[i][1], bias1) : acc[i][1]);
+        }
+    }
+}
+
+typedef void (*block_fn)(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
+                         int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols);
+
 /* Jobs [j0, j1). Within a job the reduction runs in chunks of t->kc_tiles k tiles: a chunk of the two B panels
  * (2 KB per k tile) stays in L1 while every 32-row block of the job's rows streams its A tiles from L2 against it;
  * without chunks both operands would come from L2 for each block (the whole K of a panel does not fit in L1). Jobs
  * holding a partial 32 x 32 block run their whole K in one chunk (partial sums are parked in out only for full
  * blocks). */
-static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
-    (void)tid;
-    const amx_task *t = ctx;
+static void run_jobs(const amx_task *t, int64_t j0, int64_t j1, block_fn block, float *cbuf) {
     int64_t         kt = t->p->k_pad / 32, N = t->p->n;
     const uint16_t *b = t->p->data;
-    _Alignas(64) float cbuf[32 * 32];
-    caprl_amx_config_tiles();
     int64_t n_chunks = caprl_ceil_div(kt, t->kc_tiles > 0 ? t->kc_tiles : kt), chunk = caprl_ceil_div(kt, n_chunks);
     for (int64_t j = j0; j < j1; j++) {
         int64_t mb = j / t->n_nblocks, nb = j % t->n_nblocks;
@@ -449,12 +508,24 @@ static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) 
             for (int64_t n = n0; n < n1; n += 32) {
                 const uint16_t *b0 = b + (n / 16) * kt * 512, *b1 = b0 + kt * 512;
                 for (int64_t m = m0; m < m1; m += 32) {
-                    amx_block(t, cbuf, b0, b1, m, n, k0, k1, m1 - m < 32 ? m1 - m : 32, n1 - n < 32 ? n1 - n : 32);
+                    block(t, cbuf, b0, b1, m, n, k0, k1, m1 - m < 32 ? m1 - m : 32, n1 - n < 32 ? n1 - n : 32);
                 }
             }
         }
     }
+}
+
+static CAPRL_AMX void amx_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
+    (void)tid;
+    _Alignas(64) float cbuf[32 * 32];
+    caprl_amx_config_tiles();
+    run_jobs(ctx, j0, j1, amx_block, cbuf);
     _tile_release();
+}
+
+static void dot_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
+    (void)tid;
+    run_jobs(ctx, j0, j1, dot_block, NULL);
 }
 
 /* Sizes the jobs and runs C (+)= A @ B with A ready in t->a. */
@@ -490,7 +561,7 @@ static void amx_run(caprl_cpu_ctx *c, amx_task *t) {
     t->mblk = mblk;
     t->nblk = nblk;
     t->n_nblocks = caprl_ceil_div(N, nblk);
-    caprl_parallel_for_grain(c->pool, t->n_nblocks * n_mblocks, 1, amx_range, t);
+    caprl_parallel_for_grain(c->pool, t->n_nblocks * n_mblocks, 1, t->dot ? dot_range : amx_range, t);
 }
 
 /* A = bf16(in) (R, K) into the shared scratch, rows padded to 16 and K to lda; NULL when memory is gone. */
@@ -522,7 +593,7 @@ bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const
     if (!a) {
         return false;
     }
-    amx_task t = {.out = dx, .ldo = w->cols, .a = a, .p = &pw->bwd, .R = M};
+    amx_task t = {.out = dx, .ldo = w->cols, .a = a, .p = &pw->bwd, .R = M, .dot = !c->amx};
     amx_run(c, &t);
     return true;
 }
@@ -540,7 +611,7 @@ bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, con
     xp.data = (uint16_t *)(void *)(buf + a_bytes);
     caprl_amx_pack_dy_t(c, a, xp.k_pad, dy, M, N);
     caprl_amx_pack_f32(c, &xp, x);
-    amx_task t = {.out = dw, .ldo = K, .a = a, .p = &xp, .accum = true, .R = N};
+    amx_task t = {.out = dw, .ldo = K, .a = a, .p = &xp, .accum = true, .R = N, .dot = !c->amx};
     amx_run(c, &t);
     return true;
 }

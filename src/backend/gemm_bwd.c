@@ -385,7 +385,7 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
         return;
     }
 #if CAPRL_X86
-    if (caprl_gemm_amx_trains(c, w)) {
+    if (caprl_gemm_bwd_unit(c, w) != CAPRL_UNIT_FMA) {
         if (!caprl_gemm_amx_bwd_data(c, dx, dy, w, M)) {
             out_of_scratch(M, w);
         }
@@ -444,7 +444,7 @@ void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const floa
         return;
     }
 #if CAPRL_X86
-    if (caprl_gemm_amx_trains(c, w)) {
+    if (caprl_gemm_bwd_unit(c, w) != CAPRL_UNIT_FMA) {
         if (!caprl_gemm_amx_bwd_weight(c, dw, dy, x, M, N, K)) {
             out_of_scratch(M, w);
         }

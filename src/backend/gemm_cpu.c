@@ -553,7 +553,7 @@ static void gemm_f32(caprl_cpu_ctx *c, float *out, const float *in, const caprl_
     int64_t N = w->rows, K = w->cols;
     int64_t nt = c->n_threads;
     bool    wbf16 = w->dtype == CAPRL_DTYPE_BF16;
-    bool    bf16_dot = caprl_gemm_bf16_dot_runs(c, w);
+    bool    bf16_dot = caprl_gemm_fwd_unit(c, w) == CAPRL_UNIT_DOT;
     int64_t kc_max = bf16_dot ? KC_AVX512BF16 : c->isa >= CAPRL_ISA_AVX512 ? KC_AVX512 : KC_AVX2;
     bool    chunk = c->isa >= CAPRL_ISA_AVX2 && K > (bf16_dot ? KC_AVX512BF16 : KC_MIN_CHUNKED);
     /* The weight rows of a job (one K chunk of them when chunked; f32, or bf16 for the bf16 dot products) take
@@ -619,7 +619,7 @@ void caprl_gemm(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weigh
         return;
     }
 #if CAPRL_X86
-    if (caprl_gemm_amx_runs(c, w)) {
+    if (caprl_gemm_fwd_unit(c, w) == CAPRL_UNIT_AMX) {
         /* The scratch only fails to grow when memory is gone; there is no status to return here. */
         if (!caprl_gemm_amx_fwd(c, out, in, w, bias, M)) {
             caprl_abort(__FILE__, __LINE__, "out of memory for the bf16 activations of a %lld x %lld matmul",

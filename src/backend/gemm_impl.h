@@ -32,9 +32,9 @@ void caprl_gemm_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const cap
 void caprl_gemm_bwd_weight(caprl_cpu_ctx *c, float *dw, float *dbias, const float *dy, const float *x,
                            const caprl_weight *w, int64_t M);
 
-/* Packs a bf16 weight into AMX tile panels when c->amx (sets w->packed; also the backward panels when
- * w->backward); packing a weight that already has them repacks in place (after an optimizer step). A no-op
- * without AMX or for f32 weights. */
+/* Packs a bf16 weight into tile panels (sets w->packed): with AMX the forward panels, and the backward ones when
+ * w->backward; with vdpbf16ps (c->bf16_dot) the backward ones only. Packing a weight that already has them repacks
+ * in place (after an optimizer step). A no-op without either unit or for f32 weights. */
 caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *err);
 void         caprl_gemm_release(caprl_weight *w);
 
@@ -48,8 +48,8 @@ typedef struct caprl_amx_panels {
     uint16_t *data;         /* n_pad * k_pad */
 } caprl_amx_panels;
 
-/* caprl_weight.packed on the CPU backend: fwd holds B = W^T (out = in @ W^T), bwd holds B = W (dx = dy @ W;
- * data NULL unless the weight was prepared for training). */
+/* caprl_weight.packed on the CPU backend: fwd holds B = W^T (out = in @ W^T; AMX only, else data NULL), bwd holds
+ * B = W (dx = dy @ W; data NULL unless the weight was prepared for training). */
 typedef struct caprl_amx_weight {
     caprl_amx_panels fwd, bwd;
 } caprl_amx_weight;
@@ -96,19 +96,29 @@ bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const
 bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, const float *x, int64_t M, int64_t N,
                                int64_t K);
 
-/* w prepared (packed) on a context that runs AMX: the forward product runs on the tile unit. */
-static inline bool caprl_gemm_amx_runs(const caprl_cpu_ctx *c, const caprl_weight *w) {
-    return c->amx && w->dtype == CAPRL_DTYPE_BF16 && w->packed;
+/* The unit that runs one of w's products: the FMA kernels (f32 operands, bf16 weights widened), or a bf16 matrix
+ * unit with the activations rounded to bf16: AMX tiles, or vdpbf16ps on AVX512-BF16 CPUs without AMX. */
+typedef enum { CAPRL_UNIT_FMA, CAPRL_UNIT_AMX, CAPRL_UNIT_DOT } caprl_matmul_unit;
+
+/* Forward: AMX for packed bf16 weights (caprl_gemm_prepare), vdpbf16ps for every bf16 weight. */
+static inline caprl_matmul_unit caprl_gemm_fwd_unit(const caprl_cpu_ctx *c, const caprl_weight *w) {
+    if (w->dtype != CAPRL_DTYPE_BF16) {
+        return CAPRL_UNIT_FMA;
+    }
+    return c->amx && w->packed ? CAPRL_UNIT_AMX : c->bf16_dot ? CAPRL_UNIT_DOT : CAPRL_UNIT_FMA;
 }
 
-/* The forward product of w runs on vdpbf16ps (AVX512-BF16 without AMX), its inputs rounded to bf16. */
-static inline bool caprl_gemm_bf16_dot_runs(const caprl_cpu_ctx *c, const caprl_weight *w) {
-    return c->bf16_dot && w->dtype == CAPRL_DTYPE_BF16;
+/* Backward (both products): bf16 weights prepared for training (their backward panels packed) on either unit. */
+static inline caprl_matmul_unit caprl_gemm_bwd_unit(const caprl_cpu_ctx *c, const caprl_weight *w) {
+    if (w->dtype != CAPRL_DTYPE_BF16 || !w->packed || !((const caprl_amx_weight *)w->packed)->bwd.data) {
+        return CAPRL_UNIT_FMA;
+    }
+    return c->amx ? CAPRL_UNIT_AMX : c->bf16_dot ? CAPRL_UNIT_DOT : CAPRL_UNIT_FMA;
 }
 
-/* w prepared for training on a context that runs AMX: the backward products run on the tile unit. */
-static inline bool caprl_gemm_amx_trains(const caprl_cpu_ctx *c, const caprl_weight *w) {
-    return caprl_gemm_amx_runs(c, w) && ((const caprl_amx_weight *)w->packed)->bwd.data != NULL;
+/* The unit's name in profiles and benchmarks ("fma" for the FMA kernels). */
+static inline const char *caprl_matmul_unit_name(caprl_matmul_unit u) {
+    return u == CAPRL_UNIT_AMX ? "amx-bf16" : u == CAPRL_UNIT_DOT ? "avx512-bf16" : "fma";
 }
 
 /* caprl_backend_cpu_init with the kernels limited to max_isa (CAPRL_ISA_*) and the bf16 matrix units (AMX, or

@@ -109,7 +109,7 @@ static void fd_grad(double *x, int64_t n, loss_fn f, const void *ctx, double *g)
 }
 
 /* One backend per (ISA level, thread count); levels the machine lacks collapse into the one below and are
- * skipped. AMX off (test_matmul_bwd_amx makes its own backends). */
+ * skipped. AMX off (test_matmul_bwd_bf16_unit makes its own backends). */
 enum { N_ISA = 3, N_THR = 3 };
 static caprl_backend *g_be[N_ISA][N_THR];
 static bool           g_have[N_ISA];
@@ -413,18 +413,22 @@ static void test_amx_packing(void) {
     }
 }
 
-/* Both backward products on the tile unit (only where AMX is usable): a bf16 weight prepared for training, against
- * float64 products of the bf16-rounded operands (dy and x rounded to nearest even, as the kernels do) with the
- * f32 accumulation bound (dbias too, an f32 sum of dy); 1 vs 3 threads bit for bit; dx rows alone equal the
- * batch's; a repack in place after the weight changed equals a fresh pack. */
-static void test_matmul_bwd_amx(void) {
-    if (!amx_usable_or_skip("AMX matmul backward test")) {
-        return;
-    }
+/* Both backward products on the bf16 matrix unit (AMX tiles, or vdpbf16ps on AVX512-BF16 CPUs without AMX; only
+ * where there is one): a bf16 weight prepared for training, against float64 products of the bf16-rounded operands
+ * (dy and x rounded to nearest even, as the kernels do) with the f32 accumulation bound (dbias too, an f32 sum of
+ * dy); 1 vs 3 threads bit for bit; dx rows alone equal the batch's; a repack in place after the weight changed
+ * equals a fresh pack. */
+static void test_matmul_bwd_bf16_unit(void) {
     caprl_error    err = {0};
     caprl_backend *be1 = NULL, *be3 = NULL;
     CHECK_OK(bf16_unit_backends(&be1, &be3, &err), &err);
-    CHECK(caprl_backend_cpu_amx(be1));
+    if (!caprl_backend_cpu_bf16_inputs(be1)) {
+        fprintf(stderr, "no bf16 matrix unit here (AMX or AVX512-BF16): bf16-unit matmul backward test skipped\n");
+        caprl_backend_free(be1);
+        caprl_backend_free(be3);
+        return;
+    }
+    const char *unit = caprl_backend_cpu_amx(be1) ? "amx-bf16" : "avx512-bf16";
     /* N = 9000: the data gradient's reduction is too long for a row block to hold it in L2 (square jobs over
      * chunks, as for the lm_head), with full jobs only and with a partial column range */
     static const int64_t shapes[][3] = {{1, 1, 1},     {37, 50, 133},  {70, 33, 31},   {100, 64, 1000}, {300, 96, 64},
@@ -476,16 +480,17 @@ static void test_matmul_bwd_amx(void) {
             double tol = (double)(M + 2) * EPS * (adb[i] + fabs(db0[i])) + 1e-30;
             bad_db += !(fabs(db1[i] - (db0[i] + rdb[i])) <= tol);
         }
-        CHECK_MSG(bad_dx == 0 && bad_dw == 0 && bad_db == 0, "amx bwd M=%lld N=%lld K=%lld: %d dx, %d dw, %d db wrong",
-                  (long long)M, (long long)N, (long long)K, bad_dx, bad_dw, bad_db);
+        CHECK_MSG(bad_dx == 0 && bad_dw == 0 && bad_db == 0, "%s bwd M=%lld N=%lld K=%lld: %d dx, %d dw, %d db wrong",
+                  unit, (long long)M, (long long)N, (long long)K, bad_dx, bad_dw, bad_db);
         CHECK_MSG(bits_equal(dx1, dx3, M * K) && bits_equal(dw1, dw3, N * K),
-                  "amx bwd M=%lld N=%lld K=%lld: 3 threads differ from 1", (long long)M, (long long)N, (long long)K);
+                  "%s bwd M=%lld N=%lld K=%lld: 3 threads differ from 1", unit, (long long)M, (long long)N,
+                  (long long)K);
         bool rows_ok = true;
         for (int64_t m = 0; m < M; m += 7) {
             be3->ops->matmul_bwd_data(be3, dx3, dy + m * N, &W, 1);
             rows_ok = rows_ok && bits_equal(dx3, dx1 + m * K, K);
         }
-        CHECK_MSG(rows_ok, "amx bwd_data M=%lld N=%lld K=%lld: rows computed alone differ", (long long)M,
+        CHECK_MSG(rows_ok, "%s bwd_data M=%lld N=%lld K=%lld: rows computed alone differ", unit, (long long)M,
                   (long long)N, (long long)K);
         /* the optimizer changes the weight in place: a repack equals a fresh pack */
         for (int64_t i = 0; i < N * K; i += 3) {
@@ -498,7 +503,7 @@ static void test_matmul_bwd_amx(void) {
         CHECK_OK(be1->ops->weight_prepare(be1, &Wn, &err), &err);
         be1->ops->matmul_bwd_data(be1, dx1, dy, &W, M);
         be1->ops->matmul_bwd_data(be1, dx3, dy, &Wn, M);
-        CHECK_MSG(bits_equal(dx1, dx3, M * K), "amx bwd_data after repack differs from a fresh pack");
+        CHECK_MSG(bits_equal(dx1, dx3, M * K), "%s bwd_data after repack differs from a fresh pack", unit);
         be1->ops->weight_release(be1, &W);
         be1->ops->weight_release(be1, &Wn);
         free(x), free(dy), free(wf), free(dw0), free(db0), free(wh);
@@ -1279,7 +1284,7 @@ int main(void) {
     test_matmul_fd();
     test_matmul_big();
     test_amx_packing();
-    test_matmul_bwd_amx();
+    test_matmul_bwd_bf16_unit();
     test_embed_bwd();
     test_rmsnorm_bwd();
     test_rope_bwd();

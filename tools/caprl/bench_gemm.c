@@ -59,11 +59,10 @@ int cmd_bench_gemm(int argc, char **argv) {
         "Shapes: the Qwen2.5-0.5B decoder at 512 tokens (text) and the Qwen2.5-VL-3B vision tower at 1036x756,\n"
         "3996 patches (vision). A pass is the forward y = x W^T, the data gradient dx = dy W or the weight\n"
         "gradient dW += dy^T x (bf16 weights prepared for training). GFLOP/s = 2 M N K / the fastest of --reps\n"
-        "calls after one warm-up. bf16 on a CPU with a bf16 matrix unit runs on it (AMX tiles; or, forward only,\n"
-        "AVX512-BF16 dot products) and is measured against that unit's probe; everything else against the fp32\n"
-        "FMA probe. CAPRL_AMX_TUNE=\"kc=T,mb=KB\" sets the AMX blocking\n"
-        "for tuning (T k tiles of 32 per reduction chunk, 0 = none; KB of bf16 activations per row block, 0 = half\n"
-        "of L2); blocking never changes a result."};
+        "calls after one warm-up. bf16 on a CPU with a bf16 matrix unit runs on it (AMX tiles, or AVX512-BF16 dot\n"
+        "products) and is measured against that unit's probe; everything else against the fp32 FMA probe.\n"
+        "CAPRL_AMX_TUNE=\"kc=T,mb=KB\" sets the tile-panel blocking for tuning (T k tiles of 32 per reduction\n"
+        "chunk, 0 = none; KB of bf16 activations per row block, 0 = half of L2); blocking never changes a result."};
     int32_t     threads = 0, reps = 3;
     int64_t     M = 0, N = 0, K = 0;
     bool        json = false;
