@@ -10,8 +10,10 @@
  * of A, and the reduction runs in the same tile order for every blocking and thread count (partial sums parked in
  * C are exact f32), so results do not depend on R or on the partition.
  *
- * The packing code is plain C with AVX2 fast paths for whole tiles (every AMX machine has AVX2); it runs, and is
- * tested, on machines without AMX too. */
+ * CPUs with AVX512-BF16 and no AMX (Zen 4 and 5) run the backward products through the same driver, panels and A
+ * blocks, with a vdpbf16ps kernel in place of the tile products (dot_block); their forward reads the stored weights
+ * (gemm_cpu.c). So the driver and the packing run, and are tested, on those machines too. The packing code is
+ * plain C with AVX2 fast paths for whole tiles (every AMX machine has AVX2). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -278,7 +280,6 @@ void caprl_gemm_release(caprl_weight *w) {
 
 #if CAPRL_X86
 #    define CAPRL_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-#    define CAPRL_DOT __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 enum {
     AMX_NALIGN = 32, /* columns per job are a multiple of this (two 16-column B panels per block) */
@@ -318,15 +319,8 @@ static CAPRL_AVX512 void amx_convert_rows(void *ctx, int64_t r0, int64_t r1, int
             int64_t   r = m >= t->R ? 0 : t->K - k < 0 ? 0 : t->K - k < 16 ? t->K - k : 16;
             __mmask16 mask = (__mmask16)((1u << r) - 1u);
             __m512    x = _mm512_maskz_loadu_ps(mask, r > 0 ? src + k : t->in);
-            __m512i   u = _mm512_castps_si512(x);
-            __m512i   hi = _mm512_srli_epi32(u, 16);
-            __m512i   lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-            __m512i   rnd = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-            rnd = _mm512_srli_epi32(rnd, 16);
-            __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-            rnd = _mm512_mask_mov_epi32(rnd, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
             _mm256_storeu_si256((__m256i *)(void *)(t->a + caprl_amx_a_index(m, k, t->lda)),
-                                _mm512_cvtepi32_epi16(rnd));
+                                caprl_bf16_round16_avx512(x));
         }
     }
 }
@@ -441,7 +435,7 @@ static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *
  * broadcast); each output is one chain over the k pairs in order, started from zero or from out and parked in out
  * (exact) between chunks, so again nothing depends on the blocking. Rows past R (up to the 16-row padding of A,
  * zeros) are computed and not stored. */
-static CAPRL_DOT void dot_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
+static CAPRL_AVX512BF16 void dot_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
                                 int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols) {
     (void)cbuf;
     int64_t   kp = t->p->k_pad;

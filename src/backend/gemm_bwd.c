@@ -16,8 +16,9 @@
  * for bit; the scalar kernel (machines without FMA) uses a separate multiply and add. dbias (weight) is one chain
  * per column over m in order, starting from its old value.
  *
- * Weights prepared for training on a machine with AMX-BF16 take the tile unit instead (gemm_amx.c); the bias
- * gradient is one pass of its own with the chains described above, whichever kernels compute dw.
+ * bf16 weights prepared for training on a machine with a bf16 matrix unit (AMX-BF16, or AVX512-BF16 without AMX)
+ * take that unit instead (gemm_amx.c); the bias gradient is one pass of its own with the chains described above,
+ * whichever kernels compute dw.
  *
  * Blocking (BLIS-like): A is packed once per call into groups of MR rows interleaved along p (shared scratch). A
  * job owns a range of column panels (PW columns each) over a range of rows (all of R unless more jobs are needed

@@ -358,12 +358,9 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
  * bf16 weights only. The input rows are rounded to bf16 once per call (caprl_f32_to_bf16, as on AMX), and each
  * vdpbf16ps adds to lane l the products of the k pair (2l, 2l + 1) of a 32-k step, exactly (bf16 x bf16 fits f32),
  * in the instruction's own order. Same 4 x 6 tile, chunking, parking and reduction as the AVX-512 f32 kernel, so
- * an output again depends only on its input row and weight row. The K tail is one masked step (0 x 0 adds 0). */
-
-
-#    define CAPRL_AVX512BF16 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-#    define CAPRL_AVX512BF16_INLINE                                                                            \
-        __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
+ * an output again depends only on its input row and weight row. The K tail is one masked step (0 x 0 adds 0).
+ * pf: the next tile's weight rows go to L1 and the tile after it to L2 (one 64-byte line of each per k step);
+ * with only the first, streaming one row of the lm_head from memory ran slower than widening bf16 to f32. */
 
 static CAPRL_AVX512BF16_INLINE void tile_avx512bf16(const int mr, const int nr, const bool wbf16, float *out,
                                                     int64_t ldo, const void *in_rows, int64_t lda, int64_t k0,
@@ -446,17 +443,6 @@ static CAPRL_AVX512BF16_INLINE void tile_avx512bf16(const int mr, const int nr, 
 #    define GB_PF_TILES 2
 #    include "backend/gemm_block.inc"
 
-/* Sixteen f32 -> bf16 with caprl_f32_to_bf16's rounding (nearest even; NaN kept quiet with its sign). */
-static CAPRL_AVX512_INLINE __m256i bf16_round16_avx512(__m512 x) {
-    __m512i u = _mm512_castps_si512(x);
-    __m512i hi = _mm512_srli_epi32(u, 16);
-    __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    r = _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
-    return _mm512_cvtepi32_epi16(r);
-}
-
 typedef struct round_task {
     uint16_t    *dst; /* (M, K) */
     const float *src; /* (M, K) */
@@ -468,7 +454,7 @@ static CAPRL_AVX512 void round_rows_avx512(void *ctx, int64_t m0, int64_t m1, in
     const round_task *t = ctx;
     for (int64_t i = m0 * t->K, end = m1 * t->K; i < end; i += 16) {
         __mmask16 m = end - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - i)) - 1u);
-        _mm256_mask_storeu_epi16(t->dst + i, m, bf16_round16_avx512(_mm512_maskz_loadu_ps(m, t->src + i)));
+        _mm256_mask_storeu_epi16(t->dst + i, m, caprl_bf16_round16_avx512(_mm512_maskz_loadu_ps(m, t->src + i)));
     }
 }
 #endif /* CAPRL_X86 */

@@ -19,8 +19,9 @@ void caprl_gemm(caprl_cpu_ctx *c,
                 const float *bias,     /* (N) or NULL */
                 int64_t M);
 
-/* Matmul backward (gemm_bwd.c). With AMX enabled and w prepared for training (w->backward, packed), both products
- * run on the tile unit with bf16 operands (dy, x rounded to nearest even; f32 accumulation; gemm_amx.c); otherwise
+/* Matmul backward (gemm_bwd.c). With a bf16 matrix unit enabled (AMX, or vdpbf16ps) and w prepared for training
+ * (w->backward, packed), both products run on that unit with bf16 operands (dy, x rounded to nearest even; f32
+ * accumulation; gemm_amx.c); otherwise
  * on the f32 kernels of c->isa, where every output element is one FMA chain over the reduction index in order, so
  * the AVX2 and AVX-512 kernels agree bit for bit. Either way results do not depend on the thread count, and dx row
  * m is a function of dy row m alone (not of M).
@@ -69,6 +70,18 @@ static inline int64_t caprl_amx_a_index(int64_t row, int64_t k, int64_t lda) {
 void caprl_amx_pack_dy_t(caprl_cpu_ctx *c, uint16_t *a, int64_t lda, const float *dy, int64_t M, int64_t N);
 
 #if CAPRL_X86
+/* Sixteen f32 -> bf16 with caprl_f32_to_bf16's rounding (nearest even; NaN kept quiet with its sign): the operand
+ * rule of both bf16 matrix units. */
+static CAPRL_AVX512_INLINE __m256i caprl_bf16_round16_avx512(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
 /* Configures all eight tiles as 16 rows x 64 bytes (palette 1), the one shape caprl's tile code uses. */
 static inline __attribute__((target("amx-tile"))) void caprl_amx_config_tiles(void) {
     struct {

@@ -246,6 +246,10 @@ static inline float caprl_expf_ref(float x) {
 #    define CAPRL_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) inline
 #    define CAPRL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #    define CAPRL_AVX512_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
+/* AVX-512 with the bf16 dot product (vdpbf16ps): Zen 4 and 5, Cooper Lake, and the AMX Xeons */
+#    define CAPRL_AVX512BF16 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#    define CAPRL_AVX512BF16_INLINE                                                                            \
+        __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline)) inline
 
 static CAPRL_AVX2_INLINE __m256 caprl_exp8_avx2(__m256 x) {
     __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(CAPRL_EXP_LO)), _mm256_set1_ps(CAPRL_EXP_HI));
