@@ -26,6 +26,8 @@ typedef struct model_figures {
     double      prefill_tps, prefill_gflops, prefill_frac;
     const char *prefill_ceiling;
     double      decode1_tps, decode1_bound_tps, decode1_frac, decode1_triad_frac;
+    double      decode_bytes_per_token; /* weights and KV cache read per decoded token */
+    bool        bf16;
     double      decode16_tps, decode16_ratio;
 } model_figures;
 
@@ -34,6 +36,7 @@ typedef struct vision_figures {
     int32_t     width[2], height[2];
     double      images_per_s[2], gflops[2], frac[2];
     const char *ceiling;
+    bool        bf16;
 } vision_figures;
 
 /* Qwen2.5-VL-3B's vision tower (spec/qwen.md §3.1), or a tiny one for --quick. */
@@ -60,8 +63,8 @@ static caprl_vision_config vision_bench_config(bool quick) {
 
 /* Images/s of the tower at 448x448 and 1024x768 (sizes after the processor's smart_resize: 448x448 and
  * 1036x756), one timed encode each after the weights are built. */
-static caprl_status bench_vision(const caprl_vision_config *vc, int32_t dtype, int32_t threads,
-                                 const caprl_machine_peaks *peaks, vision_figures *f, caprl_error *err) {
+static caprl_status bench_vision(const caprl_vision_config *vc, int32_t dtype, int32_t threads, vision_figures *f,
+                                 caprl_error *err) {
     caprl_vision *v = NULL;
     fprintf(stderr, "bench: building a %s vision tower with random weights...\n", caprl_dtype_name(dtype));
     caprl_status init = caprl_vision_init_random(&v, vc, dtype, 3, 0.02f, threads, err);
@@ -69,10 +72,8 @@ static caprl_status bench_vision(const caprl_vision_config *vc, int32_t dtype, i
         return init;
     }
     static const int32_t sizes[2][2] = {{448, 448}, {1036, 756}}; /* (width, height), multiples of 28 */
-    bool   use_matrix_unit = dtype == CAPRL_DTYPE_BF16 && peaks->bf16_matrix_gflops > 0;
-    double ceiling = use_matrix_unit ? peaks->bf16_matrix_gflops : peaks->fp32_fma_gflops;
     f->dtype = caprl_dtype_name(dtype);
-    f->ceiling = use_matrix_unit ? peaks->bf16_unit : "fp32-fma";
+    f->bf16 = dtype == CAPRL_DTYPE_BF16;
     caprl_status st = CAPRL_OK;
     for (int s = 0; s < 2 && st == CAPRL_OK; s++) {
         int32_t grid[3] = {1, sizes[s][1] / vc->patch_size, sizes[s][0] / vc->patch_size};
@@ -94,7 +95,6 @@ static caprl_status bench_vision(const caprl_vision_config *vc, int32_t dtype, i
             f->height[s] = sizes[s][1];
             f->images_per_s[s] = 1.0 / dt;
             f->gflops[s] = caprl_vision_encode_flops(vc, grid, 1) / dt / 1e9;
-            f->frac[s] = f->gflops[s] / ceiling;
         }
         free(px);
         free(out);
@@ -154,7 +154,7 @@ static int run_decode(caprl_context *ctx, int32_t n_seq, int32_t steps, double *
 }
 
 static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int32_t threads, int32_t T,
-                                int32_t steps, const caprl_machine_peaks *peaks, model_figures *f, caprl_error *err) {
+                                int32_t steps, model_figures *f, caprl_error *err) {
     caprl_model_params mp = caprl_model_default_params();
     mp.n_threads = threads;
     caprl_model *m = NULL;
@@ -188,12 +188,10 @@ static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int
         best = dt < best ? dt : best;
     }
     f->dtype = caprl_dtype_name(dtype);
+    f->bf16 = dtype == CAPRL_DTYPE_BF16;
     f->weight_gb = (double)caprl_model_weight_bytes(m) / 1e9;
     f->prefill_tps = T / best;
     f->prefill_gflops = prefill_flops(cfg, T) / best / 1e9;
-    bool use_matrix_unit = dtype == CAPRL_DTYPE_BF16 && peaks->bf16_matrix_gflops > 0;
-    f->prefill_ceiling = use_matrix_unit ? peaks->bf16_unit : "fp32-fma";
-    f->prefill_frac = f->prefill_gflops / (use_matrix_unit ? peaks->bf16_matrix_gflops : peaks->fp32_fma_gflops);
 
     /* single-sequence decode after the prompt: weights stream once per token */
     double dt1 = 0, dt16 = 0;
@@ -212,11 +210,7 @@ static caprl_status bench_model(const caprl_text_config *cfg, int32_t dtype, int
     if (st == CAPRL_OK) {
         f->decode1_tps = steps / dt1;
         double kv_bytes = 2.0 * cfg->n_layers * (T + steps / 2.0) * cfg->n_kv_heads * cfg->head_dim * sizeof(float);
-        double bytes_per_token = (double)caprl_model_weight_bytes(m) + kv_bytes;
-        /* decode only reads the weights and the cache: its ceiling is the read bandwidth */
-        f->decode1_bound_tps = peaks->mem_read_gbs * 1e9 / bytes_per_token;
-        f->decode1_triad_frac = f->decode1_tps * bytes_per_token / (peaks->mem_bw_gbs * 1e9);
-        f->decode1_frac = f->decode1_tps / f->decode1_bound_tps;
+        f->decode_bytes_per_token = (double)caprl_model_weight_bytes(m) + kv_bytes;
         f->decode16_tps = 16.0 * steps / dt16;
         f->decode16_ratio = f->decode16_tps / f->decode1_tps;
     }
@@ -273,6 +267,53 @@ static double bench_tokenizer(const char *path, caprl_error *err, caprl_status *
     return (double)len / best / 1e6;
 }
 
+/* The probes take a second, the runs minutes: on a shared machine a probe that met other work reads low. Probing
+ * again after the runs and keeping the larger figure of each ceiling leaves fewer fractions inflated. fma_probes
+ * (or NULL) receives both fp32 FMA readings. */
+static caprl_status probe_again(int32_t threads, caprl_machine_peaks *peaks, double fma_probes[2],
+                                const char *tool, caprl_error *err) {
+    caprl_machine_peaks after;
+    fprintf(stderr, "%s: measuring the machine's ceilings again...\n", tool);
+    caprl_status st = caprl_measure_peaks(threads, &after, err);
+    if (st != CAPRL_OK) {
+        return st;
+    }
+    if (fma_probes) {
+        fma_probes[0] = peaks->fp32_fma_gflops;
+        fma_probes[1] = after.fp32_fma_gflops;
+    }
+    peaks->fp32_fma_gflops = fmax(peaks->fp32_fma_gflops, after.fp32_fma_gflops);
+    peaks->bf16_matrix_gflops = fmax(peaks->bf16_matrix_gflops, after.bf16_matrix_gflops);
+    peaks->mem_bw_gbs = fmax(peaks->mem_bw_gbs, after.mem_bw_gbs);
+    peaks->mem_read_gbs = fmax(peaks->mem_read_gbs, after.mem_read_gbs);
+    return CAPRL_OK;
+}
+
+/* bf16 weights are measured against the bf16 matrix unit where there is one, everything else against the FMA peak */
+static const char *ceiling_of(const caprl_machine_peaks *p, bool bf16, double *gflops) {
+    bool matrix = bf16 && p->bf16_matrix_gflops > 0;
+    *gflops = matrix ? p->bf16_matrix_gflops : p->fp32_fma_gflops;
+    return matrix ? p->bf16_unit : "fp32-fma";
+}
+
+static void model_fractions(const caprl_machine_peaks *p, model_figures *f) {
+    double ceiling;
+    f->prefill_ceiling = ceiling_of(p, f->bf16, &ceiling);
+    f->prefill_frac = f->prefill_gflops / ceiling;
+    /* decode only reads the weights and the cache: its ceiling is the read bandwidth */
+    f->decode1_bound_tps = p->mem_read_gbs * 1e9 / f->decode_bytes_per_token;
+    f->decode1_triad_frac = f->decode1_tps * f->decode_bytes_per_token / (p->mem_bw_gbs * 1e9);
+    f->decode1_frac = f->decode1_tps / f->decode1_bound_tps;
+}
+
+static void vision_fractions(const caprl_machine_peaks *p, vision_figures *f) {
+    double ceiling;
+    f->ceiling = ceiling_of(p, f->bf16, &ceiling);
+    for (int s = 0; s < 2; s++) {
+        f->frac[s] = f->gflops[s] / ceiling;
+    }
+}
+
 static void print_json(const caprl_machine_peaks *p, const model_figures *f, int nf, const vision_figures *vf,
                        int nv, double tok_mbs, int32_t T, int32_t steps) {
     printf("{\"threads\": %d, \"cpu\": \"%s\", \"fp32_fma_gflops\": %.1f, \"bf16_matrix_gflops\": %.1f, "
@@ -307,7 +348,8 @@ static void print_json(const caprl_machine_peaks *p, const model_figures *f, int
 
 static void print_table(const caprl_machine_peaks *p, const model_figures *f, int nf, const vision_figures *vf,
                         int nv, double tok_mbs, int32_t T, int32_t steps) {
-    printf("machine (%d threads; %s)\n", p->n_threads, p->cpu_features);
+    printf("machine (%d threads; %s; each peak the larger of two probes, before and after)\n", p->n_threads,
+           p->cpu_features);
     printf("  fp32 FMA peak        %8.1f GFLOP/s\n", p->fp32_fma_gflops);
     printf("  bf16 matrix peak     %8.1f GFLOP/s (%s)\n", p->bf16_matrix_gflops, p->bf16_unit);
     printf("  memory bandwidth     %8.2f GB/s (triad), %.2f GB/s (read-only)\n", p->mem_bw_gbs, p->mem_read_gbs);
@@ -878,7 +920,7 @@ static int bench_train(int argc, char **argv) {
     /* one 512-token sequence keeps a full step near a minute on 2 cores; the smoke test packs two */
     n_seqs = n_seqs > 0 ? n_seqs : quick ? 2 : 1;
     caprl_text_config cfg = bench_config(quick);
-    caprl_machine_peaks peaks, after;
+    caprl_machine_peaks peaks;
     caprl_error         err = {0};
     fprintf(stderr, "bench train: measuring the machine's ceilings...\n");
     caprl_status  st = caprl_measure_peaks(threads, &peaks, &err);
@@ -892,24 +934,15 @@ static int bench_train(int argc, char **argv) {
         st = bench_train_run(&cfg, CAPRL_PRECISION_BF16, threads, T, n_seqs, steps, recompute, logits_chunk,
                              &figs[nf++], &err);
     }
-    /* The probes take a second, the steps minutes: on a shared machine a probe that met other work reads low.
-     * Probing again after the runs and keeping the larger figure of the two leaves fewer fractions inflated. */
+    double probes[2] = {0, 0};
     if (st == CAPRL_OK) {
-        fprintf(stderr, "bench train: measuring the machine's ceilings again...\n");
-        st = caprl_measure_peaks(threads, &after, &err);
+        st = probe_again(threads, &peaks, probes, "bench train", &err);
     }
     if (st != CAPRL_OK) {
         return tool_fail(info.name, st, err.msg);
     }
-    double probes[2] = {peaks.fp32_fma_gflops, after.fp32_fma_gflops};
-    peaks.fp32_fma_gflops = fmax(peaks.fp32_fma_gflops, after.fp32_fma_gflops);
-    peaks.bf16_matrix_gflops = fmax(peaks.bf16_matrix_gflops, after.bf16_matrix_gflops);
-    peaks.mem_bw_gbs = fmax(peaks.mem_bw_gbs, after.mem_bw_gbs);
-    peaks.mem_read_gbs = fmax(peaks.mem_read_gbs, after.mem_read_gbs);
     for (int i = 0; i < nf; i++) {
-        bool matrix = strcmp(figs[i].precision, "bf16") == 0 && peaks.bf16_matrix_gflops > 0;
-        figs[i].ceiling = matrix ? peaks.bf16_unit : "fp32-fma";
-        figs[i].ceiling_gflops = matrix ? peaks.bf16_matrix_gflops : peaks.fp32_fma_gflops;
+        figs[i].ceiling = ceiling_of(&peaks, strcmp(figs[i].precision, "bf16") == 0, &figs[i].ceiling_gflops);
         figs[i].frac = figs[i].gflops / figs[i].ceiling_gflops;
     }
     if (json) {
@@ -927,6 +960,7 @@ int cmd_bench(int argc, char **argv) {
         "weights (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, vocab 151936, tied) in f32 and bf16.",
         "Prefill FLOPs = 2 x matmul parameters (lm_head included) x tokens + causal attention; every position's\n"
         "logits are computed. Decode bound = read bandwidth / (weight bytes + KV bytes read per token).\n"
+        "Each ceiling is the larger of two probes, before and after the runs.\n"
         "The vision figure encodes one 448x448 and one 1024x768 image (1036x756 after smart_resize) with a\n"
         "Qwen2.5-VL-3B-shaped tower (32 blocks, width 1280, 16 heads, window 112); --no-vision skips it.\n"
         "--quick uses tiny models (a smoke test, not a measurement).\n"
@@ -984,27 +1018,36 @@ int cmd_bench(int argc, char **argv) {
     int           nf = 0;
     caprl_text_config cfg = bench_config(quick);
     if (st == CAPRL_OK && do_f32) {
-        st = bench_model(&cfg, CAPRL_DTYPE_F32, threads, T, steps, &peaks, &figs[nf++], &err);
+        st = bench_model(&cfg, CAPRL_DTYPE_F32, threads, T, steps, &figs[nf++], &err);
     }
     if (st == CAPRL_OK && do_bf16) {
-        st = bench_model(&cfg, CAPRL_DTYPE_BF16, threads, T, steps, &peaks, &figs[nf++], &err);
+        st = bench_model(&cfg, CAPRL_DTYPE_BF16, threads, T, steps, &figs[nf++], &err);
     }
     vision_figures vfigs[2];
     int            nv = 0;
     caprl_vision_config vcfg = vision_bench_config(quick);
     if (st == CAPRL_OK && vision && do_f32) {
-        st = bench_vision(&vcfg, CAPRL_DTYPE_F32, threads, &peaks, &vfigs[nv++], &err);
+        st = bench_vision(&vcfg, CAPRL_DTYPE_F32, threads, &vfigs[nv++], &err);
     }
     if (st == CAPRL_OK && vision && do_bf16) {
-        st = bench_vision(&vcfg, CAPRL_DTYPE_BF16, threads, &peaks, &vfigs[nv++], &err);
+        st = bench_vision(&vcfg, CAPRL_DTYPE_BF16, threads, &vfigs[nv++], &err);
     }
     double tok_mbs = 0;
     if (st == CAPRL_OK && tok_path) {
         fprintf(stderr, "bench: tokenizer throughput...\n");
         tok_mbs = bench_tokenizer(tok_path, &err, &st);
     }
+    if (st == CAPRL_OK) {
+        st = probe_again(threads, &peaks, NULL, "bench", &err);
+    }
     if (st != CAPRL_OK) {
         return tool_fail(info.name, st, err.msg);
+    }
+    for (int i = 0; i < nf; i++) {
+        model_fractions(&peaks, &figs[i]);
+    }
+    for (int i = 0; i < nv; i++) {
+        vision_fractions(&peaks, &vfigs[i]);
     }
     if (json) {
         print_json(&peaks, figs, nf, vfigs, nv, tok_mbs, T, steps);
