@@ -270,6 +270,38 @@ static CAPRL_AVX512_INLINE void store_row_avx512(const int nr, float *out, const
     }
 }
 
+/* A tile's accumulators: from zero (first chunk) or from their parked state in st (accumulator (i, j) at
+ * st + (i lds + j) 16); at the end of a chunk parked again, or (last chunk) reduced and stored with the bias. */
+static CAPRL_AVX512_INLINE void acc_start_avx512(const int mr, const int nr, __m512 acc[6][6], const float *st,
+                                                 int64_t lds, bool first) {
+#    pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+        for (int j = 0; j < nr; j++) {
+            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * lds + j) * 16);
+        }
+    }
+}
+
+static CAPRL_AVX512_INLINE void acc_finish_avx512(const int mr, const int nr, __m512 acc[6][6], float *st,
+                                                  int64_t lds, bool last, float *out, int64_t ldo,
+                                                  const float *bias) {
+    if (!last) {
+#    pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+#    pragma GCC unroll 6
+            for (int j = 0; j < nr; j++) {
+                _mm512_storeu_ps(st + (i * lds + j) * 16, acc[i][j]);
+            }
+        }
+        return;
+    }
+#    pragma GCC unroll 6
+    for (int i = 0; i < mr; i++) {
+        store_row_avx512(nr, out + i * ldo, acc[i], bias);
+    }
+}
+
 static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bool wbf16, float *out, int64_t ldo,
                                             const void *in_rows, int64_t lda, int64_t k0, int64_t k1, const void *w,
                                             int64_t ldw, const float *bias, float *st, int64_t lds, bool first,
@@ -279,13 +311,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
     const uint16_t *wh = wbf16 ? (const uint16_t *)w : NULL;
     const int64_t   esz = wbf16 ? 2 : 4;
     __m512          acc[6][6];
-#    pragma GCC unroll 6
-    for (int i = 0; i < mr; i++) {
-#    pragma GCC unroll 6
-        for (int j = 0; j < nr; j++) {
-            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * lds + j) * 16);
-        }
-    }
+    acc_start_avx512(mr, nr, acc, st, lds, first);
     int64_t k = k0;
     for (; k + 16 <= k1; k += 16) {
         __m512 wv[6];
@@ -326,20 +352,7 @@ static CAPRL_AVX512_INLINE void tile_avx512(const int mr, const int nr, const bo
             }
         }
     }
-    if (!last) {
-#    pragma GCC unroll 6
-        for (int i = 0; i < mr; i++) {
-#    pragma GCC unroll 6
-            for (int j = 0; j < nr; j++) {
-                _mm512_storeu_ps(st + (i * lds + j) * 16, acc[i][j]);
-            }
-        }
-        return;
-    }
-#    pragma GCC unroll 6
-    for (int i = 0; i < mr; i++) {
-        store_row_avx512(nr, out + i * ldo, acc[i], bias);
-    }
+    acc_finish_avx512(mr, nr, acc, st, lds, last, out, ldo, bias);
 }
 
 #    define GB_ISA avx512
@@ -369,13 +382,7 @@ static CAPRL_AVX512BF16_INLINE void tile_avx512bf16(const int mr, const int nr, 
     (void)wbf16; /* always bf16 */
     const uint16_t *in = in_rows, *wh = w;
     __m512          acc[6][6];
-#    pragma GCC unroll 6
-    for (int i = 0; i < mr; i++) {
-#    pragma GCC unroll 6
-        for (int j = 0; j < nr; j++) {
-            acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(st + (i * lds + j) * 16);
-        }
-    }
+    acc_start_avx512(mr, nr, acc, st, lds, first);
     int64_t k = k0;
     for (; k + 32 <= k1; k += 32) { /* one 64-byte line of each weight row per step */
         __m512i wv[6];
@@ -415,20 +422,7 @@ static CAPRL_AVX512BF16_INLINE void tile_avx512bf16(const int mr, const int nr, 
             }
         }
     }
-    if (!last) {
-#    pragma GCC unroll 6
-        for (int i = 0; i < mr; i++) {
-#    pragma GCC unroll 6
-            for (int j = 0; j < nr; j++) {
-                _mm512_storeu_ps(st + (i * lds + j) * 16, acc[i][j]);
-            }
-        }
-        return;
-    }
-#    pragma GCC unroll 6
-    for (int i = 0; i < mr; i++) {
-        store_row_avx512(nr, out + i * ldo, acc[i], bias);
-    }
+    acc_finish_avx512(mr, nr, acc, st, lds, last, out, ldo, bias);
 }
 
 #    define GB_ISA avx512bf16
