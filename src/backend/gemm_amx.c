@@ -435,8 +435,8 @@ static CAPRL_AMX void amx_block(const amx_task *t, float *cbuf, const uint16_t *
  * broadcast); each output is one chain over the k pairs in order, started from zero or from out and parked in out
  * (exact) between chunks, so again nothing depends on the blocking. Rows past R (up to the 16-row padding of A,
  * zeros) are computed and not stored. */
-static CAPRL_AVX512BF16 void dot_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1, int64_t m,
-                                int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols) {
+static CAPRL_AVX512BF16 void dot_block(const amx_task *t, float *cbuf, const uint16_t *b0, const uint16_t *b1,
+                                       int64_t m, int64_t n, int64_t k0, int64_t k1, int64_t rows, int64_t cols) {
     (void)cbuf;
     int64_t   kp = t->p->k_pad;
     bool      from_out = k0 > 0 || t->accum, last = k1 == kp / 32;

@@ -489,7 +489,8 @@ static void gemm_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
             w = (const char *)g->w + (size_t)(n0 * g->K) * (wbf16 ? 2u : 4u);
         }
         gemm_blk b = {
-            .out = g->out + m0 * g->N + n0, .ldo = g->N, .in = (const char *)g->in + m0 * g->K * g->insz, .lda = g->K, .K = g->K, .w = w, .ldw = g->K,
+            .out = g->out + m0 * g->N + n0, .ldo = g->N, .in = (const char *)g->in + m0 * g->K * g->insz,
+            .lda = g->K, .K = g->K, .w = w, .ldw = g->K,
             .bias = g->bias ? g->bias + n0 : NULL, .st = g->chunk ? t->buf : NULL, .mrows = m1 - m0, .ncols = n1 - n0,
         };
         g->block(&b, wbf16);
