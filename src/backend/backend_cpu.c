@@ -87,17 +87,17 @@ struct caprl_cpu_profile {
     int64_t calls[PROF_COUNT];
 };
 
-#define PROFILED(be, slot, flop_count, call)                                                                     \
-    do {                                                                                                         \
-        caprl_cpu_profile *prof_ = ((caprl_cpu_ctx *)(be)->impl)->profile;                                      \
-        double             t0_ = prof_ ? caprl_seconds_now() : 0.0;                                                   \
-        call;                                                                                                    \
-        if (prof_) {                                                                                             \
-            int slot_ = (slot);                                                                                  \
-            prof_->seconds[slot_] += caprl_seconds_now() - t0_;                                                        \
-            prof_->flops[slot_] += (flop_count);                                                                 \
-            prof_->calls[slot_]++;                                                                               \
-        }                                                                                                        \
+#define PROFILED(be, slot, flop_count, call)                                                                         \
+    do {                                                                                                             \
+        caprl_cpu_profile *prof_ = ((caprl_cpu_ctx *)(be)->impl)->profile;                                           \
+        double             t0_ = prof_ ? caprl_seconds_now() : 0.0;                                                  \
+        call;                                                                                                        \
+        if (prof_) {                                                                                                 \
+            int slot_ = (slot);                                                                                      \
+            prof_->seconds[slot_] += caprl_seconds_now() - t0_;                                                      \
+            prof_->flops[slot_] += (flop_count);                                                                     \
+            prof_->calls[slot_]++;                                                                                   \
+        }                                                                                                            \
     } while (0)
 
 static double matmul_flops(const caprl_weight *w, int64_t M) {

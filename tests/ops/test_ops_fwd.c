@@ -248,10 +248,7 @@ static void test_matmul_bf16_unit(void) {
     caprl_error    err = {0};
     caprl_backend *be1 = NULL, *be3 = NULL;
     CHECK_OK(bf16_unit_backends(&be1, &be3, &err), &err);
-    if (!caprl_backend_cpu_bf16_inputs(be1)) {
-        fprintf(stderr, "no bf16 matrix unit here (AMX or AVX512-BF16): bf16-unit matmul test skipped\n");
-        caprl_backend_free(be1);
-        caprl_backend_free(be3);
+    if (!bf16_unit_or_skip(be1, be3, "bf16-unit matmul test")) {
         return;
     }
     bool        amx = caprl_backend_cpu_amx(be1);
