@@ -233,6 +233,13 @@ static CAPRL_AVX2 void tile_softmax(const seg_tile *tl, float *sc, int64_t lp, f
     }
 }
 
+static CAPRL_AVX512 void tile_softmax_avx512(const seg_tile *tl, float *sc, int64_t lp, float *inv) {
+    for (int q = 0; q < tl->nq; q++) {
+        float mx;
+        inv[q] = 1.0f / caprl_softmax_numerators_avx512(sc + q * lp, tl->L, &mx);
+    }
+}
+
 /* out rows = the unnormalised rows ob times inv (one multiply per element, as a vector multiply does). */
 static void tile_store(const seg_task *t, int64_t h, const seg_tile *tl, const float *ob, const float *inv) {
     for (int32_t q = 0; q < tl->nq; q++) {
@@ -314,7 +321,7 @@ static CAPRL_AVX512 void tile_avx512(const seg_task *t, int64_t h, const seg_til
             scores_panel_avx512(sc + g * lp + k0, lp, qr + g, panels + b * D * SEG_BK, D, scale);
         }
     }
-    tile_softmax(tl, sc, lp, inv);
+    tile_softmax_avx512(tl, sc, lp, inv);
     memset(ob, 0, (size_t)(nq * D) * sizeof(float));
     for (int64_t k0 = 0; k0 < L; k0 += SEG_BK) {
         int64_t k1 = k0 + SEG_BK < L ? k0 + SEG_BK : L;

@@ -250,6 +250,14 @@ static CAPRL_AVX2 float softmax_row_avx2(float *row, int64_t n, int64_t lim, flo
     return sum;
 }
 
+static CAPRL_AVX512 float softmax_row_avx512(float *row, int64_t n, int64_t lim, float *mx_out) {
+    float sum = caprl_softmax_numerators_avx512(row, lim, mx_out);
+    for (int64_t i = lim; i < n; i++) {
+        row[i] = 0.0f;
+    }
+    return sum;
+}
+
 /* Dot product with 8 lanes and one tree (Dlt). */
 static CAPRL_AVX2 float dot_avx2(const float *x, const float *y, int64_t D) {
     int64_t d8 = D & ~(int64_t)7;
@@ -337,6 +345,9 @@ static void p_ds_row(const at_task *t, float *p, float *dp, int64_t n, int64_t l
 
 static float softmax_row(const at_task *t, float *row, int64_t n, int64_t lim, float *mx) {
 #if CAPRL_X86
+    if (t->isa >= CAPRL_ISA_AVX512) {
+        return softmax_row_avx512(row, n, lim, mx);
+    }
     if (t->isa >= CAPRL_ISA_AVX2) {
         return softmax_row_avx2(row, n, lim, mx);
     }

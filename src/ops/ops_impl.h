@@ -298,10 +298,8 @@ static CAPRL_AVX2_INLINE __m256i caprl_mask8_avx2(int64_t r) {
     return _mm256_loadu_si256((const __m256i *)(tab + 8 - r));
 }
 
-/* Softmax numerators exp(x - max) of row[0, n) in place (nothing past n is written); returns their sum (8 lane
- * chains, then caprl_hsum8_avx2) and the max in *mx_out (-inf and 0 for n = 0). Every attention kernel uses this
- * one, so forward, segmented and training attention agree bit for bit. */
-static CAPRL_AVX2_INLINE float caprl_softmax_numerators_avx2(float *row, int64_t n, float *mx_out) {
+/* The maximum of row[0, n) (-inf for n = 0), 8 lanes then the lanes in order (a NaN lane is skipped). */
+static CAPRL_AVX2_INLINE float caprl_row_max_avx2(const float *row, int64_t n) {
     int64_t n8 = n & ~(int64_t)7;
     __m256  mv = _mm256_set1_ps(-INFINITY);
     for (int64_t i = 0; i < n8; i += 8) { /* a maximum is exact: any grouping gives the same value */
@@ -316,7 +314,16 @@ static CAPRL_AVX2_INLINE float caprl_softmax_numerators_avx2(float *row, int64_t
     for (int64_t i = n8; i < n; i++) {
         mx = row[i] > mx ? row[i] : mx;
     }
-    __m256 mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
+    return mx;
+}
+
+/* Softmax numerators exp(x - max) of row[0, n) in place (nothing past n is written); returns their sum (8 lane
+ * chains, then caprl_hsum8_avx2) and the max in *mx_out (-inf and 0 for n = 0). Every attention kernel uses this
+ * one, so forward, segmented and training attention agree bit for bit. */
+static CAPRL_AVX2_INLINE float caprl_softmax_numerators_avx2(float *row, int64_t n, float *mx_out) {
+    int64_t n8 = n & ~(int64_t)7;
+    float   mx = caprl_row_max_avx2(row, n);
+    __m256  mxv = _mm256_set1_ps(mx), sumv = _mm256_setzero_ps();
     for (int64_t i = 0; i < n8; i += 8) {
         __m256 p = caprl_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(row + i), mxv));
         _mm256_storeu_ps(row + i, p);
@@ -370,6 +377,58 @@ static CAPRL_AVX512_INLINE void caprl_accum4_avx512(const int nv, __mmask16 last
             _mm512_mask_storeu_ps(o + r * ldo + 16 * j, j == nv - 1 ? last : (__mmask16)0xFFFF, acc[r][j]);
         }
     }
+}
+
+/* caprl_exp8_avx2's operations on 16 lanes: the same value in every lane. */
+static CAPRL_AVX512_INLINE __m512 caprl_exp16_avx512(__m512 x) {
+    __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(CAPRL_EXP_LO)), _mm512_set1_ps(CAPRL_EXP_HI));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(CAPRL_EXP_LOG2E)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-CAPRL_EXP_C1), xc);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-CAPRL_EXP_C2), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(CAPRL_EXP_P0), r, _mm512_set1_ps(CAPRL_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CAPRL_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CAPRL_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CAPRL_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CAPRL_EXP_P5));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+    __m512i ni = _mm512_cvtps_epi32(n);
+    __m512i n1 = _mm512_srai_epi32(ni, 1);
+    __m512i n2 = _mm512_sub_epi32(ni, n1);
+    __m512i bias = _mm512_set1_epi32(127);
+    __m512  s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
+    __m512  s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
+    __m512  res = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
+    res = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(CAPRL_EXP_LO), _CMP_LT_OQ), res,
+                               _mm512_setzero_ps());
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
+}
+
+/* caprl_softmax_numerators_avx2 with the exponentials 16 at a time: the same max, the same values, and each half
+ * added to the same 8 lane chains in the same order, so the same bits. */
+static CAPRL_AVX512_INLINE float caprl_softmax_numerators_avx512(float *row, int64_t n, float *mx_out) {
+    float   mx = caprl_row_max_avx2(row, n);
+    __m512  mxv = _mm512_set1_ps(mx);
+    __m256  sumv = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 p = caprl_exp16_avx512(_mm512_sub_ps(_mm512_loadu_ps(row + i), mxv));
+        _mm512_storeu_ps(row + i, p);
+        sumv = _mm256_add_ps(sumv, _mm512_castps512_ps256(p));
+        sumv = _mm256_add_ps(sumv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+    }
+    if (i < n) { /* lanes past n are +0, as in the AVX2 tail */
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        __m512    p = _mm512_maskz_mov_ps(m, caprl_exp16_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + i), mxv)));
+        _mm512_mask_storeu_ps(row + i, m, p);
+        sumv = _mm256_add_ps(sumv, _mm512_castps512_ps256(p));
+        if (n - i > 8) {
+            sumv = _mm256_add_ps(sumv, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+        }
+    }
+    *mx_out = mx;
+    return caprl_hsum8_avx2(sumv);
 }
 
 /* The same over all D columns of o, 64 at a time (not forced inline: callers dispatch to it from plain code). */

@@ -522,13 +522,15 @@ static int check_attn(const float *out, const attn_case *a, float scale) {
 static void test_attention(void) {
     static const struct {
         int64_t M, Hq, Hkv, D, max_len;
-    } cases[] = {{7, 6, 2, 8, 9}, {9, 14, 2, 64, 40}, {5, 6, 2, 20, 17}, {6, 4, 4, 80, 33}, {4, 2, 1, 3, 5},
-                 {20, 6, 2, 64, 50}, {3, 14, 2, 128, 70}, {5, 4, 2, 150, 23}};
+    } cases[] = {{7, 6, 2, 8, 9},     {9, 14, 2, 64, 40},  {5, 6, 2, 20, 17},  {6, 4, 4, 80, 33},
+                 {4, 2, 1, 3, 5},     {20, 6, 2, 64, 50},  {3, 14, 2, 128, 70}, {5, 4, 2, 150, 23},
+                 {8, 18, 2, 12, 30},  {6, 16, 1, 64, 37},  {9, 10, 2, 80, 21},  {7, 8, 4, 8, 11}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         attn_case a = make_attn(cases[ci].M, cases[ci].Hq, cases[ci].Hkv, cases[ci].D, cases[ci].max_len);
         float     scale = 1.0f / sqrtf((float)a.D);
         int64_t   n_out = a.M * a.Hq * a.D;
         float    *out = malloc((size_t)n_out * sizeof(float)), *o2 = malloc((size_t)n_out * sizeof(float));
+        float    *avx2 = malloc((size_t)n_out * sizeof(float));
         for (int32_t isa = 0; isa < N_ISA; isa++) {
             if (!g_have[isa]) {
                 continue;
@@ -536,6 +538,12 @@ static void test_attention(void) {
             run_attn(g_be[isa][0], out, &a, scale);
             int bad = check_attn(out, &a, scale);
             CHECK_MSG(bad == 0, "attention %s case %zu: %d wrong", isa_name(isa), ci, bad);
+            /* AVX-512 (GQA groups of heads at once) computes AVX2's arithmetic */
+            if (isa == CAPRL_ISA_AVX2) {
+                memcpy(avx2, out, (size_t)n_out * sizeof(float));
+            } else if (isa == CAPRL_ISA_AVX512 && g_have[CAPRL_ISA_AVX2]) {
+                CHECK_MSG(bits_equal(out, avx2, n_out), "attention case %zu: AVX-512 differs from AVX2", ci);
+            }
             for (int t = 1; t < N_THR; t++) {
                 memset(o2, 0xFF, (size_t)n_out * sizeof(float));
                 run_attn(g_be[isa][t], o2, &a, scale);
@@ -553,6 +561,7 @@ static void test_attention(void) {
         }
         free(out);
         free(o2);
+        free(avx2);
         free_attn(&a);
     }
     /* kv_len 0 gives zeros, not NaN */

@@ -35,8 +35,8 @@ int cmd_bench_attn(int argc, char **argv) {
         "at Qwen2.5-VL-3B's (3996 patches of a 1036x756 image, 16 heads, D 80), whole and in 64-patch windows.\n"
         "--tokens/--heads/--kv-heads/--head-dim/--segment replace the shape of every kind run. FLOPs = 4 x heads x D\n"
         "x (query, key) pairs (the forward's two products; the backward is timed against the same count).\n"
-        "--isa avx2 runs the AVX2 kernels on an AVX-512 machine, to compare the two. The isa column is the\n"
-        "backend's vector level; the decoder's attention has AVX2 kernels only and runs them on either."};
+        "--isa avx2 runs the AVX2 kernels on an AVX-512 machine, to compare the two (the same bits, by design).\n"
+        "The isa column is the backend's vector level."};
     int32_t     threads = 0, reps = 3;
     int64_t     tokens = 0, heads = 0, kv_heads = 0, head_dim = 0, segment = -1;
     bool        json = false;
