@@ -368,7 +368,7 @@ void caprl_op_attn(caprl_cpu_ctx *c, float *out, const float *q, const float *k,
      * only Hkv of them); either way each head gets the same bits. */
     int64_t group = Hq / Hkv, max_len = 0;
     bool    grouped = CAPRL_X86 && c->isa >= CAPRL_ISA_AVX512 && group > 1 && group <= ATTN_MAX_GROUP &&
-                   M * Hkv >= 2 * (int64_t)c->n_threads;
+                   M * Hkv >= (int64_t)c->n_threads;
     int64_t per_unit = grouped ? group : 1, units = M * Hq / per_unit, units_per_row = Hq / per_unit;
     for (int64_t m = 0; m < M; m++) {
         CAPRL_ASSERT(kv_len[m] >= 0 && kv_row0[m] >= 0);
