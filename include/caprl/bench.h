@@ -49,6 +49,7 @@ typedef enum caprl_attn_kind {
     CAPRL_ATTN_DECODER = 0,  /* attn_fwd: causal prefill of `tokens` rows, GQA */
     CAPRL_ATTN_TRAIN = 1,    /* the trainer's causal attention, forward then backward */
     CAPRL_ATTN_SEGMENTS = 2, /* the vision tower's: non-causal within segments of `segment` rows */
+    CAPRL_ATTN_STEP = 3,     /* attn_fwd: one decode step, a single query row over `tokens` cached keys, GQA */
 } caprl_attn_kind;
 
 typedef struct caprl_attn_bench {

@@ -122,7 +122,7 @@ caprl_status caprl_bench_matmul(int32_t n_threads, caprl_matmul_bench *b, caprl_
 
 caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl_error *err) {
     int64_t T = b->tokens, Hq = b->heads, Hkv = b->kv_heads, D = b->head_dim;
-    if (b->kind < CAPRL_ATTN_DECODER || b->kind > CAPRL_ATTN_SEGMENTS || T <= 0 || Hq <= 0 || Hkv <= 0 ||
+    if (b->kind < CAPRL_ATTN_DECODER || b->kind > CAPRL_ATTN_STEP || T <= 0 || Hq <= 0 || Hkv <= 0 ||
         Hq % Hkv != 0 || D <= 0 || b->segment < 0 || b->reps < 1 || b->max_isa < 0 || b->max_isa > CAPRL_ISA_AVX512 ||
         (b->kind == CAPRL_ATTN_SEGMENTS && Hkv != Hq) || T > (int64_t)1 << 24 || Hq > 4096 || D > 4096) {
         return caprl_err_set(err, CAPRL_ERR_INVALID_ARG,
@@ -157,9 +157,12 @@ caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl
     for (int64_t m = 0; m < T; m++) {
         row0[m] = 0;
         len[m] = (int32_t)(m + 1);
-        if (b->kind != CAPRL_ATTN_SEGMENTS) {
+        if (b->kind == CAPRL_ATTN_DECODER || b->kind == CAPRL_ATTN_TRAIN) {
             b->flops += 4.0 * (double)(Hq * D) * (double)(m + 1);
         }
+    }
+    if (b->kind == CAPRL_ATTN_STEP) { /* the last row alone: the query of the step after T - 1 cached tokens */
+        b->flops = 4.0 * (double)(Hq * D) * (double)T;
     }
     for (int64_t s = 0; b->kind == CAPRL_ATTN_SEGMENTS && s < n_seg; s++) {
         double L = (double)(seg[s + 1] - seg[s]);
@@ -178,6 +181,10 @@ caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl
             switch (b->kind) {
             case CAPRL_ATTN_DECODER:
                 ops->attn_fwd(be, out, q, k, v, row0, len, Hkv * D, T, Hq, Hkv, D, scale);
+                break;
+            case CAPRL_ATTN_STEP:
+                ops->attn_fwd(be, out, q + (T - 1) * Hq * D, k, v, row0 + T - 1, len + T - 1, Hkv * D, 1, Hq, Hkv,
+                              D, scale);
                 break;
             case CAPRL_ATTN_TRAIN:
                 ops->attn_train_fwd(be, out, lse, q, k, v, seg, n_seg, T, Hq, Hkv, D, scale, true);

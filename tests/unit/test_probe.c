@@ -67,15 +67,18 @@ static void check_matmul_bench(void) {
 }
 
 static void check_attention_bench(void) {
-    for (int32_t kind = CAPRL_ATTN_DECODER; kind <= CAPRL_ATTN_SEGMENTS; kind++) {
+    for (int32_t kind = CAPRL_ATTN_DECODER; kind <= CAPRL_ATTN_STEP; kind++) {
         for (int32_t isa = 0; isa <= 1; isa++) {
             caprl_attn_bench b = {.kind = kind, .tokens = 37, .heads = 6, .head_dim = 20, .segment = 16,
                                   .max_isa = isa, .reps = 2};
             b.kv_heads = kind == CAPRL_ATTN_SEGMENTS ? 6 : 2;
             caprl_error      err = {0};
             CHECK_OK(caprl_bench_attention(2, &b, &err), &err);
-            /* causal: 1 + 2 + ... + 37 pairs; segments of 16, 16 and 5 rows: 16^2 + 16^2 + 5^2 pairs */
-            double pairs = kind == CAPRL_ATTN_SEGMENTS ? 16.0 * 16 + 16.0 * 16 + 5.0 * 5 : 37.0 * 38 / 2;
+            /* causal: 1 + 2 + ... + 37 pairs; segments of 16, 16 and 5 rows: 16^2 + 16^2 + 5^2 pairs; a decode
+             * step: one query over 37 keys */
+            double pairs = kind == CAPRL_ATTN_SEGMENTS ? 16.0 * 16 + 16.0 * 16 + 5.0 * 5
+                           : kind == CAPRL_ATTN_STEP   ? 37.0
+                                                       : 37.0 * 38 / 2;
             CHECK_MSG(b.flops == 4.0 * 6 * 20 * pairs, "attention kind %d: %.0f flops", kind, b.flops);
             CHECK(b.seconds > 0 && (kind == CAPRL_ATTN_TRAIN) == (b.backward_seconds > 0));
             CHECK(strcmp(b.isa, "avx512") == 0 || strcmp(b.isa, "avx2") == 0 || strcmp(b.isa, "scalar") == 0);
@@ -83,7 +86,7 @@ static void check_attention_bench(void) {
         }
     }
     caprl_attn_bench bad[] = {
-        {.kind = 3, .tokens = 8, .heads = 2, .kv_heads = 2, .head_dim = 8, .reps = 1},
+        {.kind = 4, .tokens = 8, .heads = 2, .kv_heads = 2, .head_dim = 8, .reps = 1},
         {.kind = CAPRL_ATTN_DECODER, .tokens = 8, .heads = 3, .kv_heads = 2, .head_dim = 8, .reps = 1},
         {.kind = CAPRL_ATTN_SEGMENTS, .tokens = 8, .heads = 4, .kv_heads = 2, .head_dim = 8, .reps = 1},
         {.kind = CAPRL_ATTN_TRAIN, .tokens = 0, .heads = 2, .kv_heads = 2, .head_dim = 8, .reps = 1},

@@ -16,9 +16,11 @@ typedef struct attn_case {
     int64_t     tokens, heads, kv_heads, head_dim, segment;
 } attn_case;
 
-/* Qwen2.5-0.5B at 512 tokens; the Qwen2.5-VL-3B tower at 1036x756 (3996 patches), whole and in 8 x 8 windows. */
+/* Qwen2.5-0.5B at 512 tokens (and one decode step over 2048 cached ones); the Qwen2.5-VL-3B tower at 1036x756
+ * (3996 patches), whole and in 8 x 8 windows. */
 static const attn_case k_cases[] = {
     {"decoder", CAPRL_ATTN_DECODER, 512, 14, 2, 64, 0},
+    {"decoder.step", CAPRL_ATTN_STEP, 2048, 14, 2, 64, 0},
     {"train", CAPRL_ATTN_TRAIN, 512, 14, 2, 64, 0},
     {"vision.full", CAPRL_ATTN_SEGMENTS, 3996, 16, 16, 80, 0},
     {"vision.window", CAPRL_ATTN_SEGMENTS, 3996, 16, 16, 80, 64},
@@ -31,8 +33,10 @@ int cmd_bench_attn(int argc, char **argv) {
         "--kv-heads K --head-dim D --segment S] [--reps R] [--json]",
         "Time the attention kernels on their own, as a fraction of the fp32 FMA peak.",
         "Kinds: the decoder's causal prefill (attn_fwd) and the trainer's causal attention (forward, then backward)\n"
-        "at Qwen2.5-0.5B's shape (512 tokens, 14 heads, 2 KV heads, D 64), and the vision tower's segment attention\n"
-        "at Qwen2.5-VL-3B's (3996 patches of a 1036x756 image, 16 heads, D 80), whole and in 64-patch windows.\n"
+        "at Qwen2.5-0.5B's shape (512 tokens, 14 heads, 2 KV heads, D 64); one single-sequence decode step at that\n"
+        "shape (decoder.step: one query row over 2048 cached keys; --kind decoder runs it too); the vision tower's\n"
+        "segment attention at Qwen2.5-VL-3B's (3996 patches of a 1036x756 image, 16 heads, D 80), whole and in\n"
+        "64-patch windows.\n"
         "--tokens/--heads/--kv-heads/--head-dim/--segment replace the shape of every kind run. FLOPs = 4 x heads x D\n"
         "x (query, key) pairs (the forward's two products; the backward is timed against the same count).\n"
         "--isa avx2 runs the AVX2 kernels on an AVX-512 machine, to compare the two (the same bits, by design).\n"
@@ -102,7 +106,7 @@ int cmd_bench_attn(int argc, char **argv) {
         printf("{\"threads\":%d,\"fp32_fma_gflops\":%.1f,\"attention\":[", peaks.n_threads, peak);
     } else {
         printf("threads %d; fp32 FMA peak %.1f GFLOP/s\n", peaks.n_threads, peak);
-        printf("%-14s %-7s %6s %5s %3s %4s %6s %10s %9s %7s %10s\n", "kind", "isa", "tokens", "heads", "kv", "D",
+        printf("%-15s %-7s %6s %5s %3s %4s %6s %10s %9s %7s %10s\n", "kind", "isa", "tokens", "heads", "kv", "D",
                "seg", "fwd ms", "GFLOP/s", "of peak", "bwd ms");
     }
     for (int i = 0; i < n; i++) {
@@ -115,11 +119,11 @@ int cmd_bench_attn(int argc, char **argv) {
                    i ? "," : "", names[i], b->isa, (long long)b->tokens, (long long)b->heads, (long long)b->kv_heads,
                    (long long)b->head_dim, (long long)b->segment, b->seconds, b->backward_seconds, gflops, frac);
         } else {
-            printf("%-14s %-7s %6lld %5lld %3lld %4lld %6lld %10.2f %9.1f %6.1f%% ", names[i], b->isa,
+            printf("%-15s %-7s %6lld %5lld %3lld %4lld %6lld %10.3f %9.1f %6.1f%% ", names[i], b->isa,
                    (long long)b->tokens, (long long)b->heads, (long long)b->kv_heads, (long long)b->head_dim,
                    (long long)b->segment, 1e3 * b->seconds, gflops, 100.0 * frac);
             if (b->kind == CAPRL_ATTN_TRAIN) {
-                printf("%10.2f\n", 1e3 * b->backward_seconds);
+                printf("%10.3f\n", 1e3 * b->backward_seconds);
             } else {
                 printf("%10s\n", "-");
             }
