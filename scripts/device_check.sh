@@ -6,14 +6,15 @@
 #     libjpeg62-turbo-dev libjpeg62-turbo libwebp-dev libwebp7 libwebpdemux2 libwebpmux3 pkgconf pkgconf-bin \
 #     libpkgconf3 pkg-config zlib1g-dev)
 #   cp -r ../shared .devshared     (both folders listed in .git/info/exclude, carried by the device call)
-# There: scripts/device_check.sh OUT_DIR [what...], what = tests | suite | bench-train | bench | tune | ab | profile
-# (default: the first four). tune sweeps the AMX blocking (CAPRL_AMX_TUNE) with `caprl bench gemm` and times the
+# There: scripts/device_check.sh OUT_DIR [what...], what = tests | suite | bench-train | bench | tune | ab | profile |
+# attn (default: the first four). tune sweeps the AMX blocking (CAPRL_AMX_TUNE) with `caprl bench gemm` and times the
 # whole bf16 benches with the fastest setting against kc=16; ab alternates the default blocking with
 # CAPRL_AMX_TUNE=$AB_OTHER on the lm_head's matmuls and bf16 training; profile runs bf16 training and the bf16
-# benches with CAPRL_PROFILE=1. BUILD_TARGETS limits the build to the named targets.
+# benches with CAPRL_PROFILE=1; attn times the attention kernels at their best vector width and at AVX2.
+# BUILD_TARGETS limits the build to the named targets.
 # The Debian packages are unpacked into a sysroot under /tmp (never over /), found through pkg-config's sysroot.
 set -uo pipefail
-OUT=${1:?usage: device_check.sh OUT_DIR [tests|suite|bench-train|bench|tune|ab|profile]...}
+OUT=${1:?usage: device_check.sh OUT_DIR [tests|suite|bench-train|bench|tune|ab|profile|attn]...}
 shift
 WHAT=${*:-tests suite bench-train bench}
 START=$SECONDS
@@ -108,6 +109,11 @@ PY
     CAPRL_PROFILE=1 $PIN "$B/caprl" bench train --threads 2 --precision bf16 --steps 1 >"$OUT/profile.txt" 2>&1 || rc=1
     CAPRL_PROFILE=1 $PIN "$B/caprl" bench --threads 2 --dtype bf16 --decode-steps 4 >>"$OUT/profile.txt" 2>&1 || rc=1
     grep -v "^bench" "$OUT/profile.txt" ;;
+  attn) # the attention kernels alone, AVX-512 then AVX2 (the same bits; the ratio is the vector width's worth)
+    for isa in best avx2 best avx2; do
+      $PIN "$B/caprl" bench attn --threads 2 --isa $isa >>"$OUT/attn.txt" 2>/dev/null || rc=1
+    done
+    grep -E "^(decoder|train|vision)" "$OUT/attn.txt" ;;
   suite)
     (cd "$B" && ctest -L "unit|ops|golden|tools|fuzz-replay" -j "$(nproc)" --output-on-failure) >"$OUT/suite.log" 2>&1 || rc=1
     grep -E "tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|\(Timeout\)|CHECK failed" "$OUT/suite.log" | head -40 ;;
