@@ -524,7 +524,8 @@ static void test_attention(void) {
         int64_t M, Hq, Hkv, D, max_len;
     } cases[] = {{7, 6, 2, 8, 9},     {9, 14, 2, 64, 40},  {5, 6, 2, 20, 17},  {6, 4, 4, 80, 33},
                  {4, 2, 1, 3, 5},     {20, 6, 2, 64, 50},  {3, 14, 2, 128, 70}, {5, 4, 2, 150, 23},
-                 {8, 18, 2, 12, 30},  {6, 16, 1, 64, 37},  {9, 10, 2, 80, 21},  {7, 8, 4, 8, 11}};
+                 {8, 18, 2, 12, 30},  {6, 16, 1, 64, 37},  {9, 10, 2, 80, 21},  {7, 8, 4, 8, 11},
+                 {5, 12, 3, 24, 140}, {4, 14, 2, 64, 200}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         attn_case a = make_attn(cases[ci].M, cases[ci].Hq, cases[ci].Hkv, cases[ci].D, cases[ci].max_len);
         float     scale = 1.0f / sqrtf((float)a.D);
