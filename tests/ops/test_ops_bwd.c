@@ -1096,7 +1096,7 @@ static void test_swiglu_gelu_bwd(void) {
         rx[i] = (double)d[i] * (gelu64(gi + h) - gelu64(gi - h)) / (2 * h);
         tx[i] = 16 * EPS * fabs((double)d[i]) * (1.0 + fabs(gi) * exp(-0.5 * gi * gi));
     }
-    float *first_dg = NULL;
+    float *first_dg = NULL, *first_du = NULL;
     for (int32_t isa = 0; isa < N_ISA; isa++) {
         if (!g_have[isa]) {
             continue;
@@ -1127,14 +1127,15 @@ static void test_swiglu_gelu_bwd(void) {
             /* every path and thread count gives the same bits (same operations, same exp) */
             if (!first_dg) {
                 first_dg = fcopy(dg, n);
+                first_du = fcopy(du, n);
             } else {
-                CHECK_MSG(bits_equal(first_dg, dg, n), "swiglu bwd %s %d threads: differs from scalar", isa_name(isa),
-                          t + 1);
+                CHECK_MSG(bits_equal(first_dg, dg, n) && bits_equal(first_du, du, n),
+                          "swiglu bwd %s %d threads: differs from scalar", isa_name(isa), t + 1);
             }
             free(dg), free(du), free(dx), free(g2), free(u2), free(d2);
         }
     }
-    free(first_dg), free(g), free(u), free(d), free(rg), free(ru), free(tg), free(rx), free(tx);
+    free(first_dg), free(first_du), free(g), free(u), free(d), free(rg), free(ru), free(tg), free(rx), free(tx);
 }
 
 /* ---- logprob --------------------------------------------------------------------------------------------- */
