@@ -295,7 +295,7 @@ typedef struct amx_task {
     const caprl_amx_panels *p;     /* B; C has p->n columns */
     const float            *bias;  /* (p->n) or NULL */
     bool                    accum; /* C starts from out (else from zero) */
-    bool                    dot;   /* the blocks on vdpbf16ps (AVX512-BF16 without AMX) instead of the tiles */
+    bool                    dot;   /* set by amx_run: the blocks on vdpbf16ps (no AMX) instead of the tiles */
     int64_t                 kc_tiles; /* k tiles per reduction chunk (caprl_amx_tuning.kc_tiles, 0: all) */
     int64_t                 R;
     int64_t                 mblk, nblk; /* rows and columns of one job */
@@ -555,6 +555,7 @@ static void amx_run(caprl_cpu_ctx *c, amx_task *t) {
     t->mblk = mblk;
     t->nblk = nblk;
     t->n_nblocks = caprl_ceil_div(N, nblk);
+    t->dot = !c->amx;
     caprl_parallel_for_grain(c->pool, t->n_nblocks * n_mblocks, 1, t->dot ? dot_range : amx_range, t);
 }
 
@@ -587,7 +588,7 @@ bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const
     if (!a) {
         return false;
     }
-    amx_task t = {.out = dx, .ldo = w->cols, .a = a, .p = &pw->bwd, .R = M, .dot = !c->amx};
+    amx_task t = {.out = dx, .ldo = w->cols, .a = a, .p = &pw->bwd, .R = M};
     amx_run(c, &t);
     return true;
 }
@@ -605,7 +606,7 @@ bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, con
     xp.data = (uint16_t *)(void *)(buf + a_bytes);
     caprl_amx_pack_dy_t(c, a, xp.k_pad, dy, M, N);
     caprl_amx_pack_f32(c, &xp, x);
-    amx_task t = {.out = dw, .ldo = K, .a = a, .p = &xp, .accum = true, .R = N, .dot = !c->amx};
+    amx_task t = {.out = dw, .ldo = K, .a = a, .p = &xp, .accum = true, .R = N};
     amx_run(c, &t);
     return true;
 }

@@ -47,8 +47,7 @@ enum {
 typedef struct gemm_blk {
     float       *out;  /* (mrows, ldo) */
     int64_t      ldo;
-    const void  *in;   /* (mrows, lda): f32, or bf16 for the AVX512-BF16 kernel */
-    int64_t      lda;  /* elements */
+    const void  *in;   /* (mrows, K): f32, or bf16 for the AVX512-BF16 kernel */
     int64_t      K;
     const void  *w;    /* (ncols, ldw) f32 or bf16 */
     int64_t      ldw;
@@ -89,7 +88,7 @@ static void block_scalar(const gemm_blk *b, bool wbf16) {
         for (int64_t n = 0; n < b->ncols; n++) {
             float s = 0.0f;
             for (int64_t k = 0; k < b->K; k++) {
-                s += ((const float *)b->in)[m * b->lda + k] * wval(b->w, n * b->ldw + k, wbf16);
+                s += ((const float *)b->in)[m * b->K + k] * wval(b->w, n * b->ldw + k, wbf16);
             }
             b->out[m * b->ldo + n] = b->bias ? s + b->bias[n] : s;
         }
@@ -490,7 +489,7 @@ static void gemm_range(void *ctx, int64_t j0, int64_t j1, int32_t tid) {
         }
         gemm_blk b = {
             .out = g->out + m0 * g->N + n0, .ldo = g->N, .in = (const char *)g->in + m0 * g->K * g->insz,
-            .lda = g->K, .K = g->K, .w = w, .ldw = g->K,
+            .K = g->K, .w = w, .ldw = g->K,
             .bias = g->bias ? g->bias + n0 : NULL, .st = g->chunk ? t->buf : NULL, .mrows = m1 - m0, .ncols = n1 - n0,
         };
         g->block(&b, wbf16);
