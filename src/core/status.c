@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "core/error_impl.h"
@@ -179,14 +180,26 @@ void *caprl_try_calloc(size_t count, size_t size) {
     return calloc(count ? count : 1, size ? size : 1);
 }
 
+/* Buffers from this size up (weights, packed panels, activations, optimizer moments) start on a 2 MB boundary
+ * and ask for transparent huge pages: first touch then faults once per 2 MB instead of once per 4 KB, which
+ * halves the time to fault in a model's memory on virtual machines. The advice is best effort ("never" in
+ * /sys/kernel/mm/transparent_hugepage/enabled wins). */
+enum { HUGE_ALLOC_MIN = 4 << 20, HUGE_PAGE_BYTES = 2 << 20 };
+
 void *caprl_try_aligned_alloc(size_t n) {
     if (injected_failure()) {
         return NULL;
     }
     void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 64) != 0) {
+    bool  huge = n >= HUGE_ALLOC_MIN;
+    if (posix_memalign(&p, huge ? HUGE_PAGE_BYTES : 64, n ? n : 64) != 0) {
         return NULL;
     }
+#ifdef MADV_HUGEPAGE
+    if (huge) {
+        (void)madvise(p, n / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES, MADV_HUGEPAGE);
+    }
+#endif
     return p;
 }
 
