@@ -60,7 +60,10 @@ typedef struct caprl_attn_bench {
     int32_t reps;                      /* in: timed calls after one warm-up (at least 1) */
     double  seconds, backward_seconds; /* out: the fastest forward (and, for CAPRL_ATTN_TRAIN, backward) */
     double  flops;                     /* out: 4 x heads x D x (query, key) pairs, the forward's two products */
-    char    isa[16];                   /* out: "avx512", "avx2" or "scalar" */
+    char    isa[16];                   /* out: "avx512", "avx2" or "scalar"; for CAPRL_ATTN_SEGMENTS with bf16
+                                          on a CPU with a bf16 matrix unit, "amx-bf16" or "avx512-bf16" */
+    int32_t bf16;                      /* in: CAPRL_ATTN_SEGMENTS: as a bf16 model's tower runs it (both products
+                                          on the bf16 matrix unit where there is one, bf16 operands) */
 } caprl_attn_bench;
 
 /* Times one attention kernel of the CPU backend on n_threads threads (0 = all cores) with random inputs. */

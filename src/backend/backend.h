@@ -11,7 +11,7 @@
 #include "caprl/caprl.h"
 #include "core/pool_impl.h"
 
-#define CAPRL_BACKEND_ABI 3
+#define CAPRL_BACKEND_ABI 4
 
 /* A linear weight (N, K) = (out, in) in its stored dtype, plus an optional backend-private packed copy. */
 typedef struct caprl_weight {
@@ -83,9 +83,11 @@ typedef struct caprl_backend_ops {
      * softmax(scale * q k^T) v in f32, max-subtracted. out must not alias the inputs. Each query's arithmetic is
      * independent of the other segments, of N and of the thread count (a segment gives the same bits alone or in a
      * batch). Unlike attn_fwd it shares every pass over the keys among several queries of a head, which is what
-     * long full-attention segments need. */
+     * long full-attention segments need. With bf16 set (a model with bf16 weights) and a bf16 matrix unit on, both
+     * products may run there as the matmuls do: q, k, v and the softmax numerators rounded to bf16, f32 sums; the
+     * scale, the softmax and the normalisation stay f32. */
     void (*attn_seg_fwd)(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
-                         const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
+                         const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale, bool bf16);
 
     /* ---- training (backward passes and the training-only forwards they need) ----------------------------- *
      * Backward kernels follow the same rule as the forwards: outputs are partitioned across threads so every

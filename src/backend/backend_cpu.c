@@ -66,7 +66,8 @@ void *caprl_cpu_shared_reserve(caprl_cpu_ctx *c, size_t bytes) {
     X(MATMUL_BWD_WEIGHT_DOT, "matmul_bwd_weight (avx512-bf16)")                                                  \
     X(EMBED_FWD, "embed_fwd") X(RMSNORM_FWD, "rmsnorm_fwd") X(ROPE_FWD, "rope_fwd") X(ATTN_FWD, "attn_fwd")       \
     X(SWIGLU_FWD, "swiglu_fwd") X(ADD_FWD, "add_fwd") X(GELU_FWD, "gelu_fwd") X(ROPE_SECT_FWD, "rope_sect_fwd")  \
-    X(ATTN_SEG_FWD, "attn_seg_fwd") X(EMBED_BWD, "embed_bwd") X(RMSNORM_BWD, "rmsnorm_bwd")                      \
+    X(ATTN_SEG_FWD, "attn_seg_fwd") X(ATTN_SEG_FWD_BF16, "attn_seg_fwd (bf16 unit)") X(EMBED_BWD, "embed_bwd")    \
+    X(RMSNORM_BWD, "rmsnorm_bwd")                                                                                \
     X(ROPE_SECT_BWD, "rope_sect_bwd") X(ATTN_TRAIN_FWD, "attn_train_fwd") X(ATTN_TRAIN_BWD, "attn_train_bwd")    \
     X(SWIGLU_BWD, "swiglu_bwd") X(GELU_BWD, "gelu_bwd") X(LOGPROB_FWD, "logprob_fwd")                           \
     X(LOGPROB_BWD, "logprob_bwd") X(WEIGHT_PREPARE, "weight_prepare (packing)")
@@ -186,9 +187,12 @@ static void cpu_rope_sect_fwd(caprl_backend *be, float *x, int64_t x_stride, con
 }
 
 static void cpu_attn_seg_fwd(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
-                             const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale) {
-    PROFILED(be, PROF_ATTN_SEG_FWD, 0.0,
-             caprl_op_attn_seg(ctx_of(be), out, q, k, v, seg, n_seg, N, H, D, scale));
+                             const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale,
+                             bool bf16) {
+    const caprl_cpu_ctx *c = ctx_of(be);
+    bool                 unit = bf16 && (c->amx || c->bf16_dot);
+    PROFILED(be, unit ? PROF_ATTN_SEG_FWD_BF16 : PROF_ATTN_SEG_FWD, 0.0,
+             caprl_op_attn_seg(ctx_of(be), out, q, k, v, seg, n_seg, N, H, D, scale, bf16));
 }
 
 /* ---- training ---- */

@@ -169,12 +169,17 @@ caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl
         b->flops += 4.0 * (double)(Hq * D) * L * L;
     }
     float          scale = 1.0f / sqrtf((float)D);
+    bool           bf16 = b->bf16 && b->kind == CAPRL_ATTN_SEGMENTS;
     caprl_backend *be = NULL;
-    caprl_status   st = caprl_backend_cpu_init_isa(&be, n_threads, b->max_isa ? b->max_isa : CAPRL_ISA_AVX512, false,
+    caprl_status   st = caprl_backend_cpu_init_isa(&be, n_threads, b->max_isa ? b->max_isa : CAPRL_ISA_AVX512, bf16,
                                                    err);
     if (st == CAPRL_OK) {
         const caprl_backend_ops *ops = be->ops;
-        snprintf(b->isa, sizeof b->isa, "%s", isa_name(caprl_backend_cpu_isa(be)));
+        const caprl_cpu_ctx     *c = be->impl;
+        caprl_matmul_unit        unit = !bf16 ? CAPRL_UNIT_FMA : c->amx ? CAPRL_UNIT_AMX : c->bf16_dot ? CAPRL_UNIT_DOT
+                                                                                                  : CAPRL_UNIT_FMA;
+        snprintf(b->isa, sizeof b->isa, "%s",
+                 unit == CAPRL_UNIT_FMA ? isa_name(caprl_backend_cpu_isa(be)) : caprl_matmul_unit_name(unit));
         b->seconds = b->backward_seconds = 0.0;
         for (int32_t r = 0; r <= b->reps; r++) { /* call 0 warms the caches and the scratch up */
             double t0 = caprl_seconds_now(), t1 = 0.0;
@@ -191,7 +196,7 @@ caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl
                 t1 = caprl_seconds_now();
                 ops->attn_train_bwd(be, dq, dk, dv, dout, q, k, v, out, lse, seg, n_seg, T, Hq, Hkv, D, scale, true);
                 break;
-            default: ops->attn_seg_fwd(be, out, q, k, v, seg, n_seg, T, Hq, D, scale); break;
+            default: ops->attn_seg_fwd(be, out, q, k, v, seg, n_seg, T, Hq, D, scale, bf16); break;
             }
             double t2 = caprl_seconds_now();
             if (r > 0) {

@@ -23,9 +23,10 @@
 
 /* ---- packing ------------------------------------------------------------------------------------------- */
 
-/* Where B comes from: B[k][n] = W[n][k] (bf16, forward), B[k][n] = W[k][n] (bf16, backward data) or
- * B[k][n] = bf16(x[k][n]) (f32, backward weight); ld is the source's row stride in elements. */
-typedef enum { SRC_BF16_T, SRC_BF16, SRC_F32 } src_kind;
+/* Where B comes from: B[k][n] = W[n][k] (bf16, forward), B[k][n] = W[k][n] (bf16, backward data),
+ * B[k][n] = bf16(x[k][n]) (f32, backward weight; attention values) or B[k][n] = bf16(x[n][k]) (f32, attention
+ * keys); ld is the source's row stride in elements. */
+typedef enum { SRC_BF16_T, SRC_BF16, SRC_F32, SRC_F32_T } src_kind;
 
 typedef struct pack_task {
     const caprl_amx_panels *p;
@@ -42,6 +43,7 @@ static uint16_t src_at(const pack_task *t, int64_t k, int64_t n) {
     switch (t->kind) {
     case SRC_BF16_T: return ((const uint16_t *)t->src)[n * t->ld + k];
     case SRC_BF16: return ((const uint16_t *)t->src)[k * t->ld + n];
+    case SRC_F32_T: return caprl_f32_to_bf16(((const float *)t->src)[n * t->ld + k]);
     default: return caprl_f32_to_bf16(((const float *)t->src)[k * t->ld + n]);
     }
 }
@@ -105,6 +107,25 @@ static CAPRL_AVX2 void pack_tile_avx2(const pack_task *t, uint16_t *tile, int64_
                 __m256 r[8];
                 for (int i = 0; i < 8; i++) {
                     r[i] = _mm256_loadu_ps((const float *)(const void *)(w + (n0 + cb + i) * ld + k0 + 2 * rb));
+                }
+                transpose8x8_avx2(r);
+                for (int i = 0; i < 8; i++) {
+                    _mm256_storeu_ps((float *)(void *)(tile + (rb + i) * 32 + 2 * cb), r[i]);
+                }
+            }
+        }
+    } else if (t->kind == SRC_F32_T) {
+        /* as SRC_BF16_T, with each row's 16 words made from 32 rounded floats */
+        const float *x = t->src;
+        for (int cb = 0; cb < 16; cb += 8) {
+            for (int rb = 0; rb < 16; rb += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) {
+                    const float *row = x + (n0 + cb + i) * ld + k0 + 2 * rb;
+                    __m256i      lo = bf16_round8_avx2(_mm256_loadu_ps(row));
+                    __m256i      hi = bf16_round8_avx2(_mm256_loadu_ps(row + 8));
+                    /* 16-bit halves in order: lanes (lo 0-3, hi 0-3, lo 4-7, hi 4-7) put back as (lo, hi) */
+                    r[i] = _mm256_castsi256_ps(_mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8));
                 }
                 transpose8x8_avx2(r);
                 for (int i = 0; i < 8; i++) {
@@ -456,7 +477,22 @@ static CAPRL_AVX512BF16 void dot_block(const amx_task *t, float *cbuf, const uin
             /* rows m + i0 .. + 7 lie in one 16-row tile block (m is a multiple of 32, i0 of 8) */
             const uint16_t *a = t->a + caprl_amx_a_index(m + i0, 32 * tk, kp);
             const uint16_t *w0 = b0 + tk * 512, *w1 = b1 + tk * 512;
-            for (int r = 0; r < 16; r++) {
+            /* k pairs past the reduction's end are zeros in both operands, and so are columns past 16 of a block
+             * of at most 16: both are skipped (attention's head dims, such as 80, leave a half-empty tile) */
+            int64_t pairs = (t->p->k - 32 * tk + 1) / 2 < 16 ? (t->p->k - 32 * tk + 1) / 2 : 16;
+            if (cols <= 16) {
+                for (int r = 0; r < pairs; r++) {
+                    __m512bh wv0 = (__m512bh)_mm512_loadu_si512(w0 + 32 * r);
+#    pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++) {
+                        int32_t pair;
+                        memcpy(&pair, a + 32 * i + 2 * r, sizeof pair);
+                        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_set1_epi32(pair), wv0);
+                    }
+                }
+                continue;
+            }
+            for (int r = 0; r < pairs; r++) {
                 __m512bh wv0 = (__m512bh)_mm512_loadu_si512(w0 + 32 * r);
                 __m512bh wv1 = (__m512bh)_mm512_loadu_si512(w1 + 32 * r);
 #    pragma GCC unroll 8
@@ -568,6 +604,48 @@ static uint16_t *convert_a(caprl_cpu_ctx *c, const float *in, int64_t R, int64_t
         caprl_parallel_for(c->pool, r_pad, amx_convert_rows, &t);
     }
     return a;
+}
+
+/* ---- serial forms, for kernels that run their own threads (the segment attention) ---------------------- */
+
+void caprl_amx_pack_f32_serial(const caprl_cpu_ctx *c, const caprl_amx_panels *p, const float *src, int64_t ld,
+                               bool transposed) {
+    pack_task t = {
+        .p = p, .src = src, .ld = ld, .kind = transposed ? SRC_F32_T : SRC_F32, .avx2 = c->isa >= CAPRL_ISA_AVX2};
+    pack_range(&t, 0, p->n_pad / 16, 0);
+}
+
+void caprl_amx_convert_serial(uint16_t *a, const float *in, int64_t R, int64_t K, int64_t lda) {
+    convert_task t = {.a = a, .in = in, .R = R, .K = K, .lda = lda};
+    amx_convert_rows(&t, 0, caprl_round_up(R, 16), 0);
+}
+
+static void serial_blocks(const amx_task *t, block_fn block, float *cbuf) {
+    int64_t kt = t->p->k_pad / 32, N = t->p->n;
+    for (int64_t n = 0; n < N; n += 32) {
+        const uint16_t *b0 = t->p->data + (n / 16) * kt * 512, *b1 = b0 + kt * 512;
+        for (int64_t m = 0; m < t->R; m += 32) {
+            block(t, cbuf, b0, b1, m, n, 0, kt, t->R - m < 32 ? t->R - m : 32, N - n < 32 ? N - n : 32);
+        }
+    }
+}
+
+static CAPRL_AMX void amx_serial(const amx_task *t) {
+    _Alignas(64) float cbuf[32 * 32];
+    caprl_amx_config_tiles();
+    serial_blocks(t, amx_block, cbuf);
+    _tile_release();
+}
+
+void caprl_bf16_matmul_serial(const caprl_cpu_ctx *c, float *out, int64_t ldo, const uint16_t *a,
+                              const caprl_amx_panels *p, int64_t R) {
+    CAPRL_ASSERT(c->amx || c->bf16_dot);
+    amx_task t = {.out = out, .ldo = ldo, .a = a, .p = p, .R = R, .dot = !c->amx};
+    if (t.dot) {
+        serial_blocks(&t, dot_block, NULL);
+    } else {
+        amx_serial(&t);
+    }
 }
 
 bool caprl_gemm_amx_fwd(caprl_cpu_ctx *c, float *out, const float *in, const caprl_weight *w, const float *bias,

@@ -109,6 +109,17 @@ bool caprl_gemm_amx_bwd_data(caprl_cpu_ctx *c, float *dx, const float *dy, const
 bool caprl_gemm_amx_bwd_weight(caprl_cpu_ctx *c, float *dw, const float *dy, const float *x, int64_t M, int64_t N,
                                int64_t K);
 
+/* Serial forms for kernels that split work across threads themselves (the segment attention), each on the
+ * calling thread: B = bf16(src) into panels p, src[k][n] at src[k ld + n], or at src[n ld + k] when transposed;
+ * A = bf16(in) (R, K) into tile blocks of lda (a multiple of 32) reduction columns, zero beyond R (up to 16) and
+ * K; and C (R, p->n) at out with row stride ldo = A @ B on the context's bf16 matrix unit (AMX tiles, else
+ * vdpbf16ps; one of them must be on), the same products and bits as the threaded driver's. */
+void caprl_amx_pack_f32_serial(const caprl_cpu_ctx *c, const caprl_amx_panels *p, const float *src, int64_t ld,
+                               bool transposed);
+void caprl_amx_convert_serial(uint16_t *a, const float *in, int64_t R, int64_t K, int64_t lda);
+void caprl_bf16_matmul_serial(const caprl_cpu_ctx *c, float *out, int64_t ldo, const uint16_t *a,
+                              const caprl_amx_panels *p, int64_t R);
+
 /* The unit that runs one of w's products: the FMA kernels (f32 operands, bf16 weights widened), or a bf16 matrix
  * unit with the activations rounded to bf16: AMX tiles, or vdpbf16ps on AVX512-BF16 CPUs without AMX. */
 typedef enum { CAPRL_UNIT_FMA, CAPRL_UNIT_AMX, CAPRL_UNIT_DOT } caprl_matmul_unit;

@@ -292,7 +292,7 @@ static void attention(const vision_run *r, const vision_block *b, bool full) {
     ops->rope_sect_fwd(be, qkv, 3 * C, r->pos, v->rope_freq, sections, 2, N, 2 * H, D);
     split_heads(heads, qkv, N, H, D);
     ops->attn_seg_fwd(be, r->tmp, heads, heads + N * C, heads + 2 * N * C, full ? r->seg_full : r->seg_win,
-                      full ? r->n_full : r->n_win, N, H, D, scale);
+                      full ? r->n_full : r->n_win, N, H, D, scale, b->qkv.dtype == CAPRL_DTYPE_BF16);
     merge_heads(r->xn, r->tmp, N, H, D);
     ops->matmul_fwd(be, r->tmp, r->xn, &b->proj, b->proj_bias, N);
     ops->add_fwd(be, r->x, r->tmp, N * C);

@@ -18,9 +18,15 @@
  * one FMA chain over the keys in order (an accumulator parked in memory between panels is the same float). A short
  * tile repeats its last query and drops the copies; padded keys get scores that are never read. So results are
  * bit-identical for any thread count and for a segment computed in any batch. The scalar path (no AVX2) reads k
- * directly in its own fixed order. Units (head, tile) are split into contiguous ranges of about equal work. */
+ * directly in its own fixed order. Units (head, tile) are split into contiguous ranges of about equal work.
+ *
+ * bf16 (a bf16 model's tower, on a CPU with a bf16 matrix unit): each segment's keys and values are packed per head
+ * as bf16 tile panels, and a tile's two products run on the unit (AMX tiles or vdpbf16ps) with the queries and the
+ * softmax numerators rounded to bf16 and f32 sums, as the tower's matmuls do; the scale, the softmax and the
+ * normalisation stay f32. Every query row is again its own rows of both products, so the same determinism holds. */
 #include <stdlib.h>
 
+#include "backend/gemm_impl.h"
 #include "core/error_impl.h"
 #include "ops/ops_impl.h"
 
@@ -36,6 +42,7 @@ typedef struct seg_tile {
     int64_t row0;  /* first query row */
     int64_t a;     /* first key row of its segment */
     int64_t panel; /* first key panel of its segment (within a head) */
+    int64_t key32; /* bf16 path: its segment's first key with every earlier segment padded to 32 keys */
     int32_t nq;    /* queries, 1..SEG_TQ */
     int32_t L;     /* keys in its segment */
 } seg_tile;
@@ -56,6 +63,10 @@ typedef struct seg_task {
     int64_t         n_panels; /* per head */
     const int64_t  *bounds;   /* (n_threads + 1) unit boundaries, unit = h * n_tiles + tile */
     int64_t         lp_max;   /* score row stride: longest segment rounded up to SEG_BK */
+    /* the bf16 path: each segment's keys and values of every head in tile panels, rounded to bf16 */
+    uint16_t       *kb, *vb; /* (H, keys32, dp) each: a segment's panels at (h keys32 + key32) dp */
+    int64_t         keys32;  /* per head: the segments' lengths rounded up to 32, summed */
+    int64_t         dp;      /* D rounded up to 32 */
 } seg_task;
 
 /* ---- scalar --------------------------------------------------------------------------------------------- */
@@ -333,6 +344,95 @@ static CAPRL_AVX512 void tile_avx512(const seg_task *t, int64_t h, const seg_til
 }
 #endif
 
+/* ---- bf16 operands on the matrix unit ------------------------------------------------------------------ */
+
+#if CAPRL_X86
+/* Head h's keys as the B of q k^T (n = the segment's keys, k = D) and its values as the B of p v (n = D, k = the
+ * keys), segment by segment, both bf16 in tile panels of the same size (keys rounded up to 32 times dp). */
+static void pack_heads_bf16(void *ctx, int64_t h0, int64_t h1, int32_t tid) {
+    (void)tid;
+    const seg_task *t = ctx;
+    int64_t         D = t->D, dp = t->dp;
+    for (int64_t h = h0; h < h1; h++) {
+        for (int64_t s = 0, key32 = 0; s < t->n_seg; s++) {
+            int64_t          a = t->seg[s], L = t->seg[s + 1] - a, l32 = caprl_round_up(L, 32);
+            size_t           at = (size_t)((h * t->keys32 + key32) * dp);
+            const float     *k = t->k + (h * t->N + a) * D, *v = t->v + (h * t->N + a) * D;
+            caprl_amx_panels kp = {.n = L, .k = D, .n_pad = l32, .k_pad = dp, .data = t->kb + at};
+            caprl_amx_panels vp = {.n = D, .k = L, .n_pad = dp, .k_pad = l32, .data = t->vb + at};
+            caprl_amx_pack_f32_serial(t->c, &kp, k, D, true);
+            caprl_amx_pack_f32_serial(t->c, &vp, v, D, false);
+            key32 += l32;
+        }
+    }
+}
+
+/* exp(x) for the numerators of the bf16 path (x <= 0, NaN kept): a degree-5 Taylor polynomial on the reduced
+ * argument (|r| <= ln 2 / 2, so within 2.5e-6 relative), cheaper than caprl_exp16_avx512 because the result is
+ * rounded to bf16 (2^-9) right after. Below -87 the value is exp(-87), about 1.6e-38, which no sum notices. */
+static CAPRL_AVX512_INLINE __m512 exp_for_bf16_avx512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(CAPRL_EXP_LOG2E)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(CAPRL_EXP_C1), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(CAPRL_EXP_C2), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 120), r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One tile on the bf16 unit: scores = bf16(q) bf16(k)^T (f32 sums) times scale, the softmax numerators and their
+ * sum in f32, then bf16(numerators) bf16(v) times 1 / sum. Each query row is its own rows of both products, so
+ * its bits do not depend on the tile, the thread or the batch either. */
+static CAPRL_AVX512 void tile_bf16(const seg_task *t, int64_t h, const seg_tile *tl, float *scratch) {
+    int64_t          D = t->D, dp = t->dp, L = tl->L, l32 = caprl_round_up(L, 32), nq = tl->nq;
+    int64_t          lmax = t->lp_max;
+    float           *sc = scratch;                       /* (nq, l32) scores */
+    float           *ob = sc + SEG_TQ * lmax;             /* (nq, D) unnormalised outputs */
+    uint16_t        *pa = (uint16_t *)(ob + SEG_TQ * D);  /* numerators in tile blocks, (32, l32) */
+    uint16_t        *qa = pa + SEG_TQ * lmax;             /* queries in tile blocks, (32, dp) */
+    size_t           at = (size_t)((h * t->keys32 + tl->key32) * dp);
+    caprl_amx_panels kp = {.n = L, .k = D, .n_pad = l32, .k_pad = dp, .data = t->kb + at};
+    caprl_amx_panels vp = {.n = D, .k = L, .n_pad = dp, .k_pad = l32, .data = t->vb + at};
+    float            inv[SEG_TQ];
+    caprl_amx_convert_serial(qa, t->q + (h * t->N + tl->row0) * D, nq, D, dp);
+    caprl_bf16_matmul_serial(t->c, sc, l32, qa, &kp, nq);
+    /* per row: the max of the scaled scores (rounding keeps their order, so it is the scaled extreme of the raw
+     * ones), then numerators, their sum (16 lane chains, then a fixed tree) and their bf16 roundings in one pass */
+    for (int64_t q = 0; q < caprl_round_up(nq, 16); q++) {
+        const float *row = sc + q * l32;
+        __m512       hi = _mm512_set1_ps(-INFINITY), lo = _mm512_set1_ps(INFINITY), sum = _mm512_setzero_ps();
+        int64_t      len = q < nq ? L : 0;
+        for (int64_t j = 0; j < len; j += 16) {
+            __mmask16 m = (__mmask16)(len - j >= 16 ? 0xFFFFu : (1u << (len - j)) - 1u);
+            hi = _mm512_mask_max_ps(hi, m, hi, _mm512_maskz_loadu_ps(m, row + j));
+            lo = _mm512_mask_min_ps(lo, m, lo, _mm512_maskz_loadu_ps(m, row + j));
+        }
+        float  mx = fmaxf(_mm512_reduce_max_ps(hi) * t->scale, _mm512_reduce_min_ps(lo) * t->scale);
+        __m512 scale = _mm512_set1_ps(t->scale), mxv = _mm512_set1_ps(mx);
+        for (int64_t j = 0; j < l32; j += 16) { /* zeros past L and in the padding rows */
+            int64_t   n = len - j;
+            __mmask16 m = (__mmask16)(n >= 16 ? 0xFFFFu : n > 0 ? (1u << n) - 1u : 0u);
+            __m512    x = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), scale), mxv);
+            __m512    p = _mm512_maskz_mov_ps(m, exp_for_bf16_avx512(x));
+            sum = _mm512_add_ps(sum, p);
+            __m256i   pb = caprl_bf16_round16_avx512(p);
+            _mm256_storeu_si256((__m256i *)(void *)(pa + caprl_amx_a_index(q, j, l32)), pb);
+        }
+        if (q < nq) {
+            __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(sum),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
+            inv[q] = 1.0f / caprl_hsum8_avx2(s8);
+        }
+    }
+    caprl_bf16_matmul_serial(t->c, ob, D, pa, &vp, nq);
+    tile_store(t, h, tl, ob, inv);
+}
+#endif
+
 /* ---- driver --------------------------------------------------------------------------------------------- */
 
 static void seg_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
@@ -342,6 +442,10 @@ static void seg_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
         int64_t         h = u / t->n_tiles;
         const seg_tile *tl = &t->tiles[u % t->n_tiles];
 #if CAPRL_X86
+        if (t->kb) {
+            tile_bf16(t, h, tl, sc);
+            continue;
+        }
         if (t->kp && t->c->isa >= CAPRL_ISA_AVX512) {
             tile_avx512(t, h, tl, sc);
             continue;
@@ -356,8 +460,9 @@ static void seg_range(void *ctx, int64_t r0, int64_t r1, int32_t tid) {
 }
 
 /* The tiles of one head, in segment order; sets the longest segment and the panels per head. */
-static int64_t make_tiles(seg_tile *tiles, const int64_t *seg, int64_t n_seg, int64_t *max_len, int64_t *n_panels) {
-    int64_t n = 0, panel = 0;
+static int64_t make_tiles(seg_tile *tiles, const int64_t *seg, int64_t n_seg, int64_t *max_len, int64_t *n_panels,
+                          int64_t *keys32) {
+    int64_t n = 0, panel = 0, key32 = 0;
     *max_len = 0;
     for (int64_t s = 0; s < n_seg; s++) {
         int64_t a = seg[s], b = seg[s + 1];
@@ -366,13 +471,16 @@ static int64_t make_tiles(seg_tile *tiles, const int64_t *seg, int64_t n_seg, in
             tiles[n].row0 = r;
             tiles[n].a = a;
             tiles[n].panel = panel;
+            tiles[n].key32 = key32;
             tiles[n].nq = (int32_t)(b - r < SEG_TQ ? b - r : SEG_TQ);
             tiles[n].L = (int32_t)(b - a);
             n++;
         }
         panel += (b - a + SEG_BK - 1) / SEG_BK;
+        key32 += caprl_round_up(b - a, 32);
     }
     *n_panels = panel;
+    *keys32 = key32;
     return n;
 }
 
@@ -397,7 +505,7 @@ static int64_t split_work(int64_t *bounds, int32_t nt, const seg_tile *tiles, in
 }
 
 void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float *k, const float *v,
-                       const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale) {
+                       const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale, bool bf16) {
     CAPRL_ASSERT(N >= 0 && H > 0 && D > 0 && n_seg >= 0 && seg[0] == 0 && seg[n_seg] == N);
     for (int64_t s = 0; s < n_seg; s++) {
         CAPRL_ASSERT(seg[s] <= seg[s + 1] && seg[s + 1] - seg[s] <= INT32_MAX);
@@ -406,10 +514,15 @@ void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float
         return;
     }
     seg_tile *tiles = caprl_xmalloc((size_t)(N / SEG_TQ + n_seg + 1) * sizeof *tiles);
-    int64_t   max_len = 0, n_panels = 0;
-    int64_t   n_tiles = make_tiles(tiles, seg, n_seg, &max_len, &n_panels);
+    int64_t   max_len = 0, n_panels = 0, keys32 = 0;
+    int64_t   n_tiles = make_tiles(tiles, seg, n_seg, &max_len, &n_panels, &keys32);
     int64_t   lp = (max_len + SEG_BK - 1) / SEG_BK * SEG_BK;
-    if (!caprl_cpu_scratch_reserve(c, (size_t)(SEG_TQ * (lp + D)) * sizeof(float))) {
+    bf16 = bf16 && CAPRL_X86 && (c->amx || c->bf16_dot);
+    int64_t dp = caprl_round_up(D, 32);
+    /* f32: scores and outputs; bf16: scores, outputs, and the numerators and queries in tile blocks */
+    size_t scratch = (size_t)(SEG_TQ * (lp + D)) * sizeof(float) +
+                     (bf16 ? (size_t)(SEG_TQ * (lp + dp)) * sizeof(uint16_t) : 0);
+    if (!caprl_cpu_scratch_reserve(c, scratch)) {
         caprl_abort(__FILE__, __LINE__, "out of memory for attention scores (%lld keys)", (long long)max_len);
     }
     int32_t  nt = c->n_threads;
@@ -419,7 +532,19 @@ void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float
     seg_task t = {.c = c, .out = out, .q = q, .k = k, .v = v, .N = N, .D = D, .scale = scale, .tiles = tiles,
                   .n_tiles = n_tiles, .seg = seg, .n_seg = n_seg, .n_panels = n_panels, .bounds = bounds,
                   .lp_max = lp};
-    if (c->isa >= CAPRL_ISA_AVX2) {
+    if (bf16) {
+        size_t each = (size_t)(H * keys32 * dp) * sizeof(uint16_t);
+        t.kb = caprl_cpu_shared_reserve(c, 2 * each);
+        if (!t.kb) {
+            caprl_abort(__FILE__, __LINE__, "out of memory for packed attention keys (%zu bytes)", 2 * each);
+        }
+        t.vb = t.kb + each / sizeof(uint16_t);
+        t.keys32 = keys32;
+        t.dp = dp;
+#if CAPRL_X86
+        caprl_parallel_for(c->pool, H, pack_heads_bf16, &t);
+#endif
+    } else if (c->isa >= CAPRL_ISA_AVX2) {
         size_t bytes = (size_t)(H * n_panels * D * SEG_BK) * sizeof(float);
         t.kp = caprl_cpu_shared_reserve(c, bytes);
         if (!t.kp) {

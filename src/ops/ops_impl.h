@@ -127,7 +127,8 @@ void caprl_op_attn_seg(caprl_cpu_ctx *c,
                        const float *k,     /* (H, N, D) */
                        const float *v,     /* (H, N, D) */
                        const int64_t *seg, /* (n_seg + 1) segment row boundaries */
-                       int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale);
+                       int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale,
+                       bool bf16);         /* both products on the bf16 matrix unit, when the context has one */
 
 /* ---- training kernels (semantics: backend/backend.h, "training") ------------------------------------------ */
 

@@ -237,12 +237,22 @@ static void test_rope_sect_equals_rope(void) {
 
 /* ---- segment attention ------------------------------------------------------------------------------------- */
 
+static double bf16_value(double x) {
+    return caprl_bf16_to_f32(caprl_f32_to_bf16((float)x));
+}
+
 /* out (H, N, D) against float64, with attn_fwd's error model: score errors (D + 2) eps sum|q k| scale perturb each
- * p_i relatively by twice that (plus exp's few ulp), and the sums add L roundings. */
+ * p_i relatively by twice that (plus exp's few ulp), and the sums add L roundings.
+ * bf16 (the matrix-unit form): q, k and v enter as bf16 values, and each numerator p_i as its bf16 rounding. The
+ * kernel rounds its f32 numerator, which is within rel = 2 (score error) + 8 eps + its exponential's error of p_i:
+ * where that interval holds a rounding boundary either neighbour is right, so the reference takes their midpoint
+ * and the tolerance half their gap times |v|. Everywhere else the rounded numerator is exact, so the check stays
+ * near float32 precision. */
 static int check_attn_seg(const float *out, const float *q, const float *k, const float *v, const int64_t *seg,
-                          int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale) {
+                          int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale, bool bf16) {
     int     bad = 0;
-    double *p = malloc((size_t)(N + 1) * sizeof(double));
+    double *p = malloc((size_t)(N + 1) * sizeof(double)), *pr = malloc((size_t)(N + 1) * sizeof(double));
+    double *spread = malloc((size_t)(N + 1) * sizeof(double));
     for (int64_t h = 0; h < H; h++) {
         for (int64_t s = 0; s < n_seg; s++) {
             int64_t a = seg[s], L = seg[s + 1] - a;
@@ -253,8 +263,9 @@ static int check_attn_seg(const float *out, const float *q, const float *k, cons
                     const float *kr = k + (h * N + a + i) * D;
                     double       d0 = 0, sa = 0;
                     for (int64_t d = 0; d < D; d++) {
-                        d0 += (double)qv[d] * kr[d];
-                        sa += fabs((double)qv[d] * kr[d]);
+                        double qd = bf16 ? bf16_value(qv[d]) : qv[d], kd = bf16 ? bf16_value(kr[d]) : kr[d];
+                        d0 += qd * kd;
+                        sa += fabs(qd * kd);
                     }
                     p[i] = d0 * scale;
                     mx = fmax(mx, p[i]);
@@ -263,33 +274,42 @@ static int check_attn_seg(const float *out, const float *q, const float *k, cons
                         vmax = fmax(vmax, fabs(v[(h * N + a + i) * D + d]));
                     }
                 }
+                /* the bf16 path's exponential is a degree-5 polynomial, within 2.5e-6 (attn_seg.c) */
+                double exp_rel = bf16 ? 2.5e-6 : 0.0, rel = 2 * ds_max + 8 * EPS + exp_rel;
                 for (int64_t i = 0; i < L; i++) {
                     p[i] = exp(p[i] - mx);
                     sum += p[i];
+                    double lo = bf16 ? bf16_value(p[i] * (1 - rel)) : p[i];
+                    double hi = bf16 ? bf16_value(p[i] * (1 + rel)) : p[i];
+                    pr[i] = (lo + hi) / 2;
+                    spread[i] = (hi - lo) / 2;
                 }
-                double tol = (4 * ds_max + 8 * EPS + ((double)L + 4) * EPS) * vmax + 1e-30;
+                double tol = (4 * ds_max + 8 * EPS + 2 * exp_rel + ((double)L + 4) * EPS) * vmax + 1e-30;
                 for (int64_t d = 0; d < D; d++) {
-                    double want = 0;
+                    double want = 0, tol_d = tol;
                     for (int64_t i = 0; i < L; i++) {
-                        want += p[i] * v[(h * N + a + i) * D + d];
+                        double vd = v[(h * N + a + i) * D + d];
+                        vd = bf16 ? bf16_value(vd) : vd;
+                        want += pr[i] * vd;
+                        tol_d += spread[i] * fabs(vd) / sum;
                     }
                     want /= sum;
                     double got = out[(h * N + m) * D + d];
-                    if (!(fabs(got - want) <= tol) && bad++ < 3) {
-                        fprintf(stderr, "attn_seg h=%lld m=%lld d=%lld: %.9g want %.9g tol %.3g\n", (long long)h,
-                                (long long)m, (long long)d, got, want, tol);
+                    if (!(fabs(got - want) <= tol_d) && bad++ < 3) {
+                        fprintf(stderr, "attn_seg%s h=%lld m=%lld d=%lld: %.9g want %.9g tol %.3g\n",
+                                bf16 ? " (bf16)" : "", (long long)h, (long long)m, (long long)d, got, want, tol_d);
                     }
                 }
             }
         }
     }
-    free(p);
+    free(p), free(pr), free(spread);
     return bad;
 }
 
 static void test_attn_seg(void) {
     /* segment lengths around the tile (8) and panel (64) sizes, an empty segment, and one long segment */
-    static const int64_t lens[] = {1, 7, 8, 9, 0, 63, 64, 65, 16, 130, 3};
+    static const int64_t lens[] = {1, 7, 8, 9, 0, 63, 64, 65, 16, 130, 3, 31, 32, 33};
     static const int64_t ds[] = {80, 16, 12, 5, 33, 24};
     const int64_t        n_seg = (int64_t)(sizeof lens / sizeof lens[0]), H = 3;
     int64_t              seg[sizeof lens / sizeof lens[0] + 1];
@@ -308,11 +328,11 @@ static void test_attn_seg(void) {
             if (!g_have[isa]) {
                 continue;
             }
-            g_be[isa][0]->ops->attn_seg_fwd(g_be[isa][0], o, q, k, v, seg, n_seg, N, H, D, scale);
-            int bad = check_attn_seg(o, q, k, v, seg, n_seg, N, H, D, scale);
+            g_be[isa][0]->ops->attn_seg_fwd(g_be[isa][0], o, q, k, v, seg, n_seg, N, H, D, scale, false);
+            int bad = check_attn_seg(o, q, k, v, seg, n_seg, N, H, D, scale, false);
             CHECK_MSG(bad == 0, "attn_seg isa %d D=%lld: %d wrong", (int)isa, (long long)D, bad);
             for (int t = 1; t < N_THR; t++) {
-                g_be[isa][t]->ops->attn_seg_fwd(g_be[isa][t], o2, q, k, v, seg, n_seg, N, H, D, scale);
+                g_be[isa][t]->ops->attn_seg_fwd(g_be[isa][t], o2, q, k, v, seg, n_seg, N, H, D, scale, false);
                 CHECK_MSG(bits_equal(o, o2, n), "attn_seg isa %d D=%lld: %d threads differ", (int)isa, (long long)D,
                           t + 1);
             }
@@ -325,7 +345,7 @@ static void test_attn_seg(void) {
                 memcpy(ka + h * L * D, k + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
                 memcpy(va + h * L * D, v + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
             }
-            g_be[isa][1]->ops->attn_seg_fwd(g_be[isa][1], oa, qa, ka, va, one, 1, L, H, D, scale);
+            g_be[isa][1]->ops->attn_seg_fwd(g_be[isa][1], oa, qa, ka, va, one, 1, L, H, D, scale, false);
             bool same = true;
             for (int64_t h = 0; h < H; h++) {
                 same = same && bits_equal(oa + h * L * D, o + (h * N + a) * D, L * D);
@@ -335,7 +355,7 @@ static void test_attn_seg(void) {
             /* the AVX-512 tile does the AVX2 tile's arithmetic on wider vectors: the same bits */
             if (isa == CAPRL_ISA_AVX512 && g_have[CAPRL_ISA_AVX2]) {
                 g_be[CAPRL_ISA_AVX2][0]->ops->attn_seg_fwd(g_be[CAPRL_ISA_AVX2][0], o2, q, k, v, seg, n_seg, N, H, D,
-                                                           scale);
+                                                           scale, false);
                 CHECK_MSG(bits_equal(o, o2, n), "attn_seg D=%lld: AVX-512 differs from AVX2", (long long)D);
             }
         }
@@ -343,7 +363,67 @@ static void test_attn_seg(void) {
     }
     /* no rows at all */
     int64_t z[2] = {0, 0};
-    g_be[0][1]->ops->attn_seg_fwd(g_be[0][1], NULL, NULL, NULL, NULL, z, 1, 0, 2, 8, 1.0f);
+    g_be[0][1]->ops->attn_seg_fwd(g_be[0][1], NULL, NULL, NULL, NULL, z, 1, 0, 2, 8, 1.0f, false);
+}
+
+/* The bf16 form (a bf16 model's tower) on the machine's bf16 matrix unit: against float64 from the bf16 operands,
+ * 1 vs 2 vs 3 threads bit for bit, a segment alone equal to the batch. Segments around the 32-query tiles and the
+ * 32-key padding, head dims around the 32-wide reduction tiles. Without a unit the flag must change nothing. */
+static void test_attn_seg_bf16(void) {
+    static const int64_t lens[] = {33, 1, 64, 0, 31, 130, 32, 7, 97};
+    static const int64_t ds[] = {80, 16, 64, 5, 33, 130};
+    const int64_t        n_seg = (int64_t)(sizeof lens / sizeof lens[0]), H = 2;
+    int64_t              seg[sizeof lens / sizeof lens[0] + 1];
+    seg[0] = 0;
+    for (int64_t s = 0; s < n_seg; s++) {
+        seg[s + 1] = seg[s] + lens[s];
+    }
+    int64_t        N = seg[n_seg];
+    caprl_backend *be[N_THR];
+    caprl_error    err = {0};
+    for (int32_t t = 0; t < N_THR; t++) {
+        CHECK_OK(caprl_backend_cpu_init_isa(&be[t], t + 1, CAPRL_ISA_AVX512, true, &err), &err);
+    }
+    bool unit = caprl_backend_cpu_bf16_inputs(be[0]);
+    for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
+        int64_t D = ds[di], n = H * N * D;
+        float   scale = (float)(1.0 / sqrt((double)D));
+        float  *q = fvec(n, di == 1 ? 12.0f : 1.0f), *k = fvec(n, di == 1 ? 12.0f : 1.0f), *v = fvec(n, 1.0f);
+        float  *o = malloc((size_t)n * sizeof(float)), *o2 = malloc((size_t)n * sizeof(float));
+        be[0]->ops->attn_seg_fwd(be[0], o, q, k, v, seg, n_seg, N, H, D, scale, true);
+        if (!unit) {
+            be[0]->ops->attn_seg_fwd(be[0], o2, q, k, v, seg, n_seg, N, H, D, scale, false);
+            CHECK_MSG(bits_equal(o, o2, n), "attn_seg bf16 D=%lld: without a bf16 unit the f32 bits change",
+                      (long long)D);
+            free(q), free(k), free(v), free(o), free(o2);
+            continue;
+        }
+        int bad = check_attn_seg(o, q, k, v, seg, n_seg, N, H, D, scale, true);
+        CHECK_MSG(bad == 0, "attn_seg bf16 D=%lld: %d wrong", (long long)D, bad);
+        for (int t = 1; t < N_THR; t++) {
+            be[t]->ops->attn_seg_fwd(be[t], o2, q, k, v, seg, n_seg, N, H, D, scale, true);
+            CHECK_MSG(bits_equal(o, o2, n), "attn_seg bf16 D=%lld: %d threads differ", (long long)D, t + 1);
+        }
+        int64_t a = seg[5], L = lens[5], one[2] = {0, L}; /* the 130-row segment alone */
+        float  *qa = malloc((size_t)(H * L * D) * sizeof(float)), *ka = malloc((size_t)(H * L * D) * sizeof(float));
+        float  *va = malloc((size_t)(H * L * D) * sizeof(float)), *oa = malloc((size_t)(H * L * D) * sizeof(float));
+        for (int64_t h = 0; h < H; h++) {
+            memcpy(qa + h * L * D, q + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+            memcpy(ka + h * L * D, k + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+            memcpy(va + h * L * D, v + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+        }
+        be[1]->ops->attn_seg_fwd(be[1], oa, qa, ka, va, one, 1, L, H, D, scale, true);
+        bool same = true;
+        for (int64_t h = 0; h < H; h++) {
+            same = same && bits_equal(oa + h * L * D, o + (h * N + a) * D, L * D);
+        }
+        CHECK_MSG(same, "attn_seg bf16 D=%lld: a segment alone differs from the batch", (long long)D);
+        free(qa), free(ka), free(va), free(oa);
+        free(q), free(k), free(v), free(o), free(o2);
+    }
+    for (int32_t t = 0; t < N_THR; t++) {
+        caprl_backend_free(be[t]);
+    }
 }
 
 int main(void) {
@@ -352,6 +432,7 @@ int main(void) {
     test_rope_sect();
     test_rope_sect_equals_rope();
     test_attn_seg();
+    test_attn_seg_bf16();
     free_backends();
     return test_finish("test_ops_vision");
 }

@@ -15,6 +15,7 @@
  * - errors: too many patches, bad grids, backward without forward, a second backward, max_patches out of range. */
 #include <float.h>
 
+#include "amx_util.h"
 #include "caprl/safetensors.h"
 #include "caprl/tensor.h"
 #include "caprl_test.h"
@@ -346,9 +347,13 @@ static double rel_diff(const float *a, const float *b, int64_t n) {
 
 /* The training forward uses the token-major training attention (it keeps the log-sum-exp) where encode uses the
  * head-major segment kernel; everything else is the same ops on the same rows. Bit-identity is reported; the
- * check is f32 tolerance: 4 sqrt(K0) eps relative to the largest feature (as test_vision's encode bound). */
+ * check is f32 tolerance: 4 sqrt(K0) eps relative to the largest feature (as test_vision's encode bound). Except
+ * for bf16 weights on a CPU with a bf16 matrix unit: encode's attention then runs there with q, k, v and the
+ * softmax numerators rounded to bf16, the training attention in f32, so the bound is those four roundings,
+ * 4 x 2^-9 of the largest feature. */
 static void test_forward_matches_encode(const float *pix, const float *R) {
     for (int mixed = 0; mixed < 2; mixed++) {
+        double tol = mixed && default_backend_rounds_bf16() ? 4 * ldexp(1.0, -9) : 4.0 * sqrt((double)K0) * EPS;
         caprl_vision *v = tower(mixed ? CAPRL_DTYPE_BF16 : CAPRL_DTYPE_F32, 21, 2);
         int64_t       n = vision_train_n_params(v);
         float        *flat = malloc((size_t)n * sizeof(float));
@@ -360,7 +365,7 @@ static void test_forward_matches_encode(const float *pix, const float *R) {
         bool   same = memcmp(p.features, enc, (size_t)T_ALL * OUT * sizeof(float)) == 0;
         fprintf(stderr, "%s: training forward vs encode: %s (max rel diff %.3g)\n", mixed ? "bf16 mixed" : "f32",
                 same ? "bit-identical" : "not bit-identical", d);
-        CHECK_MSG(d <= 4.0 * sqrt((double)K0) * EPS, "training forward differs from encode by %.3g", d);
+        CHECK_MSG(d <= tol, "training forward differs from encode by %.3g", d);
         /* after a change of the flat values and a sync, both follow the new weights */
         for (int64_t i = 0; i < n; i++) {
             flat[i] *= 1.0625f;
@@ -369,7 +374,7 @@ static void test_forward_matches_encode(const float *pix, const float *R) {
         float *enc2 = encode(v, pix);
         pass   p2 = train_pass(v, pix, R, false);
         CHECK(rel_diff(enc2, enc, (int64_t)T_ALL * OUT) > 1e-3);
-        CHECK(rel_diff(p2.features, enc2, (int64_t)T_ALL * OUT) <= 4.0 * sqrt((double)K0) * EPS);
+        CHECK(rel_diff(p2.features, enc2, (int64_t)T_ALL * OUT) <= tol);
         pass_free(&p);
         pass_free(&p2);
         free(enc);

@@ -335,15 +335,20 @@ static void ref_rmsnorm(double *y, const double *x, const double *w, int C) {
     }
 }
 
-/* Set while checking bf16 weights on a CPU whose backend runs bf16 matmuls on AMX: the activations entering each
- * weight matmul are then rounded to bf16 (nearest even, from f32), in caprl and in this reference alike. */
+/* Set while checking bf16 weights on a CPU whose backend runs bf16 matmuls on a bf16 matrix unit (AMX or
+ * AVX512-BF16): the activations entering each weight matmul, and q, k, v and the softmax numerators of the
+ * attention, are then rounded to bf16 (nearest even, from f32), in caprl and in this reference alike. */
 static bool g_bf16_operands;
+
+static double operand(double x) {
+    return g_bf16_operands ? (double)caprl_bf16_to_f32(caprl_f32_to_bf16((float)x)) : x;
+}
 
 static void ref_linear(double *y, const double *x, const double *W, const double *b, int N, int K) {
     for (int n = 0; n < N; n++) {
         double s = b ? b[n] : 0.0;
         for (int k = 0; k < K; k++) {
-            double xk = g_bf16_operands ? (double)caprl_bf16_to_f32(caprl_f32_to_bf16((float)x[k])) : x[k];
+            double xk = operand(x[k]);
             s += xk * W[(size_t)n * K + k];
         }
         y[n] = s;
@@ -420,7 +425,8 @@ static void ref_attention(double *x, const ref_tower *r, int l, const ref_row *r
                 if (same_segment(&rows[m], &rows[k], full, ws_patches)) {
                     double d = 0;
                     for (int j = 0; j < D; j++) {
-                        d += qkv[(size_t)m * 3 * C + h * D + j] * qkv[(size_t)k * 3 * C + C + h * D + j];
+                        double qj = operand(qkv[(size_t)m * 3 * C + h * D + j]);
+                        d += qj * operand(qkv[(size_t)k * 3 * C + C + h * D + j]);
                     }
                     sc[k] = d / sqrt((double)D);
                     mx = fmax(mx, sc[k]);
@@ -429,11 +435,12 @@ static void ref_attention(double *x, const ref_tower *r, int l, const ref_row *r
             for (int k = 0; k < N; k++) {
                 sc[k] = sc[k] == -INFINITY ? 0.0 : exp(sc[k] - mx);
                 z += sc[k];
+                sc[k] = operand(sc[k]); /* the sum is of the unrounded numerators */
             }
             for (int j = 0; j < D; j++) {
                 double s = 0;
                 for (int k = 0; k < N; k++) {
-                    s += sc[k] / z * qkv[(size_t)k * 3 * C + 2 * C + h * D + j];
+                    s += sc[k] / z * operand(qkv[(size_t)k * 3 * C + 2 * C + h * D + j]);
                 }
                 att[(size_t)m * C + h * D + j] = s;
             }
@@ -608,9 +615,10 @@ static void test_encode(const char *root) {
     rewrite(d32, dnew, RW_NEW_NAMES_F16);
 
     check_vs_reference(d32, "visual.", pix, "f32, visual.*", true);
-    /* on AMX the bf16 operands are mirrored in the reference; what remains is operands whose f32 and float64
-     * values round to neighbouring bf16 numbers, amplified through four blocks: budget one bf16 unit roundoff
-     * (2^-9) of the output scale (measured on a Xeon with AMX: 9.1e-4 mirrored, 2.1e-3 without the mirror) */
+    /* on a bf16 matrix unit the bf16 operands (matmuls and attention) are mirrored in the reference; what remains
+     * is operands whose f32 and float64 values round to neighbouring bf16 numbers, amplified through four blocks:
+     * budget one bf16 unit roundoff (2^-9) of the output scale (measured with the matmul operands mirrored: 9.1e-4
+     * on a Xeon with AMX, 2.1e-3 without the mirror; with the attention's too, 7.3e-4 on AVX512-BF16) */
     g_bf16_operands = default_backend_rounds_bf16();
     double f32_tol = g_tol;
     if (g_bf16_operands) {

@@ -1,6 +1,7 @@
 /* caprl bench attn: the attention kernels on their own (the decoder's causal prefill, the trainer's forward and
  * backward, the vision tower's full and windowed attention) at the benchmarked models' shapes or one given shape,
- * as a fraction of the fp32 FMA peak, optionally limited to AVX2 to compare vector widths. */
+ * as a fraction of the fp32 FMA peak (of the bf16 matrix unit for the vision tower's bf16 form), optionally
+ * limited to AVX2 to compare vector widths. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,8 +30,8 @@ static const attn_case k_cases[] = {
 int cmd_bench_attn(int argc, char **argv) {
     static const cmd_info info = {
         "bench attn",
-        "caprl bench attn [--threads N] [--kind decoder|train|vision|all] [--isa best|avx2] [--tokens T --heads H "
-        "--kv-heads K --head-dim D --segment S] [--reps R] [--json]",
+        "caprl bench attn [--threads N] [--kind decoder|train|vision|all] [--isa best|avx2] [--bf16] [--tokens T "
+        "--heads H --kv-heads K --head-dim D --segment S] [--reps R] [--json]",
         "Time the attention kernels on their own, as a fraction of the fp32 FMA peak.",
         "Kinds: the decoder's causal prefill (attn_fwd) and the trainer's causal attention (forward, then backward)\n"
         "at Qwen2.5-0.5B's shape (512 tokens, 14 heads, 2 KV heads, D 64); one single-sequence decode step at that\n"
@@ -40,15 +41,18 @@ int cmd_bench_attn(int argc, char **argv) {
         "--tokens/--heads/--kv-heads/--head-dim/--segment replace the shape of every kind run. FLOPs = 4 x heads x D\n"
         "x (query, key) pairs (the forward's two products; the backward is timed against the same count).\n"
         "--isa avx2 runs the AVX2 kernels on an AVX-512 machine, to compare the two (the same bits, by design).\n"
-        "The isa column is the backend's vector level."};
+        "--bf16 runs the vision kinds as a bf16 model's tower does: both products on the bf16 matrix unit (AMX or\n"
+        "AVX512-BF16) with bf16 operands, measured against that unit's peak; without such a unit it changes nothing.\n"
+        "The isa column is the backend's vector level, or the matrix unit that ran."};
     int32_t     threads = 0, reps = 3;
     int64_t     tokens = 0, heads = 0, kv_heads = 0, head_dim = 0, segment = -1;
-    bool        json = false;
+    bool        json = false, bf16 = false;
     const char *kind = "all", *isa = "best";
     opt_spec    specs[] = {
         {"threads", OPT_INT, &threads, THREADS_HELP, 0, 1024, "N", 0},
         {"kind", OPT_STRING, &kind, "decoder, train, vision or all", 0, 0, "K", 0},
         {"isa", OPT_STRING, &isa, "best or avx2", 0, 0, "I", 0},
+        {"bf16", OPT_FLAG, &bf16, "vision: bf16 operands on the bf16 matrix unit", 0, 0, NULL, 0},
         {"tokens", OPT_I64, &tokens, "rows (0: each kind's own)", 0, 1 << 20, "T", 0},
         {"heads", OPT_I64, &heads, "query heads (0: each kind's own)", 0, 4096, "H", 0},
         {"kv-heads", OPT_I64, &kv_heads, "KV heads (0: each kind's own; vision: = heads)", 0, 4096, "K", 0},
@@ -92,6 +96,7 @@ int cmd_bench_attn(int argc, char **argv) {
         b->head_dim = head_dim > 0 ? head_dim : c->head_dim;
         b->segment = segment >= 0 ? segment : c->segment;
         b->max_isa = max_isa;
+        b->bf16 = bf16;
         b->reps = reps;
         names[n] = c->name;
         fprintf(stderr, "bench attn: %s, %lld tokens...\n", c->name, (long long)b->tokens);
@@ -103,15 +108,19 @@ int cmd_bench_attn(int argc, char **argv) {
     }
     double peak = peaks.fp32_fma_gflops;
     if (json) {
-        printf("{\"threads\":%d,\"fp32_fma_gflops\":%.1f,\"attention\":[", peaks.n_threads, peak);
+        printf("{\"threads\":%d,\"fp32_fma_gflops\":%.1f,\"bf16_matrix_gflops\":%.1f,\"attention\":[",
+               peaks.n_threads, peak, peaks.bf16_matrix_gflops);
     } else {
-        printf("threads %d; fp32 FMA peak %.1f GFLOP/s\n", peaks.n_threads, peak);
-        printf("%-15s %-7s %6s %5s %3s %4s %6s %10s %9s %7s %10s\n", "kind", "isa", "tokens", "heads", "kv", "D",
+        printf("threads %d; fp32 FMA peak %.1f GFLOP/s; bf16 matrix peak %.1f GFLOP/s (%s)\n", peaks.n_threads,
+               peak, peaks.bf16_matrix_gflops, peaks.bf16_unit);
+        printf("%-15s %-11s %6s %5s %3s %4s %6s %10s %9s %7s %10s\n", "kind", "isa", "tokens", "heads", "kv", "D",
                "seg", "fwd ms", "GFLOP/s", "of peak", "bwd ms");
     }
     for (int i = 0; i < n; i++) {
         const caprl_attn_bench *b = &runs[i];
-        double                  gflops = 1e-9 * b->flops / b->seconds, frac = peak > 0 ? gflops / peak : 0.0;
+        bool   on_unit = strstr(b->isa, "bf16") != NULL;
+        double ceiling = on_unit ? peaks.bf16_matrix_gflops : peak;
+        double gflops = 1e-9 * b->flops / b->seconds, frac = ceiling > 0 ? gflops / ceiling : 0.0;
         if (json) {
             printf("%s{\"name\":\"%s\",\"isa\":\"%s\",\"tokens\":%lld,\"heads\":%lld,\"kv_heads\":%lld,"
                    "\"head_dim\":%lld,\"segment\":%lld,\"seconds\":%.6f,\"backward_seconds\":%.6f,\"gflops\":%.1f,"
@@ -119,7 +128,7 @@ int cmd_bench_attn(int argc, char **argv) {
                    i ? "," : "", names[i], b->isa, (long long)b->tokens, (long long)b->heads, (long long)b->kv_heads,
                    (long long)b->head_dim, (long long)b->segment, b->seconds, b->backward_seconds, gflops, frac);
         } else {
-            printf("%-15s %-7s %6lld %5lld %3lld %4lld %6lld %10.3f %9.1f %6.1f%% ", names[i], b->isa,
+            printf("%-15s %-11s %6lld %5lld %3lld %4lld %6lld %10.3f %9.1f %6.1f%% ", names[i], b->isa,
                    (long long)b->tokens, (long long)b->heads, (long long)b->kv_heads, (long long)b->head_dim,
                    (long long)b->segment, 1e3 * b->seconds, gflops, 100.0 * frac);
             if (b->kind == CAPRL_ATTN_TRAIN) {
