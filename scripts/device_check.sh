@@ -10,7 +10,8 @@
 # attn (default: the first four). tune sweeps the AMX blocking (CAPRL_AMX_TUNE) with `caprl bench gemm` and times the
 # whole bf16 benches with the fastest setting against kc=16; ab alternates the default blocking with
 # CAPRL_AMX_TUNE=$AB_OTHER on the lm_head's matmuls and bf16 training; profile runs bf16 training and the bf16
-# benches with CAPRL_PROFILE=1; attn times the attention kernels at their best vector width and at AVX2.
+# benches with CAPRL_PROFILE=1; attn times the attention kernels at their best vector width and at AVX2, and the
+# vision tower's bf16 form on the matrix unit.
 # BUILD_TARGETS limits the build to the named targets.
 # The Debian packages are unpacked into a sysroot under /tmp (never over /), found through pkg-config's sysroot.
 set -uo pipefail
@@ -109,9 +110,13 @@ PY
     CAPRL_PROFILE=1 $PIN "$B/caprl" bench train --threads 2 --precision bf16 --steps 1 >"$OUT/profile.txt" 2>&1 || rc=1
     CAPRL_PROFILE=1 $PIN "$B/caprl" bench --threads 2 --dtype bf16 --decode-steps 4 >>"$OUT/profile.txt" 2>&1 || rc=1
     grep -v "^bench" "$OUT/profile.txt" ;;
-  attn) # the attention kernels alone, AVX-512 then AVX2 (the same bits; the ratio is the vector width's worth)
+  attn) # the attention kernels alone, AVX-512 then AVX2 (the same bits; the ratio is the vector width's worth),
+    # then the vision tower's bf16 form on the matrix unit
     for isa in best avx2 best avx2; do
       $PIN "$B/caprl" bench attn --threads 2 --isa $isa >>"$OUT/attn.txt" 2>/dev/null || rc=1
+    done
+    for i in 1 2; do
+      $PIN "$B/caprl" bench attn --threads 2 --kind vision --bf16 >>"$OUT/attn.txt" 2>/dev/null || rc=1
     done
     grep -E "^(decoder|train|vision)" "$OUT/attn.txt" ;;
   suite)
