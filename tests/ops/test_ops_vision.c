@@ -307,17 +307,42 @@ static int check_attn_seg(const float *out, const float *q, const float *k, cons
     return bad;
 }
 
+/* seg (n_seg + 1) = the running sums of lens; returns the rows in all. */
+static int64_t segment_bounds(int64_t *seg, const int64_t *lens, int64_t n_seg) {
+    seg[0] = 0;
+    for (int64_t s = 0; s < n_seg; s++) {
+        seg[s + 1] = seg[s] + lens[s];
+    }
+    return seg[n_seg];
+}
+
+/* Whether rows [a, a + L) of every head, attended to as one segment on their own, give the bits of o (the batch). */
+static bool segment_alone_matches(caprl_backend *be, const float *o, const float *q, const float *k, const float *v,
+                                  int64_t a, int64_t L, int64_t N, int64_t H, int64_t D, float scale, bool bf16) {
+    int64_t one[2] = {0, L};
+    float  *qa = malloc((size_t)(H * L * D) * sizeof(float)), *ka = malloc((size_t)(H * L * D) * sizeof(float));
+    float  *va = malloc((size_t)(H * L * D) * sizeof(float)), *oa = malloc((size_t)(H * L * D) * sizeof(float));
+    for (int64_t h = 0; h < H; h++) {
+        memcpy(qa + h * L * D, q + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+        memcpy(ka + h * L * D, k + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+        memcpy(va + h * L * D, v + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
+    }
+    be->ops->attn_seg_fwd(be, oa, qa, ka, va, one, 1, L, H, D, scale, bf16);
+    bool same = true;
+    for (int64_t h = 0; h < H; h++) {
+        same = same && bits_equal(oa + h * L * D, o + (h * N + a) * D, L * D);
+    }
+    free(qa), free(ka), free(va), free(oa);
+    return same;
+}
+
 static void test_attn_seg(void) {
     /* segment lengths around the tile (8) and panel (64) sizes, an empty segment, and one long segment */
     static const int64_t lens[] = {1, 7, 8, 9, 0, 63, 64, 65, 16, 130, 3, 31, 32, 33};
     static const int64_t ds[] = {80, 16, 12, 5, 33, 24};
     const int64_t        n_seg = (int64_t)(sizeof lens / sizeof lens[0]), H = 3;
     int64_t              seg[sizeof lens / sizeof lens[0] + 1];
-    seg[0] = 0;
-    for (int64_t s = 0; s < n_seg; s++) {
-        seg[s + 1] = seg[s] + lens[s];
-    }
-    int64_t N = seg[n_seg];
+    int64_t N = segment_bounds(seg, lens, n_seg);
     for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
         int64_t D = ds[di], n = H * N * D;
         float   scale = (float)(1.0 / sqrt((double)D));
@@ -337,21 +362,8 @@ static void test_attn_seg(void) {
                           t + 1);
             }
             /* segment 9 (130 rows) alone: the same bits as inside the batch */
-            int64_t a = seg[9], L = lens[9], one[2] = {0, L};
-            float  *qa = malloc((size_t)(H * L * D) * sizeof(float)), *ka = malloc((size_t)(H * L * D) * sizeof(float));
-            float  *va = malloc((size_t)(H * L * D) * sizeof(float)), *oa = malloc((size_t)(H * L * D) * sizeof(float));
-            for (int64_t h = 0; h < H; h++) {
-                memcpy(qa + h * L * D, q + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
-                memcpy(ka + h * L * D, k + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
-                memcpy(va + h * L * D, v + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
-            }
-            g_be[isa][1]->ops->attn_seg_fwd(g_be[isa][1], oa, qa, ka, va, one, 1, L, H, D, scale, false);
-            bool same = true;
-            for (int64_t h = 0; h < H; h++) {
-                same = same && bits_equal(oa + h * L * D, o + (h * N + a) * D, L * D);
-            }
-            CHECK_MSG(same, "attn_seg isa %d D=%lld: a segment alone differs from the batch", (int)isa, (long long)D);
-            free(qa), free(ka), free(va), free(oa);
+            CHECK_MSG(segment_alone_matches(g_be[isa][1], o, q, k, v, seg[9], lens[9], N, H, D, scale, false),
+                      "attn_seg isa %d D=%lld: a segment alone differs from the batch", (int)isa, (long long)D);
             /* the AVX-512 tile does the AVX2 tile's arithmetic on wider vectors: the same bits */
             if (isa == CAPRL_ISA_AVX512 && g_have[CAPRL_ISA_AVX2]) {
                 g_be[CAPRL_ISA_AVX2][0]->ops->attn_seg_fwd(g_be[CAPRL_ISA_AVX2][0], o2, q, k, v, seg, n_seg, N, H, D,
@@ -374,11 +386,7 @@ static void test_attn_seg_bf16(void) {
     static const int64_t ds[] = {80, 16, 64, 5, 33, 130};
     const int64_t        n_seg = (int64_t)(sizeof lens / sizeof lens[0]), H = 2;
     int64_t              seg[sizeof lens / sizeof lens[0] + 1];
-    seg[0] = 0;
-    for (int64_t s = 0; s < n_seg; s++) {
-        seg[s + 1] = seg[s] + lens[s];
-    }
-    int64_t        N = seg[n_seg];
+    int64_t        N = segment_bounds(seg, lens, n_seg);
     caprl_backend *be[N_THR];
     caprl_error    err = {0};
     for (int32_t t = 0; t < N_THR; t++) {
@@ -404,21 +412,8 @@ static void test_attn_seg_bf16(void) {
             be[t]->ops->attn_seg_fwd(be[t], o2, q, k, v, seg, n_seg, N, H, D, scale, true);
             CHECK_MSG(bits_equal(o, o2, n), "attn_seg bf16 D=%lld: %d threads differ", (long long)D, t + 1);
         }
-        int64_t a = seg[5], L = lens[5], one[2] = {0, L}; /* the 130-row segment alone */
-        float  *qa = malloc((size_t)(H * L * D) * sizeof(float)), *ka = malloc((size_t)(H * L * D) * sizeof(float));
-        float  *va = malloc((size_t)(H * L * D) * sizeof(float)), *oa = malloc((size_t)(H * L * D) * sizeof(float));
-        for (int64_t h = 0; h < H; h++) {
-            memcpy(qa + h * L * D, q + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
-            memcpy(ka + h * L * D, k + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
-            memcpy(va + h * L * D, v + (h * N + a) * D, (size_t)(L * D) * sizeof(float));
-        }
-        be[1]->ops->attn_seg_fwd(be[1], oa, qa, ka, va, one, 1, L, H, D, scale, true);
-        bool same = true;
-        for (int64_t h = 0; h < H; h++) {
-            same = same && bits_equal(oa + h * L * D, o + (h * N + a) * D, L * D);
-        }
-        CHECK_MSG(same, "attn_seg bf16 D=%lld: a segment alone differs from the batch", (long long)D);
-        free(qa), free(ka), free(va), free(oa);
+        CHECK_MSG(segment_alone_matches(be[1], o, q, k, v, seg[5], lens[5], N, H, D, scale, true),
+                  "attn_seg bf16 D=%lld: the 130-row segment alone differs from the batch", (long long)D);
         free(q), free(k), free(v), free(o), free(o2);
     }
     for (int32_t t = 0; t < N_THR; t++) {
