@@ -189,9 +189,7 @@ static void cpu_rope_sect_fwd(caprl_backend *be, float *x, int64_t x_stride, con
 static void cpu_attn_seg_fwd(caprl_backend *be, float *out, const float *q, const float *k, const float *v,
                              const int64_t *seg, int64_t n_seg, int64_t N, int64_t H, int64_t D, float scale,
                              bool bf16) {
-    const caprl_cpu_ctx *c = ctx_of(be);
-    bool                 unit = bf16 && (c->amx || c->bf16_dot);
-    PROFILED(be, unit ? PROF_ATTN_SEG_FWD_BF16 : PROF_ATTN_SEG_FWD, 0.0,
+    PROFILED(be, bf16 && caprl_bf16_unit_on(ctx_of(be)) ? PROF_ATTN_SEG_FWD_BF16 : PROF_ATTN_SEG_FWD, 0.0,
              caprl_op_attn_seg(ctx_of(be), out, q, k, v, seg, n_seg, N, H, D, scale, bf16));
 }
 
@@ -406,8 +404,7 @@ bool caprl_backend_cpu_amx(const caprl_backend *be) {
 }
 
 bool caprl_backend_cpu_bf16_inputs(const caprl_backend *be) {
-    const caprl_cpu_ctx *c = be->impl;
-    return c->amx || c->bf16_dot;
+    return caprl_bf16_unit_on(be->impl);
 }
 
 void caprl_backend_free(caprl_backend *be) {

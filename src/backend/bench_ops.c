@@ -176,10 +176,10 @@ caprl_status caprl_bench_attention(int32_t n_threads, caprl_attn_bench *b, caprl
     if (st == CAPRL_OK) {
         const caprl_backend_ops *ops = be->ops;
         const caprl_cpu_ctx     *c = be->impl;
-        caprl_matmul_unit        unit = !bf16 ? CAPRL_UNIT_FMA : c->amx ? CAPRL_UNIT_AMX : c->bf16_dot ? CAPRL_UNIT_DOT
-                                                                                                  : CAPRL_UNIT_FMA;
+        bool                     on_unit = bf16 && caprl_bf16_unit_on(c);
         snprintf(b->isa, sizeof b->isa, "%s",
-                 unit == CAPRL_UNIT_FMA ? isa_name(caprl_backend_cpu_isa(be)) : caprl_matmul_unit_name(unit));
+                 on_unit ? caprl_matmul_unit_name(c->amx ? CAPRL_UNIT_AMX : CAPRL_UNIT_DOT)
+                         : isa_name(caprl_backend_cpu_isa(be)));
         b->seconds = b->backward_seconds = 0.0;
         for (int32_t r = 0; r <= b->reps; r++) { /* call 0 warms the caches and the scratch up */
             double t0 = caprl_seconds_now(), t1 = 0.0;

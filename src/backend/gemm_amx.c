@@ -255,7 +255,7 @@ static size_t panels_bytes(const caprl_amx_panels *p) {
 caprl_status caprl_gemm_prepare(caprl_cpu_ctx *c, caprl_weight *w, caprl_error *err) {
     /* AMX multiplies from panels in every pass; vdpbf16ps only in the backward ones (its forward kernel reads the
      * weight as stored, gemm_cpu.c) */
-    bool fwd_panels = c->amx, bwd_panels = (c->amx || c->bf16_dot) && w->backward;
+    bool fwd_panels = c->amx, bwd_panels = caprl_bf16_unit_on(c) && w->backward;
     if ((!fwd_panels && !bwd_panels) || w->dtype != CAPRL_DTYPE_BF16 || w->rows <= 0 || w->cols <= 0) {
         return CAPRL_OK;
     }
@@ -639,7 +639,7 @@ static CAPRL_AMX void amx_serial(const amx_task *t) {
 
 void caprl_bf16_matmul_serial(const caprl_cpu_ctx *c, float *out, int64_t ldo, const uint16_t *a,
                               const caprl_amx_panels *p, int64_t R) {
-    CAPRL_ASSERT(c->amx || c->bf16_dot);
+    CAPRL_ASSERT(caprl_bf16_unit_on(c));
     amx_task t = {.out = out, .ldo = ldo, .a = a, .p = p, .R = R, .dot = !c->amx};
     if (t.dot) {
         serial_blocks(&t, dot_block, NULL);

@@ -119,6 +119,10 @@ void caprl_amx_pack_f32_serial(const caprl_cpu_ctx *c, const caprl_amx_panels *p
 void caprl_amx_convert_serial(uint16_t *a, const float *in, int64_t R, int64_t K, int64_t lda);
 void caprl_bf16_matmul_serial(const caprl_cpu_ctx *c, float *out, int64_t ldo, const uint16_t *a,
                               const caprl_amx_panels *p, int64_t R);
+/* Whether the context has a bf16 matrix unit on (AMX, or vdpbf16ps). */
+static inline bool caprl_bf16_unit_on(const caprl_cpu_ctx *c) {
+    return c->amx || c->bf16_dot;
+}
 
 /* The unit that runs one of w's products: the FMA kernels (f32 operands, bf16 weights widened), or a bf16 matrix
  * unit with the activations rounded to bf16: AMX tiles, or vdpbf16ps on AVX512-BF16 CPUs without AMX. */

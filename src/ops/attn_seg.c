@@ -517,7 +517,7 @@ void caprl_op_attn_seg(caprl_cpu_ctx *c, float *out, const float *q, const float
     int64_t   max_len = 0, n_panels = 0, keys32 = 0;
     int64_t   n_tiles = make_tiles(tiles, seg, n_seg, &max_len, &n_panels, &keys32);
     int64_t   lp = (max_len + SEG_BK - 1) / SEG_BK * SEG_BK;
-    bf16 = bf16 && CAPRL_X86 && (c->amx || c->bf16_dot);
+    bf16 = bf16 && CAPRL_X86 && caprl_bf16_unit_on(c);
     int64_t dp = caprl_round_up(D, 32);
     /* f32: scores and outputs; bf16: scores, outputs, and the numerators and queries in tile blocks */
     size_t scratch = (size_t)(SEG_TQ * (lp + D)) * sizeof(float) +
