@@ -52,7 +52,7 @@ for w in $WHAT; do
   case $w in
   tests) # the matmul tests that exercise AMX, under the default blocking and two others
     for tune in "" kc=4 kc=0,mb=256; do
-      for t in test_ops_bwd test_ops_fwd test_ops_vision; do
+      for t in test_ops_bwd test_ops_fwd test_ops_vision test_vision; do
         [ -x "$B/tests/$t" ] || continue
         CAPRL_AMX_TUNE=$tune "$B/tests/$t" >"$LOGS/$t.log" 2>&1 || { rc=1; echo "FAILED: $t with '$tune'"; }
         echo "$t ['$tune']: $(tail -1 "$LOGS/$t.log")"
