@@ -99,29 +99,19 @@ static CAPRL_AVX2_INLINE __m256i pair_f32_avx2(const float *row0, const float *r
  * B[32tk + 2r + 1][16p + c]). */
 static CAPRL_AVX2 void pack_tile_avx2(const pack_task *t, uint16_t *tile, int64_t panel, int64_t tk) {
     int64_t k0 = 32 * tk, n0 = 16 * panel, ld = t->ld;
-    if (t->kind == SRC_BF16_T) {
-        /* word[r][c] is the word at W[n0 + c] + k0 + 2r: a 16 x 16 transpose of words, in 8 x 8 blocks */
-        const uint16_t *w = t->src;
+    if (t->kind == SRC_BF16_T || t->kind == SRC_F32_T) {
+        /* word[r][c] is the pair at source row n0 + c, columns k0 + 2r and k0 + 2r + 1: a 16 x 16 transpose of
+         * words, in 8 x 8 blocks (an f32 source's 8 words are made from 16 rounded floats) */
         for (int cb = 0; cb < 16; cb += 8) {
             for (int rb = 0; rb < 16; rb += 8) {
                 __m256 r[8];
                 for (int i = 0; i < 8; i++) {
-                    r[i] = _mm256_loadu_ps((const float *)(const void *)(w + (n0 + cb + i) * ld + k0 + 2 * rb));
-                }
-                transpose8x8_avx2(r);
-                for (int i = 0; i < 8; i++) {
-                    _mm256_storeu_ps((float *)(void *)(tile + (rb + i) * 32 + 2 * cb), r[i]);
-                }
-            }
-        }
-    } else if (t->kind == SRC_F32_T) {
-        /* as SRC_BF16_T, with each row's 16 words made from 32 rounded floats */
-        const float *x = t->src;
-        for (int cb = 0; cb < 16; cb += 8) {
-            for (int rb = 0; rb < 16; rb += 8) {
-                __m256 r[8];
-                for (int i = 0; i < 8; i++) {
-                    const float *row = x + (n0 + cb + i) * ld + k0 + 2 * rb;
+                    int64_t at = (n0 + cb + i) * ld + k0 + 2 * rb;
+                    if (t->kind == SRC_BF16_T) {
+                        r[i] = _mm256_loadu_ps((const float *)(const void *)((const uint16_t *)t->src + at));
+                        continue;
+                    }
+                    const float *row = (const float *)t->src + at;
                     __m256i      lo = bf16_round8_avx2(_mm256_loadu_ps(row));
                     __m256i      hi = bf16_round8_avx2(_mm256_loadu_ps(row + 8));
                     /* 16-bit halves in order: lanes (lo 0-3, hi 0-3, lo 4-7, hi 4-7) put back as (lo, hi) */

@@ -1,7 +1,7 @@
 /* caprl_measure_peaks: positive finite figures, a sane unit string, the thread count honoured, the CPU
  * description filled in. caprl_bench_matmul: every pass of odd shapes times and names its kernel; bad shapes,
  * passes and dtypes are refused with the shape in the message. caprl_bench_attention: every kind at two vector
- * widths on odd shapes, its FLOP count, and bad shapes refused. */
+ * widths on odd shapes, its FLOP count, the bf16 form naming the matrix unit it ran on, and bad shapes refused. */
 #include "caprl/bench.h"
 #include "caprl/tensor.h"
 #include "caprl_test.h"
@@ -84,6 +84,23 @@ static void check_attention_bench(void) {
             CHECK(strcmp(b.isa, "avx512") == 0 || strcmp(b.isa, "avx2") == 0 || strcmp(b.isa, "scalar") == 0);
             CHECK(isa != 1 || strcmp(b.isa, "avx512") != 0);
         }
+    }
+    /* bf16: the vision kind runs on the machine's bf16 matrix unit and names it (unless CAPRL_BF16_UNITS turns the
+     * units off, or there is none); other kinds ignore the flag */
+    caprl_machine_peaks p;
+    caprl_error         perr = {0};
+    CHECK_OK(caprl_measure_peaks(1, &p, &perr), &perr);
+    bool units = strcmp(p.bf16_unit, "none") != 0 && !getenv("CAPRL_BF16_UNITS") && !getenv("CAPRL_AMX");
+    for (int32_t kind = CAPRL_ATTN_DECODER; kind <= CAPRL_ATTN_STEP; kind++) {
+        caprl_attn_bench b = {.kind = kind, .tokens = 37, .heads = 6, .head_dim = 20, .segment = 16, .reps = 1,
+                              .bf16 = 1};
+        b.kv_heads = kind == CAPRL_ATTN_SEGMENTS ? 6 : 2;
+        caprl_error err = {0};
+        CHECK_OK(caprl_bench_attention(2, &b, &err), &err);
+        bool vector = strcmp(b.isa, "avx512") == 0 || strcmp(b.isa, "avx2") == 0 || strcmp(b.isa, "scalar") == 0;
+        CHECK_MSG(kind == CAPRL_ATTN_SEGMENTS && units ? strcmp(b.isa, p.bf16_unit) == 0 : vector,
+                  "attention kind %d with bf16: isa \"%s\" (bf16 unit %s)", kind, b.isa, p.bf16_unit);
+        CHECK(b.seconds > 0);
     }
     caprl_attn_bench bad[] = {
         {.kind = 4, .tokens = 8, .heads = 2, .kv_heads = 2, .head_dim = 8, .reps = 1},
